@@ -17,7 +17,8 @@ from sumcircuit import __version__
 from sumcircuit.errors import SumcircuitError
 
 # Command modules under sumcircuit.cli, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("models", "data")
+COMMANDS: tuple[str, ...] = ("models", "data", "analyze", "finetune", "evaluate", "circuit", "ablate",
+                             "patch", "reproduce", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
