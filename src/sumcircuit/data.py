@@ -275,7 +275,8 @@ def load_examples(cfg: DataConfig) -> ExampleSet:
                                 file=err.file, line=err.line, field=err.field) from None
             invalid.append(err)
     if not examples:
-        raise DataError(f"no valid records in {name}" + (f" ({len(invalid)} invalid)" if invalid else ""))
+        first = f" ({len(invalid)} invalid; first: {invalid[0]})" if invalid else ""
+        raise DataError(f"no valid records in {name}{first}")
     return ExampleSet(examples, source, invalid)
 
 
