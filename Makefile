@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ demo: setup
 	$(VENV)/bin/sumcircuit models
 	$(VENV)/bin/sumcircuit data $(DATA)/cnndm_gpt4 --split train --model smollm2-135m-instruct --max-tokens 512
 
-test: setup
+# headless Chromium renders the HTML report in a test (Debian package; best effort)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the report rendering test will be skipped"; }
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 bench: setup

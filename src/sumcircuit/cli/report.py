@@ -1,16 +1,21 @@
-"""`sumcircuit report` (placeholder until its issue lands)."""
+"""``sumcircuit report RUN``: one self-contained HTML page for a reproduce run."""
 
 from __future__ import annotations
 
 import argparse
 
-from sumcircuit.errors import SumcircuitError
+from sumcircuit.report import build_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="(not implemented yet)")
+    parser = subparsers.add_parser("report", help="write a self-contained HTML report for a run directory",
+                                   description=__doc__)
+    parser.add_argument("run", help="run directory written by `sumcircuit reproduce`")
+    parser.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SumcircuitError("'report' is not implemented yet")
+    path = build_report(args.run, args.out)
+    print(f"report written to {path}")
+    return 0

@@ -1,16 +1,48 @@
-"""`sumcircuit reproduce` (placeholder until its issue lands)."""
+"""``sumcircuit reproduce``: the whole study as resumable stages, then the report.
+
+Rerunning the same command skips finished stages; an interrupted stage resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from sumcircuit.cli.common import print_json
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.reproduce import PRESETS, StudyConfig, run_study
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("reproduce", help="(not implemented yet)")
+    parser = subparsers.add_parser("reproduce", help="run the whole study (resumable) and write the report",
+                                   description=__doc__)
+    parser.add_argument("--model", required=True, help="base model spec (see `sumcircuit models`)")
+    parser.add_argument("--data", required=True, help="training data (file, folder with --split, hf:..., preset)")
+    parser.add_argument("--split", default="train", help="training split (default: %(default)s)")
+    parser.add_argument("--eval-data", help="evaluation data (default: --data with split 'val')")
+    parser.add_argument("--eval-split", help="split of --eval-data")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                        help="quick: ~15 min on a 2-core CPU; paper: the paper's hyper-parameters (GPU)")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds, one random-layer control each")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", required=True, help="run directory")
     parser.set_defaults(run=run)
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SumcircuitError(f"--seeds must be comma-separated integers, got '{text}'") from None
+    if not seeds:
+        raise SumcircuitError("--seeds needs at least one seed")
+    return seeds
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SumcircuitError("'reproduce' is not implemented yet")
+    cfg = StudyConfig(model=args.model, data=args.data, split=args.split, eval_data=args.eval_data,
+                      eval_split=args.eval_split, preset=args.preset, seeds=_seeds(args.seeds),
+                      device=args.device, dtype=args.dtype)
+    manifest = run_study(cfg, args.out)
+    print_json({"stages": manifest["stages"], "wall_time_s": manifest["wall_time_s"]})
+    return 0

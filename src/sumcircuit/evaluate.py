@@ -1,0 +1,437 @@
+"""Evaluation: generate summaries and score them with the standard ROUGE.
+
+Numbers from here are cited, so every choice that moves them is fixed and
+recorded in ``rouge.json``:
+
+- ROUGE is Google's ``rouge-score`` (the package behind most published
+  figures) with the Porter stemmer; F1 is reported as a fraction in [0, 1].
+- ROUGE-Lsum needs one sentence per line, otherwise it silently equals
+  ROUGE-L. NLTK's punkt model is not available offline, so predictions and
+  references go through the same deterministic splitter,
+  :func:`split_sentences` (existing newlines, then sentence-final punctuation).
+- Several references: each metric takes the best reference for that metric
+  (``RougeScorer.score_multi``: the reference with the highest F1 per metric).
+- Confidence intervals: percentile bootstrap over documents (the method of
+  ``rouge_score.scoring.BootstrapAggregator``), seeded so reruns agree.
+- Generation is greedy by default (beam search optional), batched with left
+  padding and the KV cache, and stops at the tokenizer's EOS, which training
+  appends after every summary. ``GenerationConfig.stop`` adds text stop
+  sequences for models that never emit EOS (zero-shot, e.g. ``"\\n\\n"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text
+from sumcircuit.data import DataConfig, Encoded, ExampleSet, collate, encode, load_examples, template_needs_summary
+from sumcircuit.errors import SumcircuitError
+from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.provenance import file_sha256, provenance
+
+logger = logging.getLogger(__name__)
+
+ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+PREDICTIONS_FILE = "predictions.jsonl"
+ROUGE_FILE = "rouge.json"
+
+
+class EvaluationError(SumcircuitError):
+    """A bad evaluation setting or an output folder that cannot be resumed."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How summaries are generated. Greedy unless ``num_beams`` > 1; never sampled."""
+
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0  # 0 = off
+    batch_size: int = 8
+    stop: tuple[str, ...] = ()  # text stop sequences, besides EOS
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EvaluationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.no_repeat_ngram_size < 0:
+            raise EvaluationError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if any(not s for s in self.stop):
+            raise EvaluationError("stop sequences must not be empty")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+# ---------------------------------------------------------------- sentence splitting
+
+# Words whose trailing period does not end a sentence (compared lowercased, without the period).
+_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "ft", "gen", "col", "lt", "sgt", "capt",
+    "gov", "sen", "rep", "rev", "pres", "inc", "ltd", "co", "corp", "no", "vs", "etc", "approx",
+    "e.g", "i.e", "fig", "eq", "al", "cf", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
+    "sept", "oct", "nov", "dec",
+})
+# Sentence-final punctuation, optional closing quotes/brackets, whitespace, then a sentence start.
+_BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+_INITIALS = re.compile(r"^(?:[A-Za-z]\.)*[A-Za-z]$")  # "J", "U.S", "e.g"
+
+
+def _ends_with_abbreviation(text: str) -> bool:
+    word = text.rsplit(None, 1)[-1] if text.strip() else ""
+    word = word.lstrip("\"'(\u201c\u2018[")
+    return word.lower() in _ABBREVIATIONS or bool(_INITIALS.match(word))
+
+
+def split_sentences(text: str) -> list[str]:
+    """Deterministic sentence splitter for ROUGE-Lsum (punkt is not available offline).
+
+    Existing newlines always separate sentences (CNN/DailyMail highlights are
+    one per line). Within a line, a sentence ends at ``.``, ``!`` or ``?``
+    (plus closing quotes/brackets) followed by whitespace and an upper-case
+    letter or digit, unless the period follows a known abbreviation
+    (``Mr.``, ``e.g.``) or an initial (``J.``, ``U.S.``).
+    """
+    sentences: list[str] = []
+    for line in text.split("\n"):
+        start = 0
+        for match in _BOUNDARY.finditer(line):
+            punct = line[match.start()]
+            if punct == "." and _ends_with_abbreviation(line[start:match.start()]):
+                continue
+            sentences.append(line[start:match.end()].strip())
+            start = match.end()
+        sentences.append(line[start:].strip())
+    return [s for s in sentences if s]
+
+
+def sentence_lines(text: str) -> str:
+    """The text with one sentence per line: what rouge-score's Lsum expects."""
+    return "\n".join(split_sentences(text))
+
+
+# ---------------------------------------------------------------- ROUGE and bootstrap
+
+@lru_cache(maxsize=1)
+def _scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    # split_summaries=False: we split ourselves (its own splitter needs punkt data).
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, split_summaries=False)
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    """Per-example ROUGE-1/2/L/Lsum F1; with several references, the best one per metric."""
+    if len(predictions) != len(references):
+        raise EvaluationError(f"{len(predictions)} predictions but {len(references)} reference sets")
+    scorer = _scorer()
+    out = []
+    for i, (pred, refs) in enumerate(zip(predictions, references)):
+        if isinstance(refs, str) or not refs:
+            raise EvaluationError(f"example {i}: references must be a non-empty list of strings")
+        scores = scorer.score_multi([sentence_lines(r) for r in refs], sentence_lines(pred))
+        out.append({k: float(scores[k].fmeasure) for k in ROUGE_TYPES})
+    return out
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean, resampling documents with replacement.
+
+    The same ``seed`` and number of values draw the same resamples, so the
+    metrics of one run are bootstrapped on paired resamples.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size == 0:
+        raise EvaluationError("bootstrap_ci needs a non-empty 1-D sequence of values")
+    if not 0 < level < 1:
+        raise EvaluationError(f"level must be in (0, 1), got {level}")
+    if n_resamples < 1:
+        raise EvaluationError(f"n_resamples must be at least 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    chunk = max(1, 2_000_000 // data.size)  # bound memory for large test sets
+    for lo in range(0, n_resamples, chunk):
+        hi = min(n_resamples, lo + chunk)
+        means[lo:hi] = data[rng.integers(0, data.size, size=(hi - lo, data.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def aggregate(per_example: Sequence[dict[str, float]], n_resamples: int = 1000, seed: int = 0,
+              level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Mean F1 and its bootstrap CI per metric."""
+    out = {}
+    for key in ROUGE_TYPES:
+        values = [s[key] for s in per_example]
+        low, high = bootstrap_ci(values, n_resamples, seed, level)
+        out[key] = {"f1": float(np.mean(values)), "ci_low": low, "ci_high": high}
+    return out
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    new_tokens: int  # generated tokens up to and including EOS, or up to the stop point
+    stop_reason: str  # "eos", "stop" (a text stop sequence) or "length"
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the first stop sequence that follows some content.
+
+    Leading whitespace is skipped first, so a model that opens with a blank
+    line is not cut to an empty summary by the stop sequence ``"\\n\\n"``.
+    """
+    body = text.lstrip()
+    hits = [i for i in (body.find(s) for s in stops) if i >= 0]
+    return (body[:min(hits)], True) if hits else (body, False)
+
+
+class _StopOnText(StoppingCriteria):
+    """Marks rows done once their new text contains a stop sequence (rows are independent)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stops: Sequence[str]) -> None:
+        self.tokenizer, self.prompt_width, self.stops = tokenizer, prompt_width, tuple(stops)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        done = [cut_at_stop(t, self.stops)[1] for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    """The end-of-summary marker: the tokenizer's EOS (what training appends) and the model's."""
+    ids = {loaded.tokenizer.eos_token_id}
+    gen_eos = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@contextmanager
+def _only_our_generation_config(model: PreTrainedModel) -> Iterator[None]:
+    """Hide the model folder's generation_config.json (it may ask for sampling or penalties):
+    generation must depend on :class:`GenerationConfig` alone."""
+    saved = model.generation_config
+    model.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _decode_row(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_ids: set[int],
+                pad_id: int | None, stops: Sequence[str]) -> Generated:
+    eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    body = tokens[:eos_at] if eos_at is not None else tokens
+    text, hit = cut_at_stop(tokenizer.decode(body, skip_special_tokens=True), stops)
+    if hit:  # count the tokens up to the stop; a row may run on while others are unfinished
+        n_new = next(k for k in range(1, len(body) + 1)
+                     if cut_at_stop(tokenizer.decode(body[:k], skip_special_tokens=True), stops)[1])
+        return Generated(text.strip(), n_new, "stop")
+    if eos_at is not None:
+        return Generated(text.strip(), eos_at + 1, "eos")
+    n_new = len(body)
+    while n_new and body[n_new - 1] == pad_id:  # padding after a stop, when pad is not EOS
+        n_new -= 1
+    return Generated(text.strip(), n_new, "length")
+
+
+@torch.inference_mode()
+def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       prompts: Sequence[Encoded], cfg: GenerationConfig,
+                       eos_ids: Sequence[int]) -> list[Generated]:
+    """Generate for one batch: left padding (so every row's next token is at the end),
+    attention mask and position ids from the mask (done by ``generate``), KV cache."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
+    batch = collate(prompts, pad_id, padding_side="left")
+    device = next(model.parameters()).device
+    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    width = input_ids.shape[1]
+    hf_cfg = HFGenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=cfg.num_beams,
+        num_return_sequences=1, no_repeat_ngram_size=cfg.no_repeat_ngram_size or None,
+        repetition_penalty=1.0, length_penalty=1.0, use_cache=True,
+        eos_token_id=list(eos_ids) or None, pad_token_id=pad_id)
+    criteria = StoppingCriteriaList([_StopOnText(tokenizer, width, cfg.stop)] if cfg.stop else [])
+    with _only_our_generation_config(model):
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=hf_cfg,
+                             stopping_criteria=criteria)
+    new = out[:, width:].tolist()
+    return [_decode_row(tokenizer, row, set(eos_ids), pad_id, cfg.stop) for row in new]
+
+
+# ---------------------------------------------------------------- run
+
+def _load_adapter(loaded: LoadedModel, adapter: str | Path) -> LoadedModel:
+    try:
+        from sumcircuit.finetune import load_adapter
+    except ImportError as exc:
+        raise EvaluationError(f"--adapter needs sumcircuit.finetune.load_adapter, which is not "
+                              f"available: {exc}") from exc
+    if not Path(adapter).is_dir():
+        raise EvaluationError(f"adapter folder not found: {adapter}")
+    return load_adapter(loaded, adapter, merge=True)
+
+
+def _adapter_provenance(adapter: str | Path | None) -> dict[str, Any] | None:
+    if adapter is None:
+        return None
+    folder = Path(adapter).resolve()
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")}
+    return {"path": str(folder), "files_sha256": files}
+
+
+def _check_positions(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: GenerationConfig) -> None:
+    config = loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(len(e.input_ids) for e in encoded) + cfg.max_new_tokens
+    if not limit or longest <= limit:
+        return
+    message = (f"the longest prompt plus max_new_tokens is {longest} tokens but the model has "
+               f"{limit} positions; lower --max-tokens or --max-new-tokens")
+    if loaded.adapter.spec.positions == "learned":
+        raise EvaluationError(message)
+    logger.warning(message)
+
+
+def _run_id(loaded: LoadedModel, adapter: dict[str, Any] | None, examples: ExampleSet,
+            data_cfg: DataConfig, gen_cfg: GenerationConfig) -> str:
+    """What determines the predictions; n_docs is left out so a longer rerun resumes."""
+    key = {"model": loaded.provenance(), "adapter": adapter, "data": examples.source.provenance(),
+           "data_config": {**asdict(data_cfg), "n_docs": None}, "generation": asdict(gen_cfg)}
+    key["model"] = {k: v for k, v in key["model"].items() if k != "location"}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Records written so far; a line cut by a kill is dropped (and the file repaired)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise EvaluationError(f"{path}:{i + 1}: corrupt line; delete the file or use --overwrite") from None
+            logger.warning("%s: dropping a partial last line from an interrupted run", path)
+            atomic_write_text(path, "".join(ln + "\n" for ln in lines[:-1]))
+    return records
+
+
+def _resume(out_dir: Path, run_id: str, overwrite: bool) -> dict[int, dict[str, Any]]:
+    path = out_dir / PREDICTIONS_FILE
+    if overwrite and path.exists():
+        path.unlink()
+    records = _read_predictions(path)
+    other = {r.get("run_id") for r in records} - {run_id}
+    if other:
+        raise EvaluationError(f"{path} holds predictions from a different model, data or generation "
+                              f"config; use another --out or --overwrite")
+    return {int(r["index"]): r for r in records}
+
+
+def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[Encoded],
+                      done: dict[int, dict[str, Any]], gen_cfg: GenerationConfig, eos_ids: list[int],
+                      run_id: str, path: Path) -> None:
+    todo = [i for i in range(len(encoded)) if i not in done]
+    if len(todo) < len(encoded):
+        logger.info("resuming: %d of %d documents already done", len(encoded) - len(todo), len(encoded))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(todo), gen_cfg.batch_size):
+        idx = todo[start:start + gen_cfg.batch_size]
+        t0 = time.perf_counter()
+        outs = generate_summaries(loaded.model, loaded.tokenizer, [encoded[i] for i in idx], gen_cfg, eos_ids)
+        seconds = time.perf_counter() - t0
+        refs = [list(examples.examples[i].references) for i in idx]
+        scores = rouge_scores([o.text for o in outs], refs)
+        records = [{"index": i, "doc_id": examples.examples[i].doc_id, "prediction": o.text,
+                    "references": r, "scores": s, "stop_reason": o.stop_reason, "new_tokens": o.new_tokens,
+                    "prompt_tokens": len(encoded[i].input_ids), "document_truncated": encoded[i].truncated,
+                    "generation_s": seconds / len(idx), "run_id": run_id}
+                   for i, o, r, s in zip(idx, outs, refs, scores)]
+        for record in records:  # appended per batch: an interrupted run resumes here
+            append_jsonl(path, record)
+        done.update({r["index"]: r for r in records})
+        logger.info("generated %d/%d (%.2f summaries/s)", len(done), len(encoded), len(idx) / seconds)
+
+
+def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: GenerationConfig,
+                 out_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
+                 dtype: str = "float32", seed: int = 0, n_resamples: int = 1000, level: float = 0.95,
+                 overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Generate summaries for ``data_cfg``, score them, write ``predictions.jsonl`` and ``rouge.json``.
+
+    Reruns with the same model, data and generation config skip documents
+    already in ``predictions.jsonl``. ``model_spec`` may be a loaded model.
+    """
+    if not template_needs_summary(data_cfg.template):
+        raise EvaluationError("evaluate needs a template with {summary}: the text before it is the "
+                              "prompt, and the references are read from the summary field")
+    out = Path(out_dir)
+    examples = load_examples(data_cfg)
+    loaded = model_spec if isinstance(model_spec, LoadedModel) else load_model(
+        model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        loaded = _load_adapter(loaded, adapter)
+    adapter_prov = _adapter_provenance(adapter)
+    encoded = [encode(loaded.tokenizer, ex, data_cfg.template, data_cfg.max_tokens, with_summary=False)
+               for ex in examples.examples]
+    _check_positions(loaded, encoded, gen_cfg)
+    eos_ids = eos_token_ids(loaded)
+    run_id = _run_id(loaded, adapter_prov, examples, data_cfg, gen_cfg)
+    done = _resume(out, run_id, overwrite)
+    torch.manual_seed(seed)  # greedy and beam search draw nothing; recorded for completeness
+    _generate_missing(loaded, examples, encoded, done, gen_cfg, eos_ids, run_id, out / PREDICTIONS_FILE)
+
+    records = [done[i] for i in range(len(encoded))]
+    result = _summarize(records, gen_cfg, eos_ids, n_resamples, seed, level)
+    result["provenance"] = provenance(
+        models=[loaded.provenance()], adapter=adapter_prov, data=examples.source.provenance(), seed=seed,
+        config={"data": asdict(data_cfg), "generation": asdict(gen_cfg)}, run_id=run_id,
+        invalid_records_skipped=len(examples.invalid))
+    atomic_write_json(out / ROUGE_FILE, result)
+    return result
+
+
+def _summarize(records: Sequence[dict[str, Any]], gen_cfg: GenerationConfig, eos_ids: list[int],
+               n_resamples: int, seed: int, level: float) -> dict[str, Any]:
+    gen_s = sum(r["generation_s"] for r in records)
+    new_tokens = sum(r["new_tokens"] for r in records)
+    reasons = {k: sum(r["stop_reason"] == k for r in records) for k in ("eos", "stop", "length")}
+    result: dict[str, Any] = dict(aggregate([r["scores"] for r in records], n_resamples, seed, level))
+    result.update({
+        "n": len(records),
+        "summaries_per_s": len(records) / gen_s if gen_s > 0 else None,
+        "generation": {
+            **asdict(gen_cfg), "decoding": "greedy" if gen_cfg.num_beams == 1 else "beam search",
+            "eos_token_ids": eos_ids, "stop_reasons": reasons, "wall_s": gen_s,
+            "new_tokens": new_tokens, "tokens_per_s": new_tokens / gen_s if gen_s > 0 else None,
+            "mean_new_tokens": new_tokens / len(records), "torch_threads": torch.get_num_threads()},
+        "scoring": {
+            "package": "rouge-score", "use_stemmer": True, "measure": "F1, fraction in [0, 1]",
+            "lsum_sentences": "sumcircuit.evaluate.split_sentences (newlines, then .!? before a "
+                              "capital or digit, except abbreviations), same for predictions and references",
+            "multi_reference": "best reference per metric (RougeScorer.score_multi: max F1)",
+            "ci": {"method": "percentile bootstrap over documents", "n_resamples": n_resamples,
+                   "level": level, "seed": seed}},
+    })
+    return result

@@ -1,0 +1,330 @@
+"""One self-contained HTML page for a ``reproduce`` run directory.
+
+Figures are inline PNGs (no network needed to view the file) and every string
+that came from a data set or a file is HTML-escaped. Sections whose stage did
+not run say so instead of failing, so a partial run still gets a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sumcircuit import claims  # noqa: E402
+from sumcircuit.artifacts import atomic_write_text  # noqa: E402
+from sumcircuit.errors import SumcircuitError  # noqa: E402
+
+# Run-directory layout written by sumcircuit.reproduce (stage name -> folder).
+MODEL_RUNS = ("zeroshot", "full", "lora_all", "targeted")
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+# ---------------------------------------------------------------- readers
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as fh:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _number(value: str | None) -> Any:
+    if value is None or value == "":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+
+
+def per_example_rouge1(eval_dir: Path) -> dict[str, float]:
+    """doc id -> ROUGE-1 F1 from predictions.jsonl, for paired comparisons."""
+    out: dict[str, float] = {}
+    for row in _read_jsonl(eval_dir / "predictions.jsonl"):
+        scores = row.get("scores", {})
+        value = scores.get("rouge1")
+        out[str(row.get("doc_id"))] = float(value["f1"] if isinstance(value, Mapping) else value)
+    return out
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[list[float], list[float]]:
+    keys = sorted(set(a) & set(b))
+    return [a[k] for k in keys], [b[k] for k in keys]
+
+
+# ---------------------------------------------------------------- figures
+
+def _png(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
+
+
+def _grid(rows: Sequence[Mapping[str, Any]], value: str) -> list[list[float]]:
+    n_layers = int(max(r["layer"] for r in rows)) + 1
+    n_heads = int(max(r["head"] for r in rows)) + 1
+    grid = [[math.nan] * n_heads for _ in range(n_layers)]
+    for r in rows:
+        grid[int(r["layer"])][int(r["head"])] = float(r[value])
+    return grid
+
+
+def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, title, cmap in ((axes[0], "entropy_delta", "entropy change (tuned - base, nats)", "RdBu_r"),
+                                 (axes[1], "kl_base_tuned", "KL(base || tuned) (nats)", "viridis")):
+        grid = _grid(heads, key)
+        if cmap == "RdBu_r":
+            bound = max(1e-9, max(abs(v) for row in grid for v in row if not math.isnan(v)))
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-bound, vmax=bound)
+        else:
+            im = ax.imshow(grid, aspect="auto", cmap=cmap)
+        ax.set(title=title, xlabel="head", ylabel="layer")
+        fig.colorbar(im, ax=ax)
+    return _img(_png(fig), "per-head heatmaps of entropy change and KL")
+
+
+def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
+    keys = [("kl_base_tuned", "mean KL(base||tuned)"), ("actmag_rel_change", "residual norm rel. change"),
+            ("cka", "linear CKA base vs tuned"), ("weight_change_attn", "rel. weight change (attn)"),
+            ("weight_change_mlp", "rel. weight change (MLP)")]
+    keys = [(k, t) for k, t in keys if layers and k in layers[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.4), squeeze=False)
+    xs = [int(r["layer"]) for r in layers]
+    for ax, (key, title) in zip(axes[0], keys):
+        ax.bar(xs, [float(r[key]) for r in layers], color="tab:blue")
+        ax.set(title=title, xlabel="layer")
+    return _img(_png(fig), "per-layer change bar charts")
+
+
+def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stats_path))
+    key = next((k for k in ("std_change", "standardized_change", "neuron_std_change") if k in tensors), None)
+    if key is None:
+        return "<p>No standardized neuron change in stats.safetensors.</p>"
+    values = tensors[key].flatten().float()
+    flips_key = next((k for k in ("sign_flip", "sign_flips", "neuron_sign_flip") if k in tensors), None)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.hist(values.clamp(-10, 10).numpy(), bins=100, color="tab:gray")
+    if threshold is not None:
+        for t in (-threshold, threshold):
+            ax.axvline(t, color="tab:red", linestyle="--")
+    flips = int(tensors[flips_key].sum().item()) if flips_key else None
+    ax.set(title=f"standardized neuron change (clipped to ±10); sign flips: "
+                 f"{flips if flips is not None else 'n/a'}", xlabel="standardized change", ylabel="neurons")
+    ax.set_yscale("log")
+    return _img(_png(fig), "neuron change histogram")
+
+
+def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, log in runs.items():
+        train = [(r["step"], r["loss"]) for r in log if "loss" in r and "step" in r]
+        val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
+        if train:
+            axes[0].plot(*zip(*train), label=name)
+        if val:
+            axes[1].plot(*zip(*val), marker="o", label=name)
+    axes[0].set(title="training loss (summary tokens)", xlabel="optimizer step")
+    axes[1].set(title="validation loss", xlabel="optimizer step")
+    for ax in axes:
+        ax.legend()
+    return _img(_png(fig), "training and validation loss curves")
+
+
+def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
+    per_step: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for r in rows:
+        per_step[(int(r["step"]), int(r["layer"]))].append(float(r["kl_base_tuned"]))
+    layers = sorted({layer for _, layer in per_step})
+    steps = sorted({step for step, _ in per_step})
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers):
+        ax.plot(steps, [sum(per_step[(s, layer)]) / len(per_step[(s, layer)]) if per_step[(s, layer)]
+                        else math.nan for s in steps], color=cmap(i / max(1, len(layers) - 1)),
+                label=f"L{layer}" if len(layers) <= 12 else None)
+    ax.set(title="attention KL(start || current) per layer during training", xlabel="step",
+           ylabel="mean KL over heads")
+    if len(layers) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return _img(_png(fig), "interpretability tracking during training")
+
+
+# ---------------------------------------------------------------- tables
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
+    rows = []
+    for name in names:
+        rouge = _read_json(run / name / "eval" / "rouge.json")
+        summary = _read_json(run / name / "train_summary.json") or {}
+        if rouge is None:
+            continue
+        cells: list[Any] = [name]
+        for key in ROUGE_KEYS:
+            r = rouge.get(key, {})
+            cells.append(f"{r.get('f1', math.nan):.4f} [{r.get('ci_low', math.nan):.4f}, "
+                         f"{r.get('ci_high', math.nan):.4f}]")
+        cells += [summary.get("layers"), summary.get("trainable_params"), summary.get("epochs_to_best"),
+                  summary.get("wall_time_s"), rouge.get("n")]
+        rows.append(cells)
+    return rows
+
+
+# ---------------------------------------------------------------- claims
+
+def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
+    summary = _read_json(run / "analysis" / "summary.json") or {}
+    share = summary.get("heads_entropy_decreased", {})
+    circuit = _read_json(run / "circuit" / "circuit.json") or {}
+    targeted_sum = _read_json(run / "targeted" / "train_summary.json")
+    lora_sum = _read_json(run / "lora_all" / "train_summary.json")
+    t_scores, a_scores = _paired(per_example_rouge1(run / "targeted" / "eval"),
+                                 per_example_rouge1(run / "lora_all" / "eval"))
+    random_dirs = sorted(p for p in run.glob("random_*") if (p / "eval" / "predictions.jsonl").is_file())
+    t_all = per_example_rouge1(run / "targeted" / "eval")
+    random_scores = [per_example_rouge1(p / "eval") for p in random_dirs]
+    common = sorted(set(t_all).intersection(*[set(r) for r in random_scores])) if random_scores else []
+    return [
+        claims.head_share_claim(share.get("share"), share.get("ci_low"), share.get("ci_high")),
+        claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers")),
+        claims.rouge_claim(t_scores, a_scores),
+        claims.params_claim((targeted_sum or {}).get("trainable_params"), (lora_sum or {}).get("trainable_params")),
+        claims.epochs_claim(targeted_sum, lora_sum),
+        claims.random_control_claim([t_all[k] for k in common], [[r[k] for k in common] for r in random_scores]),
+        claims.ablation_claim(_read_json(run / "ablate" / "ablation.json")),
+    ]
+
+
+# ---------------------------------------------------------------- page
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}
+th{background:#f3f3f3}img{max-width:100%}.supported{color:#176d2b;font-weight:bold}
+.not-supported{color:#a11;font-weight:bold}.inconclusive{color:#a60;font-weight:bold}.missing{color:#888}
+pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}"""
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)} did not run in this study.</p>'
+
+
+def _embed_png(path: Path, alt: str) -> str:
+    return _img(base64.b64encode(path.read_bytes()).decode("ascii"), alt) if path.is_file() else ""
+
+
+def claims_table(results: Sequence[claims.ClaimResult]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{html.escape(r.this_run)}</td>"
+        f'<td class="{r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}</td>'
+        f"<td>{html.escape(r.evidence)}</td></tr>" for r in results)
+    return ("<table><thead><tr><th>paper claim</th><th>paper</th><th>this run</th><th>verdict</th>"
+            f"<th>evidence</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a run directory and return its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SumcircuitError(f"run directory not found: {run}")
+    manifest = _read_json(run / "reproduce.json") or {}
+    parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
+             "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
+             "Tasks</i> (arXiv 2505.17073). Every figure below was computed in this run; intervals are 95%.</p>"]
+    parts.append(_section("Paper claims vs this run", claims_table(evaluate_claims(run))))
+
+    names = [n for n in MODEL_RUNS if (run / n).is_dir()] + sorted(p.name for p in run.glob("random_*"))
+    rouge = rouge_rows(run, names)
+    parts.append(_section("ROUGE (F1, bootstrap 95% CI)", _table(
+        ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n"], rouge)
+        if rouge else _missing("Evaluation")))
+
+    analysis = run / "analysis"
+    heads, layers = _read_csv(analysis / "heads.csv"), _read_csv(analysis / "layers.csv")
+    summary = _read_json(analysis / "summary.json") or {}
+    body = ""
+    if heads:
+        body += head_heatmaps(heads)
+    if layers:
+        body += layer_bars(layers)
+    if (analysis / "stats.safetensors").is_file():
+        body += neuron_histogram(analysis / "stats.safetensors", summary.get("neuron_threshold"))
+    parts.append(_section("Differential analysis (base vs full fine-tune)", body or _missing("Analysis")))
+
+    logs = {n: _read_jsonl(run / n / "train_log.jsonl") for n in names}
+    logs = {n: log for n, log in logs.items() if log}
+    tracking = _read_csv(run / "full" / "tracking.csv")
+    body = (training_curves(logs) if logs else "") + (tracking_plot(tracking) if tracking else "")
+    parts.append(_section("Training", body or _missing("Fine-tuning")))
+
+    circuit = _read_json(run / "circuit" / "circuit.json")
+    patch_png = _embed_png(run / "patch" / "patching.png", "patching recovery per layer")
+    ablate_png = _embed_png(run / "ablate" / "ablation.png", "ablation effect vs random controls")
+    body = ""
+    if circuit:
+        body += (f"<p>Circuit ({html.escape(str(circuit.get('score')))} score): layers "
+                 f"{html.escape(str(circuit.get('layers')))}; bootstrap stability "
+                 f"{html.escape(json.dumps(circuit.get('stability')))}</p>")
+    else:
+        body += _missing("Circuit selection")
+    body += patch_png or _missing("Activation patching")
+    body += ablate_png or _missing("Ablation with random controls")
+    parts.append(_section("Circuit and causal tests", body))
+
+    parts.append(_section("Provenance", "<pre>" + html.escape(json.dumps(
+        {"reproduce": manifest, "analysis": summary.get("provenance")}, indent=2, default=str)) + "</pre>"))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    target = Path(out) if out else run / "report.html"
+    atomic_write_text(target, page)
+    return target

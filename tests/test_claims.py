@@ -1,0 +1,50 @@
+"""Claim verdicts follow their intervals; the paired bootstrap is correct."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sumcircuit import claims
+
+
+def test_paired_bootstrap_matches_mean_and_brackets_it() -> None:
+    rng = random.Random(3)
+    a = [rng.random() for _ in range(200)]
+    b = [x - 0.05 + rng.gauss(0, 0.01) for x in a]
+    diff, low, high = claims.paired_bootstrap_diff(a, b, seed=1)
+    assert diff == pytest.approx(sum(x - y for x, y in zip(a, b)) / 200)
+    assert low < diff < high
+    assert 0.045 < low and high < 0.055  # noise sd 0.01 / sqrt(200) ~ 0.0007
+    assert claims.paired_bootstrap_diff(a, b, seed=1) == (diff, low, high)
+
+
+def test_interval_verdicts() -> None:
+    assert claims.head_share_claim(0.7, 0.6, 0.8).verdict == claims.SUPPORTED
+    assert claims.head_share_claim(0.3, 0.2, 0.4).verdict == claims.NOT_SUPPORTED
+    assert claims.head_share_claim(0.55, 0.45, 0.65).verdict == claims.INCONCLUSIVE
+    assert claims.head_share_claim(None, None, None).verdict == claims.NOT_RUN
+
+
+def test_rouge_claim_uses_paired_difference() -> None:
+    better = [0.30 + 0.001 * i for i in range(50)]
+    worse = [x - 0.02 for x in better]
+    assert claims.rouge_claim(better, worse).verdict == claims.SUPPORTED
+    assert claims.rouge_claim(worse, better).verdict == claims.NOT_SUPPORTED
+    noisy = [x + (0.02 if i % 2 else -0.02) for i, x in enumerate(better)]
+    assert claims.rouge_claim(noisy, better).verdict == claims.INCONCLUSIVE
+
+
+def test_params_and_layers_and_epochs() -> None:
+    assert claims.params_claim(73_728, 294_912).verdict == claims.SUPPORTED  # 3 of 12 GPT-2 layers
+    assert "75.0%" in claims.params_claim(73_728, 294_912).this_run
+    assert claims.params_claim(200_000, 294_912).verdict == claims.NOT_SUPPORTED
+    assert claims.circuit_layers_claim([5, 2, 3], 12).verdict == claims.SUPPORTED
+    assert claims.circuit_layers_claim([0, 1, 2], 12).verdict == claims.NOT_SUPPORTED
+    converged = {"epochs_to_best": 1.0, "best_step": 10, "steps": 30}
+    slower = {"epochs_to_best": 2.0, "best_step": 20, "steps": 30}
+    assert claims.epochs_claim(converged, slower).verdict == claims.SUPPORTED
+    assert claims.epochs_claim(slower, converged).verdict == claims.NOT_SUPPORTED
+    at_end = {"epochs_to_best": 1.0, "best_step": 30, "steps": 30}
+    assert claims.epochs_claim(at_end, slower).verdict == claims.INCONCLUSIVE

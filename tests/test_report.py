@@ -1,0 +1,101 @@
+"""The report renders from a run directory, escapes data text, and shows its figures in Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sumcircuit.artifacts import atomic_write_csv, atomic_write_json
+from sumcircuit.report import build_report, evaluate_claims
+
+EVIL = "<script>alert('x')</script>"
+
+
+def _eval_dir(path: Path, scores: list[float]) -> None:
+    path.mkdir(parents=True)
+    rows = [{"doc_id": f"d{i}", "prediction": EVIL, "references": ["r"], "scores": {"rouge1": s}}
+            for i, s in enumerate(scores)]
+    (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mean = sum(scores) / len(scores)
+    atomic_write_json(path / "rouge.json", {k: {"f1": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01}
+                                            for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")} | {"n": len(scores)})
+
+
+def make_run(run: Path) -> Path:
+    n_layers, n_heads = 4, 3
+    analysis = run / "analysis"
+    heads = [{"layer": l, "head": h, "entropy_base": 2.0, "entropy_tuned": 2.0 - 0.1 * (l + h),
+              "entropy_delta": -0.1 * (l + h) + 0.15, "kl_base_tuned": 0.01 * (l + 1), "kl_tuned_base": 0.01,
+              "rows": 100} for l in range(n_layers) for h in range(n_heads)]
+    atomic_write_csv(analysis / "heads.csv", heads, list(heads[0]))
+    layers = [{"layer": l, "kl_base_tuned": 0.01 * (l + 1), "actmag_rel_change": 0.02 * l, "cka": 0.99,
+               "weight_change_attn": 0.001, "weight_change_mlp": 0.002} for l in range(n_layers)]
+    atomic_write_csv(analysis / "layers.csv", layers, list(layers[0]))
+    save_file({"std_change": torch.randn(n_layers, 16), "sign_flip": torch.zeros(n_layers, 16)},
+              str(analysis / "stats.safetensors"))
+    atomic_write_json(analysis / "summary.json", {"n_layers": n_layers, "neuron_threshold": 2.0,
+                                                  "heads_entropy_decreased": {"share": 0.58, "ci_low": 0.41,
+                                                                              "ci_high": 0.75}})
+    atomic_write_json(run / "circuit" / "circuit.json", {"layers": [3, 2, 1], "score": "kl",
+                                                         "stability": {"3": 1.0, "2": 0.9, "1": 0.7}})
+    for name, params, scores in (("lora_all", 8000, [0.20] * 30), ("targeted", 6000, [0.25] * 30),
+                                 ("random_s1", 6000, [0.24] * 30)):
+        (run / name).mkdir(parents=True)
+        atomic_write_json(run / name / "train_summary.json", {
+            "trainable_params": params, "epochs_to_best": 1.0, "best_step": 4, "steps": 8, "layers": [1, 2, 3]})
+        (run / name / "train_log.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 3 - 0.1 * s}) + "\n" for s in range(1, 9))
+            + json.dumps({"step": 4, "val_loss": 2.5}) + "\n")
+        _eval_dir(run / name / "eval", scores)
+    return run
+
+
+def test_report_sections_and_escaping(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    page = build_report(run).read_text()
+    assert EVIL not in page  # nothing from the data is emitted raw
+    assert page.count("<img") >= 4 and "data:image/png;base64," in page
+    assert "Paper claims vs this run" in page and "did not run in this study" in page  # ablation/patch missing
+    assert "http://" not in page and "https://" not in page  # viewable offline
+    verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
+    assert verdicts["Most heads become more focused (lower attention entropy) after fine-tuning"] == \
+        "inconclusive"  # CI 41%-75% straddles 50%
+    assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "supported"  # 0.25 vs 0.20 everywhere
+    assert verdicts["Targeted LoRA trains 75% fewer parameters than LoRA on all layers"] == \
+        "not supported"  # 6000 vs 8000 is 25% fewer
+    assert verdicts["The most-changed layers (by attention KL) are 2, 3 and 5"] == "not supported"
+    assert verdicts["(extension) Ablating the circuit hurts more than ablating random layers"] == "not run"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian package 'chromium' not installed (make test installs it)")
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    page = build_report(make_run(tmp_path / "run"))
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+              "document.title='loaded:'+imgs.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+imgs.length;});"
+              "</script>")
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_chromium(), *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    match = re.search(r"<title>loaded:(\d+)/(\d+)</title>", dom)
+    assert match, dom[:500]
+    loaded, total = map(int, match.groups())
+    assert total >= 4 and loaded == total
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
