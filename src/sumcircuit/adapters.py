@@ -51,6 +51,10 @@ class ArchitectureSpec:
     positions: Literal["learned", "rope"]
     final_norm: str
     embed_tokens: str
+    # Gemma 2/3 normalise each block's output before the residual add: the residual stream
+    # receives these modules' outputs, not the attention / MLP outputs themselves.
+    attention_post_norm: str | None = None
+    mlp_post_norm: str | None = None
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -62,18 +66,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         final_norm="transformer.ln_f", embed_tokens="transformer.wte",
     ),
     ArchitectureSpec(
-        family="llama", model_types=("llama", "qwen2", "qwen3", "mistral", "olmo2"),
+        family="llama", model_types=("llama", "qwen2", "qwen3", "mistral", "olmo2", "gemma"),
         layers="model.layers", attention="self_attn", attention_output="self_attn.o_proj",
         qkv=SeparateQKV("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         mlp="mlp", mlp_output="mlp.down_proj", positions="rope",
         final_norm="model.norm", embed_tokens="model.embed_tokens",
     ),
     ArchitectureSpec(
-        family="gemma3", model_types=("gemma3_text", "gemma2", "gemma"),
+        family="gemma3", model_types=("gemma3_text", "gemma2"),
         layers="model.layers", attention="self_attn", attention_output="self_attn.o_proj",
         qkv=SeparateQKV("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         mlp="mlp", mlp_output="mlp.down_proj", positions="rope",
         final_norm="model.norm", embed_tokens="model.embed_tokens",
+        attention_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
     ),
 )
 
@@ -171,6 +176,14 @@ class ArchitectureAdapter:
 
     def mlp_output(self, model: nn.Module, layer: int) -> nn.Module:
         return self._in_layer(model, layer, self.spec.mlp_output)
+
+    def attention_contribution(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose output the residual stream receives from attention (post-norm if any)."""
+        return self._in_layer(model, layer, self.spec.attention_post_norm or self.spec.attention)
+
+    def mlp_contribution(self, model: nn.Module, layer: int) -> nn.Module:
+        """The module whose output the residual stream receives from the MLP (post-norm if any)."""
+        return self._in_layer(model, layer, self.spec.mlp_post_norm or self.spec.mlp)
 
     def block(self, model: nn.Module, layer: int) -> nn.Module:
         self._check_layer(layer)

@@ -18,8 +18,10 @@ component  activation that is read or replaced
 =========  ==========================================================
 ``head``   slice ``h*head_dim:(h+1)*head_dim`` of the *input* of
            ``adapter.attention_output(model, l)`` (o_proj / c_proj)
-``attn``   output of ``adapter.attention(model, l)`` (first element)
-``mlp``    output of ``adapter.mlp(model, l)``
+``attn``   what attention adds to the residual stream: the output of
+           ``adapter.attention(model, l)`` (first element), or of its
+           post-norm where the family has one (Gemma 2/3)
+``mlp``    what the MLP adds: ``adapter.mlp(model, l)`` output (or post-norm)
 ``block``  output of the decoder block ``adapter.block(model, l)``
 =========  ==========================================================
 
@@ -37,7 +39,6 @@ about ``L`` full-forward equivalents per direction and batch.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,8 +58,6 @@ from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_a
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.models import LoadedModel, load_model
 from sumcircuit.provenance import provenance
-
-log = logging.getLogger(__name__)
 
 KINDS = ("head", "attn", "mlp", "block")
 ABLATION_MODES = ("zero", "mean")
@@ -95,13 +94,14 @@ class Component:
 
 
 def check_component(c: Component, adapter: ArchitectureAdapter, flag: str = "component") -> None:
+    label = f"{c.layer}.{c.head}" if c.kind == "head" else str(c.layer)  # as the user typed it
     if c.kind not in KINDS:
         raise CausalError(f"{flag} {c.name}: unknown kind '{c.kind}' (one of {', '.join(KINDS)})")
     if not 0 <= c.layer < adapter.n_layers:
-        raise CausalError(f"{flag} {c.name}: layer {c.layer} out of range: the model has "
+        raise CausalError(f"{flag} {label}: layer {c.layer} out of range: the model has "
                           f"{adapter.n_layers} layers (0..{adapter.n_layers - 1})")
     if c.kind == "head" and not 0 <= c.head < adapter.n_heads:
-        raise CausalError(f"{flag} {c.layer}.{c.head}: head {c.head} out of range: the model has "
+        raise CausalError(f"{flag} {label}: head {c.head} out of range: the model has "
                           f"{adapter.n_heads} attention heads per layer (0..{adapter.n_heads - 1})")
 
 
@@ -177,9 +177,9 @@ class Interventions(contextlib.AbstractContextManager["Interventions"]):
         if kind == "head_input":
             return self.adapter.attention_output(self.model, layer)
         if kind == "attn":
-            return self.adapter.attention(self.model, layer)
+            return self.adapter.attention_contribution(self.model, layer)
         if kind == "mlp":
-            return self.adapter.mlp(self.model, layer)
+            return self.adapter.mlp_contribution(self.model, layer)
         return self.adapter.block(self.model, layer)
 
     def capture(self, site: tuple[str, int], store: dict[tuple[str, int], torch.Tensor],
@@ -410,12 +410,14 @@ class AblationConfig:
     batch_size: int = 4
     n_bootstrap: int = 1000
     ci: float = 0.95
-    rouge: bool = False
+    rouge: bool = False  # also ROUGE of greedy summaries, clean vs ablated (slow: generation)
+    rouge_max_new_tokens: int = 128
     circuit: str | None = None  # circuit.json: its layers (or heads) are the target when none are given
     circuit_part: str = "layers"  # which part of the circuit file to ablate: layers | heads
     adapter: str | None = None  # PEFT adapter folder to merge into the model
     device: str = "cpu"
     dtype: str = "float32"
+    trust_remote_code: bool = False
 
 
 def circuit_targets(path: str | Path, part: str = "layers") -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
@@ -588,7 +590,7 @@ def summarize_ablation(result: AblationResult, cfg: AblationConfig) -> dict[str,
                      "loss_clean": float(result.clean.mean()), "loss_ablated": float(result.ablated[s].mean()),
                      "effect": eff["mean"], "effect_ci_low": eff["ci_low"], "effect_ci_high": eff["ci_high"]})
     out: dict[str, Any] = {
-        "circuit": {"members": [c.name for c in result.sets[0]], **rows[0]},
+        "circuit": {**rows[0], "members": [c.name for c in result.sets[0]]},
         "n_docs": len(result.clean),
         "loss_clean": mean_ci(result.clean, idx, cfg.ci),
         "effect_definition": "mean over documents of (ablated loss - clean loss); loss = mean CE over "
@@ -623,7 +625,7 @@ def _target_description(targets: Sequence[Component]) -> str:
 
 
 def _load_with_adapter(spec: str, cfg: AblationConfig) -> LoadedModel:
-    loaded = load_model(spec, dtype=cfg.dtype, device=cfg.device)
+    loaded = load_model(spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     if cfg.adapter:
         try:
             from sumcircuit.finetune import load_adapter  # issue 4; lazy so ablation works without it
@@ -636,26 +638,42 @@ def _load_with_adapter(spec: str, cfg: AblationConfig) -> LoadedModel:
 
 def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: AblationConfig,
                           targets: Sequence[Component], means: Mapping[Component, torch.Tensor]) -> dict[str, Any]:
-    """ROUGE of greedy summaries with and without the ablation (needs ``sumcircuit.evaluate``)."""
-    try:
-        from sumcircuit import evaluate as ev  # issue 6
-        generate = getattr(ev, "generate_summaries")
-        rouge_scores = getattr(ev, "rouge_scores")
-    except (ImportError, AttributeError) as exc:
-        raise CausalError("--rouge is not available yet: it needs sumcircuit.evaluate "
-                          f"(generate_summaries, rouge_scores) from the evaluation issue ({exc})") from exc
+    """ROUGE of greedy summaries with and without the ablation, paired over documents.
+
+    Uses ``sumcircuit.evaluate`` (generation, ROUGE, bootstrap) so the numbers
+    match ``sumcircuit evaluate``; the ablation hooks stay on during generation
+    (values broadcast over the one-token decoding steps).
+    """
+    from sumcircuit.data import encode
+    from sumcircuit.evaluate import GenerationConfig, eos_token_ids, generate_summaries, rouge_scores
+
     examples = load_examples(data_cfg).examples
+    prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False)
+               for e in examples]
     refs = [list(e.references) for e in examples]
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.rouge_max_new_tokens, batch_size=cfg.batch_size)
+    eos = eos_token_ids(loaded)
     device = next(loaded.model.parameters()).device
-    scores: dict[str, Any] = {}
+    per_doc: dict[str, list[dict[str, float]]] = {}
     for label, values in (("clean", {}), ("ablated", _ablation_values(targets, cfg.mode, means, device))):
+        texts: list[str] = []
         with Interventions(loaded.model, loaded.adapter) as iv:
             iv.replace({c: v.to(device) for c, v in values.items()})
-            predictions = generate(loaded, examples, data_cfg)
-        per_doc = rouge_scores(predictions, refs)
-        scores[label] = {k: float(np.mean([d[k] for d in per_doc])) for k in per_doc[0]}
-    scores["delta"] = {k: scores["ablated"][k] - scores["clean"][k] for k in scores["clean"]}
-    return scores
+            for start in tqdm(range(0, len(prompts), gen_cfg.batch_size), desc=f"generate ({label})"):
+                outs = generate_summaries(loaded.model, loaded.tokenizer,
+                                          prompts[start:start + gen_cfg.batch_size], gen_cfg, eos)
+                texts += [o.text for o in outs]
+        per_doc[label] = rouge_scores(texts, refs)
+    idx = bootstrap_indices(len(examples), cfg.n_bootstrap, cfg.seed)
+    out: dict[str, Any] = {"n": len(examples), "max_new_tokens": cfg.rouge_max_new_tokens,
+                           "definition": "F1, greedy decoding; delta = ablated - clean, paired "
+                                         "percentile bootstrap over documents"}
+    for key in per_doc["clean"][0]:
+        clean = np.array([d[key] for d in per_doc["clean"]])
+        ablated = np.array([d[key] for d in per_doc["ablated"]])
+        out[key] = {"clean": float(clean.mean()), "ablated": float(ablated.mean()),
+                    "delta": mean_ci(ablated - clean, idx, cfg.ci)}
+    return out
 
 
 def run_ablation(model_spec: str, data_cfg: DataConfig, cfg: AblationConfig, out_dir: str | Path, *,
@@ -665,14 +683,6 @@ def run_ablation(model_spec: str, data_cfg: DataConfig, cfg: AblationConfig, out
     ``device`` / ``dtype`` override the config's (so a pipeline can pass its own).
     """
     cfg = replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype)
-    if cfg.rouge:  # fail before the expensive part
-        try:
-            from sumcircuit import evaluate as _ev  # noqa: F401
-            if not hasattr(_ev, "generate_summaries"):
-                raise ImportError("sumcircuit.evaluate has no generate_summaries")
-        except ImportError as exc:
-            raise CausalError(f"--rouge is not available yet: it needs sumcircuit.evaluate from the "
-                              f"evaluation issue ({exc})") from exc
     out = Path(out_dir)
     loaded = _load_with_adapter(model_spec, cfg)
     encoded, source = encode_examples(loaded.tokenizer, data_cfg)
@@ -718,6 +728,7 @@ class PatchConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    trust_remote_code: bool = False
 
 
 ALL = "all"
@@ -843,8 +854,9 @@ def summarize_patching(result: PatchResult, cfg: PatchConfig) -> dict[str, Any]:
                        "model; effect = recovery (is the component sufficient?)",
             "noise": "run the tuned model with this component's activation taken from the base "
                      "model; effect = 1 - recovery = fraction of the gap lost (is it necessary?)",
-            "components": "head: its slice of the attention output projection's input; attn: the "
-                          "attention block's output; mlp: the MLP block's output; block: the decoder "
+            "components": "head: its slice of the attention output projection's input; attn / mlp: "
+                          "what the attention / MLP block adds to the residual stream (after the "
+                          "block's post-norm in Gemma 2/3); block: the decoder "
                           "block's output (the residual stream after the layer); 'all': every listed "
                           "component at once (embeddings, final norm and LM head are never patched, "
                           "so 'all' is < 1 if fine-tuning changed them)",
@@ -863,8 +875,8 @@ def run_patching(base_spec: str, tuned_spec: str, data_cfg: DataConfig, cfg: Pat
     """Patch, then write ``patching.json``, ``patching.csv``, ``patching_per_doc.csv``, ``patching.png``."""
     cfg = replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype)
     out = Path(out_dir)
-    base = load_model(base_spec, dtype=cfg.dtype, device=cfg.device)
-    tuned = load_model(tuned_spec, dtype=cfg.dtype, device=cfg.device)
+    base = load_model(base_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    tuned = load_model(tuned_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     check_compatible(base, tuned)
     encoded, source = encode_examples(base.tokenizer, data_cfg)
     result = patch(base, tuned, encoded, cfg)

@@ -1,16 +1,53 @@
-"""`sumcircuit circuit` (placeholder until its issue lands)."""
+"""``sumcircuit circuit``: pick the most-changed layers (and heads) from an analysis folder.
+
+The ranking is correlational (how much a layer changed, not whether it
+matters); test the selection with ``sumcircuit ablate --circuit`` and
+``sumcircuit patch``. Stability: how often each selected layer stays in the
+top-K when the analysed documents are resampled.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from sumcircuit.errors import SumcircuitError
+from sumcircuit.circuit import DEFINITIONS, SCORES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("circuit", help="(not implemented yet)")
+    parser = subparsers.add_parser(
+        "circuit", help="rank layers/heads by a change score and write circuit.json (with bootstrap stability)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--analysis", required=True, help="folder written by `sumcircuit analyze`")
+    parser.add_argument("--score", default="kl", choices=SCORES,
+                        help="; ".join(f"{k}: {v}" for k, v in DEFINITIONS.items()) + " (default: %(default)s)")
+    parser.add_argument("--top-layers", type=int, default=3, help="layers to select (default: %(default)s)")
+    parser.add_argument("--top-heads", type=int, default=0,
+                        help="also select this many heads (kl, kl-sym, entropy, combined only; default: none)")
+    parser.add_argument("--n-bootstrap", type=int, default=1000,
+                        help="document resamples for the stability estimate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--plot", action="store_true", help="also write a bar plot next to --out (.png)")
+    parser.add_argument("--out", required=True, help="circuit file to write, e.g. circuit.json")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SumcircuitError("'circuit' is not implemented yet")
+    from pathlib import Path
+
+    from sumcircuit.circuit import select_circuit
+
+    circuit = select_circuit(args.analysis, score=args.score, top_layers=args.top_layers,
+                             top_heads=args.top_heads, n_bootstrap=args.n_bootstrap, seed=args.seed,
+                             out=args.out)
+    if args.plot:
+        from sumcircuit.plots import plot_circuit
+
+        plot_circuit([s if s is not None else float("nan") for s in circuit["scores"]], circuit["layers"],
+                     {int(k): v for k, v in circuit["stability"].items()},
+                     Path(args.out).with_suffix(".png"), title=f"{args.score} change score per layer")
+    stab = ", ".join(f"{layer}: {'n/a' if v is None else f'{v:.2f}'}" for layer, v in circuit["stability"].items())
+    print(f"layers {circuit['layers']} by {args.score} (stability over {args.n_bootstrap} resamples: {stab})")
+    if circuit["heads"]:
+        print(f"heads {circuit['heads']}")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,238 @@
+"""Streaming, mergeable accumulators and the confidence intervals built from them.
+
+Everything the analysis reports is a function of sums: counts, sums and sums
+of squares per head / neuron, centered cross-products for CKA, and per-document
+sums for confidence intervals. Sums can be added batch by batch (memory does
+not grow with the number of tokens) and merged across shards or processes:
+``merge(a, b)`` gives the same numbers as one pass over both halves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+CIMethod = Literal["bootstrap", "normal"]
+_F64 = torch.float64
+
+
+# ---------------------------------------------------------------- moments
+
+@dataclass
+class Moments:
+    """Count, sum and sum of squares per cell (fp64: sums over millions of tokens)."""
+
+    count: Tensor  # scalar: every cell sees the same observations
+    total: Tensor
+    total_sq: Tensor
+
+    @classmethod
+    def zeros(cls, *shape: int) -> "Moments":
+        return cls(torch.zeros((), dtype=_F64), torch.zeros(shape, dtype=_F64),
+                   torch.zeros(shape, dtype=_F64))
+
+    def add(self, n: float | Tensor, total: Tensor, total_sq: Tensor) -> None:
+        self.count += n
+        self.total += total.to(_F64)
+        self.total_sq += total_sq.to(_F64)
+
+    def merge(self, other: "Moments") -> "Moments":
+        return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total / self.count
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance (clamped at 0 against rounding)."""
+        return (self.total_sq / self.count - self.mean ** 2).clamp_min(0.0)
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.sqrt()
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], prefix: str) -> "Moments":
+        return cls(*(state[f"{prefix}.{f.name}"].clone() for f in fields(cls)))
+
+
+# ---------------------------------------------------------------- CKA
+
+@dataclass
+class CrossMoments:
+    """Per-layer centered second moments of paired features ``x`` (base) and ``y`` (tuned).
+
+    Each batch is centered on its own mean in fp32 (no catastrophic
+    cancellation from the residual stream's large mean), then merged with Chan
+    et al.'s pairwise update; the d x d matrices are fp32 to keep memory at
+    3 * L * d^2 * 4 bytes, means and counts fp64.
+    """
+
+    n: Tensor  # [L]
+    mean_x: Tensor  # [L, d]
+    mean_y: Tensor  # [L, d]
+    cxx: Tensor  # [L, d, d]
+    cyy: Tensor
+    cxy: Tensor  # sum (x - mx)^T (y - my)
+
+    @classmethod
+    def zeros(cls, n_layers: int, dim: int, device: torch.device | str = "cpu") -> "CrossMoments":
+        vec = lambda: torch.zeros(n_layers, dim, dtype=_F64, device=device)  # noqa: E731
+        mat = lambda: torch.zeros(n_layers, dim, dim, dtype=torch.float32, device=device)  # noqa: E731
+        return cls(torch.zeros(n_layers, dtype=_F64, device=device), vec(), vec(), mat(), mat(), mat())
+
+    def add(self, layer: int, x: Tensor, y: Tensor) -> None:
+        """Add paired rows ``x``, ``y`` ([N, d], same tokens) to ``layer``."""
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mx, my = x.float().mean(0), y.float().mean(0)
+        xc, yc = x.float() - mx, y.float() - my
+        self._merge_layer(layer, n_b, mx.double(), my.double(), xc.T @ xc, yc.T @ yc, xc.T @ yc)
+
+    def _merge_layer(self, layer: int, n_b: float, mx: Tensor, my: Tensor, cxx: Tensor, cyy: Tensor,
+                     cxy: Tensor) -> None:
+        n_a = float(self.n[layer])
+        n = n_a + n_b
+        dx, dy = mx - self.mean_x[layer], my - self.mean_y[layer]
+        w = n_a * n_b / n
+        self.cxx[layer] += cxx + (w * torch.outer(dx, dx)).float()
+        self.cyy[layer] += cyy + (w * torch.outer(dy, dy)).float()
+        self.cxy[layer] += cxy + (w * torch.outer(dx, dy)).float()
+        self.mean_x[layer] += dx * (n_b / n)
+        self.mean_y[layer] += dy * (n_b / n)
+        self.n[layer] = n
+
+    def merge(self, other: "CrossMoments") -> "CrossMoments":
+        out = CrossMoments(*(getattr(self, f.name).clone() for f in fields(self)))
+        for layer in range(int(self.n.shape[0])):
+            if float(other.n[layer]) > 0:
+                out._merge_layer(layer, float(other.n[layer]), other.mean_x[layer], other.mean_y[layer],
+                                 other.cxx[layer], other.cyy[layer], other.cxy[layer])
+        return out
+
+    def cka(self) -> Tensor:
+        """Linear CKA per layer: ||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F) (Kornblith et al. 2019)."""
+        cxy, cxx, cyy = self.cxy.to(_F64), self.cxx.to(_F64), self.cyy.to(_F64)
+        num = cxy.pow(2).sum((-1, -2))
+        den = cxx.pow(2).sum((-1, -2)).sqrt() * cyy.pow(2).sum((-1, -2)).sqrt()
+        return num / den
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], prefix: str) -> "CrossMoments":
+        return cls(*(state[f"{prefix}.{f.name}"].clone() for f in fields(cls)))
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Direct linear CKA of two [N, d] matrices (the reference the accumulator must match)."""
+    x = x.to(_F64) - x.to(_F64).mean(0)
+    y = y.to(_F64) - y.to(_F64).mean(0)
+    return float((y.T @ x).pow(2).sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+# ---------------------------------------------------------------- confidence intervals
+
+def bootstrap_ratio_samples(sums: Tensor, counts: Tensor, n_bootstrap: int, seed: int) -> Tensor:
+    """Token-weighted means ``sum(S_d) / sum(n_d)`` over documents resampled with replacement.
+
+    ``sums`` is [D, ...] (per-document sums), ``counts`` [D]. Returns
+    [n_bootstrap, ...]. Resampling documents (not tokens) respects the
+    correlation of tokens within a document.
+    """
+    n_docs = sums.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n_docs, (n_bootstrap, n_docs), generator=gen)
+    weights = torch.zeros(n_bootstrap, n_docs, dtype=_F64)
+    weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=_F64))
+    flat = sums.reshape(n_docs, -1).to(_F64)
+    num = weights @ flat
+    den = weights @ counts.to(_F64)
+    return (num / den[:, None]).reshape(n_bootstrap, *sums.shape[1:])
+
+
+def ratio_ci(sums: Tensor, counts: Tensor, method: CIMethod = "bootstrap", level: float = 0.95,
+             n_bootstrap: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Confidence interval of a token-weighted mean from per-document sums.
+
+    ``bootstrap``: percentile interval over documents resampled with
+    replacement (seeded). ``normal``: ratio estimator with the delta-method
+    standard error, ``R +- z * sqrt(D/(D-1) * sum_d (S_d - R n_d)^2) / sum_d n_d``.
+    NaN when there is fewer than two documents.
+    """
+    n_docs = sums.shape[0]
+    shape = sums.shape[1:]
+    if n_docs < 2:
+        nan = torch.full(shape, math.nan, dtype=_F64)
+        return nan, nan.clone()
+    alpha = (1.0 - level) / 2.0
+    if method == "bootstrap":
+        samples = bootstrap_ratio_samples(sums, counts, n_bootstrap, seed)
+        q = torch.tensor([alpha, 1.0 - alpha], dtype=_F64)
+        low, high = torch.quantile(samples.reshape(n_bootstrap, -1), q, dim=0)
+        return low.reshape(shape), high.reshape(shape)
+    if method == "normal":
+        s, n = sums.to(_F64), counts.to(_F64)
+        total = n.sum()
+        ratio = s.sum(0) / total
+        resid = s - ratio * n.reshape(-1, *([1] * len(shape)))
+        se = (n_docs / (n_docs - 1) * resid.pow(2).sum(0)).sqrt() / total
+        z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - alpha)))
+        return ratio - z * se, ratio + z * se
+    raise ValueError(f"unknown CI method {method!r}")
+
+
+def quantile_ci(samples: Tensor, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates of a scalar."""
+    alpha = (1.0 - level) / 2.0
+    q = torch.quantile(samples.to(_F64), torch.tensor([alpha, 1.0 - alpha], dtype=_F64))
+    return float(q[0]), float(q[1])
+
+
+# ---------------------------------------------------------------- neurons
+
+@dataclass(frozen=True)
+class NeuronChange:
+    """Per-neuron change statistics, [L, N] each. Definitions in :func:`neuron_change`."""
+
+    mean_base: Tensor
+    mean_tuned: Tensor
+    std_base: Tensor
+    std_tuned: Tensor
+    mean_change: Tensor
+    mean_abs_change: Tensor
+    standardized_change: Tensor
+    sign_flip: Tensor  # bool
+    changed: Tensor  # bool: |standardized_change| > threshold
+
+
+def neuron_change(base: Moments, tuned: Moments, abs_change_total: Tensor, threshold: float,
+                  flip_eps: float) -> NeuronChange:
+    """Per-neuron statistics from accumulated sums.
+
+    - ``mean_abs_change``: token-weighted mean of ``|a_tuned - a_base|`` at the same token.
+    - ``standardized_change``: ``(mean_tuned - mean_base) / pooled_sd`` with
+      ``pooled_sd = sqrt((var_base + var_tuned) / 2)`` over tokens (Cohen's d);
+      0 where both variances are 0.
+    - ``sign_flip``: the mean changes sign and both ``|mean| >= flip_eps * pooled_sd``,
+      so means that only wobble around zero do not count as polarity reversals.
+    - ``changed``: ``|standardized_change| > threshold``.
+    """
+    mb, mt = base.mean, tuned.mean
+    pooled = ((base.var + tuned.var) / 2).sqrt()
+    delta = mt - mb
+    std_change = torch.where(pooled > 0, delta / pooled.clamp_min(1e-300), torch.zeros_like(delta))
+    big = (mb.abs() >= flip_eps * pooled) & (mt.abs() >= flip_eps * pooled) & (pooled > 0)
+    flip = (torch.sign(mb) * torch.sign(mt) < 0) & big
+    return NeuronChange(mb, mt, base.std, tuned.std, delta, abs_change_total / base.count, std_change,
+                        flip, std_change.abs() > threshold)
