@@ -113,8 +113,8 @@ def transformer_lens_status() -> str | None:
     try:
         import transformer_lens  # noqa: F401
     except ImportError:
-        return ("skipped: transformer-lens is not installed, and it cannot be installed offline "
-                "(no network on this machine); its TransformerBridge also loads hub weights")
+        return ("skipped: transformer-lens is not installed (not a sumcircuit dependency; "
+                "`pip install transformer-lens` to include it)")
     return ("skipped: TransformerBridge.boot_transformers needs a hub model name and downloads weights; "
             "random/local pairs cannot be booted offline")
 

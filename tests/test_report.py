@@ -38,11 +38,12 @@ def make_run(run: Path) -> Path:
     layers = [{"layer": l, "kl_base_tuned": 0.01 * (l + 1), "actmag_rel_change": 0.02 * l, "cka": 0.99,
                "weight_change_attn": 0.001, "weight_change_mlp": 0.002} for l in range(n_layers)]
     atomic_write_csv(analysis / "layers.csv", layers, list(layers[0]))
-    save_file({"std_change": torch.randn(n_layers, 16), "sign_flip": torch.zeros(n_layers, 16)},
+    save_file({"neurons.standardized_change": torch.randn(n_layers, 16),
+               "neurons.sign_flip": torch.zeros(n_layers, 16)},
               str(analysis / "stats.safetensors"))
-    atomic_write_json(analysis / "summary.json", {"n_layers": n_layers, "neuron_threshold": 2.0,
-                                                  "heads_entropy_decreased": {"share": 0.58, "ci_low": 0.41,
-                                                                              "ci_high": 0.75}})
+    atomic_write_json(analysis / "summary.json", {"n_layers": n_layers, "definitions": {"neuron_threshold": 0.5},
+                                                  "share_heads_entropy_decreased": 0.58,
+                                                  "share_heads_entropy_decreased_ci": [0.41, 0.75]})
     atomic_write_json(run / "circuit" / "circuit.json", {"layers": [3, 2, 1], "score": "kl",
                                                          "stability": {"3": 1.0, "2": 0.9, "1": 0.7}})
     for name, params, scores in (("lora_all", 8000, [0.20] * 30), ("targeted", 6000, [0.25] * 30),

@@ -131,18 +131,17 @@ def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
     from safetensors.torch import load_file
 
     tensors = load_file(str(stats_path))
-    key = next((k for k in ("std_change", "standardized_change", "neuron_std_change") if k in tensors), None)
-    if key is None:
+    if "neurons.standardized_change" not in tensors:
         return "<p>No standardized neuron change in stats.safetensors.</p>"
-    values = tensors[key].flatten().float()
-    flips_key = next((k for k in ("sign_flip", "sign_flips", "neuron_sign_flip") if k in tensors), None)
+    values = tensors["neurons.standardized_change"].flatten().float()
+    flips_key = "neurons.sign_flip" if "neurons.sign_flip" in tensors else None
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.hist(values.clamp(-10, 10).numpy(), bins=100, color="tab:gray")
     if threshold is not None:
         for t in (-threshold, threshold):
             ax.axvline(t, color="tab:red", linestyle="--")
     flips = int(tensors[flips_key].sum().item()) if flips_key else None
-    ax.set(title=f"standardized neuron change (clipped to ±10); sign flips: "
+    ax.set(title=f"standardized neuron change (Cohen's d, clipped to ±10); sign flips: "
                  f"{flips if flips is not None else 'n/a'}", xlabel="standardized change", ylabel="neurons")
     ax.set_yscale("log")
     return _img(_png(fig), "neuron change histogram")
@@ -221,7 +220,8 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 
 def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     summary = _read_json(run / "analysis" / "summary.json") or {}
-    share = summary.get("heads_entropy_decreased", {})
+    share = summary.get("share_heads_entropy_decreased")
+    share_ci = summary.get("share_heads_entropy_decreased_ci") or [None, None]
     circuit = _read_json(run / "circuit" / "circuit.json") or {}
     targeted_sum = _read_json(run / "targeted" / "train_summary.json")
     lora_sum = _read_json(run / "lora_all" / "train_summary.json")
@@ -232,7 +232,7 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     random_scores = [per_example_rouge1(p / "eval") for p in random_dirs]
     common = sorted(set(t_all).intersection(*[set(r) for r in random_scores])) if random_scores else []
     return [
-        claims.head_share_claim(share.get("share"), share.get("ci_low"), share.get("ci_high")),
+        claims.head_share_claim(share, share_ci[0], share_ci[1]),
         claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers")),
         claims.rouge_claim(t_scores, a_scores),
         claims.params_claim((targeted_sum or {}).get("trainable_params"), (lora_sum or {}).get("trainable_params")),
@@ -298,7 +298,14 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if layers:
         body += layer_bars(layers)
     if (analysis / "stats.safetensors").is_file():
-        body += neuron_histogram(analysis / "stats.safetensors", summary.get("neuron_threshold"))
+        threshold = (summary.get("definitions") or {}).get("neuron_threshold")
+        body += neuron_histogram(analysis / "stats.safetensors", threshold)
+        body += (f"<p>Neurons with |standardized change| &gt; {html.escape(str(threshold))}: "
+                 f"{_fmt(summary.get('neuron_frac_changed'))} of all; sign flips: "
+                 f"{_fmt(summary.get('neuron_sign_flips'))}. Heads with lower entropy after fine-tuning: "
+                 f"{_fmt(summary.get('share_heads_entropy_decreased'))} "
+                 f"(95% CI {html.escape(str(summary.get('share_heads_entropy_decreased_ci')))}); "
+                 f"{_fmt(summary.get('n_docs'))} documents, {_fmt(summary.get('n_tokens'))} tokens.</p>")
     parts.append(_section("Differential analysis (base vs full fine-tune)", body or _missing("Analysis")))
 
     logs = {n: _read_jsonl(run / n / "train_log.jsonl") for n in names}
