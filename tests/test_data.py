@@ -150,6 +150,16 @@ def test_truncation_keeps_summary_intact(tiny_tokenizer) -> None:  # type: ignor
     assert prompt.input_ids == cut.input_ids[:c0]
 
 
+def test_generation_prompt_does_not_depend_on_reference(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    text = "Long document sentence number. " * 200
+    short = encode(tiny_tokenizer, _example(text, "Tiny."), max_tokens=96, with_summary=False, summary_budget=32)
+    long = encode(tiny_tokenizer, _example(text, "A much longer reference summary " * 4), max_tokens=96,
+                  with_summary=False, summary_budget=32)
+    assert short.input_ids == long.input_ids
+    assert len(short.input_ids) == 96 - 32  # room for 32 generated tokens
+    assert tiny_tokenizer.decode(short.input_ids).endswith("\nTL;DR:")
+
+
 def test_text_template_is_verbatim_document(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     ex = Example("d", "Just some text, verbatim.", (), "mem:1")
     enc = encode(tiny_tokenizer, ex, template="{text}", max_tokens=100)

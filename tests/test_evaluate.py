@@ -40,27 +40,32 @@ def test_split_sentences_punctuation_newlines_and_abbreviations() -> None:
 # ---------------------------------------------------------------- ROUGE == rouge-score
 
 PREDS = [
-    "The cats were running in the park. They chased the birds quickly!",
-    "Officials said the bridge will reopen. Traffic is expected to improve.",
+    "They chased the birds quickly! The cats were running in the park.",
+    "Traffic is expected to improve. Officials said the bridge will reopen.",
     "",
+    "The quick brown fox jumps over the lazy dog.",
 ]
 REFS = [
     ["A cat runs in the park.\nIt chases birds."],  # newline-split reference, as CNN highlights
     ["The bridge reopens next week, officials say. Drivers expect less traffic.",
      "Traffic will improve once the bridge is reopened."],
     ["Nothing was generated."],
+    # the best reference differs by metric: the first for ROUGE-1, the second for ROUGE-2
+    ["dog lazy the over jumps fox brown quick the", "The quick brown fox."],
 ]
 # The same texts split by hand, one sentence per line, for the independent computation.
 PREDS_LINES = [
-    "The cats were running in the park.\nThey chased the birds quickly!",
-    "Officials said the bridge will reopen.\nTraffic is expected to improve.",
+    "They chased the birds quickly!\nThe cats were running in the park.",
+    "Traffic is expected to improve.\nOfficials said the bridge will reopen.",
     "",
+    "The quick brown fox jumps over the lazy dog.",
 ]
 REFS_LINES = [
     ["A cat runs in the park.\nIt chases birds."],
     ["The bridge reopens next week, officials say.\nDrivers expect less traffic.",
      "Traffic will improve once the bridge is reopened."],
     ["Nothing was generated."],
+    ["dog lazy the over jumps fox brown quick the", "The quick brown fox."],
 ]
 
 
@@ -80,8 +85,9 @@ def test_rouge_equals_rouge_scorer_with_stemmer_lsum_and_multi_reference() -> No
     for key in ROUGE_TYPES:
         assert agg[key]["f1"] == pytest.approx(np.mean([e[key] for e in expected]), abs=1e-12)
     # The choices are live: Lsum differs from L once sentences are split, the stemmer matters,
-    # and the best reference differs between metrics on the multi-reference example.
-    assert ours[0]["rougeLsum"] != ours[0]["rougeL"]
+    # and each metric takes its own best reference.
+    assert ours[0]["rougeLsum"] > ours[0]["rougeL"]
+    assert ours[3]["rouge1"] == pytest.approx(1.0) and ours[3]["rouge2"] == pytest.approx(6 / 11)
     plain = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False).score(REFS_LINES[0][0], PREDS_LINES[0])
     assert ours[0]["rouge1"] > plain["rouge1"].fmeasure
     assert ours[2] == {k: 0.0 for k in ROUGE_TYPES}
@@ -314,7 +320,7 @@ def test_run_evaluate_errors(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -
                      GenerationConfig(), tmp_path / "a")
     with pytest.raises(EvaluationError, match="positions"):  # GPT-2 tiny: 256 learned positions
         run_evaluate(str(tiny_model_dirs["gpt2"]), DataConfig(str(data), max_tokens=200),
-                     GenerationConfig(max_new_tokens=100), tmp_path / "b")
+                     GenerationConfig(max_new_tokens=250), tmp_path / "b")
     with pytest.raises(EvaluationError):
         GenerationConfig(batch_size=0)
 
@@ -343,28 +349,34 @@ def _has_load_adapter() -> bool:
 
 
 @pytest.mark.skipif(not _has_load_adapter(), reason="sumcircuit.finetune.load_adapter not available yet")
-def test_adapter_equals_merged_model(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
-    from peft import LoraConfig, get_peft_model
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_adapter_equals_lora_model(fam: str, tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
+    """--adapter (merged by finetune.load_adapter) generates what the unmerged LoRA model generates."""
+    from sumcircuit.data import load_examples
+    from sumcircuit.lora import inject_lora
 
-    base = load_model(str(tiny_model_dirs["llama"]))
-    peft_model = get_peft_model(base.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = load_model(str(tiny_model_dirs[fam]))
+    peft_model = inject_lora(base.model, base.adapter, list(range(base.adapter.n_layers)), rank=4, alpha=8)
     torch.manual_seed(1)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # B = 0 at init would change nothing
-    peft_model.save_pretrained(tmp_path / "adapter")
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
-    base.tokenizer.save_pretrained(tmp_path / "merged")
-    data = _write_data(tmp_path / "d.jsonl", 2)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    peft_model.eval()
+    data = _write_data(tmp_path / "d.jsonl", 3)
     cfg, gen = DataConfig(str(data), max_tokens=96), GenerationConfig(max_new_tokens=6)
-    with_adapter = run_evaluate(str(tiny_model_dirs["llama"]), cfg, gen, tmp_path / "a",
-                                adapter=tmp_path / "adapter", n_resamples=20)
-    run_evaluate(str(tmp_path / "merged"), cfg, gen, tmp_path / "m", n_resamples=20)
-    preds = [[json.loads(x)["prediction"] for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
-             for d in ("a", "m")]
-    assert preds[0] == preds[1]
-    assert with_adapter["provenance"]["adapter"]["files_sha256"]
+    result = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "a", adapter=tmp_path / "adapter",
+                          n_resamples=20)
+    got = [json.loads(x)["prediction"] for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
+    prompts = [encode(base.tokenizer, ex, cfg.template, cfg.max_tokens, with_summary=False,
+                      summary_budget=gen.max_new_tokens) for ex in load_examples(cfg).examples]
+    want = generate_summaries(peft_model, base.tokenizer, prompts, gen, ev.eos_token_ids(base))
+    assert got == [w.text for w in want]
+    base_only = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "b", n_resamples=20)
+    base_preds = [json.loads(x)["prediction"] for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
+    assert got != base_preds  # the adapter was really applied
+    assert result["provenance"]["adapter"]["files_sha256"]
+    assert result["provenance"]["run_id"] != base_only["provenance"]["run_id"]
 
 
 # ---------------------------------------------------------------- real model

@@ -648,8 +648,8 @@ def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: Ablati
     from sumcircuit.evaluate import GenerationConfig, eos_token_ids, generate_summaries, rouge_scores
 
     examples = load_examples(data_cfg).examples
-    prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False)
-               for e in examples]
+    prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False,
+                      summary_budget=cfg.rouge_max_new_tokens) for e in examples]
     refs = [list(e.references) for e in examples]
     gen_cfg = GenerationConfig(max_new_tokens=cfg.rouge_max_new_tokens, batch_size=cfg.batch_size)
     eos = eos_token_ids(loaded)

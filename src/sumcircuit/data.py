@@ -353,13 +353,15 @@ def _move_trailing_spaces(left: str, right: str) -> tuple[str, str]:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str = DEFAULT_TEMPLATE,
-           max_tokens: int = DEFAULT_MAX_TOKENS, *, with_summary: bool = True) -> Encoded:
+           max_tokens: int = DEFAULT_MAX_TOKENS, *, with_summary: bool = True,
+           summary_budget: int | None = None) -> Encoded:
     """Tokenize ``example`` with ``template``; truncate the document to fit ``max_tokens``.
 
     Pieces are tokenized separately so the summary's tokens and the loss mask
     are exact. With ``with_summary=False`` only the prompt is produced (for
-    generation): the document is truncated as if the summary were there, so
-    the model sees the same document it was trained on.
+    generation). With ``summary_budget`` (the generation length) the document
+    is truncated to leave that many tokens, so the prompt does not depend on
+    the reference; without it, the document is truncated as in training.
     """
     tpl = Template.parse(template)
     summary_text = example.summary if tpl.has_summary else ""
@@ -374,6 +376,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str =
         sum_ids, post_ids = _tokens(tokenizer, summ_text), _tokens(tokenizer, tpl.post)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     fixed = len(bos) + len(pre_ids) + len(mid_ids)
+    if not with_summary and summary_budget is not None:  # the reference's length must not leak
+        sum_ids = [0] * max(0, summary_budget - len(post_ids) - len(eos))
     tail = sum_ids + post_ids + eos
     min_doc = min(len(doc_ids), max(1, max_tokens // 8))
     summary_truncated = fixed + min_doc + len(tail) > max_tokens

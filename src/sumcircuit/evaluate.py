@@ -393,7 +393,8 @@ def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: G
     if adapter is not None:
         loaded = _load_adapter(loaded, adapter)
     adapter_prov = _adapter_provenance(adapter)
-    encoded = [encode(loaded.tokenizer, ex, data_cfg.template, data_cfg.max_tokens, with_summary=False)
+    encoded = [encode(loaded.tokenizer, ex, data_cfg.template, data_cfg.max_tokens, with_summary=False,
+                      summary_budget=gen_cfg.max_new_tokens)
                for ex in examples.examples]
     _check_positions(loaded, encoded, gen_cfg)
     eos_ids = eos_token_ids(loaded)
