@@ -118,7 +118,7 @@ def named_models_status() -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a spec points: ``kind`` is one of hub, local, gguf."""
+    """Where a spec points: ``kind`` is one of hub, local, gguf, adapter (a PEFT folder)."""
 
     spec: str
     kind: str
@@ -138,6 +138,8 @@ def resolve_spec(spec: str) -> ModelSource:
             raise ModelError(f"GGUF file not found: {path}")
         return ModelSource(spec, "gguf", str(path.resolve()))
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():  # a PEFT adapter written by `finetune`
+            return ModelSource(spec, "adapter", str(path.resolve()))
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
         return ModelSource(spec, "local", str(path.resolve()))
@@ -151,12 +153,13 @@ def resolve_spec(spec: str) -> ModelSource:
 # ---------------------------------------------------------------- GGUF cache
 
 _CACHE_META = "sumcircuit_source.json"
+_CACHE_FORMAT = 2  # bump when the cached folder's contents change, so old caches are rebuilt
 
 
 def gguf_cache_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Cache folder keyed by path, size and mtime: cheap to compute on every load."""
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}".encode())
     root = (cache_dir or default_cache_dir()) / "hf"
     return root / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
 
@@ -173,7 +176,12 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     except Exception as exc:  # transformers raises many types here
         raise ModelError(f"could not read GGUF file {gguf_path}: {exc}") from exc
     # save_pretrained refuses GGUF-loaded models: rebuild from config and state dict.
-    rebuilt = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are now plain fp32: a leftover GGUF quantization_config would make every
+    # later save_pretrained (e.g. of a fine-tuned copy) refuse the model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(loaded.state_dict())
     rebuilt.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +247,9 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     Weights are read with safetensors; remote code runs only if the user asks.
     """
     source = resolve_spec(spec)
+    if source.kind == "adapter":
+        return _load_adapter_spec(source, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                  cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     folder, source_sha = source.location, None
     if source.kind == "gguf":
         converted = convert_gguf(Path(source.location), Path(cache_dir) if cache_dir else None)
@@ -264,3 +275,16 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
+
+
+def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:
+    """An adapter folder: load the base model it records, then apply the adapter merged."""
+    from sumcircuit.finetune import load_adapter  # lazy: finetune imports this module
+    from sumcircuit.lora import read_adapter_meta
+
+    base = read_adapter_meta(source.location).get("base_model")
+    if not base:
+        raise ModelError(f"adapter folder {source.location} does not name its base model")
+    loaded = load_adapter(load_model(str(base), **kwargs), source.location, merge=True)
+    loaded.source = ModelSource(source.spec, source.kind, source.location)
+    return loaded

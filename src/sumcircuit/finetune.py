@@ -1,0 +1,974 @@
+"""Fine-tuning for summarization: full, LoRA on every layer, and targeted LoRA.
+
+The paper (arXiv 2505.17073) compares three ways to adapt a model; this module
+runs them under one loop so that only the method differs:
+
+==============  =========  =====  ==========  ======  ========  =====================
+method          what       lr     batch (eff) epochs  patience  weight decay (AdamW)
+==============  =========  =====  ==========  ======  ========  =====================
+full            all params 3e-5   32          10      off (0)   0.01
+lora            q,v r=8    5e-5   16          10      3         0.01
+targeted-lora   q,v r=8,   5e-5   16          10      3         0.01
+                chosen
+                layers
+==============  =========  =====  ==========  ======  ========  =====================
+
+lr, batch and epochs are the paper's; the paper gives lr/batch/early stopping
+for targeted LoRA and describes standard LoRA as "the same" on all layers, so
+both LoRA methods share them. Not stated by the paper (our choices, all
+flags): alpha 16 (2 x rank), LoRA dropout 0.05, linear decay without warmup
+and gradient clipping at 1.0 (the Hugging Face Trainer defaults), no weight
+decay on 1-D parameters (biases, norms; also the Trainer's convention),
+patience counted in evaluations, one evaluation per epoch.
+
+Loss covers summary tokens only (the mask from :func:`sumcircuit.data.encode`)
+and is normalized by the summary tokens of the whole optimizer step, so
+``--batch-size 4 --grad-accum 8`` computes the gradient of ``--batch-size 32``.
+Data order is a seeded permutation per epoch whose position is checkpointed,
+and checkpoints hold weights, optimizer, scheduler and RNG states: a resumed
+run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from sumcircuit.adapters import ArchitectureAdapter
+from sumcircuit.artifacts import (append_jsonl, atomic_save_safetensors, atomic_write_csv,
+                                  atomic_write_json, atomic_write_text, read_json)
+from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
+from sumcircuit.errors import SumcircuitError
+from sumcircuit.lora import (ADAPTER_META, ADAPTER_WEIGHTS, apply_adapter, count_params,
+                             expected_lora_params, inject_lora, merge_lora, read_adapter_meta,
+                             split_fused_qkv)
+from sumcircuit.models import LoadedModel, ModelSource, load_model
+from sumcircuit.provenance import file_sha256, provenance
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "lora", "targeted-lora")
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "full": {"lr": 3e-5, "batch_size": 32, "epochs": 10.0, "patience": 0},
+    "lora": {"lr": 5e-5, "batch_size": 16, "epochs": 10.0, "patience": 3},
+    "targeted-lora": {"lr": 5e-5, "batch_size": 16, "epochs": 10.0, "patience": 3},
+}
+FINETUNE_META = "sumcircuit_finetune.json"
+TRACKING_COLUMNS = ("step", "epoch", "layer", "head", "entropy_base", "entropy_tuned",
+                    "entropy_delta", "kl_base_tuned", "kl_tuned_base")
+_DEBUG_SLEEP_ENV = "SUMCIRCUIT_DEBUG_STEP_SLEEP"  # tests: slow steps so a kill lands mid-run
+
+
+class FinetuneError(SumcircuitError):
+    """A fine-tuning request that cannot run as asked (bad layers, config, resume state)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. ``None`` hyperparameters take the method's paper default.
+
+    ``batch_size`` is the micro-batch; the effective batch is
+    ``batch_size x grad_accum x processes``. ``patience`` counts evaluations
+    without improvement; 0 disables early stopping.
+    """
+
+    method: str = "targeted-lora"
+    layers: tuple[int, ...] | None = None
+    circuit: str | None = None
+    random_layers: int | None = None
+    layer_seed: int | None = None  # for --random-layers; default: seed
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lr: float | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    epochs: float | None = None
+    max_steps: int | None = None
+    eval_every: int | None = None  # optimizer steps; None: once per epoch
+    save_every: int | None = None  # optimizer steps; None: at every evaluation
+    patience: int | None = None
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    scheduler: str = "linear"  # linear | constant
+    max_grad_norm: float | None = 1.0
+    val_fraction: float = 0.1  # held out of the training file when no validation data is given
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; meant for CUDA)
+    track_every: int | None = None
+    track_docs: int = 8
+    final: str = "best"  # best | last: which weights final/ holds
+    keep_checkpoints: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    progress: bool = True
+
+    def resolved(self) -> "FinetuneConfig":
+        """This config with the method's paper defaults filled in, validated."""
+        if self.method not in METHODS:
+            raise FinetuneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        defaults = PAPER_DEFAULTS[self.method]
+        cfg = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        checks = [(cfg.rank > 0, "--rank must be positive"), (cfg.grad_accum > 0, "--grad-accum must be positive"),
+                  (cfg.batch_size > 0, "--batch-size must be positive"), (cfg.lr > 0, "--lr must be positive"),
+                  (cfg.epochs > 0, "--epochs must be positive"), (cfg.patience >= 0, "--patience must be >= 0"),
+                  (cfg.max_steps is None or cfg.max_steps > 0, "--max-steps must be positive"),
+                  (cfg.eval_every is None or cfg.eval_every > 0, "--eval-every must be positive"),
+                  (cfg.save_every is None or cfg.save_every > 0, "--save-every must be positive"),
+                  (cfg.track_every is None or cfg.track_every > 0, "--track-every must be positive"),
+                  (0 < cfg.val_fraction < 1, "--val-fraction must be in (0, 1)"),
+                  (cfg.scheduler in ("linear", "constant"), "--scheduler must be linear or constant"),
+                  (cfg.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
+                  (cfg.final in ("best", "last"), "--final must be best or last"),
+                  (cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise FinetuneError(message)
+        return cfg
+
+
+# ---------------------------------------------------------------- layer choice
+
+@dataclass(frozen=True)
+class LayerChoice:
+    layers: list[int]
+    source: str  # how they were chosen, for the summary
+    heads: list[list[int]] | None = None
+
+
+def read_circuit(path: str | Path) -> tuple[list[int], list[list[int]] | None]:
+    """Layers (and heads, if any) of a circuit file written by ``sumcircuit circuit``."""
+    try:
+        data = read_json(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FinetuneError(f"cannot read circuit file {path}: {exc}") from exc
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+        raise FinetuneError(f"circuit file {path} has no non-empty integer list 'layers'")
+    heads = data.get("heads")
+    return sorted(set(layers)), heads if isinstance(heads, list) else None
+
+
+def random_layers(n_layers: int, k: int, seed: int) -> list[int]:
+    """K distinct layers drawn uniformly with ``random.Random(seed)``: the control the paper lacked."""
+    if not 0 < k <= n_layers:
+        raise FinetuneError(f"--random-layers {k}: choose 1..{n_layers} (the model has {n_layers} layers)")
+    return sorted(random.Random(seed).sample(range(n_layers), k))
+
+
+def choose_layers(cfg: FinetuneConfig, n_layers: int) -> LayerChoice:
+    given = [name for name, v in (("--layers", cfg.layers), ("--circuit", cfg.circuit),
+                                  ("--random-layers", cfg.random_layers)) if v is not None]
+    if cfg.method != "targeted-lora":
+        if given:
+            raise FinetuneError(f"{given[0]} selects layers for --method targeted-lora; "
+                                f"--method {cfg.method} trains every layer")
+        return LayerChoice(list(range(n_layers)), "all")
+    if len(given) != 1:
+        raise FinetuneError("--method targeted-lora needs exactly one of --layers, --circuit, "
+                            f"--random-layers (got {', '.join(given) or 'none'})")
+    if cfg.layers is not None:
+        layers, source, heads = sorted(set(cfg.layers)), "--layers", None
+    elif cfg.circuit is not None:
+        layers, heads = read_circuit(cfg.circuit)
+        source = f"circuit {cfg.circuit}"
+    else:
+        seed = cfg.seed if cfg.layer_seed is None else cfg.layer_seed
+        layers, source, heads = random_layers(n_layers, int(cfg.random_layers), seed), \
+            f"random {cfg.random_layers} (seed {seed})", None
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise FinetuneError(f"layer {layer} out of range: the model has {n_layers} layers "
+                                f"(valid: 0..{n_layers - 1})")
+    return LayerChoice(layers, source, heads)
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Splits:
+    train: list[Encoded]
+    val: list[Encoded]
+    train_source: dict[str, Any]
+    val_source: dict[str, Any]
+
+
+def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | None,
+                   cfg: FinetuneConfig) -> Splits:
+    """Encode train and validation data; without ``val_cfg`` hold out a seeded fraction."""
+    train_set = load_examples(train_cfg)
+    train_source = {**train_set.source.provenance(), "n_docs": len(train_set.examples)}
+    if val_cfg is not None:
+        val_set = load_examples(val_cfg)
+        train, val = encode_all(tokenizer, train_set.examples, train_cfg), \
+            encode_all(tokenizer, val_set.examples, val_cfg)
+        return Splits(train, val, train_source, {**val_set.source.provenance(), "n_docs": len(val)})
+    examples = train_set.examples
+    if len(examples) < 2:
+        raise FinetuneError("need at least 2 training examples to hold out validation data "
+                            "(or pass --val-data)")
+    n_val = min(len(examples) - 1, max(1, round(cfg.val_fraction * len(examples))))
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    encoded = encode_all(tokenizer, examples, train_cfg)
+    train = [e for i, e in enumerate(encoded) if i not in val_idx]
+    val = [e for i, e in enumerate(encoded) if i in val_idx]
+    val_source = {**train_set.source.provenance(), "n_docs": len(val),
+                  "held_out": f"{cfg.val_fraction:g} of the training file, seed {cfg.seed}"}
+    return Splits(train, val, {**train_source, "n_docs": len(train)}, val_source)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start mid-epoch.
+
+    The order depends on (seed, epoch) only, never on global RNG state, so a
+    resumed run that sets the epoch and start position sees exactly the
+    examples an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard calls this too
+        self.epoch = epoch
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order(self.epoch)[self.start:]
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+# ---------------------------------------------------------------- model, loss, optimizer
+
+def summary_loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over summary tokens, their count); position t predicts label t+1."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def summary_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean CE over summary tokens of ``batch`` (validation and tests)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    total, count = summary_loss_terms(logits, batch["labels"])
+    return total / count
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint each block without making the embeddings require grad.
+
+    transformers (and PEFT) hook the input embeddings to require grad so that
+    reentrant checkpointing works with frozen inputs; that forces backward
+    through every layer below the lowest adapted one. Non-reentrant
+    checkpointing does not need it, so the hook is removed.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.disable_input_require_grads()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, 1-D parameters (biases, norm weights) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class PreparedModel:
+    model: torch.nn.Module  # a PeftModel for LoRA methods
+    adapter: ArchitectureAdapter
+    trainable_params: int
+    total_params: int
+    expected_trainable: int | None
+
+
+def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: FinetuneConfig) -> PreparedModel:
+    """Full: every parameter trains. LoRA: q/v LoRA on ``layers`` (verified), the rest frozen."""
+    model, adapter = loaded.model, loaded.adapter
+    expected = None
+    if method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        model = inject_lora(model, adapter, layers, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+        expected = expected_lora_params(adapter, len(layers), cfg.rank)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable, total = count_params(model)
+    return PreparedModel(model, adapter, trainable, total, expected)
+
+
+# ---------------------------------------------------------------- saving
+
+def base_spec(loaded: LoadedModel) -> str:
+    """A spec that finds the base model again: a named model or hub id as is, paths absolute."""
+    source = loaded.source
+    return source.location if source.kind == "local" or Path(source.spec).suffix == ".gguf" else source.spec
+
+
+def export_model(model: torch.nn.Module, loaded: LoadedModel, folder: Path, meta: dict[str, Any]) -> None:
+    """The user-facing format: a PEFT adapter folder (LoRA) or an HF model folder (full).
+
+    Either is a valid model spec. Written into ``folder``, which the caller renames into place.
+    The base weights' hash is ``loaded.weights_sha256()``, which is cached on first call:
+    call it before training or LoRA injection changes the model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"base_weights_sha256": loaded.weights_sha256(), "base_dtype": str(loaded.model.dtype), **meta}
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(folder), safe_serialization=True)
+        atomic_write_json(folder / ADAPTER_META, {"base_model": base_spec(loaded), **meta})
+    else:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(folder))
+        atomic_write_json(folder / FINETUNE_META, {"base_model": base_spec(loaded), **meta})
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place: readers see the old folder or the new one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _tmp_dir(target: Path) -> Path:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, values in state["state"].items():
+        for key, value in values.items():
+            (tensors if torch.is_tensor(value) else scalars)[f"{pid}/{key}"] = value
+    atomic_save_safetensors(tensors, folder / "optimizer.safetensors")
+    atomic_write_json(folder / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    meta = read_json(folder / "optimizer.json")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(), *meta["scalars"].items()]:
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_rng(folder: Path) -> None:
+    import numpy as np
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    atomic_save_safetensors(tensors, folder / "rng.safetensors")
+    atomic_write_json(folder / "rng.json", {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
+
+
+def _load_rng(folder: Path) -> None:
+    import numpy as np
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    meta = read_json(folder / "rng.json")
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Restore trained weights exported by :func:`export_model` into the live model."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "
+                                f"unexpected {list(result.unexpected_keys)[:3]}")
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied |= {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "
+                            f"unexpected {list(result.unexpected_keys)[:3]}")
+
+
+# ---------------------------------------------------------------- run state
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # micro-batches consumed in the current epoch
+    tokens: int = 0  # input tokens trained on
+    summary_tokens: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_epoch: float | None = None
+    bad_evals: int = 0
+    last_eval_step: int | None = None
+    stopped_early: bool = False
+    wall_time_s: float = 0.0
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def _fingerprint(model_spec: str, cfg: FinetuneConfig, splits: Splits, layers: list[int]) -> dict[str, Any]:
+    """What must match for a resume to continue the same run."""
+    ignore = {"device", "progress", "keep_checkpoints"}
+    return {"model": model_spec, "layers": layers, "n_train": len(splits.train), "n_val": len(splits.val),
+            "train_sha256": splits.train_source.get("sha256"), "val_sha256": splits.val_source.get("sha256"),
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ignore}}
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines from steps after the checkpoint: they will be run again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+# ---------------------------------------------------------------- tracking
+
+class Tracker:
+    """Differential analysis of the current weights against the start, on a fixed probe set.
+
+    Isolated here because it depends on :mod:`sumcircuit.analysis`. The start
+    model is a frozen deep copy taken before LoRA injection or any update.
+    """
+
+    def __init__(self, start_model: torch.nn.Module, adapter: ArchitectureAdapter, probe: list[Encoded],
+                 pad_token_id: int, seed: int) -> None:
+        self.start, self.adapter, self.probe = start_model, adapter, probe
+        self.pad_token_id, self.seed = pad_token_id, seed
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, adapter: ArchitectureAdapter, probe: list[Encoded],
+               pad_token_id: int, seed: int, split_layers: list[int] | None = None) -> "Tracker":
+        """``split_layers``: split GPT-2's fused q|k|v there as LoRA training does, so the
+        start and current models have the same parameter names (weight-change statistics)."""
+        try:
+            import sumcircuit.analysis  # noqa: F401
+        except ImportError as exc:
+            raise FinetuneError(f"--track-every needs sumcircuit.analysis, which is not available: {exc}") from exc
+        start = copy.deepcopy(model).eval()
+        if split_layers:
+            split_fused_qkv(start, adapter, split_layers)
+        for param in start.parameters():
+            param.requires_grad_(False)
+        return cls(start, adapter, probe, pad_token_id, seed)
+
+    def rows(self, tuned: torch.nn.Module, step: int, epoch: float) -> list[dict[str, Any]]:
+        from sumcircuit.analysis import AnalysisConfig, analyze_models
+
+        base = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # training RNG stays untouched
+                config = AnalysisConfig(seed=self.seed, cka=False, ci_method="normal", progress=False)
+                result = analyze_models(self.start, base, self.adapter, self.probe, config, self.pad_token_id)
+        finally:
+            base.train(was_training)
+        return [{"step": step, "epoch": epoch, **row} for row in head_rows(result)]
+
+
+def head_rows(result: Any) -> list[dict[str, Any]]:
+    """Per-head entropy/KL rows from an AnalysisResult (attribute names: see analysis.py)."""
+    heads = result.heads
+    if hasattr(heads, "to_dict"):  # a DataFrame
+        heads = heads.to_dict("records")
+    return [{k: row[k] for k in TRACKING_COLUMNS[2:] if k in row} for row in heads]
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class _Run:
+    """The live objects of one run, passed between the loop's helpers."""
+
+    cfg: FinetuneConfig
+    out: Path
+    loaded: LoadedModel
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: Any
+    sampler: EpochSampler
+    splits: Splits
+    state: TrainState
+    meta: dict[str, Any]
+    fingerprint: dict[str, Any]
+    micro_per_epoch: int
+    total_steps: int
+    eval_every: int
+    save_every: int
+    tracker: Tracker | None
+    tracking_rows: list[dict[str, Any]]
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def epoch_float(self) -> float:
+        return self.state.epoch + self.state.micro / self.micro_per_epoch
+
+
+def _device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int,
+                  device: torch.device) -> tuple[float, int]:
+    """Token-weighted mean CE over every summary token of ``encoded``, and the token count."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = _device_batch(collate(encoded[start:start + batch_size], pad_token_id), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            part_sum, part_count = summary_loss_terms(logits, batch["labels"])
+            total += part_sum.double().cpu()
+            count += int(part_count)
+    model.train(was_training)
+    return float(total / max(count, 1)), count
+
+
+def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step over ``micro_batches``; loss normalized by the step's summary tokens."""
+    acc = run.accelerator
+    # Dropout masks depend on (seed, step) only: a resumed run draws the same masks even though
+    # data-loader iterators, evaluation or tracking may have consumed global RNG differently.
+    torch.manual_seed(run.cfg.seed * 1_000_003 + run.state.step + 1)
+    n_summary = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    global_summary = int(acc.reduce(torch.tensor(n_summary, device=acc.device), reduction="sum"))
+    scale = acc.num_processes / max(global_summary, 1)  # DDP averages gradients over processes
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        context = acc.no_sync(run.model) if not sync else _nullcontext()
+        with context:
+            logits = run.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                               use_cache=False).logits
+            part, _ = summary_loss_terms(logits, mb["labels"])
+            acc.backward(part * scale)
+        loss_sum += float(part.detach())
+    grad_norm = None
+    if run.cfg.max_grad_norm is not None:
+        grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    return {"loss": loss_sum / max(n_summary, 1), "grad_norm": grad_norm, "tokens": tokens,
+            "summary_tokens": n_summary}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _evaluate(run: _Run) -> dict[str, Any]:
+    cfg, state = run.cfg, run.state
+    val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
+                                       int(cfg.batch_size), run.accelerator.device)
+    state.last_eval_step = state.step
+    improved = state.best_val_loss is None or val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, run.epoch_float()
+        state.bad_evals = 0
+        _save_best(run)
+    else:
+        state.bad_evals += 1
+        if cfg.patience and state.bad_evals >= cfg.patience:
+            state.stopped_early = True
+    record = {"type": "val", "step": state.step, "epoch": run.epoch_float(), "val_loss": val_loss,
+              "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss}
+    append_jsonl(run.out / "train_log.jsonl", record)
+    return record
+
+
+def _save_best(run: _Run) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    target = run.out / "checkpoints" / "best"
+    tmp = _tmp_dir(target)
+    export_model(run.unwrapped, run.loaded, tmp, {**run.meta, "step": run.state.step,
+                                                    "epoch": run.epoch_float(),
+                                                    "val_loss": run.state.best_val_loss})
+    _replace_dir(tmp, target)
+
+
+def _save_checkpoint(run: _Run) -> None:
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        root = run.out / "checkpoints"
+        target = root / f"step-{run.state.step:08d}"
+        tmp = _tmp_dir(target)
+        export_model(run.unwrapped, run.loaded, tmp / "model", {**run.meta, "step": run.state.step,
+                                                                  "epoch": run.epoch_float()})
+        _save_optimizer(run.optimizer, tmp)
+        atomic_write_json(tmp / "scheduler.json", run.scheduler.state_dict())
+        _save_rng(tmp)
+        atomic_write_json(tmp / "state.json", {"state": asdict(run.state), "fingerprint": run.fingerprint})
+        _replace_dir(tmp, target)
+        steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+        for old in steps[:-run.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _resume(run: _Run) -> None:
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is None:
+        raise FinetuneError(f"--resume: no finished checkpoint in {run.out / 'checkpoints'}")
+    saved = read_json(ckpt / "state.json")
+    want = _json_roundtrip(run.fingerprint)
+    if saved["fingerprint"] != want:
+        diff = sorted(k for k in set(want) | set(saved["fingerprint"])
+                      if want.get(k) != saved["fingerprint"].get(k))
+        if "config" in diff:
+            a, b = saved["fingerprint"]["config"], want["config"]
+            diff = [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] + \
+                [d for d in diff if d != "config"]
+        raise FinetuneError(f"--resume: {ckpt} was written by a different run (differs in: "
+                            f"{', '.join(diff)}); use the same options or a new --out")
+    _load_weights(run.unwrapped, ckpt / "model")
+    _load_optimizer(run.optimizer, ckpt)
+    run.scheduler.load_state_dict(read_json(ckpt / "scheduler.json"))
+    _load_rng(ckpt)
+    run.state = TrainState(**saved["state"])
+    run.state.resumed_from.append(run.state.step)
+    _truncate_log(run.out / "train_log.jsonl", run.state.step)
+    run.tracking_rows[:] = [r for r in _read_tracking(run.out) if int(r["step"]) <= run.state.step]
+    log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, run.state.step,
+             run.state.epoch, run.state.micro)
+
+
+def _read_tracking(out: Path) -> list[dict[str, Any]]:
+    import csv
+
+    path = out / "tracking.csv"
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _track(run: _Run) -> None:
+    if run.tracker is None:
+        return
+    rows = run.tracker.rows(run.unwrapped, run.state.step, run.epoch_float())
+    run.tracking_rows.extend(rows)
+    if run.accelerator.is_main_process:
+        atomic_write_csv(run.out / "tracking.csv", run.tracking_rows, TRACKING_COLUMNS)
+
+
+def _next_micro_batches(iterator: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for batch in iterator:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _loop(run: _Run) -> None:
+    from tqdm.auto import tqdm
+
+    cfg, state = run.cfg, run.state
+    sleep = float(os.environ.get(_DEBUG_SLEEP_ENV, "0") or 0)
+    bar = tqdm(total=run.total_steps, initial=state.step, unit="step", desc=cfg.method,
+               disable=not cfg.progress or not run.accelerator.is_main_process, dynamic_ncols=True)
+    per_process_batch = int(cfg.batch_size) * run.accelerator.num_processes
+    try:
+        while state.step < run.total_steps and not state.stopped_early:
+            run.loader.set_epoch(state.epoch)
+            run.sampler.set_start(state.micro * per_process_batch)
+            iterator = iter(run.loader)
+            while state.step < run.total_steps and not state.stopped_early:
+                started = time.perf_counter()
+                micro_batches = _next_micro_batches(iterator, cfg.grad_accum)
+                if not micro_batches:
+                    break
+                stats = _train_step(run, micro_batches)
+                state.step += 1
+                state.micro += len(micro_batches)
+                state.tokens += stats["tokens"]
+                state.summary_tokens += stats["summary_tokens"]
+                if state.micro >= run.micro_per_epoch:
+                    state.epoch, state.micro = state.epoch + 1, 0
+                elapsed = time.perf_counter() - started
+                state.wall_time_s += elapsed
+                record = {"type": "train", "step": state.step, "epoch": run.epoch_float(), **stats,
+                          "lr": run.scheduler.get_last_lr()[0], "step_time_s": elapsed,
+                          "tokens_per_s": stats["tokens"] / elapsed}
+                append_jsonl(run.out / "train_log.jsonl", record)
+                postfix = {"loss": f"{stats['loss']:.3f}"}
+                last = state.step >= run.total_steps
+                if state.step % run.eval_every == 0 or last:
+                    t0 = time.perf_counter()
+                    postfix["val"] = f"{_evaluate(run)['val_loss']:.3f}"
+                    state.wall_time_s += time.perf_counter() - t0
+                if cfg.track_every and (state.step % cfg.track_every == 0 or last):
+                    _track(run)
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if state.step % run.save_every == 0 or last or state.stopped_early:
+                    _save_checkpoint(run)
+                if sleep:
+                    time.sleep(sleep)
+                if state.micro == 0:
+                    break  # epoch finished: a fresh permutation
+    finally:
+        bar.close()
+
+
+def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Path,
+           val_cfg: DataConfig | None) -> _Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    loaded = load_model(model_spec, dtype=cfg.dtype, device="cpu")
+    choice = choose_layers(cfg, loaded.adapter.n_layers)
+    splits = prepare_splits(loaded.tokenizer, train_cfg, val_cfg, cfg)
+    if not splits.train or not splits.val:
+        raise FinetuneError("no training or validation examples")
+    loaded.weights_sha256()  # hash the starting weights before training changes them
+    set_seed(cfg.seed)  # LoRA initialization and dropout
+    start_copy = copy.deepcopy(loaded.model) if cfg.track_every else None
+    prepared = prepare_model(loaded, cfg.method, choice.layers, cfg)
+    prepared.model.train()
+    optimizer = make_optimizer(prepared.model, cfg)
+    sampler = EpochSampler(len(splits.train), cfg.seed)
+    loader = DataLoader(splits.train, batch_size=int(cfg.batch_size), sampler=sampler,
+                        collate_fn=partial(_collate_train, pad_token_id=loaded.tokenizer.pad_token_id))
+    micro_per_epoch = math.ceil(len(splits.train) / (int(cfg.batch_size) * accelerator.num_processes))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(float(cfg.epochs) * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, loader = accelerator.prepare(prepared.model, optimizer, loader)
+    eval_every = cfg.eval_every or steps_per_epoch
+    tracker = None
+    if start_copy is not None:
+        probe = splits.val[:cfg.track_docs]
+        tracker = Tracker.create(start_copy, loaded.adapter, probe, loaded.tokenizer.pad_token_id, cfg.seed,
+                                 choice.layers if cfg.method != "full" else None)
+        del start_copy
+    meta = {"method": cfg.method, "layers": choice.layers, "layer_source": choice.source,
+            "rank": cfg.rank if cfg.method != "full" else None,
+            "alpha": cfg.alpha if cfg.method != "full" else None}
+    run = _Run(cfg, out, loaded, accelerator, model, optimizer, scheduler, loader, sampler, splits,
+               TrainState(), meta, {}, micro_per_epoch, total_steps, eval_every,
+               cfg.save_every or eval_every, tracker, [])
+    run.fingerprint = _fingerprint(model_spec, cfg, splits, choice.layers)
+    run.meta.update({"circuit_heads": choice.heads, "trainable_params": prepared.trainable_params,
+                     "total_params": prepared.total_params, "expected_trainable_params": prepared.expected_trainable,
+                     "steps_per_epoch": steps_per_epoch})
+    return run
+
+
+def _collate_train(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    full = collate(batch, pad_token_id)
+    return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _finish(run: _Run, started: float) -> dict[str, Any]:
+    cfg, state, out = run.cfg, run.state, run.out
+    final = out / "final"
+    best = out / "checkpoints" / "best"
+    final_kind = "best" if cfg.final == "best" and best.is_dir() else "last"
+    if run.accelerator.is_main_process:
+        tmp = _tmp_dir(final)
+        if final_kind == "best":
+            shutil.rmtree(tmp)
+            shutil.copytree(best, tmp)
+        else:
+            export_model(run.unwrapped, run.loaded, tmp, {**run.meta, "step": state.step,
+                                                          "epoch": run.epoch_float()})
+        _replace_dir(tmp, final)
+    curve = [(r["step"], r["val_loss"]) for r in _read_log(out) if r.get("type") == "val"]
+    train_records = [r for r in _read_log(out) if r.get("type") == "train"]
+    step_time = sum(r["step_time_s"] for r in train_records)
+    summary = {
+        **{k: run.meta[k] for k in ("method", "layers", "layer_source", "circuit_heads", "rank", "alpha")},
+        "trainable_params": run.meta["trainable_params"], "total_params": run.meta["total_params"],
+        "trainable_fraction": run.meta["trainable_params"] / run.meta["total_params"],
+        "expected_trainable_params": run.meta["expected_trainable_params"],
+        "steps": state.step, "planned_steps": run.total_steps, "steps_per_epoch": run.meta["steps_per_epoch"],
+        "epochs": run.epoch_float(), "effective_batch_size": int(cfg.batch_size) * cfg.grad_accum
+        * run.accelerator.num_processes,
+        "best_step": state.best_step, "epochs_to_best": state.best_epoch, "best_val_loss": state.best_val_loss,
+        "final_val_loss": curve[-1][1] if curve else None, "val_curve": curve,
+        "stopped_early": state.stopped_early, "final_weights": final_kind,
+        "n_train": len(run.splits.train), "n_val": len(run.splits.val),
+        "tokens": state.tokens, "summary_tokens": state.summary_tokens,
+        "train_tokens_per_s": sum(r["tokens"] for r in train_records) / step_time if step_time else None,
+        "wall_time_s": state.wall_time_s, "session_wall_time_s": time.perf_counter() - started,
+        "resumed_from_steps": state.resumed_from, "final_dir": str(final),
+        "provenance": provenance(models=[run.loaded.provenance()], data=run.splits.train_source,
+                                 val_data=run.splits.val_source, seed=cfg.seed, config=asdict(cfg)),
+    }
+    if run.accelerator.is_main_process:
+        atomic_write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def _read_log(out: Path) -> list[dict[str, Any]]:
+    path = out / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
+
+
+def run_finetune(model_spec: str, train_cfg: DataConfig, config: FinetuneConfig, out_dir: str | Path,
+                 val_cfg: DataConfig | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns what ``train_summary.json`` holds.
+
+    ``resume=True`` continues from the newest finished checkpoint in
+    ``out_dir/checkpoints`` (refusing one written with different options).
+    """
+    cfg = config.resolved()
+    out = Path(out_dir)
+    if not resume and (out / "checkpoints").exists() and latest_checkpoint(out) is not None:
+        raise FinetuneError(f"{out} already holds checkpoints: pass --resume to continue, or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run = _setup(model_spec, train_cfg, cfg, out, val_cfg)
+    if resume:
+        _resume(run)
+    else:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+        (out / "tracking.csv").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        _evaluate(run)  # step 0: the curve starts at the untrained model
+        if cfg.track_every:
+            _track(run)
+        run.state.wall_time_s += time.perf_counter() - t0
+    _loop(run)
+    if run.state.last_eval_step != run.state.step:
+        _evaluate(run)
+    return _finish(run, started)
+
+
+# ---------------------------------------------------------------- loading adapters
+
+def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = True, *,
+                 check_base: bool = True) -> LoadedModel:
+    """Apply a q/v LoRA adapter written by :func:`run_finetune` to ``loaded`` (modified in place).
+
+    ``merge=True`` folds the adapter into the weights and returns a plain
+    model of the family (GPT-2's split q|k|v fused again); ``merge=False``
+    returns the PEFT model. With ``check_base``, an adapter trained on other
+    base weights (same dtype, different hash) is refused.
+    """
+    folder = Path(adapter_dir)
+    meta = read_adapter_meta(folder)
+    recorded = meta.get("base_weights_sha256")
+    if check_base and recorded and meta.get("base_dtype") == str(loaded.model.dtype) \
+            and recorded != loaded.weights_sha256():
+        raise FinetuneError(f"adapter {folder} was trained on base weights {recorded[:12]}, but "
+                            f"'{loaded.source.spec}' has {loaded.weights_sha256()[:12]}")
+    peft_model = apply_adapter(loaded.model, loaded.adapter, folder)
+    model = merge_lora(peft_model, loaded.adapter) if merge else peft_model
+    model.eval()
+    source = ModelSource(str(adapter_dir), "adapter", str(folder.resolve()))
+    return LoadedModel(model, loaded.tokenizer, ArchitectureAdapter.for_model(model), source, loaded.folder,
+                       file_sha256(folder / ADAPTER_WEIGHTS))
