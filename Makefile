@@ -23,9 +23,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The whole study (quick preset, ~15 min on 2 CPU cores), resumable: rerunning skips finished stages.
 demo: setup
 	$(VENV)/bin/sumcircuit models
-	$(VENV)/bin/sumcircuit data $(DATA)/cnndm_gpt4 --split train --model smollm2-135m-instruct --max-tokens 512
+	$(VENV)/bin/sumcircuit data $(DATA)/cnndm_gpt4 --split train --model smollm2-135m-instruct --max-tokens 256
+	$(VENV)/bin/sumcircuit reproduce --model smollm2-135m-instruct --data $(DATA)/cnndm_gpt4 --preset quick \
+	  --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.html"
 
 # headless Chromium renders the HTML report in a test (Debian package; best effort)
 chromium:

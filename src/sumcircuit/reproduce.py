@@ -179,9 +179,10 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
                        upstream: tuple[str, ...] = ()) -> None:
         def body(out: Path) -> None:
             extra = layers() if layers else {}
-            ft_cfg = finetune.FinetuneConfig(method=method, seed=seed, **{**dict(hp), **extra})
-            finetune.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=True,
-                                  device=cfg.device)
+            ft_cfg = finetune.FinetuneConfig(method=method, seed=seed, device=cfg.device, dtype=cfg.dtype,
+                                             **{**dict(hp), **extra})
+            resume = finetune.latest_checkpoint(out) is not None  # an interrupted stage continues
+            finetune.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=resume)
         runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed,
                           "train": asdict(train), "val": asdict(val)}, upstream, body)
 

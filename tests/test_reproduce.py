@@ -1,0 +1,50 @@
+"""The whole study runs end to end on a tiny model, and reruns skip finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sumcircuit.reproduce import StudyConfig, run_study, stage_key
+from tests.conftest import CNNDM
+
+TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3)
+TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
+            max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, random_controls=3,
+            eval_batch_size=3)
+
+
+def _study(model: Path, **overrides: object) -> StudyConfig:
+    return StudyConfig(model=str(model), data=str(CNNDM), seeds=(1, 2), overrides={**TINY, **overrides})
+
+
+def test_stage_key_depends_on_config_and_upstream() -> None:
+    assert stage_key({"a": 1}, {"x": "k"}) == stage_key({"a": 1}, {"x": "k"})
+    assert stage_key({"a": 1}, {"x": "k"}) != stage_key({"a": 2}, {"x": "k"})
+    assert stage_key({"a": 1}, {"x": "k"}) != stage_key({"a": 1}, {"x": "other"})
+
+
+def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
+    run = tmp_path / "run"
+    first = run_study(_study(tiny_model_dirs["llama"]), run)
+    expected = {"zeroshot/eval", "full", "full/eval", "analysis", "circuit", "lora_all", "targeted",
+                "lora_all/eval", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
+                "ablate", "patch"}
+    assert set(first["stages"]) == expected and first["skipped"] == []
+    for name in expected:
+        assert json.loads((run / name / "stage.json").read_text())["key"] == first["stages"][name]
+    circuit = json.loads((run / "circuit" / "circuit.json").read_text())
+    targeted = json.loads((run / "targeted" / "train_summary.json").read_text())
+    assert targeted["layers"] == circuit["layers"] and len(circuit["layers"]) == 1
+    randoms = [json.loads((run / f"random_s{s}" / "train_summary.json").read_text())["layers"] for s in (1, 2)]
+    assert all(len(layers) == 1 for layers in randoms)
+    page = (run / "report.html").read_text()
+    assert "Paper claims vs this run" in page and page.count("<img") >= 4
+
+    again = run_study(_study(tiny_model_dirs["llama"]), run)
+    assert sorted(again["skipped"]) == sorted(expected) and again["stages"] == first["stages"]
+
+    changed = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}), run)
+    rerun = set(expected) - set(changed["skipped"])
+    assert rerun == {"targeted", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval"}
+    assert (run / ".stale").is_dir()
