@@ -23,14 +23,6 @@ from conftest import CNNDM
 FAMILIES = ["gpt2", "llama", "gemma3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models run in ~10 ms on one thread; on a shared 2-core box two threads spin and take ~50x longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(n_docs: int = 4, max_tokens: int = 96) -> DataConfig:
     return DataConfig(str(CNNDM), split="val", n_docs=n_docs, max_tokens=max_tokens)

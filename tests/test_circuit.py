@@ -18,13 +18,6 @@ from sumcircuit.cli import main
 L, H, D = 6, 4, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_analysis(folder: Path, kl: np.ndarray, entropy_base: np.ndarray, entropy_tuned: np.ndarray,
                    actmag: np.ndarray, weights: np.ndarray, kl_rev: np.ndarray | None = None) -> Path:

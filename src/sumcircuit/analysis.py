@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json
 from sumcircuit.capture import (AttentionCall, attention_expectations, body, capturing, expand_kv,
@@ -211,13 +213,18 @@ class AnalysisState:
             self.neuron_abs_change + other.neuron_abs_change,  # type: ignore[operator]
             self.cross.merge(other.cross) if self.cross is not None and other.cross is not None else None)
 
-    def to_tensors(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {"doc_tokens": self.tokens(), "neuron_abs_change": self.neuron_abs_change}  # type: ignore[dict-item]
-        for name in self.per_doc:
-            out[f"per_doc.{name}"] = self.doc_sums(name)
+    def additive_tensors(self) -> dict[str, Tensor]:
+        """The sums that merge by plain addition (counts, sums, sums of squares): what processes all-reduce."""
+        out: dict[str, Tensor] = {"neuron_abs_change": self.neuron_abs_change}  # type: ignore[dict-item]
         for group, moments in (("heads", self.heads), ("actmag", self.actmag), ("neurons", self.neurons)):
             for key, m in moments.items():
                 out.update(m.state(f"{group}.{key}"))
+        return out
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {"doc_tokens": self.tokens(), **self.additive_tensors()}
+        for name in self.per_doc:
+            out[f"per_doc.{name}"] = self.doc_sums(name)
         if self.cross is not None:
             out.update({k: v.cpu() for k, v in self.cross.state("cross").items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -638,49 +645,106 @@ def _fingerprint(parts: dict[str, Any]) -> str:
 
 def run_analysis(base_spec: str, tuned_spec: str, data_cfg: DataConfig, config: AnalysisConfig,
                  out_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                 restart: bool = False, trust_remote_code: bool = False) -> AnalysisResult:
-    """Load, analyze shard by shard (resumable), and write every output file to ``out_dir``."""
+                 restart: bool = False, trust_remote_code: bool = False) -> AnalysisResult | None:
+    """Load, analyze shard by shard (resumable), and write every output file to ``out_dir``.
+
+    Under N processes (``accelerate launch``) each round gives rank ``r`` the
+    ``r``-th of ``N`` consecutive shards; the round's sums are all-reduced,
+    its per-document rows gathered to rank 0 in document order, and rank 0
+    alone merges, checkpoints and writes (see :mod:`sumcircuit.distributed`).
+    Returns the result on rank 0 and None on the other ranks.
+    """
     from sumcircuit.models import load_model
 
     config.validate()
     if config.region == "summary" and not template_needs_summary(data_cfg.template):
         raise AnalysisError(f"region 'summary' needs a template with {{summary}}; got {data_cfg.template!r}")
+    dist.setup(device)
+    device = dist.local_device(device)
     out = Path(out_dir)
-    base = load_model(base_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tuned = load_model(tuned_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        base = load_model(base_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        tuned = load_model(tuned_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_same_tokenizer(base.tokenizer, tuned.tokenizer)
     adapter = check_compatible(base.model, tuned.model)
     examples = load_examples(data_cfg)
     encoded = encode_all(base.tokenizer, examples.examples, data_cfg)
     pad_id = int(base.tokenizer.pad_token_id)
-    fingerprint = _fingerprint({
-        "base": base.weights_sha256(), "tuned": tuned.weights_sha256(), "data": examples.source.provenance(),
-        "data_cfg": {k: v for k, v in asdict(data_cfg).items() if k != "n_docs"},
-        "config": config.fingerprint_fields(), "dtype": str(dtype)})
 
-    state = _resume(out / STATE_FILE, fingerprint, [e.doc_id for e in encoded], restart)
-    if state is None:
-        state = AnalysisState.empty(adapter, config.cka)
-    done = state.n_docs
+    def fingerprint() -> str:  # hashes every weight: rank 0 only
+        return _fingerprint({
+            "base": base.weights_sha256(), "tuned": tuned.weights_sha256(), "data": examples.source.provenance(),
+            "data_cfg": {k: v for k, v in asdict(data_cfg).items() if k != "n_docs"},
+            "config": config.fingerprint_fields(), "dtype": str(dtype)})
+
+    def resume() -> tuple[str, AnalysisState]:
+        fp = fingerprint()
+        saved = _resume(out / STATE_FILE, fp, [e.doc_id for e in encoded], restart)
+        return fp, saved if saved is not None else AnalysisState.empty(adapter, config.cka)
+
+    # Only rank 0 holds the merged state (and reads / writes the checkpoint); the others learn how
+    # many documents it covers, so every rank starts at the same document.
+    fp, state = dist.on_main(resume) or ("", None)
+    done = int(dist.broadcast_from_main(state.n_docs if state is not None else None))
     cross_device = _device_of(base.model)
-    bar = tqdm(total=len(encoded), initial=done, desc="analyze", unit="doc", disable=not config.progress)
+    single = not dist.is_distributed()
+    bar = tqdm(total=len(encoded), initial=done, desc="analyze", unit="doc",
+               disable=not config.progress or not dist.is_main_process())
+    started = time.perf_counter()
     with bar:
-        for start in range(done, len(encoded), config.shard_size):
+        for shards in dist.rounds(len(encoded) - done, config.shard_size):
+            mine = shards[dist.rank()]
             shard = AnalysisState.empty(adapter, config.cka)
             if shard.cross is not None:
                 shard.cross = CrossMoments.zeros(adapter.n_layers, adapter.hidden_size, cross_device)
-            _accumulate(base.model, tuned.model, adapter, encoded[start:start + config.shard_size], config,
-                        pad_id, shard, bar)
-            state = state.merge(_to_cpu(shard))
-            save_state(state, out / STATE_FILE, {"fingerprint": fingerprint, "docs_done": str(state.n_docs)})
-    result = finalize(state, config, weight_changes(base.model, tuned.model, adapter))
-    prov = provenance(models=[base.provenance(), tuned.provenance()], data=examples.source.provenance(),
-                      seed=config.seed, config=asdict(config), data_config=asdict(data_cfg),
-                      template=data_cfg.template, n_docs=state.n_docs,
-                      n_tokens=result.summary["n_tokens"], device=str(device), dtype=str(dtype),
-                      invalid_records=len(examples.invalid))
-    write_outputs(result, out, prov)
-    return result
+            _accumulate(base.model, tuned.model, adapter, encoded[done + mine.start:done + mine.stop], config,
+                        pad_id, shard, bar if single else None)
+            pooled = _to_cpu(shard) if single else _pool_round(shard)
+            if state is not None and pooled is not None:  # rank 0: merge and checkpoint
+                state = state.merge(pooled)
+                save_state(state, out / STATE_FILE, {"fingerprint": fp, "docs_done": str(state.n_docs)})
+            if not single:
+                bar.update(sum(len(s) for s in shards))
+    seconds = time.perf_counter() - started  # this run's documents only (a resumed run skips the rest)
+
+    def finish() -> AnalysisResult:
+        assert state is not None  # rank 0
+        result = finalize(state, config, weight_changes(base.model, tuned.model, adapter))
+        prov = provenance(models=[base.provenance(), tuned.provenance()], data=examples.source.provenance(),
+                          seed=config.seed, config=asdict(config), data_config=asdict(data_cfg),
+                          template=data_cfg.template, n_docs=state.n_docs,
+                          n_tokens=result.summary["n_tokens"], device=str(device), dtype=str(dtype),
+                          invalid_records=len(examples.invalid), processes=dist.world_size(),
+                          timing={"accumulate_s": seconds, "docs": len(encoded) - done,
+                                  "tokens": int(state.tokens()[done:].sum()),
+                                  "tokens_per_s": float(state.tokens()[done:].sum()) / seconds if seconds else None})
+        write_outputs(result, out, prov)
+        return result
+
+    return dist.on_main(finish)
+
+
+def _pool_round(shard: AnalysisState) -> AnalysisState | None:
+    """Every rank's shard of one round as one state on rank 0 (None on the other ranks).
+
+    Counts, sums and sums of squares are all-reduced (fp64); CKA moments are
+    re-centred on the pooled mean and all-reduced (:meth:`CrossMoments.pooled`);
+    per-document rows are gathered, and rank order is document order because
+    rank ``r`` holds the round's ``r``-th consecutive shard.
+    """
+    summed = dist.all_reduce_sum_dict(shard.additive_tensors())
+    cross = shard.cross.pooled(dist.all_reduce_sum) if shard.cross is not None else None
+    rows = dist.gather_to_main({"doc_ids": shard.doc_ids, "doc_tokens": shard.tokens(),
+                                **{f"per_doc.{k}": shard.doc_sums(k) for k in shard.per_doc}})
+    if rows is None:
+        return None
+    merged: dict[str, Tensor] = {**summed, "doc_tokens": torch.cat([r["doc_tokens"] for r in rows])}
+    for key in (k for k in rows[0] if k.startswith("per_doc.")):
+        merged[key] = torch.cat([r[key] for r in rows])
+    if cross is not None:
+        merged.update({k: v.cpu() for k, v in cross.state("cross").items()})
+    meta = {**shard.metadata(), "doc_ids": json.dumps(dist.ordered_concat([r["doc_ids"] for r in rows]))}
+    return AnalysisState.from_tensors(merged, meta)
 
 
 def _to_cpu(state: AnalysisState) -> AnalysisState:

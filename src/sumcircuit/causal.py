@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_write_csv, atomic_write_json, read_json
 from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
@@ -274,19 +275,26 @@ def encode_examples(tokenizer: Any, data_cfg: DataConfig) -> tuple[list[Encoded]
 
 
 def batches(encoded: Sequence[Encoded], batch_size: int, pad_token_id: int,
-            device: torch.device | str) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Right-padded batches of similar length (longest first); yields original indices too."""
+            device: torch.device | str, *, shard: bool = False) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Right-padded batches of similar length (longest first); yields original indices too.
+
+    ``shard``: only this process's batches under N processes (batch ``b`` goes
+    to rank ``b % N``): the batches themselves are those of one process, so
+    every per-document loss is computed on the same padded batch either way.
+    """
     if batch_size < 1:
         raise CausalError(f"--batch-size must be >= 1, got {batch_size}")
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+    for b in (dist.my_blocks(len(starts)) if shard else range(len(starts))):
+        idx = order[starts[b]:starts[b] + batch_size]
         batch = collate([encoded[i] for i in idx], pad_token_id, "right")
         yield idx, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def _n_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
+def _n_batches(n: int, batch_size: int, shard: bool = False) -> int:
+    total = math.ceil(n / batch_size)
+    return len(dist.my_blocks(total)) if shard else total
 
 
 @dataclass
@@ -300,6 +308,11 @@ class CostCounter:
     def add(self, n_layers_run: int) -> None:
         self.forwards += 1
         self.layer_evals += n_layers_run
+
+    def reduced(self) -> "CostCounter":
+        """Totals over all processes (each counted only its own batches)."""
+        t = dist.all_reduce_sum(torch.tensor([self.forwards, self.layer_evals, self.batches], dtype=torch.float64))
+        return CostCounter(*(int(v) for v in t.tolist()))
 
     def summary(self, n_layers: int) -> dict[str, float]:
         b = max(self.batches, 1)
@@ -492,12 +505,18 @@ def random_sets(targets: Sequence[Component], adapter: ArchitectureAdapter, n: i
 def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Sequence[Encoded],
                   components: Sequence[Component], batch_size: int, pad_token_id: int,
                   device: str | torch.device) -> dict[Component, torch.Tensor]:
-    """Mean activation of each component over all non-padding tokens of the data set (float64 sums)."""
+    """Mean activation of each component over all non-padding tokens of the data set (float64 sums).
+
+    Under N processes each sums its own batches; sums and counts are then
+    combined over processes before dividing, so every process ablates with the
+    data-set mean, not its shard's.
+    """
     sites = sorted({c.site for c in components})
     sums: dict[tuple[str, int], torch.Tensor] = {}
     count = 0
-    for _, batch in tqdm(batches(encoded, batch_size, pad_token_id, device), desc="mean activations",
-                         total=_n_batches(len(encoded), batch_size), leave=False):
+    for _, batch in tqdm(batches(encoded, batch_size, pad_token_id, device, shard=True), desc="mean activations",
+                         total=_n_batches(len(encoded), batch_size, shard=True), leave=False,
+                         disable=not dist.is_main_process()):
         mask = batch["attention_mask"].bool()
         store: dict[tuple[str, int], torch.Tensor] = {}
         with Interventions(model, adapter) as iv, torch.no_grad():
@@ -508,6 +527,7 @@ def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Seque
         for site, value in store.items():
             sums[site] = sums[site] + value if site in sums else value
         count += int(mask.sum())
+    sums, count = _combine_sums(sums, count, device)
     dim = adapter.head_dim
     means: dict[Component, torch.Tensor] = {}
     for c in components:
@@ -516,6 +536,19 @@ def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Seque
             total = total[c.head * dim:(c.head + 1) * dim]
         means[c] = total.float()
     return means
+
+
+def _combine_sums(sums: dict[tuple[str, int], torch.Tensor], count: int,
+                  device: str | torch.device) -> tuple[dict[tuple[str, int], torch.Tensor], int]:
+    """Per-site sums and the token count added over processes (in rank order, float64)."""
+    if not dist.is_distributed():
+        return sums, count
+    parts = dist.all_gather_objects(({k: v.cpu() for k, v in sums.items()}, count))
+    total: dict[tuple[str, int], torch.Tensor] = {}
+    for part_sums, _ in parts:  # a process without batches contributes nothing
+        for site, value in part_sums.items():
+            total[site] = total[site] + value if site in total else value
+    return {k: v.to(device) for k, v in total.items()}, sum(c for _, c in parts)
 
 
 def _ablation_values(components: Sequence[Component], mode: str,
@@ -560,8 +593,9 @@ def ablate(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: AblationConfig)
     cost = CostCounter()
     block_sites = [("block", layer) for layer in range(adapter.n_layers)]
     with torch.no_grad():
-        for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device), desc="ablation",
-                               total=_n_batches(len(encoded), cfg.batch_size)):
+        for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="ablation",
+                               total=_n_batches(len(encoded), cfg.batch_size, shard=True),
+                               disable=not dist.is_main_process()):
             cost.batches += 1
             losses, cache = clean_run(model, adapter, batch, block_sites, cost)
             clean[idx] = losses.numpy()
@@ -569,8 +603,20 @@ def ablate(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: AblationConfig)
             for s, comps in enumerate(sets):
                 values = _ablation_values(comps, cfg.mode, means, device)
                 ablated[s, idx] = run_intervened(model, adapter, batch, values, blocks, cost).numpy()
-    return AblationResult([e.doc_id for e in encoded], sets, clean, ablated, cost,
+    clean, ablated = _sum_over_processes(clean), _sum_over_processes(ablated)
+    return AblationResult([e.doc_id for e in encoded], sets, clean, ablated, cost.reduced(),
                           time.perf_counter() - t0, {k: v.cpu() for k, v in means.items()})
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """Per-document arrays that each process filled at its own documents (zeros elsewhere), combined.
+
+    Every document is computed by exactly one process and ``x + 0 == x``, so
+    the sum is the single-process array bit for bit, on every process.
+    """
+    if not dist.is_distributed():
+        return values
+    return dist.all_reduce_sum(torch.from_numpy(values)).numpy()
 
 
 def summarize_ablation(result: AblationResult, cfg: AblationConfig) -> dict[str, Any]:
@@ -656,13 +702,17 @@ def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: Ablati
     device = next(loaded.model.parameters()).device
     per_doc: dict[str, list[dict[str, float]]] = {}
     for label, values in (("clean", {}), ("ablated", _ablation_values(targets, cfg.mode, means, device))):
-        texts: list[str] = []
+        mine: list[tuple[int, list[str]]] = []  # (batch number, texts); batch b runs on rank b % N
         with Interventions(loaded.model, loaded.adapter) as iv:
             iv.replace({c: v.to(device) for c, v in values.items()})
-            for start in tqdm(range(0, len(prompts), gen_cfg.batch_size), desc=f"generate ({label})"):
+            starts = range(0, len(prompts), gen_cfg.batch_size)
+            for b in tqdm(dist.my_blocks(len(starts)), desc=f"generate ({label})",
+                          disable=not dist.is_main_process()):
                 outs = generate_summaries(loaded.model, loaded.tokenizer,
-                                          prompts[start:start + gen_cfg.batch_size], gen_cfg, eos)
-                texts += [o.text for o in outs]
+                                          prompts[starts[b]:starts[b] + gen_cfg.batch_size], gen_cfg, eos)
+                mine.append((b, [o.text for o in outs]))
+        texts = [t for _, batch_texts in sorted(p for part in dist.all_gather_objects(mine) for p in part)
+                 for t in batch_texts]
         per_doc[label] = rouge_scores(texts, refs)
     idx = bootstrap_indices(len(examples), cfg.n_bootstrap, cfg.seed)
     out: dict[str, Any] = {"n": len(examples), "max_new_tokens": cfg.rouge_max_new_tokens,
@@ -683,8 +733,11 @@ def run_ablation(model_spec: str, data_cfg: DataConfig, cfg: AblationConfig, out
     ``device`` / ``dtype`` override the config's (so a pipeline can pass its own).
     """
     cfg = replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype)
+    dist.setup(cfg.device)
+    cfg = replace(cfg, device=dist.local_device(cfg.device))
     out = Path(out_dir)
-    loaded = _load_with_adapter(model_spec, cfg)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        loaded = _load_with_adapter(model_spec, cfg)
     encoded, source = encode_examples(loaded.tokenizer, data_cfg)
     result = ablate(loaded, encoded, cfg)
     tables = summarize_ablation(result, cfg)
@@ -698,7 +751,15 @@ def run_ablation(model_spec: str, data_cfg: DataConfig, cfg: AblationConfig, out
         summary["rouge"] = _rouge_under_ablation(loaded, data_cfg, cfg, result.sets[0], result.means)
     summary["provenance"] = provenance(models=[loaded.provenance()], adapter=cfg.adapter,
                                        data=source.provenance(), data_config=asdict(data_cfg),
-                                       seed=cfg.seed, config=asdict(cfg), circuit=cfg.circuit)
+                                       seed=cfg.seed, config=asdict(cfg), circuit=cfg.circuit,
+                                       processes=dist.world_size())
+    dist.on_main(lambda: _write_ablation(out, summary, tables, result, cfg))
+    return summary
+
+
+def _write_ablation(out: Path, summary: dict[str, Any], tables: dict[str, Any], result: AblationResult,
+                    cfg: AblationConfig) -> None:
+    """Rank 0's files (every rank holds the same numbers)."""
     atomic_write_csv(out / "ablation.csv", tables["rows"], list(tables["rows"][0]))
     per_doc = [{"doc_id": d, "set": row["set"], "loss_clean": float(result.clean[j]),
                 "loss_ablated": float(result.ablated[s, j])}
@@ -708,7 +769,6 @@ def run_ablation(model_spec: str, data_cfg: DataConfig, cfg: AblationConfig, out
 
     plot_ablation(tables["rows"], out / "ablation.png", title=f"{cfg.mode}-ablation of {_target_description(result.sets[0])}")
     atomic_write_json(out / "ablation.json", summary)
-    return summary
 
 
 # ---------------------------------------------------------------- patching
@@ -801,8 +861,8 @@ def patch(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg
     dim = adapter.head_dim
     t0 = time.perf_counter()
     with torch.no_grad():
-        for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device), desc="patching",
-                               total=_n_batches(n, cfg.batch_size)):
+        for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="patching",
+                               total=_n_batches(n, cfg.batch_size, shard=True), disable=not dist.is_main_process()):
             cost.batches += 1
             caches = {}
             for label, model in models.items():
@@ -813,14 +873,16 @@ def patch(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg
                 donor = caches["tuned" if recv == "base" else "base"]
                 blocks = ({l: caches[recv][("block", l)] for l in range(adapter.n_layers)}
                           if cfg.replay_prefix else None)
-                for name, members in tqdm(sets, desc=direction, leave=False):
+                for name, members in tqdm(sets, desc=direction, leave=False, disable=not dist.is_main_process()):
                     values = {c: (donor[c.site][..., c.head * dim:(c.head + 1) * dim]
                                   if c.kind == "head" else donor[c.site]) for c in members}
                     patched[(direction, name)][idx] = run_intervened(
                         models[recv], adapter, batch, values, blocks, cost).numpy()
             del caches
+    losses = {k: _sum_over_processes(v) for k, v in losses.items()}
+    patched = {k: _sum_over_processes(v) for k, v in patched.items()}
     return PatchResult([e.doc_id for e in encoded], comps, losses["base"], losses["tuned"], patched,
-                       cost, time.perf_counter() - t0)
+                       cost.reduced(), time.perf_counter() - t0)
 
 
 def summarize_patching(result: PatchResult, cfg: PatchConfig) -> dict[str, Any]:
@@ -874,9 +936,12 @@ def run_patching(base_spec: str, tuned_spec: str, data_cfg: DataConfig, cfg: Pat
                  out_dir: str | Path, *, device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Patch, then write ``patching.json``, ``patching.csv``, ``patching_per_doc.csv``, ``patching.png``."""
     cfg = replace(cfg, device=device or cfg.device, dtype=dtype or cfg.dtype)
+    dist.setup(cfg.device)
+    cfg = replace(cfg, device=dist.local_device(cfg.device))
     out = Path(out_dir)
-    base = load_model(base_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    tuned = load_model(tuned_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        base = load_model(base_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        tuned = load_model(tuned_spec, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     check_compatible(base, tuned)
     encoded, source = encode_examples(base.tokenizer, data_cfg)
     result = patch(base, tuned, encoded, cfg)
@@ -886,7 +951,14 @@ def run_patching(base_spec: str, tuned_spec: str, data_cfg: DataConfig, cfg: Pat
                        "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None}
     summary["provenance"] = provenance(models=[base.provenance(), tuned.provenance()],
                                        data=source.provenance(), data_config=asdict(data_cfg),
-                                       seed=cfg.seed, config=asdict(cfg))
+                                       seed=cfg.seed, config=asdict(cfg), processes=dist.world_size())
+    dist.on_main(lambda: _write_patching(out, summary, tables, result, cfg, base.adapter))
+    return summary
+
+
+def _write_patching(out: Path, summary: dict[str, Any], tables: dict[str, Any], result: PatchResult,
+                    cfg: PatchConfig, adapter: ArchitectureAdapter) -> None:
+    """Rank 0's files (every rank holds the same numbers)."""
     columns = list(tables["rows"][0])
     atomic_write_csv(out / "patching.csv", tables["rows"], columns)
     per_doc = [{"doc_id": d, "direction": direction, "component": name, "loss_base": float(result.base[j]),
@@ -897,6 +969,5 @@ def run_patching(base_spec: str, tuned_spec: str, data_cfg: DataConfig, cfg: Pat
     from sumcircuit.plots import plot_patching
 
     plot_patching(tables["rows"], out / "patching.png", granularity=cfg.granularity,
-                  n_layers=base.adapter.n_layers, n_heads=base.adapter.n_heads)
+                  n_layers=adapter.n_layers, n_heads=adapter.n_heads)
     atomic_write_json(out / "patching.json", summary)
-    return summary

@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import torch
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from sumcircuit import distributed as dist
 from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text
 from sumcircuit.data import DataConfig, Encoded, ExampleSet, collate, encode, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
@@ -349,29 +350,45 @@ def _resume(out_dir: Path, run_id: str, overwrite: bool) -> dict[int, dict[str, 
     return {int(r["index"]): r for r in records}
 
 
+def _generate_batch(loaded: LoadedModel, examples: ExampleSet, encoded: list[Encoded], idx: list[int],
+                    gen_cfg: GenerationConfig, eos_ids: list[int], run_id: str) -> list[dict[str, Any]]:
+    """Generate and score one batch: the records that go to ``predictions.jsonl``."""
+    t0 = time.perf_counter()
+    outs = generate_summaries(loaded.model, loaded.tokenizer, [encoded[i] for i in idx], gen_cfg, eos_ids)
+    seconds = time.perf_counter() - t0
+    refs = [list(examples.examples[i].references) for i in idx]
+    scores = rouge_scores([o.text for o in outs], refs)
+    return [{"index": i, "doc_id": examples.examples[i].doc_id, "prediction": o.text,
+             "references": r, "scores": s, "stop_reason": o.stop_reason, "new_tokens": o.new_tokens,
+             "prompt_tokens": len(encoded[i].input_ids), "document_truncated": encoded[i].truncated,
+             "generation_s": seconds / len(idx), "run_id": run_id}
+            for i, o, r, s in zip(idx, outs, refs, scores)]
+
+
 def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[Encoded],
-                      done: dict[int, dict[str, Any]], gen_cfg: GenerationConfig, eos_ids: list[int],
+                      done: dict[int, Any], gen_cfg: GenerationConfig, eos_ids: list[int],
                       run_id: str, path: Path) -> None:
+    """Generate what ``done`` lacks, batch by batch.
+
+    Under N processes the batches (the same ones one process would form) are
+    dealt round-robin; each round's records are gathered to rank 0, which
+    appends them in batch order, so ``predictions.jsonl`` reads as a
+    single-process run's and an interrupted run resumes at a round boundary.
+    """
     todo = [i for i in range(len(encoded)) if i not in done]
-    if len(todo) < len(encoded):
+    if len(todo) < len(encoded) and dist.is_main_process():
         logger.info("resuming: %d of %d documents already done", len(encoded) - len(todo), len(encoded))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(todo), gen_cfg.batch_size):
-        idx = todo[start:start + gen_cfg.batch_size]
+    for batches in dist.rounds(len(todo), gen_cfg.batch_size):
+        idx = [todo[i] for i in batches[dist.rank()]]
         t0 = time.perf_counter()
-        outs = generate_summaries(loaded.model, loaded.tokenizer, [encoded[i] for i in idx], gen_cfg, eos_ids)
-        seconds = time.perf_counter() - t0
-        refs = [list(examples.examples[i].references) for i in idx]
-        scores = rouge_scores([o.text for o in outs], refs)
-        records = [{"index": i, "doc_id": examples.examples[i].doc_id, "prediction": o.text,
-                    "references": r, "scores": s, "stop_reason": o.stop_reason, "new_tokens": o.new_tokens,
-                    "prompt_tokens": len(encoded[i].input_ids), "document_truncated": encoded[i].truncated,
-                    "generation_s": seconds / len(idx), "run_id": run_id}
-                   for i, o, r, s in zip(idx, outs, refs, scores)]
-        for record in records:  # appended per batch: an interrupted run resumes here
-            append_jsonl(path, record)
-        done.update({r["index"]: r for r in records})
-        logger.info("generated %d/%d (%.2f summaries/s)", len(done), len(encoded), len(idx) / seconds)
+        records = _generate_batch(loaded, examples, encoded, idx, gen_cfg, eos_ids, run_id) if idx else []
+        for part in dist.gather_to_main(records) or []:  # rank 0 only: the others get None
+            for record in part:  # appended per batch: an interrupted run resumes here
+                append_jsonl(path, record)
+            done.update({r["index"]: r for r in part})
+        if dist.is_main_process():
+            logger.info("generated %d/%d (%.2f summaries/s)", len(done), len(encoded),
+                        sum(len(b) for b in batches) / (time.perf_counter() - t0))
 
 
 def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: GenerationConfig,
@@ -388,8 +405,10 @@ def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: G
                               "prompt, and the references are read from the summary field")
     out = Path(out_dir)
     examples = load_examples(data_cfg)
-    loaded = model_spec if isinstance(model_spec, LoadedModel) else load_model(
-        model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    dist.setup(device)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        loaded = model_spec if isinstance(model_spec, LoadedModel) else load_model(
+            model_spec, dtype=dtype, device=dist.local_device(device), trust_remote_code=trust_remote_code)
     if adapter is not None:
         loaded = _load_adapter(loaded, adapter)
     adapter_prov = _adapter_provenance(adapter)
@@ -399,18 +418,25 @@ def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: G
     _check_positions(loaded, encoded, gen_cfg)
     eos_ids = eos_token_ids(loaded)
     run_id = _run_id(loaded, adapter_prov, examples, data_cfg, gen_cfg)
-    done = _resume(out, run_id, overwrite)
+    # Rank 0 reads (or discards) the predictions file; the others only need to know what is done.
+    done: dict[int, Any] = dist.on_main(lambda: _resume(out, run_id, overwrite)) or {}
+    finished = dist.broadcast_from_main(sorted(done) if dist.is_main_process() else None)
+    if not dist.is_main_process():
+        done = dict.fromkeys(finished)
     torch.manual_seed(seed)  # greedy and beam search draw nothing; recorded for completeness
     _generate_missing(loaded, examples, encoded, done, gen_cfg, eos_ids, run_id, out / PREDICTIONS_FILE)
 
-    records = [done[i] for i in range(len(encoded))]
-    result = _summarize(records, gen_cfg, eos_ids, n_resamples, seed, level)
-    result["provenance"] = provenance(
-        models=[loaded.provenance()], adapter=adapter_prov, data=examples.source.provenance(), seed=seed,
-        config={"data": asdict(data_cfg), "generation": asdict(gen_cfg)}, run_id=run_id,
-        invalid_records_skipped=len(examples.invalid))
-    atomic_write_json(out / ROUGE_FILE, result)
-    return result
+    def finish() -> dict[str, Any]:
+        records = [done[i] for i in range(len(encoded))]
+        result = _summarize(records, gen_cfg, eos_ids, n_resamples, seed, level)
+        result["provenance"] = provenance(
+            models=[loaded.provenance()], adapter=adapter_prov, data=examples.source.provenance(), seed=seed,
+            config={"data": asdict(data_cfg), "generation": asdict(gen_cfg)}, run_id=run_id,
+            invalid_records_skipped=len(examples.invalid), processes=dist.world_size())
+        atomic_write_json(out / ROUGE_FILE, result)
+        return result
+
+    return dist.broadcast_from_main(dist.on_main(finish))  # the same scores on every rank
 
 
 def _summarize(records: Sequence[dict[str, Any]], gen_cfg: GenerationConfig, eos_ids: list[int],

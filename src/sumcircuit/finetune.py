@@ -82,9 +82,13 @@ class FinetuneError(SumcircuitError):
 class FinetuneConfig:
     """One fine-tuning run. ``None`` hyperparameters take the method's paper default.
 
-    ``batch_size`` is the micro-batch; the effective batch is
-    ``batch_size x grad_accum x processes``. ``patience`` counts evaluations
-    without improvement; 0 disables early stopping.
+    ``batch_size`` is the micro-batch and ``grad_accum`` the micro-batches per
+    optimizer step *in total*: the effective batch is ``batch_size x grad_accum``
+    whatever the number of processes. Under N processes (``accelerate launch``)
+    each runs ``grad_accum / N`` of a step's micro-batches (``grad_accum`` must
+    be a multiple of N), so the same command trains the same model on 1 or N
+    processes. ``patience`` counts evaluations without improvement; 0 disables
+    early stopping.
     """
 
     method: str = "targeted-lora"
@@ -627,24 +631,40 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
 
 
 def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """One optimizer step over ``micro_batches``; loss normalized by the step's summary tokens."""
+    """One optimizer step over the step's ``micro_batches``; loss normalized by the step's summary tokens.
+
+    Every process sees all of the step's micro-batches (the same data order
+    as one process) and runs micro-batch ``j`` when ``j % N`` is its rank.
+    Each loss term is the summed CE times ``N / (summary tokens of the whole
+    step)``; DDP averages gradients over the N processes, so the update is
+    the per-token mean over the step, exactly as in one process with
+    ``grad_accum`` micro-batches, however tokens fall across processes.
+    """
     acc = run.accelerator
-    # Dropout masks depend on (seed, step) only: a resumed run draws the same masks even though
-    # data-loader iterators, evaluation or tracking may have consumed global RNG differently.
-    torch.manual_seed(run.cfg.seed * 1_000_003 + run.state.step + 1)
+    n_proc, rank = acc.num_processes, acc.process_index
     n_summary = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    global_summary = int(acc.reduce(torch.tensor(n_summary, device=acc.device), reduction="sum"))
-    scale = acc.num_processes / max(global_summary, 1)  # DDP averages gradients over processes
-    loss_sum = 0.0
-    for i, mb in enumerate(micro_batches):
-        sync = i == len(micro_batches) - 1
+    scale = n_proc / max(n_summary, 1)
+    mine = list(range(rank, len(micro_batches), n_proc))
+    # A process without a micro-batch in a short last step still joins DDP's gradient all-reduce
+    # (with a zero-weighted pass), or the others would wait for it forever.
+    work = [(j, scale) for j in mine] or [(0, 0.0)]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for i, (j, weight) in enumerate(work):
+        # Dropout masks depend on (seed, step, micro-batch) only: a resumed run, or one on another
+        # number of processes, draws the same masks for the same examples.
+        torch.manual_seed((run.cfg.seed * 1_000_003 + run.state.step + 1) * 65_536 + j)
+        mb = _device_batch(micro_batches[j], acc.device)
+        sync = i == len(work) - 1
         context = acc.no_sync(run.model) if not sync else _nullcontext()
         with context:
             logits = run.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                                use_cache=False).logits
             part, _ = summary_loss_terms(logits, mb["labels"])
-            acc.backward(part * scale)
-        loss_sum += float(part.detach())
+            acc.backward(part * weight)
+        if weight:
+            loss_sum += part.detach().double()
+    if n_proc > 1:
+        loss_sum = acc.reduce(loss_sum, reduction="sum")
     grad_norm = None
     if run.cfg.max_grad_norm is not None:
         grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm))
@@ -652,7 +672,7 @@ def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    return {"loss": loss_sum / max(n_summary, 1), "grad_norm": grad_norm, "tokens": tokens,
+    return {"loss": float(loss_sum) / max(n_summary, 1), "grad_norm": grad_norm, "tokens": tokens,
             "summary_tokens": n_summary}
 
 
@@ -680,7 +700,8 @@ def _evaluate(run: _Run) -> dict[str, Any]:
             state.stopped_early = True
     record = {"type": "val", "step": state.step, "epoch": run.epoch_float(), "val_loss": val_loss,
               "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss}
-    append_jsonl(run.out / "train_log.jsonl", record)
+    if run.accelerator.is_main_process:
+        append_jsonl(run.out / "train_log.jsonl", record)
     return record
 
 
@@ -736,7 +757,8 @@ def _resume(run: _Run) -> None:
     _load_rng(ckpt)
     run.state = TrainState(**saved["state"])
     run.state.resumed_from.append(run.state.step)
-    _truncate_log(run.out / "train_log.jsonl", run.state.step)
+    if run.accelerator.is_main_process:
+        _truncate_log(run.out / "train_log.jsonl", run.state.step)
     run.tracking_rows[:] = [r for r in _read_tracking(run.out) if int(r["step"]) <= run.state.step]
     log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, run.state.step,
              run.state.epoch, run.state.micro)
@@ -777,11 +799,10 @@ def _loop(run: _Run) -> None:
     sleep = float(os.environ.get(_DEBUG_SLEEP_ENV, "0") or 0)
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", desc=cfg.method,
                disable=not cfg.progress or not run.accelerator.is_main_process, dynamic_ncols=True)
-    per_process_batch = int(cfg.batch_size) * run.accelerator.num_processes
     try:
         while state.step < run.total_steps and not state.stopped_early:
-            run.loader.set_epoch(state.epoch)
-            run.sampler.set_start(state.micro * per_process_batch)
+            run.sampler.set_epoch(state.epoch)  # every process iterates the same (global) micro-batches
+            run.sampler.set_start(state.micro * int(cfg.batch_size))
             iterator = iter(run.loader)
             while state.step < run.total_steps and not state.stopped_early:
                 started = time.perf_counter()
@@ -800,7 +821,8 @@ def _loop(run: _Run) -> None:
                 record = {"type": "train", "step": state.step, "epoch": run.epoch_float(), **stats,
                           "lr": run.scheduler.get_last_lr()[0], "step_time_s": elapsed,
                           "tokens_per_s": stats["tokens"] / elapsed}
-                append_jsonl(run.out / "train_log.jsonl", record)
+                if run.accelerator.is_main_process:
+                    append_jsonl(run.out / "train_log.jsonl", record)
                 postfix = {"loss": f"{stats['loss']:.3f}"}
                 last = state.step >= run.total_steps
                 if state.step % run.eval_every == 0 or last:
@@ -827,6 +849,12 @@ def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Pat
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    if cfg.grad_accum % accelerator.num_processes:
+        n = accelerator.num_processes
+        raise FinetuneError(f"--grad-accum {cfg.grad_accum} cannot be shared by {n} processes: the effective "
+                            f"batch (--batch-size x --grad-accum) is kept whatever the number of processes, "
+                            f"so --grad-accum must be a multiple of {n} (e.g. --batch-size "
+                            f"{max(1, int(cfg.batch_size) // n)} --grad-accum {cfg.grad_accum * n})")
     loaded = load_model(model_spec, dtype=cfg.dtype, device="cpu")
     choice = choose_layers(cfg, loaded.adapter.n_layers)
     splits = prepare_splits(loaded.tokenizer, train_cfg, val_cfg, cfg)
@@ -841,11 +869,13 @@ def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Pat
     sampler = EpochSampler(len(splits.train), cfg.seed)
     loader = DataLoader(splits.train, batch_size=int(cfg.batch_size), sampler=sampler,
                         collate_fn=partial(_collate_train, pad_token_id=loaded.tokenizer.pad_token_id))
-    micro_per_epoch = math.ceil(len(splits.train) / (int(cfg.batch_size) * accelerator.num_processes))
+    micro_per_epoch = math.ceil(len(splits.train) / int(cfg.batch_size))  # all processes together
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(float(cfg.epochs) * steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, loader = accelerator.prepare(prepared.model, optimizer, loader)
+    # The loader is not sharded by accelerate: every process reads the one-process micro-batch
+    # sequence and _train_step deals each step's micro-batches out (same data order for any N).
+    model, optimizer = accelerator.prepare(prepared.model, optimizer)
     eval_every = cfg.eval_every or steps_per_epoch
     tracker = None
     if start_copy is not None:
@@ -873,6 +903,7 @@ def _collate_train(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, tor
 
 def _finish(run: _Run, started: float) -> dict[str, Any]:
     cfg, state, out = run.cfg, run.state, run.out
+    run.accelerator.wait_for_everyone()  # rank 0's log is complete before anyone reads it
     final = out / "final"
     best = out / "checkpoints" / "best"
     final_kind = "best" if cfg.final == "best" and best.is_dir() else "last"
@@ -894,8 +925,8 @@ def _finish(run: _Run, started: float) -> dict[str, Any]:
         "trainable_fraction": run.meta["trainable_params"] / run.meta["total_params"],
         "expected_trainable_params": run.meta["expected_trainable_params"],
         "steps": state.step, "planned_steps": run.total_steps, "steps_per_epoch": run.meta["steps_per_epoch"],
-        "epochs": run.epoch_float(), "effective_batch_size": int(cfg.batch_size) * cfg.grad_accum
-        * run.accelerator.num_processes,
+        "epochs": run.epoch_float(), "effective_batch_size": int(cfg.batch_size) * cfg.grad_accum,
+        "processes": run.accelerator.num_processes,
         "best_step": state.best_step, "epochs_to_best": state.best_epoch, "best_val_loss": state.best_val_loss,
         "final_val_loss": curve[-1][1] if curve else None, "val_curve": curve,
         "stopped_early": state.stopped_early, "final_weights": final_kind,
@@ -935,8 +966,9 @@ def run_finetune(model_spec: str, train_cfg: DataConfig, config: FinetuneConfig,
     if resume:
         _resume(run)
     else:
-        (out / "train_log.jsonl").unlink(missing_ok=True)
-        (out / "tracking.csv").unlink(missing_ok=True)
+        if run.accelerator.is_main_process:  # only rank 0 writes in --out
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+            (out / "tracking.csv").unlink(missing_ok=True)
         t0 = time.perf_counter()
         _evaluate(run)  # step 0: the curve starts at the untrained model
         if cfg.track_every:

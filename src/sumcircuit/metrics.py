@@ -10,6 +10,7 @@ not grow with the number of tokens) and merged across shards or processes:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -117,6 +118,30 @@ class CrossMoments:
             if float(other.n[layer]) > 0:
                 out._merge_layer(layer, float(other.n[layer]), other.mean_x[layer], other.mean_y[layer],
                                  other.cxx[layer], other.cyy[layer], other.cxy[layer])
+        return out
+
+    def pooled(self, all_sum: Callable[[Tensor], Tensor]) -> "CrossMoments":
+        """The moments of every process's rows together, given ``all_sum`` (a sum over processes).
+
+        Centered matrices are not additive, but re-centred on the pooled mean
+        they are: ``C = sum_r [C_r + n_r (m_r - m)(m_r - m)^T]`` with
+        ``m = sum_r n_r m_r / sum_r n_r`` -- the same identity as :meth:`merge`,
+        applied to all processes at once so that one all-reduce per tensor
+        suffices. Layer by layer in fp64, so the extra memory is one ``d x d``.
+        """
+        n = all_sum(self.n.to(_F64))
+        weights = self.n.to(_F64)[:, None]
+        safe_n = n.clamp_min(1.0)[:, None]
+        mean_x = all_sum(self.mean_x * weights) / safe_n
+        mean_y = all_sum(self.mean_y * weights) / safe_n
+        out = CrossMoments(n, mean_x, mean_y, torch.empty_like(self.cxx), torch.empty_like(self.cyy),
+                           torch.empty_like(self.cxy))
+        for layer in range(int(n.shape[0])):
+            dx, dy = self.mean_x[layer] - mean_x[layer], self.mean_y[layer] - mean_y[layer]
+            w = float(self.n[layer])
+            for name, a, b in (("cxx", dx, dx), ("cyy", dy, dy), ("cxy", dx, dy)):
+                local = getattr(self, name)[layer].to(_F64) + w * torch.outer(a, b)
+                getattr(out, name)[layer] = all_sum(local).to(torch.float32)
         return out
 
     def cka(self) -> Tensor:

@@ -13,6 +13,7 @@ import argparse
 
 from sumcircuit.causal import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.distributed import is_main_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                          circuit_part=args.circuit_part, adapter=args.adapter, device=args.device,
                          dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     summary = run_ablation(args.model, data_config(args), cfg, args.out)
+    if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
+        return 0
     c = summary["circuit"]
     print(f"{summary['mode']}-ablation of {summary['target']}: loss {summary['loss_clean']['mean']:.4f} -> "
           f"{c['loss_ablated']:.4f}, effect {c['effect']:+.4f} "

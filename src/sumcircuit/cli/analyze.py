@@ -4,7 +4,9 @@ Per head: attention entropy of both models and KL in both directions; per
 layer: residual-stream norm, CKA and weight change; per neuron: activation
 change. Writes heads.csv, layers.csv, neurons.csv, stats.safetensors,
 per_doc.safetensors and summary.json; an interrupted run resumes from the
-last finished shard of documents.
+last finished shard of documents. Under `accelerate launch` (N processes) the
+shards are shared out, the statistics reduced across processes, and only
+rank 0 writes (README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--rank-neurons-by", choices=("standardized", "abs_change"), default="standardized",
                        help="ordering of neurons.csv (default: %(default)s)")
     group.add_argument("--shard-size", type=int, default=32,
-                       help="documents per resumable shard (default: %(default)s)")
+                       help="documents per resumable shard; under N processes each process takes one shard "
+                            "per round (default: %(default)s)")
     group.add_argument("--ci", choices=("bootstrap", "normal"), default="bootstrap",
                        help="95%% CI from per-document values: percentile bootstrap over documents, or "
                             "normal approximation (default: %(default)s)")
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
                             n_bootstrap=args.n_bootstrap, cka=not args.no_cka)
     result = run_analysis(args.base, args.tuned, data_config(args), config, args.out, device=args.device,
                           dtype=args.dtype, restart=args.restart, trust_remote_code=args.trust_remote_code)
+    if result is None:  # not rank 0 of a multi-process run: rank 0 reports and writes
+        return 0
     s = result.summary
     low, high = s["share_heads_entropy_decreased_ci"]
     print(f"analyzed {s['n_docs']} documents, {s['n_tokens']} tokens (region {s['region']})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.distributed import is_main_process
 from sumcircuit.evaluate import PREDICTIONS_FILE, ROUGE_FILE, ROUGE_TYPES, GenerationConfig, run_evaluate
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                           adapter=args.adapter, device=args.device, dtype=args.dtype, seed=args.seed,
                           n_resamples=args.bootstrap, overwrite=args.overwrite,
                           trust_remote_code=args.trust_remote_code)
+    if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
+        return 0
     gen = result["generation"]
     print(f"ROUGE F1 (rouge-score, Porter stemmer), n = {result['n']}, "
           f"95% bootstrap CI ({args.bootstrap} resamples):")

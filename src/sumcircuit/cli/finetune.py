@@ -52,8 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument("--lora-dropout", type=float, default=0.05, help="(default: %(default)s)")
     opt = parser.add_argument_group("optimization (defaults: the method's paper values)")
     opt.add_argument("--lr", type=float, help="learning rate (full 3e-5, LoRA 5e-5)")
-    opt.add_argument("--batch-size", type=int, help="micro-batch (full 32, LoRA 16)")
-    opt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    opt.add_argument("--batch-size", type=int, help="micro-batch per forward pass (full 32, LoRA 16)")
+    opt.add_argument("--grad-accum", type=int, default=1,
+                     help="micro-batches per optimizer step, over all processes: the effective batch is "
+                          "batch-size x grad-accum for any number of processes (a multiple of them)")
     opt.add_argument("--epochs", type=float, help="epochs (default: 10)")
     opt.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     opt.add_argument("--eval-every", type=int, help="validate every N optimizer steps (default: each epoch)")
@@ -108,6 +110,7 @@ def val_config(args: argparse.Namespace, train: DataConfig) -> DataConfig | None
 
 
 def run(args: argparse.Namespace) -> int:
+    from sumcircuit.distributed import is_main_process
     from sumcircuit.finetune import run_finetune
 
     if args.trust_remote_code:
@@ -115,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     train = data_config(args)
     summary = run_finetune(args.model, train, finetune_config(args), args.out, val_config(args, train),
                            resume=args.resume)
+    if summary.get("processes", 1) > 1 and not is_main_process():  # rank 0 reports
+        return 0
     print(f"method {summary['method']}, layers {summary['layers']}: {summary['trainable_params']:,} trainable "
           f"of {summary['total_params']:,} parameters")
     print(f"{summary['steps']} steps ({summary['epochs']:.2f} epochs); best validation loss "

@@ -14,6 +14,7 @@ import argparse
 
 from sumcircuit.causal import DIRECTIONS, GRANULARITIES
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.distributed import is_main_process
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
                       include_all=not args.no_all, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
                       seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     summary = run_patching(args.base, args.tuned, data_config(args), cfg, args.out)
+    if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
+        return 0
     print(f"loss base {summary['loss_base']['mean']:.4f}, tuned {summary['loss_tuned']['mean']:.4f} "
           f"(gap {summary['gap']['mean']:+.4f} [{summary['gap']['ci_low']:+.4f}, {summary['gap']['ci_high']:+.4f}]) "
           f"over {summary['n_docs']} documents")
