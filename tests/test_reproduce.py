@@ -8,7 +8,7 @@ from pathlib import Path
 from sumcircuit.reproduce import StudyConfig, run_study, stage_key
 from tests.conftest import CNNDM
 
-TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3)
+TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
 TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
             max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, random_controls=3,
             eval_batch_size=3)
@@ -38,6 +38,12 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     assert targeted["layers"] == circuit["layers"] and len(circuit["layers"]) == 1
     randoms = [json.loads((run / f"random_s{s}" / "train_summary.json").read_text())["layers"] for s in (1, 2)]
     assert all(len(layers) == 1 for layers in randoms)
+    stage_cfg = {n: json.loads((run / n / "stage.json").read_text())["config"]
+                 for n in ("targeted", "random_s1", "random_s2")}
+    # controls differ from the targeted run only in the layers they draw
+    assert stage_cfg["targeted"]["seed"] == stage_cfg["random_s1"]["seed"] == stage_cfg["random_s2"]["seed"]
+    assert (stage_cfg["random_s1"]["layer_seed"], stage_cfg["random_s2"]["layer_seed"]) == (1, 2)
+    assert stage_cfg["targeted"]["val"] is None  # validation is held out of training, not the eval split
     page = (run / "report.html").read_text()
     assert "Paper claims vs this run" in page and page.count("<img") >= 4
 

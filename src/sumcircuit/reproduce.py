@@ -51,6 +51,10 @@ class StudyPreset:
     top_layers: int = 3
     random_controls: int = 20
     eval_batch_size: int = 8
+    # Validation for early stopping: a split of the training data set (e.g. "validation"), or
+    # None for a seeded held-out slice of the training documents. Never the evaluation split:
+    # selecting checkpoints on the test documents would flatter every method.
+    val_split: str | None = None
 
 
 PRESETS: dict[str, StudyPreset] = {
@@ -61,9 +65,12 @@ PRESETS: dict[str, StudyPreset] = {
                     "adapters move at all within the budget; numbers are a smoke test, not a replication",
         train_docs=256, val_docs=16, eval_docs=24, analysis_docs=16, causal_docs=8, max_tokens=256,
         max_new_tokens=48,
-        full=dict(lr=3e-5, batch_size=2, grad_accum=2, max_steps=24, eval_every=8, patience=3),
-        lora=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=24, eval_every=8, patience=3),
-        targeted=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=24, eval_every=8, patience=3),
+        full=dict(lr=3e-5, batch_size=2, grad_accum=2, max_steps=24, eval_every=8, save_every=24,
+                  patience=3, val_fraction=0.0625, keep_checkpoints=1, track_every=8, track_docs=4),
+        lora=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=16, eval_every=4, save_every=16,
+                  patience=3, val_fraction=0.0625, keep_checkpoints=1),
+        targeted=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=16, eval_every=4, save_every=16,
+                      patience=3, val_fraction=0.0625, keep_checkpoints=1),
         random_controls=20),
     "paper": StudyPreset(
         name="paper",
@@ -75,7 +82,7 @@ PRESETS: dict[str, StudyPreset] = {
         full=dict(lr=3e-5, batch_size=8, grad_accum=4, epochs=10, eval_every=500, patience=3),
         lora=dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3),
         targeted=dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3),
-        random_controls=20, eval_batch_size=16),
+        random_controls=20, eval_batch_size=16, val_split="validation"),
 }
 
 
@@ -86,6 +93,7 @@ class StudyConfig:
     eval_data: str | None = None
     split: str | None = "train"
     eval_split: str | None = None
+    val_split: str | None = None  # overrides the preset's
     preset: str = "quick"
     seeds: tuple[int, ...] = (1,)
     device: str = "cpu"
@@ -162,7 +170,9 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     preset = cfg.resolved_preset()
     runner = StageRunner(run)
     train = _data(cfg, eval_=False, n_docs=preset.train_docs, max_tokens=preset.max_tokens)
-    val = _data(cfg, eval_=True, n_docs=preset.val_docs, max_tokens=preset.max_tokens)
+    val_split = cfg.val_split or preset.val_split
+    val = (DataConfig(cfg.data, split=val_split, n_docs=preset.val_docs, max_tokens=preset.max_tokens)
+           if val_split else None)
     test = _data(cfg, eval_=True, n_docs=preset.eval_docs, max_tokens=preset.max_tokens)
     probe = _data(cfg, eval_=True, n_docs=preset.analysis_docs, max_tokens=preset.max_tokens)
     causal_data = _data(cfg, eval_=True, n_docs=preset.causal_docs, max_tokens=preset.max_tokens)
@@ -176,15 +186,15 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
 
     def finetune_stage(name: str, method: str, hp: Mapping[str, Any], seed: int,
                        layers: Callable[[], dict[str, Any]] | None = None,
-                       upstream: tuple[str, ...] = ()) -> None:
+                       upstream: tuple[str, ...] = (), key_extra: Mapping[str, Any] | None = None) -> None:
         def body(out: Path) -> None:
             extra = layers() if layers else {}
             ft_cfg = finetune.FinetuneConfig(method=method, seed=seed, device=cfg.device, dtype=cfg.dtype,
                                              **{**dict(hp), **extra})
             resume = finetune.latest_checkpoint(out) is not None  # an interrupted stage continues
             finetune.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=resume)
-        runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed,
-                          "train": asdict(train), "val": asdict(val)}, upstream, body)
+        runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed, **(key_extra or {}),
+                          "train": asdict(train), "val": asdict(val) if val else None}, upstream, body)
 
     seed0 = cfg.seeds[0]
     evaluate_stage("zeroshot", lambda: cfg.model, ())
@@ -202,10 +212,11 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, circuit_layers, ("circuit",))
     for name in ("lora_all", "targeted"):
         evaluate_stage(name, lambda n=name: str(run / n / "final"), (name,))
-    for seed in cfg.seeds:
+    for seed in cfg.seeds:  # controls differ from `targeted` only in the layers drawn
         name = f"random_s{seed}"
-        finetune_stage(name, "targeted-lora", preset.targeted, seed,
-                       lambda s=seed: {"random_layers": preset.top_layers, "layer_seed": s})
+        finetune_stage(name, "targeted-lora", preset.targeted, seed0,
+                       lambda s=seed: {"random_layers": preset.top_layers, "layer_seed": s},
+                       key_extra={"random_layers": preset.top_layers, "layer_seed": seed})
         evaluate_stage(name, lambda n=name: str(run / n / "final"), (name,))
     runner.run("ablate", {**common, "data": asdict(causal_data), "controls": preset.random_controls},
                ("full", "circuit"),

@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="train", help="training split (default: %(default)s)")
     parser.add_argument("--eval-data", help="evaluation data (default: --data with split 'val')")
     parser.add_argument("--eval-split", help="split of --eval-data")
+    parser.add_argument("--val-split", help="split of --data for early-stopping validation (default: the "
+                                            "preset's; quick holds out a seeded slice of the training docs)")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                         help="quick: ~15 min on a 2-core CPU; paper: the paper's hyper-parameters (GPU)")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, one random-layer control each")
@@ -41,7 +43,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = StudyConfig(model=args.model, data=args.data, split=args.split, eval_data=args.eval_data,
-                      eval_split=args.eval_split, preset=args.preset, seeds=_seeds(args.seeds),
+                      eval_split=args.eval_split, val_split=args.val_split, preset=args.preset, seeds=_seeds(args.seeds),
                       device=args.device, dtype=args.dtype)
     manifest = run_study(cfg, args.out)
     print_json({"stages": manifest["stages"], "wall_time_s": manifest["wall_time_s"]})
