@@ -55,6 +55,7 @@ class StudyPreset:
     # None for a seeded held-out slice of the training documents. Never the evaluation split:
     # selecting checkpoints on the test documents would flatter every method.
     val_split: str | None = None
+    patch_directions: tuple[str, ...] = ("denoise", "noise")
 
 
 PRESETS: dict[str, StudyPreset] = {
@@ -71,7 +72,7 @@ PRESETS: dict[str, StudyPreset] = {
                   patience=3, val_fraction=0.0625, keep_checkpoints=1),
         targeted=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=16, eval_every=4, save_every=16,
                       patience=3, val_fraction=0.0625, keep_checkpoints=1),
-        random_controls=20),
+        random_controls=20, patch_directions=("denoise",)),
     "paper": StudyPreset(
         name="paper",
         description="the paper's hyper-parameters (full: AdamW wd 0.01, lr 3e-5, batch 32, 10 epochs; "
@@ -223,9 +224,11 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
                lambda out: causal.run_ablation(full_spec(), causal_data, causal.AblationConfig(
                    circuit=str(run / "circuit" / "circuit.json"), random_controls=preset.random_controls,
                    seed=seed0), out, device=cfg.device, dtype=cfg.dtype))
-    runner.run("patch", {**common, "data": asdict(causal_data)}, ("full",),
+    runner.run("patch", {**common, "data": asdict(causal_data), "directions": preset.patch_directions},
+               ("full",),
                lambda out: causal.run_patching(cfg.model, full_spec(), causal_data,
-                                               causal.PatchConfig(seed=seed0), out,
+                                               causal.PatchConfig(seed=seed0, directions=preset.patch_directions),
+                                               out,
                                                device=cfg.device, dtype=cfg.dtype))
     manifest = {"study": asdict(cfg), "preset": asdict(preset), "stages": runner.keys,
                 "wall_time_s": runner.timings, "skipped": runner.skipped,
