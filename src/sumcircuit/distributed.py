@@ -130,6 +130,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def teardown(*, wait: bool = True) -> None:
+    """Leave the process group cleanly at the end of a command.
+
+    Exiting with a live gloo group lets its threads race interpreter shutdown
+    (seen as "terminate called without an active exception", exit -6, on a
+    rank that had finished its work); a barrier then destroy avoids that.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            if wait:  # never after a failure: a rank that died would leave the others waiting
+                torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
+
+
 @contextmanager
 def main_process_first() -> Iterator[None]:
     """Rank 0 runs the body first (e.g. fills a model cache), the others after it."""

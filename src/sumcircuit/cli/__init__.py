@@ -38,14 +38,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    ok = False
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        ok = True
+        return code
     except SumcircuitError as err:
         print(f"sumcircuit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sumcircuit {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    finally:
+        from sumcircuit.distributed import teardown
+
+        teardown(wait=ok)
 
 
 if __name__ == "__main__":
