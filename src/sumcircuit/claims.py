@@ -8,7 +8,6 @@ interval that straddles it is ``inconclusive`` rather than a coin flip.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,15 +31,13 @@ class ClaimResult:
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
                           seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of a - b over paired examples and its percentile bootstrap CI."""
+    from sumcircuit.evaluate import bootstrap_ci  # the same CI method as every ROUGE interval
+
     if len(a) != len(b) or not a:
         raise ValueError("paired samples must be non-empty and of equal length")
     diffs = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_resamples))
-    lo = means[int((1 - level) / 2 * n_resamples)]
-    hi = means[min(n_resamples - 1, int((1 + level) / 2 * n_resamples))]
-    return sum(diffs) / n, lo, hi
+    low, high = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed, level=level)
+    return sum(diffs) / len(diffs), low, high
 
 
 def _interval_verdict(low: float, high: float, threshold: float) -> str:
