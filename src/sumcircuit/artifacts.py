@@ -65,6 +65,22 @@ def read_json(path: str | Path) -> Any:
         return json.load(fh)
 
 
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by :func:`atomic_write_csv`; [] when the file does not exist."""
+    if not Path(path).is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written by :func:`append_jsonl`; [] when the file does not exist."""
+    if not Path(path).is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
                      columns: Sequence[str]) -> None:
     buf = io.StringIO()

@@ -13,7 +13,6 @@ pure function of those files.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sumcircuit.artifacts import atomic_write_json, read_json
+from sumcircuit.artifacts import atomic_write_json, read_csv, read_json
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.provenance import provenance
 
@@ -68,8 +67,7 @@ class CircuitConfig:
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise CircuitError(f"{path} not found: --analysis must be a folder written by `sumcircuit analyze`")
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv(path)
 
 
 def _column(rows: list[dict[str, str]], name: str, path: Path) -> np.ndarray:

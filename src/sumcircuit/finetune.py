@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.artifacts import (append_jsonl, atomic_save_safetensors, atomic_write_csv,
-                                  atomic_write_json, atomic_write_text, read_json)
+from sumcircuit.artifacts import (append_jsonl, atomic_save_safetensors, atomic_write_csv, atomic_write_json,
+                                  atomic_write_text, read_csv, read_json, read_jsonl)
 from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.lora import (ADAPTER_META, ADAPTER_WEIGHTS, apply_adapter, count_params,
@@ -765,13 +765,7 @@ def _resume(run: _Run) -> None:
 
 
 def _read_tracking(out: Path) -> list[dict[str, Any]]:
-    import csv
-
-    path = out / "tracking.csv"
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv(out / "tracking.csv")  # type: ignore[return-value]
 
 
 def _track(run: _Run) -> None:
@@ -944,9 +938,7 @@ def _finish(run: _Run, started: float) -> dict[str, Any]:
 
 
 def _read_log(out: Path) -> list[dict[str, Any]]:
-    path = out / "train_log.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.is_file() else []
+    return read_jsonl(out / "train_log.jsonl")
 
 
 def run_finetune(model_spec: str, train_cfg: DataConfig, config: FinetuneConfig, out_dir: str | Path,

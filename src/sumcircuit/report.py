@@ -8,7 +8,6 @@ not run say so instead of failing, so a partial run still gets a report.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -24,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sumcircuit import claims  # noqa: E402
-from sumcircuit.artifacts import atomic_write_text  # noqa: E402
+from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
 from sumcircuit.errors import SumcircuitError  # noqa: E402
 
 # Run-directory layout written by sumcircuit.reproduce (stage name -> folder).
@@ -39,17 +38,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8", newline="") as fh:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)]
 
 
 def _number(value: str | None) -> Any:
@@ -65,7 +54,7 @@ def _number(value: str | None) -> Any:
 def per_example_rouge1(eval_dir: Path) -> dict[str, float]:
     """doc id -> ROUGE-1 F1 from predictions.jsonl, for paired comparisons."""
     out: dict[str, float] = {}
-    for row in _read_jsonl(eval_dir / "predictions.jsonl"):
+    for row in read_jsonl(eval_dir / "predictions.jsonl"):
         scores = row.get("scores", {})
         value = scores.get("rouge1")
         out[str(row.get("doc_id"))] = float(value["f1"] if isinstance(value, Mapping) else value)
@@ -308,7 +297,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"{_fmt(summary.get('n_docs'))} documents, {_fmt(summary.get('n_tokens'))} tokens.</p>")
     parts.append(_section("Differential analysis (base vs full fine-tune)", body or _missing("Analysis")))
 
-    logs = {n: _read_jsonl(run / n / "train_log.jsonl") for n in names}
+    logs = {n: read_jsonl(run / n / "train_log.jsonl") for n in names}
     logs = {n: log for n, log in logs.items() if log}
     tracking = _read_csv(run / "full" / "tracking.csv")
     body = (training_curves(logs) if logs else "") + (tracking_plot(tracking) if tracking else "")
