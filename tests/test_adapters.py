@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from sumcircuit.adapters import ArchitectureAdapter, FusedQKV, SeparateQKV, supported_model_types
 from sumcircuit.errors import ModelError
-from tests.conftest import make_tiny_model
+
+from helpers import make_tiny_model
 
 EXPECTED = {  # family: (layers, heads, kv heads, head dim, hidden, neurons)
     "gpt2": (3, 4, 4, 8, 32, 128),

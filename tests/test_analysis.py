@@ -11,15 +11,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CNNDM, make_tiny_model, save_tiny
 from sumcircuit import analysis as analysis_mod
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.analysis import (HEAD_COLUMNS, LAYER_COLUMNS, AnalysisConfig, AnalysisState,
-                                 IncompatibleModelsError, analyze_models, finalize, load_state, weight_changes)
+from sumcircuit.analysis import (
+    HEAD_COLUMNS,
+    LAYER_COLUMNS,
+    AnalysisConfig,
+    AnalysisState,
+    IncompatibleModelsError,
+    analyze_models,
+    finalize,
+    load_state,
+    weight_changes,
+)
 from sumcircuit.capture import body
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig, Encoded, collate, encode, load_examples
 from sumcircuit.metrics import linear_cka
+
+from helpers import CNNDM, make_tiny_model, save_tiny
 
 FAST = dict(progress=False, n_bootstrap=100)
 VAL = str(CNNDM / "val.jsonl.gz")

@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.capture import (ATTN_IMPLEMENTATION, RowMask, attention_expectations, body, capturing,
-                                expected_score, row_mask)
+from sumcircuit.capture import (
+    ATTN_IMPLEMENTATION,
+    RowMask,
+    attention_expectations,
+    body,
+    capturing,
+    expected_score,
+    row_mask,
+)
+
+from helpers import make_tiny_model
 
 
 def _explicit(q, k, values, allowed, scale):  # type: ignore[no-untyped-def]

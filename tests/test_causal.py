@@ -11,14 +11,18 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from sumcircuit import causal
-from sumcircuit.causal import (AblationConfig, CausalError, Component, Interventions, PatchConfig,
-                               batches, document_losses, empirical_p_value)
+from sumcircuit.causal import AblationConfig, CausalError, Interventions, PatchConfig
+from sumcircuit.causal import ablation as abl
+from sumcircuit.causal import interventions as iv
+from sumcircuit.causal import patching as pat
+from sumcircuit.causal.interventions import batches, document_losses
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig
 from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.sites import Site, SiteError, parse_heads, parse_layers
+from sumcircuit.stats import empirical_p_value
 
-from conftest import CNNDM
+from helpers import CNNDM
 
 FAMILIES = ["gpt2", "llama", "gemma3"]
 
@@ -40,7 +44,7 @@ def _perturb_layers(loaded: LoadedModel, seed: int = 1, scale: float = 0.05) -> 
 @pytest.fixture(scope="module")
 def encoded(tiny_model_dirs: dict[str, Path]) -> list:
     tok = load_model(str(tiny_model_dirs["gpt2"])).tokenizer  # all tiny models share one tokenizer
-    return causal.encode_examples(tok, _data())[0]
+    return iv.encode_examples(tok, _data())[0]
 
 
 def _pair(tiny_model_dirs: dict[str, Path], family: str) -> tuple[LoadedModel, LoadedModel]:
@@ -56,8 +60,8 @@ def _losses(loaded: LoadedModel, encoded: list, batch_size: int = 3) -> np.ndarr
     return out
 
 
-def _rows(result: causal.PatchResult, cfg: PatchConfig) -> dict[tuple[str, str], dict]:
-    return {(r["direction"], r["component"]): r for r in causal.summarize_patching(result, cfg)["rows"]}
+def _rows(result: pat.PatchLosses, cfg: PatchConfig) -> dict[tuple[str, str], dict]:
+    return {(r["direction"], r["component"]): r for r in pat.summarize_patching(result, cfg)["rows"]}
 
 
 # ---------------------------------------------------------------- loss
@@ -81,7 +85,7 @@ def test_patching_every_layer_recovers_the_whole_gap(tiny_model_dirs: dict[str, 
                                                      family: str, granularity: str) -> None:
     base, tuned = _pair(tiny_model_dirs, family)
     cfg = PatchConfig(granularity=granularity, batch_size=3, n_bootstrap=50)
-    result = causal.patch(base, tuned, encoded, cfg)
+    result = pat.patch_losses(base, tuned, encoded, cfg)
     rows = _rows(result, cfg)
     assert abs(result.base.mean() - result.tuned.mean()) > 1e-4  # a real gap to recover
     assert rows[("denoise", "all")]["recovery"] == pytest.approx(1.0, abs=1e-4)
@@ -97,22 +101,22 @@ def test_patching_nothing_recovers_nothing(tiny_model_dirs: dict[str, Path], enc
     base, _ = _pair(tiny_model_dirs, family)
     clean = _losses(base, encoded)
     patched = np.zeros(len(encoded))
-    cost = causal.CostCounter()
+    cost = iv.CostCounter()
     with torch.no_grad():
         for idx, batch in batches(encoded, 3, base.tokenizer.pad_token_id, "cpu"):
-            _, cache = causal.clean_run(base.model, base.adapter, batch,
-                                        [("block", l) for l in range(base.adapter.n_layers)], cost)
-            blocks = {l: cache[("block", l)] for l in range(base.adapter.n_layers)}
-            patched[idx] = causal.run_intervened(base.model, base.adapter, batch, {}, blocks, cost).numpy()
+            _, cache = iv.clean_run(base.model, base.adapter, batch,
+                                        [("resid_post", l) for l in range(base.adapter.n_layers)], cost)
+            blocks = {l: cache[("resid_post", l)] for l in range(base.adapter.n_layers)}
+            patched[idx] = iv.run_intervened(base.model, base.adapter, batch, {}, blocks, cost).numpy()
     np.testing.assert_array_equal(patched, clean)
-    assert causal.recovery(clean, clean + 1.0, patched) == 0.0
+    assert pat.recovery(clean, clean + 1.0, patched) == 0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replaying_the_prefix_changes_no_number(tiny_model_dirs: dict[str, Path], encoded: list, family: str) -> None:
     """Skipping the layers below a patch (cached) is a pure speed-up: same losses as computing them."""
     base, tuned = _pair(tiny_model_dirs, family)
-    fast, slow = (causal.patch(base, tuned, encoded, PatchConfig(granularity="head", layers=(1, 2), batch_size=3,
+    fast, slow = (pat.patch_losses(base, tuned, encoded, PatchConfig(granularity="head", layers=(1, 2), batch_size=3,
                                                                  replay_prefix=r)) for r in (True, False))
     for key in fast.patched:
         np.testing.assert_allclose(fast.patched[key], slow.patched[key], atol=1e-6)
@@ -123,7 +127,7 @@ def test_patching_cost_is_two_clean_plus_one_per_component_and_direction(tiny_mo
                                                                          encoded: list) -> None:
     base, tuned = _pair(tiny_model_dirs, "gpt2")
     cfg = PatchConfig(granularity="block", batch_size=4, include_all=False)
-    result = causal.patch(base, tuned, encoded, cfg)
+    result = pat.patch_losses(base, tuned, encoded, cfg)
     n_layers = base.adapter.n_layers
     cost = result.cost.summary(n_layers)
     assert cost["batches"] == 1
@@ -135,7 +139,7 @@ def test_patching_cost_is_two_clean_plus_one_per_component_and_direction(tiny_mo
 def test_patching_refuses_different_architectures(tiny_model_dirs: dict[str, Path], encoded: list) -> None:
     gpt2, llama = (load_model(str(tiny_model_dirs[f])) for f in ("gpt2", "llama"))
     with pytest.raises(CausalError, match="different architectures"):
-        causal.patch(gpt2, llama, encoded, PatchConfig())
+        pat.patch_losses(gpt2, llama, encoded, PatchConfig())
 
 
 # ---------------------------------------------------------------- ablation
@@ -155,7 +159,7 @@ def test_ablating_a_head_with_zero_output_weights_changes_nothing(tiny_model_dir
     loaded = load_model(str(tiny_model_dirs[family]))
     with torch.no_grad():
         _head_out_weight_slice(loaded, 1, 1).zero_()
-    result = causal.ablate(loaded, encoded, AblationConfig(heads=((1, 1),), mode=mode, batch_size=3))
+    result = abl.ablation_losses(loaded, encoded, AblationConfig(heads=((1, 1),), mode=mode, batch_size=3))
     np.testing.assert_allclose(result.ablated[0], result.clean, atol=1e-6)
 
 
@@ -164,7 +168,7 @@ def test_zero_ablating_a_head_equals_zeroing_its_output_weights(tiny_model_dirs:
                                                                 family: str) -> None:
     loaded = load_model(str(tiny_model_dirs[family]))
     heads = ((0, 2), (2, 1))
-    result = causal.ablate(loaded, encoded, AblationConfig(heads=heads, mode="zero", batch_size=3))
+    result = abl.ablation_losses(loaded, encoded, AblationConfig(heads=heads, mode="zero", batch_size=3))
     assert np.abs(result.ablated[0] - result.clean).max() > 1e-4  # the heads matter
     with torch.no_grad():
         for layer, head in heads:
@@ -177,8 +181,8 @@ def test_mean_ablation_uses_the_dataset_mean_over_real_tokens(tiny_model_dirs: d
                                                               family: str) -> None:
     loaded = load_model(str(tiny_model_dirs[family]))
     adapter, dim = loaded.adapter, loaded.adapter.head_dim
-    comps = [Component(1, "head", 2), Component(2, "attn"), Component(0, "mlp")]
-    means = causal.dataset_means(loaded.model, adapter, encoded, comps, 3, loaded.tokenizer.pad_token_id, "cpu")
+    comps = [Site(1, "attn_head", 2), Site(2, "attn"), Site(0, "mlp")]
+    means = abl.dataset_means(loaded.model, adapter, encoded, comps, 3, loaded.tokenizer.pad_token_id, "cpu")
     # manual: one unpadded document at a time, all tokens pooled
     pooled: dict[str, list[torch.Tensor]] = {"head": [], "attn": [], "mlp": []}
     hooks = [adapter.attention_output(loaded.model, 1).register_forward_pre_hook(
@@ -195,14 +199,15 @@ def test_mean_ablation_uses_the_dataset_mean_over_real_tokens(tiny_model_dirs: d
         manual = torch.cat(pooled[key]).double().mean(0).float()
         torch.testing.assert_close(means[comp], manual, atol=1e-6, rtol=1e-5)
     # and the ablation really inserts that mean
-    result = causal.ablate(loaded, encoded, AblationConfig(heads=((1, 2),), mode="mean", batch_size=3))
+    result = abl.ablation_losses(loaded, encoded, AblationConfig(heads=((1, 2),), mode="mean", batch_size=3))
     torch.testing.assert_close(result.means[comps[0]], means[comps[0]])
     expected = np.zeros(len(encoded))
     with torch.no_grad():
         for i, enc in enumerate(encoded):
             with Interventions(loaded.model, adapter) as iv:
                 iv.replace({comps[0]: means[comps[0]]})
-                batch = {"input_ids": torch.tensor([enc.input_ids]), "attention_mask": torch.ones(1, len(enc.input_ids), dtype=torch.long),
+                batch = {"input_ids": torch.tensor([enc.input_ids]),
+                         "attention_mask": torch.ones(1, len(enc.input_ids), dtype=torch.long),
                          "labels": torch.tensor([enc.labels])}
                 expected[i] = document_losses(loaded.model, batch).item()
     np.testing.assert_allclose(result.ablated[0], expected, atol=1e-5)
@@ -216,31 +221,33 @@ def test_empirical_p_value_formula() -> None:
 
 def test_random_sets_have_the_circuit_size_and_follow_the_seed(tiny_model_dirs: dict[str, Path]) -> None:
     adapter = load_model(str(tiny_model_dirs["llama"])).adapter  # 3 layers x 6 heads
-    heads = [Component(0, "head", 1), Component(2, "head", 5)]
-    sets = causal.random_sets(heads, adapter, 20, seed=3)
-    assert all(len(s) == 2 and len(set(s)) == 2 and all(c.kind == "head" for c in s) for s in sets)
-    assert sets == causal.random_sets(heads, adapter, 20, seed=3)
-    assert sets != causal.random_sets(heads, adapter, 20, seed=4)
-    comp = causal.random_sets(heads, adapter, 20, seed=3, pool="complement")
+    heads = [Site(0, "attn_head", 1), Site(2, "attn_head", 5)]
+    sets = abl.random_sets(heads, adapter, 20, seed=3)
+    assert all(len(s) == 2 and len(set(s)) == 2 and all(c.kind == "attn_head" for c in s) for s in sets)
+    assert sets == abl.random_sets(heads, adapter, 20, seed=3)
+    assert sets != abl.random_sets(heads, adapter, 20, seed=4)
+    comp = abl.random_sets(heads, adapter, 20, seed=3, pool="complement")
     assert not any(set(s) & set(heads) for s in comp)
-    layers = causal.layer_components([1], "both")
-    for s in causal.random_sets(layers, adapter, 10, seed=0):
+    layers = abl.layer_sites([1], "both")
+    for s in abl.random_sets(layers, adapter, 10, seed=0):
         assert [c.kind for c in s] == ["attn", "mlp"] and s[0].layer == s[1].layer
     with pytest.raises(CausalError, match="cannot draw random sets of 2 from a pool of 1"):
-        causal.random_sets(causal.layer_components([0, 1], "attn"), adapter, 1, 0, "complement")
+        abl.random_sets(abl.layer_sites([0, 1], "attn"), adapter, 1, 0, "complement")
 
 
 def test_bad_heads_and_layers_name_the_input(tiny_model_dirs: dict[str, Path]) -> None:
     adapter = load_model(str(tiny_model_dirs["llama"])).adapter
-    with pytest.raises(CausalError, match=r"--heads 1\.7: head 7 out of range: the model has 6 attention heads"):
-        causal.parse_heads("1.7", adapter)
-    with pytest.raises(CausalError, match="--heads 3.1: layer 3 out of range"):
-        causal.parse_heads("3.1", adapter)
-    with pytest.raises(CausalError, match="expected LAYER.HEAD"):
-        causal.parse_heads("2:1")
-    assert causal.parse_layers("0,2-2,1") == [0, 1, 2]
-    with pytest.raises(CausalError, match="--layers 5: out of range"):
-        causal.parse_layers("5", adapter)
+    with pytest.raises(CausalError, match=r"heads L1\.H7: head 7 out of range: the model has 6 heads"):
+        abl.ablation_targets(AblationConfig(heads=("1.7",)), adapter)
+    with pytest.raises(CausalError, match=r"heads L3\.H1: layer 3 out of range"):
+        abl.ablation_targets(AblationConfig(heads=("L3.H1",)), adapter)
+    with pytest.raises(SiteError, match="cannot parse component '2:1'"):
+        parse_heads("2:1")
+    assert parse_layers("0,2-2,1") == [0, 1, 2]
+    with pytest.raises(SiteError, match="--layers 5: layer 5 out of range"):
+        parse_layers("5", adapter.n_layers, what="--layers")
+    with pytest.raises(SiteError, match="layer 999999999 out of range"):  # checked before it is expanded
+        parse_layers("0-999999999", 3)
 
 
 # ---------------------------------------------------------------- CLI
@@ -269,7 +276,7 @@ def test_cli_ablate_errors_are_one_line(tiny_model_dirs: dict[str, Path], tmp_pa
     rc = main(["ablate", "--model", str(tiny_model_dirs["llama"]), "--data", str(CNNDM), "--split", "val",
                "--n-docs", "2", "--heads", "1.9", "--out", str(tmp_path / "x")])
     assert rc == 2
-    assert "--heads 1.9: head 9 out of range: the model has 6 attention heads" in capsys.readouterr().err
+    assert "heads L1.H9: head 9 out of range: the model has 6 heads per layer" in capsys.readouterr().err
 
 
 def test_cli_ablate_rouge_is_clear_when_unavailable_or_runs(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -323,7 +330,7 @@ def test_real_smollm2_patching_and_ablation_smoke(smollm2: LoadedModel) -> None:
     import copy
 
     data = _data(n_docs=2, max_tokens=128)
-    encoded = causal.encode_examples(smollm2.tokenizer, data)[0]
+    encoded = iv.encode_examples(smollm2.tokenizer, data)[0]
     tuned = copy.copy(smollm2)
     tuned.model = copy.deepcopy(smollm2.model)
     gen = torch.Generator().manual_seed(0)
@@ -332,7 +339,7 @@ def test_real_smollm2_patching_and_ablation_smoke(smollm2: LoadedModel) -> None:
             for p in tuned.adapter.block(tuned.model, layer).parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     cfg = PatchConfig(granularity="layer", layers=(27, 28, 29), batch_size=2, n_bootstrap=100)
-    result = causal.patch(smollm2, tuned, encoded, cfg)
+    result = pat.patch_losses(smollm2, tuned, encoded, cfg)
     rows = _rows(result, cfg)
     assert abs(result.base.mean() - result.tuned.mean()) > 1e-3
     for comp in ("L27.attn", "L27.mlp"):  # identical in both models: exactly nothing to recover
@@ -340,17 +347,18 @@ def test_real_smollm2_patching_and_ablation_smoke(smollm2: LoadedModel) -> None:
     assert rows[("denoise", "all")]["recovery"] == pytest.approx(1.0, abs=1e-4)
     assert rows[("noise", "all")]["recovery"] == pytest.approx(0.0, abs=1e-4)
     assert result.cost.summary(30)["full_forward_equivalents_per_batch"] < 3.5  # 2 clean + replayed prefixes
-    with pytest.raises(CausalError, match="--heads 3.12: head 12 out of range: the model has 9"):
-        causal.ablate(smollm2, encoded, AblationConfig(heads=((3, 12),)))
-    zeroed = causal.ablate(smollm2, encoded, AblationConfig(heads=((29, 1), (29, 8)), batch_size=2))
+    with pytest.raises(CausalError, match="heads L3.H12: head 12 out of range: the model has 9"):
+        abl.ablation_losses(smollm2, encoded, AblationConfig(heads=((3, 12),)))
+    zeroed = abl.ablation_losses(smollm2, encoded, AblationConfig(heads=((29, 1), (29, 8)), batch_size=2))
     assert zeroed.ablated.shape == (1, 2) and np.isfinite(zeroed.ablated).all()
     assert not np.array_equal(zeroed.ablated[0], zeroed.clean)
 
 
 def test_adapter_folders_work_for_ablate_and_patch(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A LoRA adapter folder from `finetune` is a --tuned spec for patch and an --adapter for ablate."""
-    finetune = pytest.importorskip("sumcircuit.finetune")
-    lora = pytest.importorskip("sumcircuit.lora")
+    from sumcircuit import lora
+    from sumcircuit.training.checkpoint import export_model
+
     loaded = load_model(str(tiny_model_dirs["llama"]))
     loaded.weights_sha256()
     peft_model = lora.inject_lora(loaded.model, loaded.adapter, [0, 2], rank=4)
@@ -358,14 +366,14 @@ def test_adapter_folders_work_for_ablate_and_patch(tiny_model_dirs: dict[str, Pa
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    finetune.export_model(peft_model, loaded, tmp_path / "adapter", {"method": "targeted-lora", "layers": [0, 2]})
+    export_model(peft_model, loaded, tmp_path / "adapter", {"method": "targeted-lora", "layers": [0, 2]})
     common = ["--data", str(CNNDM), "--split", "val", "--n-docs", "3", "--max-tokens", "64", "--n-bootstrap", "20"]
     assert main(["patch", "--base", str(tiny_model_dirs["llama"]), "--tuned", str(tmp_path / "adapter"),
                  "--granularity", "block", *common, "--out", str(tmp_path / "p")]) == 0
     with open(tmp_path / "p" / "patching.csv", newline="") as fh:
         rows = {(r["direction"], r["component"]): float(r["recovery"]) for r in csv.DictReader(fh)}
     assert rows[("denoise", "all")] == pytest.approx(1.0, abs=1e-4)
-    assert rows[("denoise", "L2.block")] == pytest.approx(1.0, abs=1e-4)  # layer 2: the last adapted one
+    assert rows[("denoise", "L2.resid_post")] == pytest.approx(1.0, abs=1e-4)  # layer 2: the last adapted one
     for args, out in ((["--model", str(tiny_model_dirs["llama"]), "--adapter", str(tmp_path / "adapter")], "a1"),
                       (["--model", str(tmp_path / "adapter")], "a2")):
         assert main(["ablate", *args, "--heads", "1.1", *common, "--out", str(tmp_path / out)]) == 0

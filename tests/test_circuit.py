@@ -11,12 +11,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sumcircuit.causal import AblationConfig, CausalError, ablation_targets, circuit_targets
-from sumcircuit.circuit import CircuitError, normalized_ranks, select_circuit
+from sumcircuit.causal import AblationConfig, CausalError
+from sumcircuit.causal.ablation import ablation_targets
+from sumcircuit.circuit import CircuitError, normalized_ranks, read_circuit, select_circuit
 from sumcircuit.cli import main
+from sumcircuit.sites import Site
 
 L, H, D = 6, 4, 40
 
+
+
+def _select(*args, **kwargs):  # type: ignore[no-untyped-def]
+    return select_circuit(*args, **kwargs).summary
 
 
 def write_analysis(folder: Path, kl: np.ndarray, entropy_base: np.ndarray, entropy_tuned: np.ndarray,
@@ -70,19 +76,19 @@ def dominant(tmp_path: Path) -> Path:
 
 
 def test_top_layers_by_each_score(dominant: Path) -> None:
-    assert select_circuit(dominant, "kl", 3, n_bootstrap=50)["layers"] == [1, 3, 4]
-    assert select_circuit(dominant, "entropy", 2, n_bootstrap=50)["layers"] == [0, 3]
-    assert select_circuit(dominant, "activation", 2, n_bootstrap=50)["layers"] == [3, 5]  # |signed|
-    assert select_circuit(dominant, "weights", 2, n_bootstrap=50)["layers"] == [3, 4]
-    combined = select_circuit(dominant, "combined", 1, n_bootstrap=50)
+    assert _select(dominant, "kl", 3, n_bootstrap=50)["layers"] == [1, 3, 4]
+    assert _select(dominant, "entropy", 2, n_bootstrap=50)["layers"] == [0, 3]
+    assert _select(dominant, "activation", 2, n_bootstrap=50)["layers"] == [3, 5]  # |signed|
+    assert _select(dominant, "weights", 2, n_bootstrap=50)["layers"] == [3, 4]
+    combined = _select(dominant, "combined", 1, n_bootstrap=50)
     assert combined["layers"] == [3] and combined["scores"][3] == pytest.approx(1.0)
-    kl = select_circuit(dominant, "kl", 3, n_bootstrap=50)
+    kl = _select(dominant, "kl", 3, n_bootstrap=50)
     assert kl["ranked_layers"][:3] == [3, 1, 4]
     assert kl["scores"][3] == pytest.approx(1.0 + 2.0 / H, abs=0.01)  # mean over heads
 
 
 def test_one_dominant_layer_is_perfectly_stable(dominant: Path) -> None:
-    circuit = select_circuit(dominant, "kl", 1, n_bootstrap=200, seed=3)
+    circuit = _select(dominant, "kl", 1, n_bootstrap=200, seed=3)
     assert circuit["stability"] == {"3": 1.0}
     assert circuit["topk_frequency"][3] == 1.0 and sum(circuit["topk_frequency"]) == pytest.approx(1.0)
 
@@ -94,7 +100,7 @@ def test_near_ties_are_reported_unstable(tmp_path: Path) -> None:
     kl[:, 5] += 1.0 + rng.normal(0, 0.3, (D, 1))
     eb = np.ones((D, L, H))
     folder = write_analysis(tmp_path / "a", kl, eb, eb, np.zeros((D, L)), np.zeros(L))
-    circuit = select_circuit(folder, "kl", 1, n_bootstrap=300, seed=0)
+    circuit = _select(folder, "kl", 1, n_bootstrap=300, seed=0)
     (chosen,) = circuit["layers"]
     assert chosen in (2, 5)
     assert 0.05 < circuit["stability"][str(chosen)] < 0.95
@@ -103,26 +109,26 @@ def test_near_ties_are_reported_unstable(tmp_path: Path) -> None:
 
 
 def test_weights_score_has_no_bootstrap(dominant: Path) -> None:
-    circuit = select_circuit(dominant, "weights", 2, n_bootstrap=50)
+    circuit = _select(dominant, "weights", 2, n_bootstrap=50)
     assert circuit["stability"] == {"3": None, "4": None}
     assert "no per-document variation" in circuit["stability_definition"]
 
 
 def test_top_heads_and_their_stability(dominant: Path) -> None:
-    circuit = select_circuit(dominant, "kl", 2, top_heads=1, n_bootstrap=100)
-    assert circuit["heads"] == [[3, 2]]
-    assert circuit["head_stability"] == {"3.2": 1.0}
+    circuit = _select(dominant, "kl", 2, top_heads=1, n_bootstrap=100)
+    assert circuit["heads"] == ["L3.H2"]
+    assert circuit["head_stability"] == {"L3.H2": 1.0}
     with pytest.raises(CircuitError, match="--top-heads needs a per-head score"):
-        select_circuit(dominant, "activation", 2, top_heads=2)
+        _select(dominant, "activation", 2, top_heads=2)
 
 
 def test_bad_inputs_name_the_problem(dominant: Path, tmp_path: Path) -> None:
     with pytest.raises(CircuitError, match="--top-layers 7: must be between 1 and the 6 layers"):
-        select_circuit(dominant, "kl", 7)
+        _select(dominant, "kl", 7)
     with pytest.raises(CircuitError, match="--score nope"):
-        select_circuit(dominant, "nope", 2)
+        _select(dominant, "nope", 2)
     with pytest.raises(CircuitError, match="heads.csv not found"):
-        select_circuit(tmp_path, "kl", 2)
+        _select(tmp_path, "kl", 2)
 
 
 def test_normalized_ranks_average_ties() -> None:
@@ -140,13 +146,14 @@ def test_cli_writes_a_circuit_that_ablate_and_finetune_read(dominant: Path, tmp_
     assert circuit["provenance"]["analysis"]["provenance"] == {"seed": 7, "models": ["base", "tuned"]}
     assert circuit["provenance"]["config"]["top_layers"] == 2
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert circuit_targets(out) == ((1, 3), ())
-    heads = circuit_targets(out, "heads")[1]  # in rank order: 3.2, then another head of layer 3
-    assert heads[0] == (3, 2) and heads[1][0] == 3 and len(heads) == 2
+    assert read_circuit(out).layers == [1, 3]
+    assert circuit["heads"][0] == "L3.H2" and len(circuit["heads"]) == 2  # in rank order
+    heads = read_circuit(out).heads
+    assert Site(3, "attn_head", 2) in heads and all(h.layer == 3 for h in heads)
     from sumcircuit.models import load_model
 
     adapter = load_model(str(tiny_model_dirs["gpt2"])).adapter  # 3 layers: the circuit's layer 3 does not exist
-    with pytest.raises(CausalError, match="--layers 3: layer 3 out of range: the model has 3 layers"):
+    with pytest.raises(CausalError, match="layers L3.attn: layer 3 out of range: the model has 3 layers"):
         ablation_targets(AblationConfig(circuit=str(out)), adapter)
     small = json.loads(out.read_text()) | {"layers": [0, 2]}
     (tmp_path / "small.json").write_text(json.dumps(small))
@@ -156,18 +163,38 @@ def test_cli_writes_a_circuit_that_ablate_and_finetune_read(dominant: Path, tmp_
 
 def test_selects_from_a_real_analysis_folder(tiny_model_dirs, tiny_tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The synthetic format above matches what `sumcircuit analyze` writes."""
-    analysis = pytest.importorskip("sumcircuit.analysis")
-    from conftest import CNNDM, save_tiny
+    from sumcircuit import analysis
     from sumcircuit.data import DataConfig
+
+    from helpers import CNNDM, save_tiny
 
     tuned = save_tiny("llama", tmp_path / "tuned", tiny_tokenizer, seed=1)
     data = DataConfig(str(CNNDM), split="val", n_docs=4, max_tokens=64)
     cfg = analysis.AnalysisConfig(n_bootstrap=20, cka=False, progress=False, top_k=5)
     analysis.run_analysis(str(tiny_model_dirs["llama"]), str(tuned), data, cfg, tmp_path / "analysis")
     for score in ("kl", "kl-sym", "entropy", "activation", "weights", "combined"):
-        circuit = select_circuit(tmp_path / "analysis", score, 2, top_heads=2 if score != "weights" and
+        circuit = _select(tmp_path / "analysis", score, 2, top_heads=2 if score != "weights" and
                                  score != "activation" else 0, n_bootstrap=50)
         assert len(circuit["layers"]) == 2 and all(0 <= l < 3 for l in circuit["layers"])
         assert circuit["provenance"]["analysis"]["provenance"]
         if score != "weights":
             assert all(v is not None and 0 <= v <= 1 for v in circuit["stability"].values())
+
+
+def test_old_circuit_files_keep_loading_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    """Heads as [layer, head] pairs (earlier versions) load as Sites; wrong types are refused, never coerced."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"layers": [2, 3, 5], "heads": [[3, 2], [5, 0]]}))
+    assert read_circuit(old).heads == [Site(3, "attn_head", 2), Site(5, "attn_head", 0)]
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"layers": [2], "heads": ["L3.H2", "blocks.5.attn.hook_z[0]"]}))
+    assert read_circuit(new).heads == read_circuit(old).heads
+    for bad, message in ((["2", 3], "non-negative integers"), ([2.0], "non-negative integers"), ([True], "integers"),
+                         ([], "non-empty")):
+        (tmp_path / "bad.json").write_text(json.dumps({"layers": bad}))
+        with pytest.raises(CircuitError, match=message):
+            read_circuit(tmp_path / "bad.json")
+    for heads in ([[3, "2"]], [[3]], ["L3.attn"], [{"layer": 3}]):
+        (tmp_path / "bad.json").write_text(json.dumps({"layers": [1], "heads": heads}))
+        with pytest.raises(CircuitError, match="field 'heads'"):
+            read_circuit(tmp_path / "bad.json")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sumcircuit.cli import COMMANDS, build_parser, main
-from tests.conftest import SHARED_DATA
+
+from helpers import SHARED_DATA
 
 
 def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,10 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from sumcircuit.data import (IGNORE_INDEX, DataConfig, Example, Template, collate, encode, load_examples,
-                             preview, resolve_source)
+from sumcircuit.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    Example,
+    Template,
+    collate,
+    encode,
+    load_examples,
+    preview,
+    resolve_source,
+)
 from sumcircuit.errors import DataError
-from tests.conftest import SHARED_DATA
+
+from helpers import SHARED_DATA
 
 
 def _write_jsonl(path: Path, rows: list[object], gz: bool = False) -> Path:

@@ -25,9 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import CNNDM, save_tiny
 from sumcircuit import distributed as dist
 from sumcircuit.cli import main
+
+from helpers import CNNDM, save_tiny
 
 VAL = str(CNNDM / "val.jsonl.gz")
 REL = 1e-6

@@ -15,14 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CNNDM, REPO, make_tiny_model
 from safetensors.torch import load_file
 
 from sumcircuit.data import DataConfig, collate, encode_all, load_examples
-from sumcircuit.finetune import (FinetuneConfig, FinetuneError, choose_layers, export_model, load_adapter,
-                                 make_optimizer, random_layers, run_finetune, summary_loss)
+from sumcircuit.errors import ModelError
 from sumcircuit.lora import inject_lora, merge_lora
-from sumcircuit.models import load_model
+from sumcircuit.models import load_adapter, load_model
+from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers, run_finetune
+from sumcircuit.training.checkpoint import export_model
+from sumcircuit.training.config import random_layers
+from sumcircuit.training.loop import make_optimizer, summary_loss
+
+from helpers import CNNDM, REPO, make_tiny_model
 
 TRAIN = str(CNNDM / "train.jsonl.gz")
 
@@ -122,7 +126,7 @@ def test_layer_choice_rules(tmp_path: Path) -> None:
     circuit = tmp_path / "circuit.json"
     circuit.write_text(json.dumps({"layers": [5, 2, 3], "heads": [[2, 1], [5, 0]], "score": "kl"}))
     choice = choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit)), 30)
-    assert (choice.layers, choice.heads) == ([2, 3, 5], [[2, 1], [5, 0]])
+    assert (choice.layers, [h.name for h in choice.heads or []]) == ([2, 3, 5], ["L2.H1", "L5.H0"])
     circuit.write_text(json.dumps({"heads": [[2, 1]]}))
     with pytest.raises(FinetuneError, match="'layers'"):
         choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit)), 30)
@@ -180,16 +184,22 @@ def test_adapter_folder_is_a_model_spec(family: str, tiny_model_dirs: dict[str, 
     with torch.no_grad():
         other.model.lm_head.weight.add_(1.0)
     other._weights_sha256 = None
-    with pytest.raises(FinetuneError, match="trained on base weights"):
+    with pytest.raises(ModelError, match="trained on base weights"):
         load_adapter(other, tmp_path / "adapter")
 
 
 # ---------------------------------------------------------------- resume
 
-def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
-           **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "sumcircuit.cli", "finetune", *args], env=env,
+# Slows every optimizer step from outside the library, so that a kill lands mid-run.
+_SLOW_CLI = ("import sys, time; import sumcircuit.training.loop as loop; step = loop._train_step; "
+             "delay = float(sys.argv.pop(1)); loop._train_step = lambda *a: (time.sleep(delay), step(*a))[1]; "
+             "from sumcircuit.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _cli(args: list[str], step_sleep: float | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    head = ["-m", "sumcircuit.cli"] if step_sleep is None else ["-c", _SLOW_CLI, str(step_sleep)]
+    return subprocess.Popen([sys.executable, *head, "finetune", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -203,7 +213,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dirs: dict[str, Path], 
             "--max-steps", "10", "--eval-every", "2", "--lr", "1e-2", "--final", "last", "--keep-checkpoints",
             "10", "--no-progress", "--seed", "3"]
     full = _cli([*args, "--out", str(tmp_path / "a")])
-    killed = _cli([*args, "--out", str(tmp_path / "b")], {"SUMCIRCUIT_DEBUG_STEP_SLEEP": "0.3"})
+    killed = _cli([*args, "--out", str(tmp_path / "b")], step_sleep=0.3)
     marker = tmp_path / "b" / "checkpoints" / "step-00000004" / "state.json"
     deadline = time.time() + 120
     while not marker.exists():
@@ -254,7 +264,6 @@ def test_full_finetune_resume_in_process(tiny_model_dirs: dict[str, Path], tmp_p
 # ---------------------------------------------------------------- tracking
 
 def test_tracking_csv(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    pytest.importorskip("sumcircuit.analysis")
     cfg = _cfg(layers=(1, 2), max_steps=2, eval_every=1, track_every=1, track_docs=2, lr=5e-2)
     run_finetune(str(tiny_model_dirs["gpt2"]), _data(), cfg, tmp_path)
     import csv

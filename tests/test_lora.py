@@ -6,15 +6,24 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.errors import ModelError
-from sumcircuit.finetune import enable_gradient_checkpointing
-from sumcircuit.lora import (SplitQKV, count_params, expected_lora_params, inject_lora, lora_targets,
-                             matched_layers, merge_lora, verify_matched)
+from sumcircuit.lora import (
+    SplitQKV,
+    count_params,
+    expected_lora_params,
+    inject_lora,
+    lora_targets,
+    matched_layers,
+    merge_lora,
+    verify_matched,
+)
+from sumcircuit.training.loop import enable_gradient_checkpointing
+
+from helpers import make_tiny_model
 
 
 def _ids(vocab: int = 384, batch: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:

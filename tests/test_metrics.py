@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from sumcircuit.metrics import (CrossMoments, Moments, bootstrap_ratio_samples, linear_cka, neuron_change,
-                                ratio_ci)
+from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, linear_cka, neuron_change, ratio_ci
 
 
 def _moments(x: torch.Tensor) -> Moments:

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from sumcircuit.errors import ModelError
-from sumcircuit.models import (NAMED_MODELS, convert_gguf, gguf_cache_dir, load_model, named_models_status,
-                               resolve_spec)
+from sumcircuit.models import NAMED_MODELS, convert_gguf, gguf_cache_dir, load_model, named_models_status, resolve_spec
 
 
 def test_resolve_kinds(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:

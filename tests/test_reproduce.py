@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
+import sumcircuit as sc
 from sumcircuit.reproduce import StudyConfig, run_study, stage_key
-from tests.conftest import CNNDM
+
+from helpers import CNNDM
 
 TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
 TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
@@ -26,7 +30,7 @@ def test_stage_key_depends_on_config_and_upstream() -> None:
 
 def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
     run = tmp_path / "run"
-    first = run_study(_study(tiny_model_dirs["llama"]), run)
+    first = run_study(_study(tiny_model_dirs["llama"]), run).summary
     expected = {"zeroshot/eval", "full", "full/eval", "analysis", "circuit", "lora_all", "targeted",
                 "lora_all/eval", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
                 "ablate", "patch"}
@@ -47,10 +51,35 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     page = (run / "report.html").read_text()
     assert "Paper claims vs this run" in page and page.count("<img") >= 4
 
-    again = run_study(_study(tiny_model_dirs["llama"]), run)
+    again = run_study(_study(tiny_model_dirs["llama"]), run).summary
     assert sorted(again["skipped"]) == sorted(expected) and again["stages"] == first["stages"]
 
-    changed = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}), run)
+    _check_load_run(run, tmp_path)
+    changed = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}), run).summary
     rerun = set(expected) - set(changed["skipped"])
     assert rerun == {"targeted", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval"}
     assert (run / ".stale").is_dir()
+
+
+def _check_load_run(run: Path, tmp_path: Path) -> None:
+    """load_run reads every output kind back into the API's result type; save() rewrites the same tables."""
+    study = sc.load_run(run)
+    assert isinstance(study, sc.StudyResult)
+    claims = study.to_pandas()
+    assert len(claims) == 7 and {"claim", "verdict"} <= set(claims.columns)
+    kinds = {"analysis": sc.AnalysisResult, "full": sc.FinetuneResult, "full/eval": sc.EvaluationResult,
+             "ablate": sc.AblationResult, "patch": sc.PatchResult}
+    for stage, cls in kinds.items():
+        result = study.stage(stage)
+        assert isinstance(result, cls), stage
+        table = result.to_pandas()
+        assert len(table) > 0, stage
+        copy = result.save(tmp_path / "copies" / stage.replace("/", "_"))
+        again = sc.load_run(copy)
+        assert type(again) is cls
+        pd.testing.assert_frame_equal(again.to_pandas(), table, check_dtype=False)
+    heads = study.stage("analysis").to_pandas()
+    assert {"layer", "head", "entropy_base", "kl_base_tuned"} <= set(heads.columns)
+    assert heads["kl_base_tuned"].dtype.kind == "f"  # numbers, not the CSV's strings
+    circuit = sc.load_run(run / "circuit" / "circuit.json")
+    assert isinstance(circuit, sc.Circuit) and circuit.layers == sc.read_circuit(run / "circuit" / "circuit.json").layers

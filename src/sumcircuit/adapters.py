@@ -20,6 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from sumcircuit.errors import ModelError
 
+Port = Literal["input", "output"]
+
 
 @dataclass(frozen=True)
 class FusedQKV:
@@ -55,6 +57,27 @@ class ArchitectureSpec:
     # receives these modules' outputs, not the attention / MLP outputs themselves.
     attention_post_norm: str | None = None
     mlp_post_norm: str | None = None
+
+    def site_path(self, kind: str) -> tuple[str, Port]:
+        """Where a :class:`~sumcircuit.sites.Site` kind lives in a block: (module path, input or output).
+
+        ``""`` is the block itself. Heads and neurons are slices of the whole
+        activation (``attn_heads`` / ``mlp_neurons``): the input of the
+        attention output projection and of the MLP output projection.
+        """
+        table: dict[str, tuple[str, Port]] = {
+            "resid_pre": ("", "input"),
+            "attn": (self.attention_post_norm or self.attention, "output"),
+            "attn_head": (self.attention_output, "input"),
+            "attn_heads": (self.attention_output, "input"),
+            "mlp": (self.mlp_post_norm or self.mlp, "output"),
+            "mlp_neuron": (self.mlp_output, "input"),
+            "mlp_neurons": (self.mlp_output, "input"),
+            "resid_post": ("", "output"),
+        }
+        if kind not in table:
+            raise ModelError(f"unknown site kind {kind!r}")
+        return table[kind]
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -114,7 +137,7 @@ class ArchitectureAdapter:
     config: PretrainedConfig
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel) -> "ArchitectureAdapter":
+    def for_model(cls, model: PreTrainedModel) -> ArchitectureAdapter:
         return cls(spec_for_config(model.config), model.config)
 
     @property
@@ -184,6 +207,11 @@ class ArchitectureAdapter:
     def mlp_contribution(self, model: nn.Module, layer: int) -> nn.Module:
         """The module whose output the residual stream receives from the MLP (post-norm if any)."""
         return self._in_layer(model, layer, self.spec.mlp_post_norm or self.spec.mlp)
+
+    def site_module(self, model: nn.Module, kind: str, layer: int) -> tuple[nn.Module, Port]:
+        """The module that holds a site kind at ``layer``, and whether the site is its input or output."""
+        path, port = self.spec.site_path(kind)
+        return (self.block(model, layer) if not path else self._in_layer(model, layer, path)), port
 
     def block(self, model: nn.Module, layer: int) -> nn.Module:
         self._check_layer(layer)

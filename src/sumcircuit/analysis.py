@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file
@@ -33,13 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json
-from sumcircuit.capture import (AttentionCall, attention_expectations, body, capturing, expand_kv,
-                                expected_score, unwrap)
+from sumcircuit.capture import AttentionCall, attention_expectations, body, capturing, expand_kv, expected_score, unwrap
 from sumcircuit.data import DataConfig, Encoded, collate, encode_all, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.metrics import (CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, quantile_ci,
-                                ratio_ci)
+from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, ratio_ci
+from sumcircuit.models import LoadedModel, load_model
 from sumcircuit.provenance import provenance
+from sumcircuit.results import Result
+from sumcircuit.stats import scalar_interval
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class AnalysisState:
     cross: CrossMoments | None = None
 
     @classmethod
-    def empty(cls, adapter: ArchitectureAdapter, with_cka: bool) -> "AnalysisState":
+    def empty(cls, adapter: ArchitectureAdapter, with_cka: bool) -> AnalysisState:
         L, H, N, d = adapter.n_layers, adapter.n_heads, adapter.n_neurons, adapter.hidden_size
         return cls(L, H, N, d, heads={s: Moments.zeros(L, H) for s in ROW_STATS},
                    actmag={m: Moments.zeros(L) for m in ("base", "tuned")},
@@ -197,7 +198,7 @@ class AnalysisState:
     def tokens(self) -> Tensor:
         return torch.cat(self.doc_tokens) if self.doc_tokens else torch.zeros(0, dtype=torch.float64)
 
-    def merge(self, other: "AnalysisState") -> "AnalysisState":
+    def merge(self, other: AnalysisState) -> AnalysisState:
         """Sum of two states (documents of ``other`` come after this one's)."""
         if (self.n_layers, self.n_heads, self.n_neurons) != (other.n_layers, other.n_heads, other.n_neurons):
             raise AnalysisError("cannot merge accumulators of different architectures")
@@ -234,7 +235,7 @@ class AnalysisState:
                 "dims": json.dumps([self.n_layers, self.n_heads, self.n_neurons, self.hidden_size])}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict[str, str]) -> "AnalysisState":
+    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict[str, str]) -> AnalysisState:
         L, H, N, d = json.loads(metadata["dims"])
         def group(prefix: str, keys: Sequence[str]) -> dict[str, Moments]:
             return {k: Moments.from_state(tensors, f"{prefix}.{k}") for k in keys}
@@ -468,20 +469,31 @@ def weight_changes(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapt
 # ---------------------------------------------------------------- results
 
 @dataclass
-class AnalysisResult:
-    """Everything ``analyze`` reports, in memory (``write_outputs`` puts it on disk)."""
+class AnalysisResult(Result):
+    """Everything ``analyze`` reports: tables (heads, layers, neurons), tensors, ``summary``."""
 
+    kind: ClassVar[str] = "analysis"
+    main_table: ClassVar[str] = "heads"
     heads: list[dict[str, Any]]
     layers: list[dict[str, Any]]
     neurons: list[dict[str, Any]]
     summary: dict[str, Any]
     stats: dict[str, Tensor]  # full per-head, per-layer and per-neuron tensors
     per_doc: dict[str, Tensor]  # per-document means [D, L, H] / [D, L] and tokens [D]
-    state: AnalysisState
+    state: AnalysisState | None = None  # the mergeable sums (None when read back from a folder)
+    doc_ids: list[str] = field(default_factory=list)
 
     def head_table(self, stat: str) -> Tensor:
         """One statistic as an [L, H] tensor."""
         return self.stats[f"heads.{stat}"]
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"heads": self.heads, "layers": self.layers, "neurons": self.neurons}
+
+    def save(self, out: str | Path) -> Path:
+        """heads.csv, layers.csv, neurons.csv, stats.safetensors, per_doc.safetensors, summary.json."""
+        write_outputs(self, out, self.summary.get("provenance"))
+        return Path(out)
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -559,7 +571,7 @@ def finalize(state: AnalysisState, config: AnalysisConfig, weights: dict[str, Te
                   else getattr(change, f.name).to(torch.uint8) for f in fields(change)})
 
     summary = _headline(state, config, sums, tokens, means, layer_values)
-    return AnalysisResult(heads, layers, neurons, summary, stats, per_doc, state)
+    return AnalysisResult(heads, layers, neurons, summary, stats, per_doc, state, list(state.doc_ids))
 
 
 def _rank(values: Tensor, absolute: bool = False) -> list[int]:
@@ -573,7 +585,7 @@ def _headline(state: AnalysisState, config: AnalysisConfig, sums: dict[str, Tens
     share = float((delta < 0).double().mean())
     if state.n_docs >= 2:  # always a document bootstrap: a share of heads has no normal approximation here
         samples = bootstrap_ratio_samples(sums["entropy_delta"], tokens, config.n_bootstrap, config.seed)
-        share_ci = quantile_ci((samples < 0).double().mean((1, 2)), config.ci_level)
+        share_ci = scalar_interval((samples < 0).double().mean((1, 2)).numpy(), config.ci_level)
     else:
         share_ci = (math.nan, math.nan)
     return {
@@ -634,7 +646,7 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path, prov: dict[str, A
     meta = {"definitions": json.dumps(result.summary.get("definitions", {}))}
     atomic_save_safetensors(result.stats, out / "stats.safetensors", meta)
     atomic_save_safetensors(result.per_doc, out / "per_doc.safetensors",
-                            {"doc_ids": json.dumps(result.state.doc_ids),
+                            {"doc_ids": json.dumps(result.doc_ids),
                              "layout": "kl/entropy [D, L, H]; actmag_rel_change [D, L]; tokens [D]"})
     atomic_write_json(out / "summary.json", {**result.summary, "provenance": prov or {}})
 
@@ -643,7 +655,8 @@ def _fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_analysis(base_spec: str, tuned_spec: str, data_cfg: DataConfig, config: AnalysisConfig,
+def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, data_cfg: DataConfig,
+                 config: AnalysisConfig,
                  out_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
                  restart: bool = False, trust_remote_code: bool = False) -> AnalysisResult | None:
     """Load, analyze shard by shard (resumable), and write every output file to ``out_dir``.
@@ -654,8 +667,6 @@ def run_analysis(base_spec: str, tuned_spec: str, data_cfg: DataConfig, config: 
     alone merges, checkpoints and writes (see :mod:`sumcircuit.distributed`).
     Returns the result on rank 0 and None on the other ranks.
     """
-    from sumcircuit.models import load_model
-
     config.validate()
     if config.region == "summary" and not template_needs_summary(data_cfg.template):
         raise AnalysisError(f"region 'summary' needs a template with {{summary}}; got {data_cfg.template!r}")
@@ -663,8 +674,9 @@ def run_analysis(base_spec: str, tuned_spec: str, data_cfg: DataConfig, config: 
     device = dist.local_device(device)
     out = Path(out_dir)
     with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-        base = load_model(base_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        tuned = load_model(tuned_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base, tuned = (m if isinstance(m, LoadedModel) else
+                       load_model(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                       for m in (base_spec, tuned_spec))
     check_same_tokenizer(base.tokenizer, tuned.tokenizer)
     adapter = check_compatible(base.model, tuned.model)
     examples = load_examples(data_cfg)
@@ -718,6 +730,7 @@ def run_analysis(base_spec: str, tuned_spec: str, data_cfg: DataConfig, config: 
                           timing={"accumulate_s": seconds, "docs": len(encoded) - done,
                                   "tokens": int(state.tokens()[done:].sum()),
                                   "tokens_per_s": float(state.tokens()[done:].sum()) / seconds if seconds else None})
+        result.summary["provenance"] = prov
         write_outputs(result, out, prov)
         return result
 
@@ -765,3 +778,35 @@ def _resume(path: Path, fingerprint: str, doc_ids: list[str], restart: bool) -> 
         raise AnalysisError(f"{path.parent} was computed on other documents; use --restart to overwrite it")
     log.info("resuming after %d documents from %s", state.n_docs, path)
     return state
+
+
+def analyze(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig,
+            config: AnalysisConfig | None = None, *, out: str | Path | None = None, device: str = "cpu",
+            dtype: str = "float32", restart: bool = False, trust_remote_code: bool = False) -> AnalysisResult:
+    """Compare ``base`` and ``tuned`` head by head and neuron by neuron on ``data``.
+
+    With ``out``, shard by shard and resumable, writing what ``sumcircuit
+    analyze`` writes; without it, in memory (``result.save(dir)`` writes later).
+    Under N processes only rank 0 gets the result; the other ranks raise.
+    """
+    cfg = config or AnalysisConfig()
+    if out is not None:
+        result = run_analysis(base, tuned, data, cfg, out, device=device, dtype=dtype, restart=restart,
+                              trust_remote_code=trust_remote_code)
+        if result is None:
+            raise AnalysisError("this process is not rank 0: rank 0 holds the result")
+        return result
+    cfg.validate()
+    base_m, tuned_m = (m if isinstance(m, LoadedModel) else
+                       load_model(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                       for m in (base, tuned))
+    check_same_tokenizer(base_m.tokenizer, tuned_m.tokenizer)
+    examples = load_examples(data)
+    encoded = encode_all(base_m.tokenizer, examples.examples, data)
+    result = analyze_models(base_m.model, tuned_m.model, base_m.adapter, encoded, cfg,
+                            int(base_m.tokenizer.pad_token_id))
+    result.summary["provenance"] = provenance(
+        models=[base_m.provenance(), tuned_m.provenance()], data=examples.source.provenance(), seed=cfg.seed,
+        config=asdict(cfg), data_config=asdict(data), n_docs=len(encoded),
+        invalid_records=len(examples.invalid))
+    return result

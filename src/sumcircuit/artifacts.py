@@ -20,9 +20,29 @@ import torch
 from safetensors.torch import save_file
 
 
+def umask() -> int:
+    """The process umask (read without changing it for longer than two calls)."""
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _public(fd_or_path: int | str) -> None:
+    """Give a temporary file the mode a plain ``open`` would (0644 under umask 022), not mkstemp's 0600.
+
+    Results are read by colleagues on shared servers; mkstemp's private mode would hide them.
+    """
+    mode = 0o666 & ~umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
+
+
 def _atomic_replace(path: Path, write: Any, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _public(fd)
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
@@ -108,6 +128,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Pat
     try:
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(clean, tmp, metadata=dict(metadata) if metadata else None)
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,32 +17,22 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from sumcircuit.artifacts import atomic_write_json, read_csv, read_json
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
 from sumcircuit.provenance import provenance
+from sumcircuit.results import Result
+from sumcircuit.sites import Site, SiteError, parse_sites
+from sumcircuit.stats import resample_counts
 
-SCORES = ("kl", "kl-sym", "entropy", "activation", "weights", "combined")
+SCORES = tuple(s for s in CIRCUIT_SCORES if s != "attribution")
 HEAD_SCORES = ("kl", "kl-sym", "entropy", "combined")
 COMBINED_PARTS = ("kl", "entropy", "activation", "weights")
-
-DEFINITIONS = {
-    "kl": "per layer, the mean over its heads of KL(base || tuned) between the two models' attention "
-          "distributions (heads.csv kl_base_tuned); per head, that head's value",
-    "kl-sym": "as kl, with the symmetric (KL(base||tuned) + KL(tuned||base)) / 2",
-    "entropy": "per layer, the mean over its heads of |entropy_tuned - entropy_base| (the absolute "
-               "value of each head's mean entropy change, heads.csv entropy_delta); per head, that value",
-    "activation": "|actmag_rel_change|: absolute relative change of the layer's mean activation "
-                  "magnitude (layers.csv)",
-    "weights": "weight_change_attn + weight_change_mlp (layers.csv): how far fine-tuning moved the "
-               "layer's weights",
-    "combined": "mean over the available scores among kl, entropy, activation, weights of the "
-                "normalised rank (L-1-rank)/(L-1), rank 0 = most changed, ties averaged; 1 = ranked "
-                "first by every score. Heads: over kl and entropy",
-}
+DEFINITIONS = CIRCUIT_SCORE_DEFINITIONS
 _RANKING = "descending score; ties broken by the lower index"
 _BOOTSTRAP = ("documents resampled with replacement from per_doc.safetensors (each document weighted "
               "equally); per resample the score is recomputed from per-document means and the top-K "
@@ -60,6 +50,67 @@ class CircuitConfig:
     top_heads: int = 0  # 0: no head selection
     n_bootstrap: int = 1000
     seed: int = 0
+
+
+# ---------------------------------------------------------------- circuit files
+
+@dataclass
+class Circuit(Result):
+    """A selected circuit: its layers, its heads as :class:`Site` s, and everything circuit.json holds."""
+
+    kind: ClassVar[str] = "circuit"
+    main_table: ClassVar[str] = "layers"
+    layers: list[int]
+    heads: list[Site]
+    summary: dict[str, Any]
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        scores = self.summary.get("scores") or []
+        ranked = self.summary.get("ranked_layers") or []
+        rank = {int(l): i for i, l in enumerate(ranked)}
+        stability = self.summary.get("stability") or {}
+        layers = [{"layer": l, "score": s, "rank": rank.get(l), "selected": l in self.layers,
+                   "stability": stability.get(str(l))} for l, s in enumerate(scores)]
+        head_stab = self.summary.get("head_stability") or {}
+        heads = [{**h.to_row(), "stability": head_stab.get(h.name)} for h in self.heads]
+        return {"layers": layers, "heads": heads}
+
+    def save(self, out: str | Path) -> Path:
+        """``circuit.json`` (``out`` is the file, or a folder to write it in)."""
+        path = Path(out)
+        if path.suffix != ".json":
+            path = path / "circuit.json"
+        atomic_write_json(path, self.summary)
+        return path
+
+
+def read_circuit(path: str | Path) -> Circuit:
+    """A circuit file, strictly checked: integer layers, heads as names (``L2.H3``) or ``[layer, head]`` pairs.
+
+    Files of earlier versions (heads as ``[l, h]`` lists, stability keyed ``"2.3"``) load too.
+    Wrong types are refused, never coerced.
+    """
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise CircuitError(f"circuit file {path}: cannot read it: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CircuitError(f"circuit file {path}: expected a JSON object")
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+        raise CircuitError(f"circuit file {path}: field 'layers' must be a non-empty list of "
+                           f"non-negative integers, got {layers!r}")
+    raw_heads = data.get("heads") or []
+    if not isinstance(raw_heads, list):
+        raise CircuitError(f"circuit file {path}: field 'heads' must be a list")
+    try:
+        heads = parse_sites(raw_heads)
+    except SiteError as exc:
+        raise CircuitError(f"circuit file {path}: field 'heads': {exc}") from None
+    if any(h.kind != "attn_head" for h in heads):
+        raise CircuitError(f"circuit file {path}: field 'heads' holds non-head components")
+    return Circuit(sorted(set(layers)), heads, data)
 
 
 # ---------------------------------------------------------------- reading
@@ -216,11 +267,6 @@ def _weighted_mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return (sums / n).reshape(counts.shape[0], *values.shape[1:])
 
 
-def bootstrap_counts(n_docs: int, n_bootstrap: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n_docs, np.full(n_docs, 1.0 / n_docs), size=n_bootstrap).astype(float)
-
-
 def _per_doc_scores(tables: AnalysisTables, score: str, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(layer scores ``[B, L]``, head scores ``[B, L*H]`` or None) on resampled documents."""
     assert tables.per_doc is not None
@@ -241,7 +287,7 @@ def _needs(score: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------- selection
 
 def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int = 3, top_heads: int = 0,
-                   n_bootstrap: int = 1000, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+                   n_bootstrap: int = 1000, seed: int = 0, out: str | Path | None = None) -> Circuit:
     """Rank layers (and heads) by ``score``; measure bootstrap stability; write ``out`` if given."""
     cfg = CircuitConfig(score, top_layers, top_heads, n_bootstrap, seed)
     if score not in SCORES:
@@ -265,7 +311,8 @@ def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int 
     analysis_prov = read_json(summary_path).get("provenance") if summary_path.is_file() else None
     circuit: dict[str, Any] = {
         "layers": sorted(int(l) for l in selected),
-        "heads": [[int(i // n_heads), int(i % n_heads)] for i in selected_heads] if top_heads else [],
+        "heads": [Site(int(i // n_heads), "attn_head", int(i % n_heads)).name
+                  for i in selected_heads] if top_heads else [],
         "ranked_layers": [int(l) for l in top_k(scores, n_layers)],
         "scores": [None if math.isnan(s) else float(s) for s in scores],
         "score": score,
@@ -279,23 +326,26 @@ def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int 
         "n_heads": n_heads,
     }
     if top_heads:
-        circuit["head_scores"] = [[int(i // n_heads), int(i % n_heads), float(heads[i])] for i in selected_heads]  # type: ignore[index]
+        circuit["head_scores"] = {Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: float(heads[i])  # type: ignore[index]
+                                  for i in selected_heads}
         circuit["head_stability"] = head_stability
     if frequency is not None:
         circuit["topk_frequency"] = frequency
     circuit["provenance"] = provenance(analysis={"dir": str(Path(analysis_dir).resolve()),
                                                  "provenance": analysis_prov},
                                        seed=seed, config=asdict(cfg))
+    result = Circuit(sorted(int(l) for l in selected), parse_sites(circuit["heads"]), circuit)
     if out is not None:
-        atomic_write_json(out, circuit)
-    return circuit
+        result.save(out)
+    return result
 
 
 def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray, selected_heads: np.ndarray,
                n_heads: int) -> tuple[dict[str, float | None], dict[str, float | None] | None, list[float] | None, str | None]:
     """Top-K frequency per selected layer (and head) over document resamples."""
     null = {str(int(l)): None for l in selected}
-    null_heads = {f"{i // n_heads}.{i % n_heads}": None for i in selected_heads} if cfg.top_heads else None
+    null_heads = ({Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: None for i in selected_heads}
+                  if cfg.top_heads else None)
     if cfg.score == "weights":
         return null, null_heads, None, ("weights score has no per-document variation (it compares weights, "
                                         "not activations): bootstrap stability is undefined, reported as null")
@@ -309,7 +359,7 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
     n_docs = next(iter(tables.per_doc.values())).shape[0]
     full_sample, _ = _per_doc_scores(tables, cfg.score, np.ones((1, n_docs)))
     per_doc_top = sorted(int(l) for l in top_k(full_sample[0], cfg.top_layers))
-    counts = bootstrap_counts(n_docs, cfg.n_bootstrap, cfg.seed)
+    counts = resample_counts(n_docs, cfg.n_bootstrap, cfg.seed)
     layer_boot, head_boot = _per_doc_scores(tables, cfg.score, counts)
     in_top = np.zeros(tables.n_layers)
     for row in top_k(layer_boot, cfg.top_layers):
@@ -321,7 +371,8 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
         head_in_top = np.zeros(head_boot.shape[-1])
         for row in top_k(head_boot, cfg.top_heads):
             head_in_top[row] += 1
-        head_stability = {f"{i // n_heads}.{i % n_heads}": float(head_in_top[i] / cfg.n_bootstrap)
+        head_stability = {Site(int(i // n_heads), "attn_head", int(i % n_heads)).name:
+                          float(head_in_top[i] / cfg.n_bootstrap)
                           for i in selected_heads}
     note = None
     if per_doc_top != sorted(int(l) for l in selected):

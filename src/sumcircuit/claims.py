@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sumcircuit.stats import paired_diff
+
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_RUN = "supported", "not supported", "inconclusive", "not run"
 
 PAPER_CIRCUIT_LAYERS = (2, 3, 5)
@@ -30,14 +32,8 @@ class ClaimResult:
 
 def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
                           seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of a - b over paired examples and its percentile bootstrap CI."""
-    from sumcircuit.evaluate import bootstrap_ci  # the same CI method as every ROUGE interval
-
-    if len(a) != len(b) or not a:
-        raise ValueError("paired samples must be non-empty and of equal length")
-    diffs = [x - y for x, y in zip(a, b)]
-    low, high = bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed, level=level)
-    return sum(diffs) / len(diffs), low, high
+    """Mean of a - b over paired examples and its percentile bootstrap CI (:func:`sumcircuit.stats.paired_diff`)."""
+    return paired_diff(a, b, n_resamples, seed, level)
 
 
 def _interval_verdict(low: float, high: float, threshold: float) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
+import hashlib
 import json
 import re
 import statistics
@@ -25,10 +25,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sumcircuit.errors import DataError
+from sumcircuit.options import DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE
 from sumcircuit.provenance import file_sha256
 
-DEFAULT_TEMPLATE = "{document}\nTL;DR: {summary}"
-DEFAULT_MAX_TOKENS = 1024
 IGNORE_INDEX = -100
 
 # Field pairs as real releases name them, tried in order.
@@ -39,7 +38,7 @@ TEXT_SUMMARY_PAIRS: tuple[tuple[str, str], ...] = (
 )
 TEXT_FIELDS = tuple(dict.fromkeys(t for t, _ in TEXT_SUMMARY_PAIRS))
 _MULTI_REF = re.compile(r"^(summary|highlights|target|abstract|reference)(\d+)$")
-_SUFFIXES = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".csv", ".csv.gz")
+_SUFFIXES = (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".csv", ".csv.gz", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,11 @@ class DataConfig:
     n_docs: int | None = None
     split: str | None = None
     skip_invalid: bool = False
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, **options: Any) -> DataConfig:
+        """A config reading an in-memory ``datasets.Dataset`` (fields detected as for files)."""
+        return cls(register_dataset(dataset), **options)
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,13 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
         return name, split or preset.default_split
     if data.startswith("hf:"):
         return data, split or "test"
+    if data.startswith("memory:"):
+        if data not in _IN_MEMORY:
+            raise DataError(f"{data}: no such in-memory dataset in this process")
+        return data, split
     path = Path(data).expanduser()
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return f"disk:{path.resolve()}", split
     if path.is_dir():
         if split is None:
             raise DataError(f"{path} is a folder: name the split with --split "
@@ -136,37 +146,134 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
                     f"hf:ID[:CONFIG], or one of the presets {', '.join(PRESETS)})")
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")  # type: ignore[return-value]
+_SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
+_IN_MEMORY: dict[str, Any] = {}  # "memory:<fingerprint>" -> datasets.Dataset handed to the API
+csv.field_size_limit(2**31 - 1)  # news articles are long; the csv module's default cap is 131,072
+
+
+def register_dataset(dataset: Any) -> str:
+    """A name for an in-memory ``datasets.Dataset`` (its fingerprint is what provenance cites)."""
+    fingerprint = getattr(dataset, "_fingerprint", None) or f"{id(dataset):x}"
+    name = f"memory:{fingerprint}"
+    _IN_MEMORY[name] = dataset
+    return name
+
+
+def _read_errors(name: str) -> tuple[type[BaseException], ...]:
+    import zlib
+
+    return (OSError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _binary_lines(name: str) -> Iterator[bytes]:
+    """Raw lines of a (possibly gzipped) file; unreadable or truncated files become one DataError."""
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(name, "rb") as fh:
+            yield from fh
+    except DataError:
+        raise
+    except _read_errors(name) as exc:
+        raise DataError(f"cannot read the file ({type(exc).__name__}: {exc}); is it truncated or "
+                        "not what its name says?", file=name) from None
+
+
+def _iter_jsonl(name: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    for line_no, raw in enumerate(_binary_lines(name), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, DataError(f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})",
+                                     file=name, line=line_no)
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_no, DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=name, line=line_no)
+            continue
+        if not isinstance(record, dict):
+            yield line_no, DataError(f"expected a JSON object, got {type(record).__name__}",
+                                     file=name, line=line_no)
+            continue
+        yield line_no, record
+
+
+def _iter_csv(name: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
+    """CSV rows with the *physical* line each ends on (quoted fields may span lines)."""
+    lines = (raw.decode("utf-8", errors="surrogateescape") for raw in _binary_lines(name))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield reader.line_num, DataError(f"malformed CSV: {exc}", file=name, line=reader.line_num)
+                continue
+            if not any(cell.strip() for cell in row):
+                continue
+            if any(_SURROGATE.search(cell) for cell in row):
+                yield reader.line_num, DataError("not UTF-8 text", file=name, line=reader.line_num)
+                continue
+            if len(row) != len(header):
+                yield reader.line_num, DataError(
+                    f"{len(row)} fields where the header has {len(header)} (an unquoted comma?)",
+                    file=name, line=reader.line_num)
+                continue
+            yield reader.line_num, dict(zip(header, row))
+    except StopIteration:
+        return
+
+
+def _iter_parquet(name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(name)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"not a readable Parquet file: {exc}", file=name) from None
+    row_no = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row_no += 1
+            yield row_no, record
+
+
+def _iter_disk(path: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset, or a DatasetDict with ``split``)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ...
+        raise DataError(f"cannot read this save_to_disk folder: {exc}", file=path) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"split {split!r} not in this DatasetDict (splits: {', '.join(loaded)}); "
+                            "name it with --split", file=path)
+        loaded = loaded[split]
+    for row_no, row in enumerate(loaded, start=1):
+        yield row_no, dict(row)
 
 
 def iter_raw_records(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     """Yield (line, record) pairs; a record that cannot be parsed comes as a DataError."""
     if name.startswith("hf:"):
         yield from _iter_hub(name, split)
-        return
-    base = name[:-3] if name.endswith(".gz") else name
-    with _open_text(name) as fh:
-        if base.endswith(".csv"):
-            for row_no, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
-                yield row_no, dict(row)
-            return
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield line_no, DataError(f"invalid JSON ({exc.msg} at column {exc.colno})",
-                                         file=name, line=line_no)
-                continue
-            if not isinstance(record, dict):
-                yield line_no, DataError(f"expected a JSON object, got {type(record).__name__}",
-                                         file=name, line=line_no)
-                continue
-            yield line_no, record
+    elif name.startswith("memory:"):
+        yield from ((i, dict(row)) for i, row in enumerate(_IN_MEMORY[name], start=1))
+    elif name.startswith("disk:"):
+        yield from _iter_disk(name[5:], split)
+    elif name.endswith(".parquet"):
+        yield from _iter_parquet(name)
+    elif (name[:-3] if name.endswith(".gz") else name).endswith(".csv"):
+        yield from _iter_csv(name)
+    else:
+        yield from _iter_jsonl(name)
 
 
 def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -249,11 +356,24 @@ def to_example(record: dict[str, Any], line: int, source: DataSource, need_summa
     return Example(doc_id, text, tuple(references), f"{file}:{line}")
 
 
+def _source_hash(name: str) -> str | None:
+    """What provenance cites: a file's sha256, a save_to_disk folder's data files, a Dataset's fingerprint."""
+    if name.startswith("hf:"):
+        return None
+    if name.startswith("memory:"):
+        return name.split(":", 1)[1]
+    if name.startswith("disk:"):
+        digest = hashlib.sha256()
+        for path in sorted(Path(name[5:]).rglob("*.arrow")):
+            digest.update(file_sha256(path).encode())
+        return digest.hexdigest()
+    return file_sha256(name)
+
+
 def load_examples(cfg: DataConfig) -> ExampleSet:
     """Read up to ``cfg.n_docs`` valid examples. Invalid records raise unless ``skip_invalid``."""
     name, split = resolve_source(cfg.data, cfg.split)
-    is_file = not name.startswith("hf:")
-    source = DataSource(name, split, file_sha256(name) if is_file else None)
+    source = DataSource(name, split, _source_hash(name))
     need_summary = template_needs_summary(cfg.template)
     examples: list[Example] = []
     invalid: list[DataError] = []
@@ -292,7 +412,7 @@ class Template:
     has_summary: bool
 
     @classmethod
-    def parse(cls, template: str) -> "Template":
+    def parse(cls, template: str) -> Template:
         doc_slot = "{document}" if "{document}" in template else "{text}"
         if template.count(doc_slot) != 1:
             raise DataError(f"template must contain {{document}} (or {{text}}) exactly once: {template!r}")

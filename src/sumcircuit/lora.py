@@ -262,16 +262,39 @@ def inject_lora(model: PreTrainedModel, adapter: ArchitectureAdapter, layers: li
 
 # ---------------------------------------------------------------- saved adapters
 
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read it: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     folder = Path(adapter_dir)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     meta_path = folder / ADAPTER_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    config = json.loads((folder / "adapter_config.json").read_text())
+    meta = _read_json_file(meta_path) if meta_path.is_file() else {}
+    config = _read_json_file(folder / "adapter_config.json")
     meta.setdefault("base_model", config.get("base_model_name_or_path"))
     meta.setdefault("layers", config.get("layers_to_transform"))
     return meta
+
+
+def is_qv_adapter(adapter_dir: str | Path, adapter: ArchitectureAdapter) -> bool:
+    """An exact q/v adapter of this family (as ``sumcircuit finetune`` writes them, GPT-2 q|k|v split).
+
+    Those are applied by :func:`apply_adapter` and checked tensor by tensor;
+    any other PEFT adapter goes through PEFT's own loader.
+    """
+    if (Path(adapter_dir) / ADAPTER_META).is_file():
+        return True
+    targets = _read_json_file(Path(adapter_dir) / "adapter_config.json").get("target_modules")
+    wanted = set(lora_targets(adapter).modules)
+    return isinstance(targets, (list, tuple)) and set(targets) == wanted
 
 
 def apply_adapter(model: PreTrainedModel, adapter: ArchitectureAdapter, adapter_dir: str | Path) -> Any:

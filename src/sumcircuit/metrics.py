@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sumcircuit.stats import resample_counts
+
 CIMethod = Literal["bootstrap", "normal"]
 _F64 = torch.float64
 
@@ -32,7 +34,7 @@ class Moments:
     total_sq: Tensor
 
     @classmethod
-    def zeros(cls, *shape: int) -> "Moments":
+    def zeros(cls, *shape: int) -> Moments:
         return cls(torch.zeros((), dtype=_F64), torch.zeros(shape, dtype=_F64),
                    torch.zeros(shape, dtype=_F64))
 
@@ -41,7 +43,7 @@ class Moments:
         self.total += total.to(_F64)
         self.total_sq += total_sq.to(_F64)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
 
     @property
@@ -61,7 +63,7 @@ class Moments:
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], prefix: str) -> "Moments":
+    def from_state(cls, state: dict[str, Tensor], prefix: str) -> Moments:
         return cls(*(state[f"{prefix}.{f.name}"].clone() for f in fields(cls)))
 
 
@@ -85,7 +87,7 @@ class CrossMoments:
     cxy: Tensor  # sum (x - mx)^T (y - my)
 
     @classmethod
-    def zeros(cls, n_layers: int, dim: int, device: torch.device | str = "cpu") -> "CrossMoments":
+    def zeros(cls, n_layers: int, dim: int, device: torch.device | str = "cpu") -> CrossMoments:
         vec = lambda: torch.zeros(n_layers, dim, dtype=_F64, device=device)  # noqa: E731
         mat = lambda: torch.zeros(n_layers, dim, dim, dtype=torch.float32, device=device)  # noqa: E731
         return cls(torch.zeros(n_layers, dtype=_F64, device=device), vec(), vec(), mat(), mat(), mat())
@@ -112,7 +114,7 @@ class CrossMoments:
         self.mean_y[layer] += dy * (n_b / n)
         self.n[layer] = n
 
-    def merge(self, other: "CrossMoments") -> "CrossMoments":
+    def merge(self, other: CrossMoments) -> CrossMoments:
         out = CrossMoments(*(getattr(self, f.name).clone() for f in fields(self)))
         for layer in range(int(self.n.shape[0])):
             if float(other.n[layer]) > 0:
@@ -120,7 +122,7 @@ class CrossMoments:
                                  other.cxx[layer], other.cyy[layer], other.cxy[layer])
         return out
 
-    def pooled(self, all_sum: Callable[[Tensor], Tensor]) -> "CrossMoments":
+    def pooled(self, all_sum: Callable[[Tensor], Tensor]) -> CrossMoments:
         """The moments of every process's rows together, given ``all_sum`` (a sum over processes).
 
         Centered matrices are not additive, but re-centred on the pooled mean
@@ -155,7 +157,7 @@ class CrossMoments:
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], prefix: str) -> "CrossMoments":
+    def from_state(cls, state: dict[str, Tensor], prefix: str) -> CrossMoments:
         return cls(*(state[f"{prefix}.{f.name}"].clone() for f in fields(cls)))
 
 
@@ -173,14 +175,11 @@ def bootstrap_ratio_samples(sums: Tensor, counts: Tensor, n_bootstrap: int, seed
 
     ``sums`` is [D, ...] (per-document sums), ``counts`` [D]. Returns
     [n_bootstrap, ...]. Resampling documents (not tokens) respects the
-    correlation of tokens within a document.
+    correlation of tokens within a document; the resamples are
+    :func:`sumcircuit.stats.resample_counts`, as everywhere else.
     """
-    n_docs = sums.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, n_docs, (n_bootstrap, n_docs), generator=gen)
-    weights = torch.zeros(n_bootstrap, n_docs, dtype=_F64)
-    weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=_F64))
-    flat = sums.reshape(n_docs, -1).to(_F64)
+    weights = torch.from_numpy(resample_counts(sums.shape[0], n_bootstrap, seed))
+    flat = sums.reshape(sums.shape[0], -1).to(_F64)
     num = weights @ flat
     den = weights @ counts.to(_F64)
     return (num / den[:, None]).reshape(n_bootstrap, *sums.shape[1:])
@@ -215,13 +214,6 @@ def ratio_ci(sums: Tensor, counts: Tensor, method: CIMethod = "bootstrap", level
         z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - alpha)))
         return ratio - z * se, ratio + z * se
     raise ValueError(f"unknown CI method {method!r}")
-
-
-def quantile_ci(samples: Tensor, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap replicates of a scalar."""
-    alpha = (1.0 - level) / 2.0
-    q = torch.quantile(samples.to(_F64), torch.tensor([alpha, 1.0 - alpha], dtype=_F64))
-    return float(q[0]), float(q[1])
 
 
 # ---------------------------------------------------------------- neurons

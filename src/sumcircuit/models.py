@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
-from sumcircuit.artifacts import atomic_write_json
+from sumcircuit.artifacts import atomic_write_json, umask
 from sumcircuit.errors import ModelError
+from sumcircuit.lora import ADAPTER_WEIGHTS, apply_adapter, is_qv_adapter, merge_lora, read_adapter_meta
 from sumcircuit.provenance import file_sha256, state_dict_sha256
 
 CACHE_ENV = "SUMCIRCUIT_CACHE"
@@ -186,6 +186,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     rebuilt.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from colleagues
     try:
         rebuilt.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -279,12 +280,67 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
 
 def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:
     """An adapter folder: load the base model it records, then apply the adapter merged."""
-    from sumcircuit.finetune import load_adapter  # lazy: finetune imports this module
-    from sumcircuit.lora import read_adapter_meta
-
     base = read_adapter_meta(source.location).get("base_model")
     if not base:
-        raise ModelError(f"adapter folder {source.location} does not name its base model")
-    loaded = load_adapter(load_model(str(base), **kwargs), source.location, merge=True)
-    loaded.source = ModelSource(source.spec, source.kind, source.location)
-    return loaded
+        raise ModelError(f"adapter folder {source.location} does not name its base model "
+                         "(base_model_name_or_path in adapter_config.json)")
+    return load_adapter(load_model(str(base), **kwargs), source.location, merge=True,
+                        spec=source.spec)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = True, *,
+                 check_base: bool = True, spec: str | None = None) -> LoadedModel:
+    """Apply a PEFT LoRA adapter to ``loaded`` (modified in place); merged by default.
+
+    Adapters written by ``sumcircuit finetune`` (exact q/v, GPT-2's fused
+    q|k|v split) are checked tensor by tensor; any other PEFT LoRA adapter
+    (any ``target_modules``, ``all-linear`` included) is applied with PEFT's
+    own loader. ``merge=True`` returns a plain model of the family. With
+    ``check_base``, an adapter trained on other base weights is refused.
+    """
+    folder = Path(adapter_dir)
+    meta = read_adapter_meta(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "nothing"
+        raise ModelError(f"adapter folder {folder}: no {ADAPTER_WEIGHTS} (found: {found}); pickle "
+                         "weights (adapter_model.bin) are not loaded: convert them to safetensors")
+    recorded = meta.get("base_weights_sha256")
+    if check_base and recorded and meta.get("base_dtype") == str(loaded.model.dtype) \
+            and recorded != loaded.weights_sha256():
+        raise ModelError(f"adapter {folder} was trained on base weights {recorded[:12]}, but "
+                         f"'{loaded.source.spec}' has {loaded.weights_sha256()[:12]}")
+    if is_qv_adapter(folder, loaded.adapter):
+        peft_model = apply_adapter(loaded.model, loaded.adapter, folder)
+        model = merge_lora(peft_model, loaded.adapter) if merge else peft_model
+    else:
+        model = _apply_any_peft(loaded.model, folder, merge)
+    model.eval()
+    source = ModelSource(spec or str(adapter_dir), "adapter", str(folder.resolve()))
+    return LoadedModel(model, loaded.tokenizer, ArchitectureAdapter.for_model(unwrap_peft(model)), source,
+                       loaded.folder, file_sha256(folder / ADAPTER_WEIGHTS))
+
+
+def unwrap_peft(model: Any) -> PreTrainedModel:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model  # type: ignore[no-any-return]
+
+
+def _apply_any_peft(model: PreTrainedModel, folder: Path, merge: bool) -> Any:
+    """A PEFT adapter of any target modules, through PEFT itself (errors name the folder, briefly)."""
+    import warnings
+
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        return peft_model.merge_and_unload() if merge else peft_model
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelError(f"adapter folder {folder} cannot be applied to this model: "
+                         f"{type(exc).__name__}: {_short(exc)}") from None

@@ -61,7 +61,7 @@ def plot_patching(rows: Sequence[Mapping[str, Any]], path: str | Path, *, granul
         if granularity == "head":
             grid = np.full((n_layers, n_heads), np.nan)
             for r in mine:
-                if r["kind"] == "head":
+                if r["kind"] in ("attn_head", "head"):
                     grid[int(r["layer"]), int(r["head"])] = float(r["effect"])
             limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
             image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
@@ -70,7 +70,7 @@ def plot_patching(rows: Sequence[Mapping[str, Any]], path: str | Path, *, granul
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
         else:
-            for kind, marker in (("attn", "o"), ("mlp", "s"), ("block", "D")):
+            for kind, marker in (("attn", "o"), ("mlp", "s"), ("resid_post", "D"), ("block", "D")):
                 series = sorted((r for r in mine if r["kind"] == kind), key=lambda r: int(r["layer"]))
                 if series:
                     ax.errorbar([int(r["layer"]) for r in series], [float(r["effect"]) for r in series],

@@ -25,9 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sumcircuit import claims  # noqa: E402
 from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
 from sumcircuit.errors import SumcircuitError  # noqa: E402
+from sumcircuit.runs import StudyLayout  # noqa: E402
 
-# Run-directory layout written by sumcircuit.reproduce (stage name -> folder).
-MODEL_RUNS = ("zeroshot", "full", "lora_all", "targeted")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -188,10 +187,11 @@ def _fmt(value: Any) -> str:
 
 
 def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
+    layout = StudyLayout(run)
     rows = []
     for name in names:
-        rouge = _read_json(run / name / "eval" / "rouge.json")
-        summary = _read_json(run / name / "train_summary.json") or {}
+        rouge = _read_json(layout.eval_dir(name) / "rouge.json")
+        summary = _read_json(layout.train_summary(name)) or {}
         if rouge is None:
             continue
         cells: list[Any] = [name]
@@ -208,17 +208,19 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 # ---------------------------------------------------------------- claims
 
 def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
-    summary = _read_json(run / "analysis" / "summary.json") or {}
+    layout = StudyLayout(run)
+    summary = _read_json(layout.analysis / "summary.json") or {}
     share = summary.get("share_heads_entropy_decreased")
     share_ci = summary.get("share_heads_entropy_decreased_ci") or [None, None]
-    circuit = _read_json(run / "circuit" / "circuit.json") or {}
-    targeted_sum = _read_json(run / "targeted" / "train_summary.json")
-    lora_sum = _read_json(run / "lora_all" / "train_summary.json")
-    t_scores, a_scores = _paired(per_example_rouge1(run / "targeted" / "eval"),
-                                 per_example_rouge1(run / "lora_all" / "eval"))
-    random_dirs = sorted(p for p in run.glob("random_*") if (p / "eval" / "predictions.jsonl").is_file())
-    t_all = per_example_rouge1(run / "targeted" / "eval")
-    random_scores = [per_example_rouge1(p / "eval") for p in random_dirs]
+    circuit = _read_json(layout.circuit_file) or {}
+    targeted_sum = _read_json(layout.train_summary("targeted"))
+    lora_sum = _read_json(layout.train_summary("lora_all"))
+    t_scores, a_scores = _paired(per_example_rouge1(layout.eval_dir("targeted")),
+                                 per_example_rouge1(layout.eval_dir("lora_all")))
+    random_dirs = [layout.eval_dir(n) for n in layout.random_runs()
+                   if (layout.eval_dir(n) / "predictions.jsonl").is_file()]
+    t_all = per_example_rouge1(layout.eval_dir("targeted"))
+    random_scores = [per_example_rouge1(p) for p in random_dirs]
     common = sorted(set(t_all).intersection(*[set(r) for r in random_scores])) if random_scores else []
     return [
         claims.head_share_claim(share, share_ci[0], share_ci[1]),
@@ -227,8 +229,13 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
         claims.params_claim((targeted_sum or {}).get("trainable_params"), (lora_sum or {}).get("trainable_params")),
         claims.epochs_claim(targeted_sum, lora_sum),
         claims.random_control_claim([t_all[k] for k in common], [[r[k] for k in common] for r in random_scores]),
-        claims.ablation_claim(_read_json(run / "ablate" / "ablation.json")),
+        claims.ablation_claim(_read_json(layout.ablate / "ablation.json")),
     ]
+
+
+def claim_rows(run: str | Path) -> list[dict[str, Any]]:
+    """The claims table of a study folder as rows (what the report shows)."""
+    return [dict(vars(c)) for c in evaluate_claims(Path(run))]
 
 
 # ---------------------------------------------------------------- page
@@ -266,19 +273,20 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise SumcircuitError(f"run directory not found: {run}")
-    manifest = _read_json(run / "reproduce.json") or {}
+    layout = StudyLayout(run)
+    manifest = _read_json(layout.manifest) or {}
     parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
              "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
              "Tasks</i> (arXiv 2505.17073). Every figure below was computed in this run; intervals are 95%.</p>"]
     parts.append(_section("Paper claims vs this run", claims_table(evaluate_claims(run))))
 
-    names = [n for n in MODEL_RUNS if (run / n).is_dir()] + sorted(p.name for p in run.glob("random_*"))
+    names = layout.model_runs()
     rouge = rouge_rows(run, names)
     parts.append(_section("ROUGE (F1, bootstrap 95% CI)", _table(
         ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n"], rouge)
         if rouge else _missing("Evaluation")))
 
-    analysis = run / "analysis"
+    analysis = layout.analysis
     heads, layers = _read_csv(analysis / "heads.csv"), _read_csv(analysis / "layers.csv")
     summary = _read_json(analysis / "summary.json") or {}
     body = ""
@@ -297,15 +305,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"{_fmt(summary.get('n_docs'))} documents, {_fmt(summary.get('n_tokens'))} tokens.</p>")
     parts.append(_section("Differential analysis (base vs full fine-tune)", body or _missing("Analysis")))
 
-    logs = {n: read_jsonl(run / n / "train_log.jsonl") for n in names}
+    logs = {n: read_jsonl(layout.stage(n) / "train_log.jsonl") for n in names}
     logs = {n: log for n, log in logs.items() if log}
-    tracking = _read_csv(run / "full" / "tracking.csv")
+    tracking = _read_csv(layout.stage("full") / "tracking.csv")
     body = (training_curves(logs) if logs else "") + (tracking_plot(tracking) if tracking else "")
     parts.append(_section("Training", body or _missing("Fine-tuning")))
 
-    circuit = _read_json(run / "circuit" / "circuit.json")
-    patch_png = _embed_png(run / "patch" / "patching.png", "patching recovery per layer")
-    ablate_png = _embed_png(run / "ablate" / "ablation.png", "ablation effect vs random controls")
+    circuit = _read_json(layout.circuit_file)
+    patch_png = _embed_png(layout.patch / "patching.png", "patching recovery per layer")
+    ablate_png = _embed_png(layout.ablate / "ablation.png", "ablation effect vs random controls")
     body = ""
     if circuit:
         body += (f"<p>Circuit ({html.escape(str(circuit.get('score')))} score): layers "
@@ -321,6 +329,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         {"reproduce": manifest, "analysis": summary.get("provenance")}, indent=2, default=str)) + "</pre>"))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
-    target = Path(out) if out else run / "report.html"
+    target = Path(out) if out else layout.report
     atomic_write_text(target, page)
     return target

@@ -28,6 +28,7 @@ from sumcircuit.artifacts import atomic_write_json, read_json
 from sumcircuit.data import DataConfig
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.provenance import provenance
+from sumcircuit.runs import StudyLayout, StudyResult
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +162,15 @@ def _data(cfg: StudyConfig, *, eval_: bool, n_docs: int | None, max_tokens: int)
     return DataConfig(cfg.data, split=cfg.split, n_docs=n_docs, max_tokens=max_tokens)
 
 
-def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
+def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     """Run (or resume) every stage of the study and write the report."""
-    from sumcircuit import analysis, circuit, causal, evaluate, finetune
-    from sumcircuit.report import build_report
+    from sumcircuit import analysis, causal, circuit, evaluation, training
+    from sumcircuit.report import build_report, claim_rows
+    from sumcircuit.training.checkpoint import latest_checkpoint
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    layout = StudyLayout(run)
     preset = cfg.resolved_preset()
     runner = StageRunner(run)
     train = _data(cfg, eval_=False, n_docs=preset.train_docs, max_tokens=preset.max_tokens)
@@ -177,12 +180,12 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
     test = _data(cfg, eval_=True, n_docs=preset.eval_docs, max_tokens=preset.max_tokens)
     probe = _data(cfg, eval_=True, n_docs=preset.analysis_docs, max_tokens=preset.max_tokens)
     causal_data = _data(cfg, eval_=True, n_docs=preset.causal_docs, max_tokens=preset.max_tokens)
-    gen = evaluate.GenerationConfig(max_new_tokens=preset.max_new_tokens, batch_size=preset.eval_batch_size)
+    gen = evaluation.GenerationConfig(max_new_tokens=preset.max_new_tokens, batch_size=preset.eval_batch_size)
     common = {"model": cfg.model, "device": cfg.device, "dtype": cfg.dtype}
 
     def evaluate_stage(name: str, spec_of: Callable[[], str], upstream: tuple[str, ...]) -> None:
         runner.run(f"{name}/eval", {**common, "data": asdict(test), "gen": asdict(gen)}, upstream,
-                   lambda out: evaluate.run_evaluate(spec_of(), test, gen, out, device=cfg.device,
+                   lambda out: evaluation.run_evaluate(spec_of(), test, gen, out, device=cfg.device,
                                                      dtype=cfg.dtype))
 
     def finetune_stage(name: str, method: str, hp: Mapping[str, Any], seed: int,
@@ -190,50 +193,49 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> dict[str, Any]:
                        upstream: tuple[str, ...] = (), key_extra: Mapping[str, Any] | None = None) -> None:
         def body(out: Path) -> None:
             extra = layers() if layers else {}
-            ft_cfg = finetune.FinetuneConfig(method=method, seed=seed, device=cfg.device, dtype=cfg.dtype,
+            ft_cfg = training.FinetuneConfig(method=method, seed=seed, device=cfg.device, dtype=cfg.dtype,
                                              **{**dict(hp), **extra})
-            resume = finetune.latest_checkpoint(out) is not None  # an interrupted stage continues
-            finetune.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=resume)
+            resume = latest_checkpoint(out) is not None  # an interrupted stage continues
+            training.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=resume)
         runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed, **(key_extra or {}),
                           "train": asdict(train), "val": asdict(val) if val else None}, upstream, body)
 
     seed0 = cfg.seeds[0]
     evaluate_stage("zeroshot", lambda: cfg.model, ())
     finetune_stage("full", "full", preset.full, seed0)
-    full_spec = lambda: str(run / "full" / "final")  # noqa: E731
+    full_spec = lambda: str(layout.final("full"))  # noqa: E731
     evaluate_stage("full", full_spec, ("full",))
     runner.run("analysis", {**common, "data": asdict(probe)}, ("full",),
                lambda out: analysis.run_analysis(cfg.model, full_spec(), probe, analysis.AnalysisConfig(seed=seed0),
                                                  out, device=cfg.device, dtype=cfg.dtype))
     runner.run("circuit", {"score": "kl", "top_layers": preset.top_layers, "seed": seed0}, ("analysis",),
-               lambda out: circuit.select_circuit(run / "analysis", score="kl", top_layers=preset.top_layers,
-                                                  seed=seed0, out=out / "circuit.json"))
-    circuit_layers = lambda: {"layers": list(read_json(run / "circuit" / "circuit.json")["layers"])}  # noqa: E731
+               lambda out: circuit.select_circuit(layout.analysis, score="kl", top_layers=preset.top_layers,
+                                                  seed=seed0, out=layout.circuit_file))
+    circuit_layers = lambda: {"layers": circuit.read_circuit(layout.circuit_file).layers}  # noqa: E731
     finetune_stage("lora_all", "lora", preset.lora, seed0)
     finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, circuit_layers, ("circuit",))
     for name in ("lora_all", "targeted"):
-        evaluate_stage(name, lambda n=name: str(run / n / "final"), (name,))
+        evaluate_stage(name, lambda n=name: str(layout.final(n)), (name,))
     for seed in cfg.seeds:  # controls differ from `targeted` only in the layers drawn
-        name = f"random_s{seed}"
+        name = layout.random_name(seed)
         finetune_stage(name, "targeted-lora", preset.targeted, seed0,
                        lambda s=seed: {"random_layers": preset.top_layers, "layer_seed": s},
                        key_extra={"random_layers": preset.top_layers, "layer_seed": seed})
-        evaluate_stage(name, lambda n=name: str(run / n / "final"), (name,))
+        evaluate_stage(name, lambda n=name: str(layout.final(n)), (name,))
     runner.run("ablate", {**common, "data": asdict(causal_data), "controls": preset.random_controls},
                ("full", "circuit"),
-               lambda out: causal.run_ablation(full_spec(), causal_data, causal.AblationConfig(
-                   circuit=str(run / "circuit" / "circuit.json"), random_controls=preset.random_controls,
-                   seed=seed0), out, device=cfg.device, dtype=cfg.dtype))
+               lambda out: causal.ablate(full_spec(), causal_data, causal.AblationConfig(
+                   circuit=str(layout.circuit_file), random_controls=preset.random_controls,
+                   seed=seed0, device=cfg.device, dtype=cfg.dtype), out=out))
     runner.run("patch", {**common, "data": asdict(causal_data), "directions": preset.patch_directions},
                ("full",),
-               lambda out: causal.run_patching(cfg.model, full_spec(), causal_data,
-                                               causal.PatchConfig(seed=seed0, directions=preset.patch_directions),
-                                               out,
-                                               device=cfg.device, dtype=cfg.dtype))
+               lambda out: causal.patch(cfg.model, full_spec(), causal_data,
+                                        causal.PatchConfig(seed=seed0, directions=preset.patch_directions,
+                                                           device=cfg.device, dtype=cfg.dtype), out=out))
     manifest = {"study": asdict(cfg), "preset": asdict(preset), "stages": runner.keys,
                 "wall_time_s": runner.timings, "skipped": runner.skipped,
                 "provenance": provenance(seed=seed0)}
-    atomic_write_json(run / "reproduce.json", manifest)
+    atomic_write_json(layout.manifest, manifest)
     report = build_report(run)
     print(f"[reproduce] report: {report}", flush=True)
-    return manifest
+    return StudyResult(manifest, run, claim_rows(run))

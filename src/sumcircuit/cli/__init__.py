@@ -1,7 +1,8 @@
 """The ``sumcircuit`` command: argparse subcommands, one module per command.
 
 Each command module defines ``register(subparsers)``; its handler is stored
-as the ``run`` default. Errors a user can act on (:class:`SumcircuitError`)
+as the ``handler`` default (not ``run``: a command may have a positional
+argument of that name, as ``report RUN`` does). Errors a user can act on (:class:`SumcircuitError`)
 are printed as one line with exit code 2, never as a traceback.
 """
 
@@ -13,12 +14,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sumcircuit import __version__
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.version import __version__
 
 # Command modules under sumcircuit.cli, in the order `--help` lists them.
 COMMANDS: tuple[str, ...] = ("models", "data", "analyze", "finetune", "evaluate", "circuit", "ablate",
-                             "patch", "reproduce", "report")
+                             "patch", "attribute", "reproduce", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     ok = False
     try:
-        code = int(args.run(args) or 0)
+        code = int(args.handler(args) or 0)
         ok = True
         return code
     except SumcircuitError as err:

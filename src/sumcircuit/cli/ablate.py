@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.causal import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
-from sumcircuit.distributed import is_main_process
+from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_options(parser)
     target = parser.add_argument_group("what to ablate (exactly one)")
     which = target.add_mutually_exclusive_group(required=True)
-    which.add_argument("--heads", help="heads as LAYER.HEAD, comma separated, e.g. 2.3,5.0")
+    which.add_argument("--heads", help="heads, comma separated: L2.H3 (or 2.3), e.g. L2.H3,L5.H0")
     which.add_argument("--layers", help="layers, e.g. 2,3,5 or 2-5 (blocks chosen by --component)")
     which.add_argument("--circuit", help="circuit.json from `sumcircuit circuit`")
     target.add_argument("--circuit-part", choices=("layers", "heads"), default="layers",
@@ -46,21 +45,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="documents per forward (default: %(default)s)")
     add_runtime_options(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sumcircuit.causal import AblationConfig, parse_heads, parse_layers, run_ablation
+    from sumcircuit.causal import AblationConfig, ablate
+    from sumcircuit.distributed import is_main_process
+    from sumcircuit.sites import parse_heads, parse_layers
 
-    heads = tuple((c.layer, c.head) for c in parse_heads(args.heads)) if args.heads else ()
-    layers = tuple(parse_layers(args.layers)) if args.layers else ()
+    heads = tuple(parse_heads(args.heads)) if args.heads else ()
+    layers = tuple(parse_layers(args.layers, what="--layers")) if args.layers else ()
     cfg = AblationConfig(heads=heads, layers=layers, component=args.component, mode=args.mode,
                          random_controls=args.random_controls, control_pool=args.control_pool,
                          seed=args.seed, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
                          rouge=args.rouge, rouge_max_new_tokens=args.max_new_tokens, circuit=args.circuit,
                          circuit_part=args.circuit_part, adapter=args.adapter, device=args.device,
                          dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    summary = run_ablation(args.model, data_config(args), cfg, args.out)
+    summary = ablate(args.model, data_config(args), cfg, out=args.out).summary
     if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
         return 0
     c = summary["circuit"]

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--no-cka", action="store_true", help="skip linear CKA (saves 3 d x d products per layer)")
     group.add_argument("--restart", action="store_true", help="ignore finished shards in --out and start over")
     add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

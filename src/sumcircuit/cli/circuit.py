@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.circuit import DEFINITIONS, SCORES
+from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "circuit", help="rank layers/heads by a change score and write circuit.json (with bootstrap stability)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--analysis", required=True, help="folder written by `sumcircuit analyze`")
-    parser.add_argument("--score", default="kl", choices=SCORES,
-                        help="; ".join(f"{k}: {v}" for k, v in DEFINITIONS.items()) + " (default: %(default)s)")
+    parser.add_argument("--score", default="kl", choices=CIRCUIT_SCORES,
+                        help="; ".join(f"{k}: {v}" for k, v in CIRCUIT_SCORE_DEFINITIONS.items()) + " (default: %(default)s)")
     parser.add_argument("--top-layers", type=int, default=3, help="layers to select (default: %(default)s)")
     parser.add_argument("--top-heads", type=int, default=0,
                         help="also select this many heads (kl, kl-sym, entropy, combined only; default: none)")
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write a bar plot next to --out (.png)")
     parser.add_argument("--out", required=True, help="circuit file to write, e.g. circuit.json")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     from sumcircuit.circuit import select_circuit
 
-    circuit = select_circuit(args.analysis, score=args.score, top_layers=args.top_layers,
+    result = select_circuit(args.analysis, score=args.score, top_layers=args.top_layers,
                              top_heads=args.top_heads, n_bootstrap=args.n_bootstrap, seed=args.seed,
                              out=args.out)
+    circuit = result.summary
     if args.plot:
         from sumcircuit.plots import plot_circuit
 

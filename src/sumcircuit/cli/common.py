@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sumcircuit.data import DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE, DataConfig
+from sumcircuit.options import DATA_PRESETS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from sumcircuit.data import DataConfig
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = False,
                      max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
     """--data, --text-field, --summary-field, --template, --max-tokens, --n-docs, --split, --skip-invalid."""
     group = parser.add_argument_group("data")
-    data_help = ("JSONL(.gz)/CSV file, a folder with --split, hf:ID[:CONFIG], or a preset "
-                 "(cnn_dailymail, xsum, scitldr, dialogsum, samsum)")
+    data_help = ("JSONL(.gz)/CSV/Parquet file, a folder with --split, a `datasets` save_to_disk folder, "
+                 f"hf:ID[:CONFIG], or a preset ({', '.join(DATA_PRESETS)})")
     if positional:
         parser.add_argument("data", help=data_help)
     else:
@@ -33,6 +36,8 @@ def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = Fals
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
+    from sumcircuit.data import DataConfig
+
     return DataConfig(data=args.data, text_field=args.text_field, summary_field=args.summary_field,
                       template=args.template, max_tokens=args.max_tokens, n_docs=args.n_docs,
                       split=args.split, skip_invalid=args.skip_invalid)
@@ -52,6 +57,12 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the hub (off unless asked)")
+
+
+def split_directions(direction: str) -> tuple[str, ...]:
+    from sumcircuit.options import DIRECTIONS
+
+    return DIRECTIONS if direction == "both" else (direction,)
 
 
 def print_json(obj: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import add_data_options, data_config, print_json
-from sumcircuit.data import preview
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_options(parser, positional=True)
     parser.add_argument("--model", help="tokenize with this model's tokenizer to report token lengths")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _fmt(stats: dict[str, float]) -> str:
@@ -23,6 +22,8 @@ def _fmt(stats: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sumcircuit.data import preview
+
     tokenizer = None
     if args.model:
         from sumcircuit.models import load_model

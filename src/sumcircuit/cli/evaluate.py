@@ -12,10 +12,19 @@ Reruns into the same --out with the same settings resume where they stopped.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
-from sumcircuit.distributed import is_main_process
-from sumcircuit.evaluate import PREDICTIONS_FILE, ROUGE_FILE, ROUGE_TYPES, GenerationConfig, run_evaluate
+from sumcircuit.options import (
+    GENERATION_BATCH_SIZE,
+    GENERATION_MAX_NEW_TOKENS,
+    GENERATION_NO_REPEAT_NGRAM,
+    GENERATION_NUM_BEAMS,
+    ROUGE_TYPES,
+)
+
+if TYPE_CHECKING:
+    from sumcircuit.evaluation import GenerationConfig
 
 _ESCAPES = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}
 
@@ -29,14 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(merged into --model)")
     add_data_options(parser)
     gen = parser.add_argument_group("generation")
-    defaults = GenerationConfig()
-    gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+    gen.add_argument("--max-new-tokens", type=int, default=GENERATION_MAX_NEW_TOKENS,
                      help="generated tokens per summary at most (default: %(default)s)")
-    gen.add_argument("--num-beams", type=int, default=defaults.num_beams,
+    gen.add_argument("--num-beams", type=int, default=GENERATION_NUM_BEAMS,
                      help="1 = greedy (default: %(default)s)")
-    gen.add_argument("--no-repeat-ngram", type=int, default=defaults.no_repeat_ngram_size,
+    gen.add_argument("--no-repeat-ngram", type=int, default=GENERATION_NO_REPEAT_NGRAM,
                      help="forbid repeating n-grams of this size; 0 = off (default: %(default)s)")
-    gen.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    gen.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE,
                      help="documents generated together (default: %(default)s)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="also stop at this text (repeatable; \\n and \\t are understood), e.g. "
@@ -44,11 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = parser.add_argument_group("scoring")
     score.add_argument("--bootstrap", type=int, default=1000,
                        help="bootstrap resamples for the 95%% CIs (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard predictions already in --out instead of resuming")
     parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, rouge.json")
     add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def unescape(text: str) -> str:
@@ -66,16 +75,21 @@ def unescape(text: str) -> str:
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    from sumcircuit.evaluation import GenerationConfig
+
     return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                             no_repeat_ngram_size=args.no_repeat_ngram, batch_size=args.batch_size,
                             stop=tuple(unescape(s) for s in args.stop))
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_evaluate(args.model, data_config(args), generation_config(args), args.out,
-                          adapter=args.adapter, device=args.device, dtype=args.dtype, seed=args.seed,
-                          n_resamples=args.bootstrap, overwrite=args.overwrite,
-                          trust_remote_code=args.trust_remote_code)
+    from sumcircuit.distributed import is_main_process
+    from sumcircuit.evaluation import PREDICTIONS_FILE, ROUGE_FILE, evaluate
+
+    result = evaluate(args.model, data_config(args), generation_config(args), out=args.out,
+                      adapter=args.adapter, device=args.device, dtype=args.dtype, seed=args.seed,
+                      n_resamples=args.bootstrap, overwrite=args.overwrite,
+                      trust_remote_code=args.trust_remote_code, progress=not args.no_progress).summary
     if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
         return 0
     gen = result["generation"]

@@ -13,17 +13,15 @@ is the micro-batch: effective batch = batch-size x grad-accum. Without
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
-from sumcircuit.data import DataConfig
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.options import FINETUNE_METHODS
 
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+if TYPE_CHECKING:
+    from sumcircuit.data import DataConfig
+    from sumcircuit.training import FinetuneConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--val-fraction", type=float, default=0.1,
                      help="fraction held out when --val-data is not given (default: %(default)s)")
     method = parser.add_argument_group("method")
-    method.add_argument("--method", required=True, choices=("full", "lora", "targeted-lora"))
+    method.add_argument("--method", required=True, choices=FINETUNE_METHODS)
     layers = method.add_mutually_exclusive_group()
-    layers.add_argument("--layers", type=_layers, help="targeted-lora: layers to adapt, e.g. 2,3,5")
+    layers.add_argument("--layers", help="targeted-lora: layers to adapt, e.g. 2,3,5 or 2-5")
     layers.add_argument("--circuit", help="targeted-lora: circuit.json from `sumcircuit circuit`")
     layers.add_argument("--random-layers", type=int, metavar="K",
                         help="targeted-lora: K layers drawn uniformly (control); seeded by --layer-seed")
@@ -80,14 +78,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--track-docs", type=int, default=8, help="probe documents (default: %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
-def finetune_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from sumcircuit.finetune import FinetuneConfig
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    from sumcircuit.sites import parse_layers
+    from sumcircuit.training import FinetuneConfig
 
     return FinetuneConfig(
-        method=args.method, layers=args.layers, circuit=args.circuit, random_layers=args.random_layers,
+        method=args.method, layers=tuple(parse_layers(args.layers, what="--layers")) if args.layers else None,
+        circuit=args.circuit, random_layers=args.random_layers,
         layer_seed=args.layer_seed, rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout,
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
         max_steps=args.max_steps, eval_every=args.eval_every, save_every=args.save_every,
@@ -104,6 +104,8 @@ def val_config(args: argparse.Namespace, train: DataConfig) -> DataConfig | None
         if args.val_split or args.val_n_docs:
             raise SumcircuitError("--val-split/--val-n-docs need --val-data")
         return None
+    from sumcircuit.data import DataConfig
+
     return DataConfig(data=args.val_data, text_field=train.text_field, summary_field=train.summary_field,
                       template=train.template, max_tokens=train.max_tokens, n_docs=args.val_n_docs,
                       split=args.val_split, skip_invalid=train.skip_invalid)
@@ -111,13 +113,13 @@ def val_config(args: argparse.Namespace, train: DataConfig) -> DataConfig | None
 
 def run(args: argparse.Namespace) -> int:
     from sumcircuit.distributed import is_main_process
-    from sumcircuit.finetune import run_finetune
+    from sumcircuit.training import finetune
 
     if args.trust_remote_code:
         raise SumcircuitError("finetune does not run remote model code")
     train = data_config(args)
-    summary = run_finetune(args.model, train, finetune_config(args), args.out, val_config(args, train),
-                           resume=args.resume)
+    summary = finetune(args.model, train, finetune_config(args), out=args.out, val_data=val_config(args, train),
+                       resume=args.resume).summary
     if summary.get("processes", 1) > 1 and not is_main_process():  # rank 0 reports
         return 0
     print(f"method {summary['method']}, layers {summary['layers']}: {summary['trainable_params']:,} trainable "

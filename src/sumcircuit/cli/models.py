@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import print_json
-from sumcircuit.models import named_models_status
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="list named offline models and whether each is installed",
                                    description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from sumcircuit.models import named_models_status
+
     rows = named_models_status()
     if args.json:
         print_json(rows)

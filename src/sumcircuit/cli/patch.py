@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.causal import DIRECTIONS, GRANULARITIES
-from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
-from sumcircuit.distributed import is_main_process
+from sumcircuit.cli.common import (
+    add_data_options,
+    add_model_options,
+    add_runtime_options,
+    data_config,
+    split_directions,
+)
+from sumcircuit.options import DIRECTIONS, GRANULARITIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,18 +40,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="documents per forward (default: %(default)s)")
     add_runtime_options(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sumcircuit.causal import PatchConfig, parse_layers, run_patching
+    from sumcircuit.causal import PatchConfig, patch
+    from sumcircuit.distributed import is_main_process
+    from sumcircuit.sites import parse_layers
 
-    directions = DIRECTIONS if args.direction == "both" else (args.direction,)
-    cfg = PatchConfig(granularity=args.granularity, directions=directions,
-                      layers=tuple(parse_layers(args.layers)) if args.layers else (),
+    cfg = PatchConfig(granularity=args.granularity, directions=split_directions(args.direction),  # type: ignore[arg-type]
+                      layers=tuple(parse_layers(args.layers, what="--layers")) if args.layers else (),
                       include_all=not args.no_all, batch_size=args.batch_size, n_bootstrap=args.n_bootstrap,
                       seed=args.seed, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    summary = run_patching(args.base, args.tuned, data_config(args), cfg, args.out)
+    summary = patch(args.base, args.tuned, data_config(args), cfg, out=args.out).summary
     if not is_main_process():  # under N processes rank 0 reports (every rank has the numbers)
         return 0
     print(f"loss base {summary['loss_base']['mean']:.4f}, tuned {summary['loss_tuned']['mean']:.4f} "

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.report import build_report
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="write a self-contained HTML report for a run directory",
                                    description=__doc__)
     parser.add_argument("run", help="run directory written by `sumcircuit reproduce`")
     parser.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from sumcircuit.report import build_report
+
     path = build_report(args.run, args.out)
     print(f"report written to {path}")
     return 0

@@ -9,7 +9,7 @@ import argparse
 
 from sumcircuit.cli.common import print_json
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.reproduce import PRESETS, StudyConfig, run_study
+from sumcircuit.options import STUDY_PRESETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,13 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-split", help="split of --eval-data")
     parser.add_argument("--val-split", help="split of --data for early-stopping validation (default: the "
                                             "preset's; quick holds out a seeded slice of the training docs)")
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+    parser.add_argument("--preset", default="quick", choices=STUDY_PRESETS,
                         help="quick: ~15 min on a 2-core CPU; paper: the paper's hyper-parameters (GPU)")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, one random-layer control each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True, help="run directory")
-    parser.set_defaults(run=run)
+    parser.set_defaults(handler=run)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -42,9 +42,11 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sumcircuit.reproduce import StudyConfig, run_study
+
     cfg = StudyConfig(model=args.model, data=args.data, split=args.split, eval_data=args.eval_data,
                       eval_split=args.eval_split, val_split=args.val_split, preset=args.preset, seeds=_seeds(args.seeds),
                       device=args.device, dtype=args.dtype)
-    manifest = run_study(cfg, args.out)
+    manifest = run_study(cfg, args.out).summary
     print_json({"stages": manifest["stages"], "wall_time_s": manifest["wall_time_s"]})
     return 0

@@ -28,13 +28,14 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
@@ -42,12 +43,20 @@ from sumcircuit import distributed as dist
 from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text
 from sumcircuit.data import DataConfig, Encoded, ExampleSet, collate, encode, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.models import LoadedModel, load_adapter, load_model
+from sumcircuit.options import (
+    GENERATION_BATCH_SIZE,
+    GENERATION_MAX_NEW_TOKENS,
+    GENERATION_NO_REPEAT_NGRAM,
+    GENERATION_NUM_BEAMS,
+    ROUGE_TYPES,
+)
 from sumcircuit.provenance import file_sha256, provenance
+from sumcircuit.results import Result
+from sumcircuit.stats import bootstrap_ci
 
 logger = logging.getLogger(__name__)
 
-ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PREDICTIONS_FILE = "predictions.jsonl"
 ROUGE_FILE = "rouge.json"
 
@@ -60,10 +69,10 @@ class EvaluationError(SumcircuitError):
 class GenerationConfig:
     """How summaries are generated. Greedy unless ``num_beams`` > 1; never sampled."""
 
-    max_new_tokens: int = 128
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 0  # 0 = off
-    batch_size: int = 8
+    max_new_tokens: int = GENERATION_MAX_NEW_TOKENS
+    num_beams: int = GENERATION_NUM_BEAMS
+    no_repeat_ngram_size: int = GENERATION_NO_REPEAT_NGRAM  # 0 = off
+    batch_size: int = GENERATION_BATCH_SIZE
     stop: tuple[str, ...] = ()  # text stop sequences, besides EOS
 
     def __post_init__(self) -> None:
@@ -146,31 +155,6 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         scores = scorer.score_multi([sentence_lines(r) for r in refs], sentence_lines(pred))
         out.append({k: float(scores[k].fmeasure) for k in ROUGE_TYPES})
     return out
-
-
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean, resampling documents with replacement.
-
-    The same ``seed`` and number of values draw the same resamples, so the
-    metrics of one run are bootstrapped on paired resamples.
-    """
-    data = np.asarray(values, dtype=np.float64)
-    if data.ndim != 1 or data.size == 0:
-        raise EvaluationError("bootstrap_ci needs a non-empty 1-D sequence of values")
-    if not 0 < level < 1:
-        raise EvaluationError(f"level must be in (0, 1), got {level}")
-    if n_resamples < 1:
-        raise EvaluationError(f"n_resamples must be at least 1, got {n_resamples}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    chunk = max(1, 2_000_000 // data.size)  # bound memory for large test sets
-    for lo in range(0, n_resamples, chunk):
-        hi = min(n_resamples, lo + chunk)
-        means[lo:hi] = data[rng.integers(0, data.size, size=(hi - lo, data.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
 
 
 def aggregate(per_example: Sequence[dict[str, float]], n_resamples: int = 1000, seed: int = 0,
@@ -280,11 +264,6 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 # ---------------------------------------------------------------- run
 
 def _load_adapter(loaded: LoadedModel, adapter: str | Path) -> LoadedModel:
-    try:
-        from sumcircuit.finetune import load_adapter
-    except ImportError as exc:
-        raise EvaluationError(f"--adapter needs sumcircuit.finetune.load_adapter, which is not "
-                              f"available: {exc}") from exc
     if not Path(adapter).is_dir():
         raise EvaluationError(f"adapter folder not found: {adapter}")
     return load_adapter(loaded, adapter, merge=True)
@@ -367,7 +346,7 @@ def _generate_batch(loaded: LoadedModel, examples: ExampleSet, encoded: list[Enc
 
 def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[Encoded],
                       done: dict[int, Any], gen_cfg: GenerationConfig, eos_ids: list[int],
-                      run_id: str, path: Path) -> None:
+                      run_id: str, path: Path, progress: bool = True) -> None:
     """Generate what ``done`` lacks, batch by batch.
 
     Under N processes the batches (the same ones one process would form) are
@@ -378,6 +357,15 @@ def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[E
     todo = [i for i in range(len(encoded)) if i not in done]
     if len(todo) < len(encoded) and dist.is_main_process():
         logger.info("resuming: %d of %d documents already done", len(encoded) - len(todo), len(encoded))
+    bar = tqdm(total=len(encoded), initial=len(encoded) - len(todo), desc="generate", unit="doc",
+               disable=not progress or not dist.is_main_process(), dynamic_ncols=True)
+    with bar:
+        _generate_rounds(loaded, examples, encoded, todo, done, gen_cfg, eos_ids, run_id, path, bar)
+
+
+def _generate_rounds(loaded: LoadedModel, examples: ExampleSet, encoded: list[Encoded], todo: list[int],
+                     done: dict[int, Any], gen_cfg: GenerationConfig, eos_ids: list[int], run_id: str,
+                     path: Path, bar: Any) -> None:
     for batches in dist.rounds(len(todo), gen_cfg.batch_size):
         idx = [todo[i] for i in batches[dist.rank()]]
         t0 = time.perf_counter()
@@ -386,6 +374,7 @@ def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[E
             for record in part:  # appended per batch: an interrupted run resumes here
                 append_jsonl(path, record)
             done.update({r["index"]: r for r in part})
+        bar.update(sum(len(b) for b in batches))
         if dist.is_main_process():
             logger.info("generated %d/%d (%.2f summaries/s)", len(done), len(encoded),
                         sum(len(b) for b in batches) / (time.perf_counter() - t0))
@@ -394,7 +383,8 @@ def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[E
 def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: GenerationConfig,
                  out_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
                  dtype: str = "float32", seed: int = 0, n_resamples: int = 1000, level: float = 0.95,
-                 overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, trust_remote_code: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
     """Generate summaries for ``data_cfg``, score them, write ``predictions.jsonl`` and ``rouge.json``.
 
     Reruns with the same model, data and generation config skip documents
@@ -424,7 +414,8 @@ def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: G
     if not dist.is_main_process():
         done = dict.fromkeys(finished)
     torch.manual_seed(seed)  # greedy and beam search draw nothing; recorded for completeness
-    _generate_missing(loaded, examples, encoded, done, gen_cfg, eos_ids, run_id, out / PREDICTIONS_FILE)
+    _generate_missing(loaded, examples, encoded, done, gen_cfg, eos_ids, run_id, out / PREDICTIONS_FILE,
+                      progress)
 
     def finish() -> dict[str, Any]:
         records = [done[i] for i in range(len(encoded))]
@@ -455,10 +446,50 @@ def _summarize(records: Sequence[dict[str, Any]], gen_cfg: GenerationConfig, eos
             "mean_new_tokens": new_tokens / len(records), "torch_threads": torch.get_num_threads()},
         "scoring": {
             "package": "rouge-score", "use_stemmer": True, "measure": "F1, fraction in [0, 1]",
-            "lsum_sentences": "sumcircuit.evaluate.split_sentences (newlines, then .!? before a "
+            "lsum_sentences": "sumcircuit.evaluation.split_sentences (newlines, then .!? before a "
                               "capital or digit, except abbreviations), same for predictions and references",
             "multi_reference": "best reference per metric (RougeScorer.score_multi: max F1)",
             "ci": {"method": "percentile bootstrap over documents", "n_resamples": n_resamples,
                    "level": level, "seed": seed}},
     })
     return result
+
+
+@dataclass
+class EvaluationResult(Result):
+    """ROUGE of generated summaries: ``summary`` (rouge.json) and one record per document."""
+
+    kind: ClassVar[str] = "evaluation"
+    main_table: ClassVar[str] = "predictions"
+    summary: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        rows = [{"index": r["index"], "doc_id": r["doc_id"], "prediction": r["prediction"],
+                 "references": r["references"], **r["scores"], "stop_reason": r["stop_reason"],
+                 "new_tokens": r["new_tokens"]} for r in self.predictions]
+        return {"predictions": rows}
+
+    def rouge(self, metric: str = "rouge1") -> float:
+        return float(self.summary[metric]["f1"])
+
+    def save(self, out: str | Path) -> Path:
+        """``predictions.jsonl`` and ``rouge.json``."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in self.predictions)
+        atomic_write_text(folder / PREDICTIONS_FILE, text)
+        atomic_write_json(folder / ROUGE_FILE, self.summary)
+        return folder
+
+
+def evaluate(model: str | LoadedModel, data: DataConfig, config: GenerationConfig | None = None, *,
+             out: str | Path, adapter: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+             seed: int = 0, n_resamples: int = 1000, level: float = 0.95, overwrite: bool = False,
+             trust_remote_code: bool = False, progress: bool = True) -> EvaluationResult:
+    """Generate summaries of ``data`` with ``model`` and score them with ROUGE (resumable in ``out``)."""
+    summary = run_evaluate(model, data, config or GenerationConfig(), out, adapter, device=device, dtype=dtype,
+                           seed=seed, n_resamples=n_resamples, level=level, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code, progress=progress)
+    records = sorted(_read_predictions(Path(out) / PREDICTIONS_FILE), key=lambda r: int(r["index"]))
+    return EvaluationResult(summary, records)

@@ -29,181 +29,51 @@ and checkpoints hold weights, optimizer, scheduler and RNG states: a resumed
 run ends with the same weights as an uninterrupted one.
 """
 
+
 from __future__ import annotations
 
 import copy
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.artifacts import (append_jsonl, atomic_save_safetensors, atomic_write_csv, atomic_write_json,
-                                  atomic_write_text, read_csv, read_json, read_jsonl)
+from sumcircuit.artifacts import append_jsonl, atomic_write_csv, atomic_write_json, read_csv, read_json, read_jsonl
 from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
-from sumcircuit.errors import SumcircuitError
-from sumcircuit.lora import (ADAPTER_META, ADAPTER_WEIGHTS, apply_adapter, count_params,
-                             expected_lora_params, inject_lora, merge_lora, read_adapter_meta,
-                             split_fused_qkv)
-from sumcircuit.models import LoadedModel, ModelSource, load_model
-from sumcircuit.provenance import file_sha256, provenance
-
-log = logging.getLogger(__name__)
-
-METHODS = ("full", "lora", "targeted-lora")
-PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "full": {"lr": 3e-5, "batch_size": 32, "epochs": 10.0, "patience": 0},
-    "lora": {"lr": 5e-5, "batch_size": 16, "epochs": 10.0, "patience": 3},
-    "targeted-lora": {"lr": 5e-5, "batch_size": 16, "epochs": 10.0, "patience": 3},
-}
-FINETUNE_META = "sumcircuit_finetune.json"
-TRACKING_COLUMNS = ("step", "epoch", "layer", "head", "entropy_base", "entropy_tuned",
-                    "entropy_delta", "kl_base_tuned", "kl_tuned_base")
-_DEBUG_SLEEP_ENV = "SUMCIRCUIT_DEBUG_STEP_SLEEP"  # tests: slow steps so a kill lands mid-run
-
-
-class FinetuneError(SumcircuitError):
-    """A fine-tuning request that cannot run as asked (bad layers, config, resume state)."""
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning run. ``None`` hyperparameters take the method's paper default.
-
-    ``batch_size`` is the micro-batch and ``grad_accum`` the micro-batches per
-    optimizer step *in total*: the effective batch is ``batch_size x grad_accum``
-    whatever the number of processes. Under N processes (``accelerate launch``)
-    each runs ``grad_accum / N`` of a step's micro-batches (``grad_accum`` must
-    be a multiple of N), so the same command trains the same model on 1 or N
-    processes. ``patience`` counts evaluations without improvement; 0 disables
-    early stopping.
-    """
-
-    method: str = "targeted-lora"
-    layers: tuple[int, ...] | None = None
-    circuit: str | None = None
-    random_layers: int | None = None
-    layer_seed: int | None = None  # for --random-layers; default: seed
-    rank: int = 8
-    alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lr: float | None = None
-    batch_size: int | None = None
-    grad_accum: int = 1
-    epochs: float | None = None
-    max_steps: int | None = None
-    eval_every: int | None = None  # optimizer steps; None: once per epoch
-    save_every: int | None = None  # optimizer steps; None: at every evaluation
-    patience: int | None = None
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    scheduler: str = "linear"  # linear | constant
-    max_grad_norm: float | None = 1.0
-    val_fraction: float = 0.1  # held out of the training file when no validation data is given
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; meant for CUDA)
-    track_every: int | None = None
-    track_docs: int = 8
-    final: str = "best"  # best | last: which weights final/ holds
-    keep_checkpoints: int = 2
-    device: str = "cpu"
-    dtype: str = "float32"
-    progress: bool = True
-
-    def resolved(self) -> "FinetuneConfig":
-        """This config with the method's paper defaults filled in, validated."""
-        if self.method not in METHODS:
-            raise FinetuneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        defaults = PAPER_DEFAULTS[self.method]
-        cfg = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-        checks = [(cfg.rank > 0, "--rank must be positive"), (cfg.grad_accum > 0, "--grad-accum must be positive"),
-                  (cfg.batch_size > 0, "--batch-size must be positive"), (cfg.lr > 0, "--lr must be positive"),
-                  (cfg.epochs > 0, "--epochs must be positive"), (cfg.patience >= 0, "--patience must be >= 0"),
-                  (cfg.max_steps is None or cfg.max_steps > 0, "--max-steps must be positive"),
-                  (cfg.eval_every is None or cfg.eval_every > 0, "--eval-every must be positive"),
-                  (cfg.save_every is None or cfg.save_every > 0, "--save-every must be positive"),
-                  (cfg.track_every is None or cfg.track_every > 0, "--track-every must be positive"),
-                  (0 < cfg.val_fraction < 1, "--val-fraction must be in (0, 1)"),
-                  (cfg.scheduler in ("linear", "constant"), "--scheduler must be linear or constant"),
-                  (cfg.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
-                  (cfg.final in ("best", "last"), "--final must be best or last"),
-                  (cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise FinetuneError(message)
-        return cfg
-
-
-# ---------------------------------------------------------------- layer choice
-
-@dataclass(frozen=True)
-class LayerChoice:
-    layers: list[int]
-    source: str  # how they were chosen, for the summary
-    heads: list[list[int]] | None = None
-
-
-def read_circuit(path: str | Path) -> tuple[list[int], list[list[int]] | None]:
-    """Layers (and heads, if any) of a circuit file written by ``sumcircuit circuit``."""
-    try:
-        data = read_json(path)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FinetuneError(f"cannot read circuit file {path}: {exc}") from exc
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
-        raise FinetuneError(f"circuit file {path} has no non-empty integer list 'layers'")
-    heads = data.get("heads")
-    return sorted(set(layers)), heads if isinstance(heads, list) else None
-
-
-def random_layers(n_layers: int, k: int, seed: int) -> list[int]:
-    """K distinct layers drawn uniformly with ``random.Random(seed)``: the control the paper lacked."""
-    if not 0 < k <= n_layers:
-        raise FinetuneError(f"--random-layers {k}: choose 1..{n_layers} (the model has {n_layers} layers)")
-    return sorted(random.Random(seed).sample(range(n_layers), k))
-
-
-def choose_layers(cfg: FinetuneConfig, n_layers: int) -> LayerChoice:
-    given = [name for name, v in (("--layers", cfg.layers), ("--circuit", cfg.circuit),
-                                  ("--random-layers", cfg.random_layers)) if v is not None]
-    if cfg.method != "targeted-lora":
-        if given:
-            raise FinetuneError(f"{given[0]} selects layers for --method targeted-lora; "
-                                f"--method {cfg.method} trains every layer")
-        return LayerChoice(list(range(n_layers)), "all")
-    if len(given) != 1:
-        raise FinetuneError("--method targeted-lora needs exactly one of --layers, --circuit, "
-                            f"--random-layers (got {', '.join(given) or 'none'})")
-    if cfg.layers is not None:
-        layers, source, heads = sorted(set(cfg.layers)), "--layers", None
-    elif cfg.circuit is not None:
-        layers, heads = read_circuit(cfg.circuit)
-        source = f"circuit {cfg.circuit}"
-    else:
-        seed = cfg.seed if cfg.layer_seed is None else cfg.layer_seed
-        layers, source, heads = random_layers(n_layers, int(cfg.random_layers), seed), \
-            f"random {cfg.random_layers} (seed {seed})", None
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise FinetuneError(f"layer {layer} out of range: the model has {n_layers} layers "
-                                f"(valid: 0..{n_layers - 1})")
-    return LayerChoice(layers, source, heads)
-
+from sumcircuit.lora import count_params, expected_lora_params, inject_lora
+from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.provenance import provenance
+from sumcircuit.results import Result
+from sumcircuit.training.checkpoint import (
+    export_model,
+    latest_checkpoint,
+    load_optimizer,
+    load_rng,
+    load_weights,
+    replace_dir,
+    save_optimizer,
+    save_rng,
+    tmp_dir,
+    truncate_log,
+)
+from sumcircuit.training.config import FinetuneConfig, FinetuneError, choose_layers
+from sumcircuit.training.tracking import TRACKING_COLUMNS, Tracker
 
 # ---------------------------------------------------------------- data
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Splits:
@@ -348,127 +218,6 @@ def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: Fine
     return PreparedModel(model, adapter, trainable, total, expected)
 
 
-# ---------------------------------------------------------------- saving
-
-def base_spec(loaded: LoadedModel) -> str:
-    """A spec that finds the base model again: a named model or hub id as is, paths absolute."""
-    source = loaded.source
-    return source.location if source.kind == "local" or Path(source.spec).suffix == ".gguf" else source.spec
-
-
-def export_model(model: torch.nn.Module, loaded: LoadedModel, folder: Path, meta: dict[str, Any]) -> None:
-    """The user-facing format: a PEFT adapter folder (LoRA) or an HF model folder (full).
-
-    Either is a valid model spec. Written into ``folder``, which the caller renames into place.
-    The base weights' hash is ``loaded.weights_sha256()``, which is cached on first call:
-    call it before training or LoRA injection changes the model.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"base_weights_sha256": loaded.weights_sha256(), "base_dtype": str(loaded.model.dtype), **meta}
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(str(folder), safe_serialization=True)
-        atomic_write_json(folder / ADAPTER_META, {"base_model": base_spec(loaded), **meta})
-    else:
-        model.save_pretrained(str(folder), safe_serialization=True)
-        loaded.tokenizer.save_pretrained(str(folder))
-        atomic_write_json(folder / FINETUNE_META, {"base_model": base_spec(loaded), **meta})
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename a finished folder into place: readers see the old folder or the new one."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def _tmp_dir(target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, values in state["state"].items():
-        for key, value in values.items():
-            (tensors if torch.is_tensor(value) else scalars)[f"{pid}/{key}"] = value
-    atomic_save_safetensors(tensors, folder / "optimizer.safetensors")
-    atomic_write_json(folder / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    meta = read_json(folder / "optimizer.json")
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in [*load_file(str(folder / "optimizer.safetensors")).items(), *meta["scalars"].items()]:
-        pid, name = key.split("/", 1)
-        state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _save_rng(folder: Path) -> None:
-    import numpy as np
-
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    atomic_save_safetensors(tensors, folder / "rng.safetensors")
-    atomic_write_json(folder / "rng.json", {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]})
-
-
-def _load_rng(folder: Path) -> None:
-    import numpy as np
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    meta = read_json(folder / "rng.json")
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Restore trained weights exported by :func:`export_model` into the live model."""
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing or result.unexpected_keys:
-            raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "
-                                f"unexpected {list(result.unexpected_keys)[:3]}")
-        return
-    files = sorted(folder.glob("*.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    tied |= {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "
-                            f"unexpected {list(result.unexpected_keys)[:3]}")
-
-
 # ---------------------------------------------------------------- run state
 
 @dataclass
@@ -500,78 +249,6 @@ def _fingerprint(model_spec: str, cfg: FinetuneConfig, splits: Splits, layers: l
 
 def _json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines from steps after the checkpoint: they will be run again."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
-
-
-# ---------------------------------------------------------------- tracking
-
-class Tracker:
-    """Differential analysis of the current weights against the start, on a fixed probe set.
-
-    Isolated here because it depends on :mod:`sumcircuit.analysis`. The start
-    model is a frozen deep copy taken before LoRA injection or any update.
-    """
-
-    def __init__(self, start_model: torch.nn.Module, adapter: ArchitectureAdapter, probe: list[Encoded],
-                 pad_token_id: int, seed: int) -> None:
-        self.start, self.adapter, self.probe = start_model, adapter, probe
-        self.pad_token_id, self.seed = pad_token_id, seed
-
-    @classmethod
-    def create(cls, model: torch.nn.Module, adapter: ArchitectureAdapter, probe: list[Encoded],
-               pad_token_id: int, seed: int, split_layers: list[int] | None = None) -> "Tracker":
-        """``split_layers``: split GPT-2's fused q|k|v there as LoRA training does, so the
-        start and current models have the same parameter names (weight-change statistics)."""
-        try:
-            import sumcircuit.analysis  # noqa: F401
-        except ImportError as exc:
-            raise FinetuneError(f"--track-every needs sumcircuit.analysis, which is not available: {exc}") from exc
-        start = copy.deepcopy(model).eval()
-        if split_layers:
-            split_fused_qkv(start, adapter, split_layers)
-        for param in start.parameters():
-            param.requires_grad_(False)
-        return cls(start, adapter, probe, pad_token_id, seed)
-
-    def rows(self, tuned: torch.nn.Module, step: int, epoch: float) -> list[dict[str, Any]]:
-        from sumcircuit.analysis import AnalysisConfig, analyze_models
-
-        base = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
-        was_training = base.training
-        base.eval()
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():  # training RNG stays untouched
-                config = AnalysisConfig(seed=self.seed, cka=False, ci_method="normal", progress=False)
-                result = analyze_models(self.start, base, self.adapter, self.probe, config, self.pad_token_id)
-        finally:
-            base.train(was_training)
-        return [{"step": step, "epoch": epoch, **row} for row in head_rows(result)]
-
-
-def head_rows(result: Any) -> list[dict[str, Any]]:
-    """Per-head entropy/KL rows from an AnalysisResult (attribute names: see analysis.py)."""
-    heads = result.heads
-    if hasattr(heads, "to_dict"):  # a DataFrame
-        heads = heads.to_dict("records")
-    return [{k: row[k] for k in TRACKING_COLUMNS[2:] if k in row} for row in heads]
 
 
 # ---------------------------------------------------------------- the run
@@ -709,11 +386,11 @@ def _save_best(run: _Run) -> None:
     if not run.accelerator.is_main_process:
         return
     target = run.out / "checkpoints" / "best"
-    tmp = _tmp_dir(target)
+    tmp = tmp_dir(target)
     export_model(run.unwrapped, run.loaded, tmp, {**run.meta, "step": run.state.step,
                                                     "epoch": run.epoch_float(),
                                                     "val_loss": run.state.best_val_loss})
-    _replace_dir(tmp, target)
+    replace_dir(tmp, target)
 
 
 def _save_checkpoint(run: _Run) -> None:
@@ -722,14 +399,14 @@ def _save_checkpoint(run: _Run) -> None:
     if acc.is_main_process:
         root = run.out / "checkpoints"
         target = root / f"step-{run.state.step:08d}"
-        tmp = _tmp_dir(target)
+        tmp = tmp_dir(target)
         export_model(run.unwrapped, run.loaded, tmp / "model", {**run.meta, "step": run.state.step,
                                                                   "epoch": run.epoch_float()})
-        _save_optimizer(run.optimizer, tmp)
+        save_optimizer(run.optimizer, tmp)
         atomic_write_json(tmp / "scheduler.json", run.scheduler.state_dict())
-        _save_rng(tmp)
+        save_rng(tmp)
         atomic_write_json(tmp / "state.json", {"state": asdict(run.state), "fingerprint": run.fingerprint})
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
         steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
         for old in steps[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -751,14 +428,14 @@ def _resume(run: _Run) -> None:
                 [d for d in diff if d != "config"]
         raise FinetuneError(f"--resume: {ckpt} was written by a different run (differs in: "
                             f"{', '.join(diff)}); use the same options or a new --out")
-    _load_weights(run.unwrapped, ckpt / "model")
-    _load_optimizer(run.optimizer, ckpt)
+    load_weights(run.unwrapped, ckpt / "model")
+    load_optimizer(run.optimizer, ckpt)
     run.scheduler.load_state_dict(read_json(ckpt / "scheduler.json"))
-    _load_rng(ckpt)
+    load_rng(ckpt)
     run.state = TrainState(**saved["state"])
     run.state.resumed_from.append(run.state.step)
     if run.accelerator.is_main_process:
-        _truncate_log(run.out / "train_log.jsonl", run.state.step)
+        truncate_log(run.out / "train_log.jsonl", run.state.step)
     run.tracking_rows[:] = [r for r in _read_tracking(run.out) if int(r["step"]) <= run.state.step]
     log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", ckpt, run.state.step,
              run.state.epoch, run.state.micro)
@@ -790,7 +467,6 @@ def _loop(run: _Run) -> None:
     from tqdm.auto import tqdm
 
     cfg, state = run.cfg, run.state
-    sleep = float(os.environ.get(_DEBUG_SLEEP_ENV, "0") or 0)
     bar = tqdm(total=run.total_steps, initial=state.step, unit="step", desc=cfg.method,
                disable=not cfg.progress or not run.accelerator.is_main_process, dynamic_ncols=True)
     try:
@@ -829,15 +505,13 @@ def _loop(run: _Run) -> None:
                 bar.update(1)
                 if state.step % run.save_every == 0 or last or state.stopped_early:
                     _save_checkpoint(run)
-                if sleep:
-                    time.sleep(sleep)
                 if state.micro == 0:
                     break  # epoch finished: a fresh permutation
     finally:
         bar.close()
 
 
-def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Path,
+def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: FinetuneConfig, out: Path,
            val_cfg: DataConfig | None) -> _Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -849,7 +523,8 @@ def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Pat
                             f"batch (--batch-size x --grad-accum) is kept whatever the number of processes, "
                             f"so --grad-accum must be a multiple of {n} (e.g. --batch-size "
                             f"{max(1, int(cfg.batch_size) // n)} --grad-accum {cfg.grad_accum * n})")
-    loaded = load_model(model_spec, dtype=cfg.dtype, device="cpu")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=cfg.dtype, device="cpu")
+    model_spec = loaded.source.spec
     choice = choose_layers(cfg, loaded.adapter.n_layers)
     splits = prepare_splits(loaded.tokenizer, train_cfg, val_cfg, cfg)
     if not splits.train or not splits.val:
@@ -869,7 +544,7 @@ def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Pat
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     # The loader is not sharded by accelerate: every process reads the one-process micro-batch
     # sequence and _train_step deals each step's micro-batches out (same data order for any N).
-    model, optimizer = accelerator.prepare(prepared.model, optimizer)
+    wrapped, optimizer = accelerator.prepare(prepared.model, optimizer)
     eval_every = cfg.eval_every or steps_per_epoch
     tracker = None
     if start_copy is not None:
@@ -880,11 +555,12 @@ def _setup(model_spec: str, train_cfg: DataConfig, cfg: FinetuneConfig, out: Pat
     meta = {"method": cfg.method, "layers": choice.layers, "layer_source": choice.source,
             "rank": cfg.rank if cfg.method != "full" else None,
             "alpha": cfg.alpha if cfg.method != "full" else None}
-    run = _Run(cfg, out, loaded, accelerator, model, optimizer, scheduler, loader, sampler, splits,
+    run = _Run(cfg, out, loaded, accelerator, wrapped, optimizer, scheduler, loader, sampler, splits,
                TrainState(), meta, {}, micro_per_epoch, total_steps, eval_every,
                cfg.save_every or eval_every, tracker, [])
     run.fingerprint = _fingerprint(model_spec, cfg, splits, choice.layers)
-    run.meta.update({"circuit_heads": choice.heads, "trainable_params": prepared.trainable_params,
+    run.meta.update({"circuit_heads": [h.name for h in choice.heads] if choice.heads else None,
+                     "trainable_params": prepared.trainable_params,
                      "total_params": prepared.total_params, "expected_trainable_params": prepared.expected_trainable,
                      "steps_per_epoch": steps_per_epoch})
     return run
@@ -902,14 +578,14 @@ def _finish(run: _Run, started: float) -> dict[str, Any]:
     best = out / "checkpoints" / "best"
     final_kind = "best" if cfg.final == "best" and best.is_dir() else "last"
     if run.accelerator.is_main_process:
-        tmp = _tmp_dir(final)
+        tmp = tmp_dir(final)
         if final_kind == "best":
             shutil.rmtree(tmp)
             shutil.copytree(best, tmp)
         else:
             export_model(run.unwrapped, run.loaded, tmp, {**run.meta, "step": state.step,
                                                           "epoch": run.epoch_float()})
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     curve = [(r["step"], r["val_loss"]) for r in _read_log(out) if r.get("type") == "val"]
     train_records = [r for r in _read_log(out) if r.get("type") == "train"]
     step_time = sum(r["step_time_s"] for r in train_records)
@@ -941,7 +617,60 @@ def _read_log(out: Path) -> list[dict[str, Any]]:
     return read_jsonl(out / "train_log.jsonl")
 
 
-def run_finetune(model_spec: str, train_cfg: DataConfig, config: FinetuneConfig, out_dir: str | Path,
+@dataclass
+class FinetuneResult(Result):
+    """A training run: ``summary`` (train_summary.json), the log, the tracking rows, the final model folder."""
+
+    kind: ClassVar[str] = "finetune"
+    main_table: ClassVar[str] = "val_curve"
+    summary: dict[str, Any]
+    log: list[dict[str, Any]] = field(default_factory=list)
+    tracking: list[dict[str, Any]] = field(default_factory=list)
+    folder: Path | None = None
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.summary["final_dir"])
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        curve = [{"step": s, "val_loss": v} for s, v in self.summary.get("val_curve", [])]
+        train = [r for r in self.log if r.get("type") == "train"]
+        return {"val_curve": curve, "train_log": train, "tracking": self.tracking}
+
+    def load_model(self, **kwargs: Any) -> LoadedModel:
+        """The fine-tuned model (``final/``: a model folder, or an adapter loaded merged)."""
+        return load_model(str(self.final_dir), **kwargs)
+
+    def save(self, out: str | Path) -> Path:
+        """``train_summary.json``, ``train_log.jsonl``, ``tracking.csv`` (and ``final/`` if it lives elsewhere)."""
+        folder = Path(out)
+        if self.folder is not None and folder.resolve() == self.folder.resolve():
+            return folder  # written there by the run itself
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.final_dir.is_dir() and not (folder / "final").exists():
+            shutil.copytree(self.final_dir, folder / "final")
+        for record in self.log:
+            append_jsonl(folder / "train_log.jsonl", record)
+        if self.tracking:
+            atomic_write_csv(folder / "tracking.csv", self.tracking, TRACKING_COLUMNS)
+        atomic_write_json(folder / "train_summary.json", {**self.summary, "final_dir": str(folder / "final")})
+        return folder
+
+
+def finetune(model: str | LoadedModel, data: DataConfig, config: FinetuneConfig | None = None, *,
+             out: str | Path, val_data: DataConfig | None = None, resume: bool = False) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` into ``out`` (checkpoints, ``final/``, logs).
+
+    A :class:`LoadedModel` is trained in place. ``resume=True`` continues from
+    the newest finished checkpoint in ``out/checkpoints`` (refusing one
+    written with different options).
+    """
+    summary = run_finetune(model, data, config or FinetuneConfig(), out, val_data, resume)
+    folder = Path(out)
+    return FinetuneResult(summary, _read_log(folder), [dict(r) for r in read_csv(folder / "tracking.csv")], folder)
+
+
+def run_finetune(model_spec: str | LoadedModel, train_cfg: DataConfig, config: FinetuneConfig, out_dir: str | Path,
                  val_cfg: DataConfig | None = None, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns what ``train_summary.json`` holds.
 
@@ -972,27 +701,3 @@ def run_finetune(model_spec: str, train_cfg: DataConfig, config: FinetuneConfig,
     return _finish(run, started)
 
 
-# ---------------------------------------------------------------- loading adapters
-
-def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = True, *,
-                 check_base: bool = True) -> LoadedModel:
-    """Apply a q/v LoRA adapter written by :func:`run_finetune` to ``loaded`` (modified in place).
-
-    ``merge=True`` folds the adapter into the weights and returns a plain
-    model of the family (GPT-2's split q|k|v fused again); ``merge=False``
-    returns the PEFT model. With ``check_base``, an adapter trained on other
-    base weights (same dtype, different hash) is refused.
-    """
-    folder = Path(adapter_dir)
-    meta = read_adapter_meta(folder)
-    recorded = meta.get("base_weights_sha256")
-    if check_base and recorded and meta.get("base_dtype") == str(loaded.model.dtype) \
-            and recorded != loaded.weights_sha256():
-        raise FinetuneError(f"adapter {folder} was trained on base weights {recorded[:12]}, but "
-                            f"'{loaded.source.spec}' has {loaded.weights_sha256()[:12]}")
-    peft_model = apply_adapter(loaded.model, loaded.adapter, folder)
-    model = merge_lora(peft_model, loaded.adapter) if merge else peft_model
-    model.eval()
-    source = ModelSource(str(adapter_dir), "adapter", str(folder.resolve()))
-    return LoadedModel(model, loaded.tokenizer, ArchitectureAdapter.for_model(model), source, loaded.folder,
-                       file_sha256(folder / ADAPTER_WEIGHTS))

@@ -1,0 +1,419 @@
+"""Ablation: remove a circuit (heads, or attention/MLP of layers) and read it against random sets.
+
+Heads or whole attention / MLP contributions are replaced by zero or by their
+data-set mean; the rise of the teacher-forced summary loss is the effect, and
+random sets of the same size give its null distribution (empirical p-value).
+Per batch: 1 clean forward (caching block outputs) + 1 ablated forward per
+set, each computing only the layers from the set's first layer on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sumcircuit import distributed as dist
+from sumcircuit.adapters import ArchitectureAdapter
+from sumcircuit.artifacts import atomic_write_csv, atomic_write_json
+from sumcircuit.causal.interventions import (
+    CausalError,
+    CostCounter,
+    Interventions,
+    batches,
+    block_activations,
+    check_site,
+    clean_run,
+    encode_examples,
+    n_batches,
+    run_intervened,
+    site_value,
+    sum_over_processes,
+)
+from sumcircuit.circuit import read_circuit
+from sumcircuit.data import DataConfig, Encoded, load_examples
+from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
+from sumcircuit.provenance import provenance
+from sumcircuit.results import Result
+from sumcircuit.sites import Site, SiteError, parse_sites
+from sumcircuit.stats import empirical_p_value, mean_ci, resample_counts, resampled_means, scalar_interval
+
+AblationMode = Literal["zero", "mean"]
+LayerPart = Literal["attn", "mlp", "both"]
+ControlPool = Literal["all", "complement"]
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """What to ablate and how. Exactly one of ``heads`` / ``layers`` / ``circuit``."""
+
+    heads: tuple[Site | str | tuple[int, int], ...] = ()  # L2.H3, "2.3" or (2, 3)
+    layers: tuple[int, ...] = ()
+    component: LayerPart = "attn"  # for layers: which contribution is ablated
+    mode: AblationMode = "zero"  # mean: mean over the data set's valid tokens (one extra pass)
+    random_controls: int = 0
+    control_pool: ControlPool = "all"  # random sets from all units, or from those outside the circuit
+    seed: int = 0
+    batch_size: int = 4
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    rouge: bool = False  # also ROUGE of greedy summaries, clean vs ablated (slow: generation)
+    rouge_max_new_tokens: int = 128
+    circuit: str | None = None  # circuit.json: its layers (or heads) are the target when none are given
+    circuit_part: Literal["layers", "heads"] = "layers"
+    adapter: str | None = None  # PEFT adapter folder to merge into the model
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+def layer_sites(layers: Sequence[int], component: LayerPart) -> list[Site]:
+    kinds: tuple[Literal["attn", "mlp"], ...] = ("attn", "mlp") if component == "both" else (component,)
+    return [Site(layer, kind) for layer in layers for kind in kinds]
+
+
+def ablation_targets(cfg: AblationConfig, adapter: ArchitectureAdapter) -> list[Site]:
+    if cfg.circuit and not cfg.heads and not cfg.layers:
+        circuit = read_circuit(cfg.circuit)
+        if cfg.circuit_part == "heads":
+            if not circuit.heads:
+                raise CausalError(f"circuit {cfg.circuit}: has no heads (select them with "
+                                  "`sumcircuit circuit --top-heads K`)")
+            cfg = replace(cfg, heads=tuple(circuit.heads))
+        else:
+            cfg = replace(cfg, layers=tuple(circuit.layers))
+    if bool(cfg.heads) == bool(cfg.layers):
+        raise CausalError("give exactly one of heads, layers or circuit")
+    if cfg.mode not in ABLATION_MODES:
+        raise CausalError(f"mode {cfg.mode}: choose one of {', '.join(ABLATION_MODES)}")
+    if cfg.component not in LAYER_COMPONENTS:
+        raise CausalError(f"component {cfg.component}: choose one of {', '.join(LAYER_COMPONENTS)}")
+    if cfg.control_pool not in CONTROL_POOLS:
+        raise CausalError(f"control_pool {cfg.control_pool}: choose one of {', '.join(CONTROL_POOLS)}")
+    if cfg.heads:
+        try:
+            sites = parse_sites(cfg.heads)
+        except SiteError as exc:
+            raise CausalError(f"heads: {exc}") from None
+        if any(s.kind != "attn_head" for s in sites):
+            raise CausalError("heads: " + ", ".join(s.name for s in sites if s.kind != "attn_head")
+                              + " are not attention heads")
+        return [check_site(s, adapter, "heads") for s in sites]
+    for layer in cfg.layers:
+        check_site(Site(layer, "attn"), adapter, "layers")
+    return layer_sites(sorted(set(cfg.layers)), cfg.component)
+
+
+def random_sets(targets: Sequence[Site], adapter: ArchitectureAdapter, n: int, seed: int,
+                pool: str = "all") -> list[list[Site]]:
+    """``n`` random sets of the same size: as many heads, or as many layers (same block kinds).
+
+    Drawn uniformly without replacement within a set, independently across
+    sets, from all heads/layers (``pool='all'``, the circuit is one possible
+    draw) or from those outside the circuit (``'complement'``).
+    """
+    rng = np.random.default_rng(seed)
+    if targets and targets[0].kind == "attn_head":
+        units = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
+        chosen = {(c.layer, c.index) for c in targets}
+        k = len(chosen)
+        make: Callable[[list[Any]], list[Site]] = lambda picks: sorted(Site(l, "attn_head", h) for l, h in picks)
+    else:
+        units = list(range(adapter.n_layers))
+        chosen = {c.layer for c in targets}
+        k = len(chosen)
+        kinds = sorted({c.kind for c in targets})
+        make = lambda picks: sorted(Site(l, kind) for l in picks for kind in kinds)
+    if pool == "complement":
+        units = [u for u in units if u not in chosen]
+    if k > len(units):
+        raise CausalError(f"cannot draw random sets of {k} from a pool of {len(units)} "
+                          f"({'heads' if targets[0].kind == 'attn_head' else 'layers'}, control_pool {pool})")
+    return [make([units[i] for i in sorted(rng.choice(len(units), size=k, replace=False))]) for _ in range(n)]
+
+
+def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Sequence[Encoded],
+                  components: Sequence[Site], batch_size: int, pad_token_id: int,
+                  device: str | torch.device) -> dict[Site, torch.Tensor]:
+    """Mean activation of each component over all non-padding tokens of the data set (float64 sums).
+
+    Under N processes each sums its own batches; sums and counts are then
+    combined over processes before dividing, so every process ablates with the
+    data-set mean, not its shard's.
+    """
+    sites = sorted({c.activation for c in components})
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    count = 0
+    for _, batch in tqdm(batches(encoded, batch_size, pad_token_id, device, shard=True), desc="mean activations",
+                         total=n_batches(len(encoded), batch_size, shard=True), leave=False,
+                         disable=not dist.is_main_process()):
+        mask = batch["attention_mask"].bool()
+        store: dict[tuple[str, int], torch.Tensor] = {}
+        with Interventions(model, adapter) as iv, torch.no_grad():
+            for site in sites:
+                iv.capture(site, store, reduce=lambda x, m=mask: x[m].double().sum(0))
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False, logits_to_keep=1)
+        for site, value in store.items():
+            sums[site] = sums[site] + value if site in sums else value
+        count += int(mask.sum())
+    sums, count = _combine_sums(sums, count, device)
+    means: dict[Site, torch.Tensor] = {}
+    for c in components:
+        means[c] = site_value(c, sums[c.activation] / count, adapter).float()
+    return means
+
+
+def _combine_sums(sums: dict[tuple[str, int], torch.Tensor], count: int,
+                  device: str | torch.device) -> tuple[dict[tuple[str, int], torch.Tensor], int]:
+    """Per-site sums and the token count added over processes (in rank order, float64)."""
+    if not dist.is_distributed():
+        return sums, count
+    parts = dist.all_gather_objects(({k: v.cpu() for k, v in sums.items()}, count))
+    total: dict[tuple[str, int], torch.Tensor] = {}
+    for part_sums, _ in parts:  # a process without batches contributes nothing
+        for site, value in part_sums.items():
+            total[site] = total[site] + value if site in total else value
+    return {k: v.to(device) for k, v in total.items()}, sum(c for _, c in parts)
+
+
+def _ablation_values(components: Sequence[Site], mode: str,
+                     means: Mapping[Site, torch.Tensor], device: str | torch.device) -> dict[Site, torch.Tensor]:
+    if mode == "zero":
+        return {c: torch.zeros((), device=device) for c in components}
+    return {c: means[c] for c in components}
+
+
+@dataclass
+class AblationLosses:
+    """Per-document losses: ``clean [D]`` and ``ablated [S, D]`` for the circuit (row 0) and each random set."""
+
+    doc_ids: list[str]
+    sets: list[list[Site]]
+    clean: np.ndarray
+    ablated: np.ndarray
+    cost: CostCounter
+    wall_s: float
+    means: dict[Site, torch.Tensor] = field(default_factory=dict)
+
+
+
+def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: AblationConfig) -> AblationLosses:
+    """Ablate the target set (and the random controls) and collect per-document losses."""
+    model, adapter = loaded.model, loaded.adapter
+    targets = ablation_targets(cfg, adapter)
+    sets = [targets] + random_sets(targets, adapter, cfg.random_controls, cfg.seed, cfg.control_pool)
+    device = next(model.parameters()).device
+    pad = int(loaded.tokenizer.pad_token_id)
+    t0 = time.perf_counter()
+    means: dict[Site, torch.Tensor] = {}
+    if cfg.mode == "mean":
+        needed = sorted({c for s in sets for c in s})
+        means = {c: v.to(device) for c, v in
+                 dataset_means(model, adapter, encoded, needed, cfg.batch_size, pad, device).items()}
+    clean = np.zeros(len(encoded))
+    ablated = np.zeros((len(sets), len(encoded)))
+    cost = CostCounter()
+    with torch.no_grad():
+        for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="ablation",
+                               total=n_batches(len(encoded), cfg.batch_size, shard=True),
+                               disable=not dist.is_main_process()):
+            cost.batches += 1
+            losses, cache = clean_run(model, adapter, batch, block_activations(adapter), cost)
+            clean[idx] = losses.numpy()
+            blocks = {layer: cache[("resid_post", layer)] for layer in range(adapter.n_layers)}
+            for s, comps in enumerate(sets):
+                values = _ablation_values(comps, cfg.mode, means, device)
+                ablated[s, idx] = run_intervened(model, adapter, batch, values, blocks, cost).numpy()
+    clean, ablated = sum_over_processes(clean), sum_over_processes(ablated)
+    return AblationLosses([e.doc_id for e in encoded], sets, clean, ablated, cost.reduced(),
+                          time.perf_counter() - t0, {k: v.cpu() for k, v in means.items()})
+
+
+def summarize_ablation(result: AblationLosses, cfg: AblationConfig) -> dict[str, Any]:
+    """Effects (mean loss increase) with CIs, the random-control distribution and the p-value.
+
+    The p-value's CI comes from the same document resamples applied to the
+    circuit and every control (paired): it shows how much the conclusion
+    depends on which documents were scored.
+    """
+    counts = resample_counts(len(result.clean), cfg.n_bootstrap, cfg.seed)
+    effects = result.ablated - result.clean[None, :]  # [S, D]
+    rows = []
+    for s, comps in enumerate(result.sets):
+        eff = mean_ci(effects[s], counts, cfg.ci)
+        rows.append({"set": "circuit" if s == 0 else f"random_{s - 1}",
+                     "members": " ".join(c.name for c in comps), "size": len(comps),
+                     "loss_clean": float(result.clean.mean()), "loss_ablated": float(result.ablated[s].mean()),
+                     "effect": eff["mean"], "effect_ci_low": eff["ci_low"], "effect_ci_high": eff["ci_high"]})
+    out: dict[str, Any] = {
+        "circuit": {**rows[0], "members": [c.name for c in result.sets[0]]},
+        "n_docs": len(result.clean),
+        "loss_clean": mean_ci(result.clean, counts, cfg.ci),
+        "effect_definition": "mean over documents of (ablated loss - clean loss); loss = mean CE over "
+                             "summary tokens (labels != -100) of one document; CIs: percentile "
+                             f"bootstrap over documents ({cfg.n_bootstrap} resamples, seed {cfg.seed})",
+    }
+    if len(result.sets) > 1:
+        rand = effects[1:].mean(axis=1)
+        boot = resampled_means(effects, counts)  # [S, n_boot]
+        boot_p = np.array([empirical_p_value(boot[0, b], boot[1:, b]) for b in range(boot.shape[1])])
+        p_lo, p_hi = scalar_interval(boot_p, cfg.ci)
+        circuit_effect = float(effects[0].mean())
+        out["random_controls"] = {
+            "n": len(result.sets) - 1, "pool": cfg.control_pool, "seed": cfg.seed,
+            "effect_mean": float(rand.mean()), "effect_std": float(rand.std(ddof=1)) if rand.size > 1 else 0.0,
+            "effect_quantiles": {str(q): float(np.quantile(rand, q)) for q in (0.025, 0.25, 0.5, 0.75, 0.975)},
+            "p_value": empirical_p_value(circuit_effect, rand),
+            "p_value_ci_low": p_lo, "p_value_ci_high": p_hi,
+            "circuit_percentile": float(np.mean(rand < circuit_effect)),
+            "p_value_definition": "(1 + #{random effect >= circuit effect}) / (N + 1), one-sided "
+                                  "(is the circuit's effect larger than random sets of the same size); "
+                                  "its CI recomputes it on the document resamples",
+        }
+    return {"summary": out, "rows": rows}
+
+
+def describe_targets(targets: Sequence[Site]) -> str:
+    if targets[0].kind == "attn_head":
+        return "heads " + ",".join(c.name for c in targets)
+    kinds = "+".join(sorted({c.kind for c in targets}))
+    return f"{kinds} of layers " + ",".join(map(str, sorted({c.layer for c in targets})))
+
+
+def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: AblationConfig,
+                          targets: Sequence[Site], means: Mapping[Site, torch.Tensor]) -> dict[str, Any]:
+    """ROUGE of greedy summaries with and without the ablation, paired over documents.
+
+    Uses ``sumcircuit.evaluation`` (generation, ROUGE, bootstrap) so the numbers
+    match ``sumcircuit evaluate``; the ablation hooks stay on during generation
+    (values broadcast over the one-token decoding steps).
+    """
+    from sumcircuit.data import encode
+    from sumcircuit.evaluation import GenerationConfig, eos_token_ids, generate_summaries, rouge_scores
+
+    examples = load_examples(data_cfg).examples
+    prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False,
+                      summary_budget=cfg.rouge_max_new_tokens) for e in examples]
+    refs = [list(e.references) for e in examples]
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.rouge_max_new_tokens, batch_size=cfg.batch_size)
+    eos = eos_token_ids(loaded)
+    device = next(loaded.model.parameters()).device
+    per_doc: dict[str, list[dict[str, float]]] = {}
+    for label, values in (("clean", {}), ("ablated", _ablation_values(targets, cfg.mode, means, device))):
+        mine: list[tuple[int, list[str]]] = []  # (batch number, texts); batch b runs on rank b % N
+        with Interventions(loaded.model, loaded.adapter) as iv:
+            iv.replace({c: v.to(device) for c, v in values.items()})
+            starts = range(0, len(prompts), gen_cfg.batch_size)
+            for b in tqdm(dist.my_blocks(len(starts)), desc=f"generate ({label})",
+                          disable=not dist.is_main_process()):
+                outs = generate_summaries(loaded.model, loaded.tokenizer,
+                                          prompts[starts[b]:starts[b] + gen_cfg.batch_size], gen_cfg, eos)
+                mine.append((b, [o.text for o in outs]))
+        texts = [t for _, batch_texts in sorted(p for part in dist.all_gather_objects(mine) for p in part)
+                 for t in batch_texts]
+        per_doc[label] = rouge_scores(texts, refs)
+    counts = resample_counts(len(examples), cfg.n_bootstrap, cfg.seed)
+    out: dict[str, Any] = {"n": len(examples), "max_new_tokens": cfg.rouge_max_new_tokens,
+                           "definition": "F1, greedy decoding; delta = ablated - clean, paired "
+                                         "percentile bootstrap over documents"}
+    for key in per_doc["clean"][0]:
+        clean = np.array([d[key] for d in per_doc["clean"]])
+        ablated = np.array([d[key] for d in per_doc["ablated"]])
+        out[key] = {"clean": float(clean.mean()), "ablated": float(ablated.mean()),
+                    "delta": mean_ci(ablated - clean, counts, cfg.ci)}
+    return out
+
+
+# ---------------------------------------------------------------- result
+
+@dataclass
+class AblationResult(Result):
+    """An ablation: ``summary`` (ablation.json), one row per set, per-document losses, the sets as Sites."""
+
+    kind: ClassVar[str] = "ablation"
+    main_table: ClassVar[str] = "ablation"
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    per_doc: list[dict[str, Any]]
+    sets: list[list[Site]] = field(default_factory=list)
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"ablation": self.rows, "ablation_per_doc": self.per_doc}
+
+    @property
+    def effect(self) -> float:
+        return float(self.summary["effect"])
+
+    @property
+    def p_value(self) -> float | None:
+        return self.summary.get("p_value")
+
+    def save(self, out: str | Path) -> Path:
+        """``ablation.json``, ``ablation.csv``, ``ablation_per_doc.csv``, ``ablation.png``."""
+        from sumcircuit.plots import plot_ablation
+
+        folder = Path(out)
+        atomic_write_csv(folder / "ablation.csv", self.rows, list(self.rows[0]))
+        atomic_write_csv(folder / "ablation_per_doc.csv", self.per_doc,
+                         ["doc_id", "set", "loss_clean", "loss_ablated"])
+        plot_ablation(self.rows, folder / "ablation.png",
+                      title=f"{self.summary.get('mode', '')}-ablation of {self.summary.get('target', '')}")
+        atomic_write_json(folder / "ablation.json", self.summary)
+        return folder
+
+
+def ablate(model: str | LoadedModel, data: DataConfig | Sequence[Encoded], config: AblationConfig | None = None,
+           *, out: str | Path | None = None) -> AblationResult:
+    """Ablate a circuit (and random controls) of ``model`` on ``data``; save to ``out`` if given.
+
+    ``model``: a model spec or a :class:`~sumcircuit.models.LoadedModel`;
+    ``data``: a :class:`~sumcircuit.data.DataConfig` or already encoded examples.
+    """
+    cfg = config or AblationConfig()
+    dist.setup(cfg.device)
+    cfg = replace(cfg, device=dist.local_device(cfg.device))
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+            loaded = load_model(model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.adapter:
+        from sumcircuit.models import load_adapter
+
+        loaded = load_adapter(loaded, cfg.adapter, merge=True)
+    if isinstance(data, DataConfig):
+        encoded, source = encode_examples(loaded.tokenizer, data)
+        data_prov: dict[str, Any] = {"data": source.provenance(), "data_config": asdict(data)}
+    else:
+        encoded, data_prov = list(data), {"data": "in-memory encoded examples"}
+    result = ablation_losses(loaded, encoded, cfg)
+    tables = summarize_ablation(result, cfg)
+    summary = tables["summary"]
+    controls = summary.get("random_controls", {})
+    summary.update({"effect": summary["circuit"]["effect"], "effect_ci_low": summary["circuit"]["effect_ci_low"],
+                    "effect_ci_high": summary["circuit"]["effect_ci_high"], "p_value": controls.get("p_value"),
+                    "target": describe_targets(result.sets[0]), "mode": cfg.mode,
+                    "cost": {**result.cost.summary(loaded.adapter.n_layers), "wall_s": result.wall_s}})
+    if cfg.rouge:
+        if not isinstance(data, DataConfig):
+            raise CausalError("rouge=True needs data as a DataConfig (the references are read from it)")
+        summary["rouge"] = _rouge_under_ablation(loaded, data, cfg, result.sets[0], result.means)
+    summary["provenance"] = provenance(models=[loaded.provenance()], adapter=cfg.adapter, **data_prov,
+                                       seed=cfg.seed, config=asdict(cfg), circuit=cfg.circuit,
+                                       processes=dist.world_size())
+    per_doc = [{"doc_id": d, "set": row["set"], "loss_clean": float(result.clean[j]),
+                "loss_ablated": float(result.ablated[s, j])}
+               for s, row in enumerate(tables["rows"]) for j, d in enumerate(result.doc_ids)]
+    res = AblationResult(summary, tables["rows"], per_doc, result.sets)
+    if out is not None:
+        dist.on_main(lambda: res.save(out))
+    return res

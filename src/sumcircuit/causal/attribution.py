@@ -1,0 +1,469 @@
+"""Attribution patching between a base and a fine-tuned model: every head, block and neuron at once.
+
+The pair is its own counterfactual: patching component ``c`` of the receiving
+run (base for ``denoise``, tuned for ``noise``) with the other model's
+activation changes the summary loss by approximately
+
+    delta_c = (a_c(donor) - a_c(receiver)) . dL/da_c        (gradient in the receiving run)
+
+(Nanda's attribution patching; Syed et al. 2023). One forward of each model
+and one backward of the receiver give ``delta_c`` for every component, where
+exact patching needs one forward per component. ``L`` is the very loss of
+``patch`` (per-document mean CE over the summary tokens), so the estimated
+patched loss ``L_receiver + delta_c`` goes through the same recovery formula
+and bootstrap as ``patching.csv``, and the two files join row by row.
+
+``method='ig'`` integrates the gradient along the straight path between the
+two models' *weights* (``theta(alpha) = receiver + alpha (donor - receiver)``,
+``alpha = k/K``, ``k = 0..K-1``): the activations then move from the receiver's
+towards the donor's, as in EAP-IG's interpolation, and ``K = 1`` is exactly
+the linear estimate. Both are first-order estimates; ``validate=K`` checks
+them against exact patching on the top-K and K random components.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sumcircuit import distributed as dist
+from sumcircuit.adapters import ArchitectureAdapter
+from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json, read_csv, read_json
+from sumcircuit.causal.interventions import (
+    RECEIVER,
+    Activation,
+    CausalError,
+    CostCounter,
+    Interventions,
+    batches,
+    document_losses,
+    n_batches,
+    sum_over_processes,
+)
+from sumcircuit.causal.patching import (
+    ALL,
+    DEFINITIONS,
+    ROW_COLUMNS,
+    PatchConfig,
+    effect_of,
+    encode_for,
+    load_pair,
+    patch_losses,
+    summarize_patching,
+)
+from sumcircuit.data import DataConfig, Encoded
+from sumcircuit.models import LoadedModel
+from sumcircuit.options import DIRECTIONS
+from sumcircuit.provenance import provenance
+from sumcircuit.results import Result
+from sumcircuit.sites import Site
+from sumcircuit.stats import percentile_interval, resample_counts
+
+AttributionGranularity = Literal["layer", "head", "neuron", "all"]
+AttributionMethod = Literal["linear", "ig"]
+KINDS_OF: dict[str, tuple[str, ...]] = {
+    "layer": ("attn", "mlp"), "head": ("attn_heads",), "neuron": ("mlp_neurons",),
+    "all": ("attn", "mlp", "attn_heads", "mlp_neurons"),
+}
+NEURON_ROWS = 1000  # neuron rows in attribution.csv per direction (largest |effect|); all are in the .safetensors
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """Attribution patching between a base and a tuned model of the same architecture."""
+
+    granularity: AttributionGranularity = "all"
+    directions: tuple[Literal["denoise", "noise"], ...] = ("denoise", "noise")
+    method: AttributionMethod = "linear"
+    ig_steps: int = 5  # K for method='ig' (K = 1 is the linear estimate)
+    validate: int = 0  # K: exact patching of the top-K and K random components per direction and kind
+    batch_size: int = 4
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.granularity not in KINDS_OF:
+            raise CausalError(f"granularity {self.granularity}: choose one of {', '.join(KINDS_OF)}")
+        if self.method not in ("linear", "ig"):
+            raise CausalError(f"method {self.method}: choose linear or ig")
+        for d in self.directions:
+            if d not in DIRECTIONS:
+                raise CausalError(f"direction {d}: choose one of {', '.join(DIRECTIONS)} or both")
+        checks = ((self.ig_steps >= 1, "ig_steps must be >= 1"), (self.validate >= 0, "validate must be >= 0"),
+                  (self.batch_size >= 1, "batch_size must be >= 1"), (self.n_bootstrap >= 1, "n_bootstrap must be >= 1"),
+                  (0 < self.ci < 1, "ci must be in (0, 1)"))
+        for ok, message in checks:
+            if not ok:
+                raise CausalError(message)
+
+
+# ---------------------------------------------------------------- the estimate
+
+@dataclass
+class AttributionLosses:
+    """Per-document losses of both models and, per direction and activation, the estimated deltas.
+
+    ``deltas[direction][(kind, layer)]`` is ``[D, units]``: one column per head / neuron, or one
+    column for a whole attention or MLP contribution.
+    """
+
+    doc_ids: list[str]
+    base: np.ndarray
+    tuned: np.ndarray
+    deltas: dict[str, dict[Activation, np.ndarray]]
+    cost: CostCounter
+    wall_s: float
+
+
+def _units(kind: str, adapter: ArchitectureAdapter) -> int:
+    return {"attn_heads": adapter.n_heads, "mlp_neurons": adapter.n_neurons}.get(kind, 1)
+
+
+def _per_unit(diff_times_grad: torch.Tensor, units: int) -> torch.Tensor:
+    """``[B, T, W]`` -> ``[B, units]``: sum over positions and each unit's slice of the width."""
+    b, t, w = diff_times_grad.shape
+    return diff_times_grad.reshape(b, t, units, w // units).sum(dim=(1, 3))
+
+
+def _interpolate_(target: nn.Module, start: nn.Module, end: nn.Module, alpha: float) -> None:
+    """``target``'s weights := start + alpha (end - start), in place."""
+    with torch.no_grad():
+        for t, a, b in zip(target.parameters(), start.parameters(), end.parameters()):
+            t.copy_(torch.lerp(a, b, alpha))
+
+
+def _grad_through(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """Embedding output that requires grad, so activation gradients exist even with frozen weights."""
+    return output if output.requires_grad else output.detach().requires_grad_()
+
+
+def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, torch.Tensor],
+               keys: Sequence[Activation]) -> tuple[torch.Tensor, dict[Activation, torch.Tensor],
+                                                    dict[Activation, torch.Tensor]]:
+    """Per-document losses, the activations and dL/da for each (one forward and one backward).
+
+    Only the activations' gradients are computed (``torch.autograd.grad``), never the weights'.
+    """
+    from sumcircuit.adapters import get_submodule
+
+    live: dict[Activation, torch.Tensor] = {}
+
+    def keep(key: Activation, x: torch.Tensor) -> None:
+        live[key] = x
+
+    embed = get_submodule(model, adapter.spec.embed_tokens).register_forward_hook(_grad_through)
+    try:
+        with torch.enable_grad(), Interventions(model, adapter) as iv:
+            for key in keys:
+                iv.edit(key, lambda x, key=key: keep(key, x))
+            losses = document_losses(model, batch, grad=True)
+            grads = torch.autograd.grad(losses.sum(), [live[k] for k in keys], allow_unused=True)
+    finally:
+        embed.remove()
+    acts = {k: v.detach() for k, v in live.items()}
+    return losses.detach().cpu(), acts, {k: (g if g is not None else torch.zeros_like(live[k])).detach()
+                                         for k, g in zip(keys, grads)}
+
+
+def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded],
+                       cfg: AttributionConfig) -> AttributionLosses:
+    """Estimated patched losses of every component in every direction, per document."""
+    cfg.check()
+    adapter = base.adapter
+    keys = [(kind, layer) for layer in range(adapter.n_layers) for kind in KINDS_OF[cfg.granularity]]
+    models = {"base": base.model, "tuned": tuned.model}
+    path_model = copy.deepcopy(base.model) if cfg.method == "ig" and cfg.ig_steps > 1 else None
+    device = next(base.model.parameters()).device
+    pad = int(base.tokenizer.pad_token_id)
+    n = len(encoded)
+    losses = {"base": np.zeros(n), "tuned": np.zeros(n)}
+    deltas = {d: {k: np.zeros((n, _units(k[0], adapter))) for k in keys} for d in cfg.directions}
+    cost = CostCounter()
+    t0 = time.perf_counter()
+    for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="attribution",
+                           total=n_batches(n, cfg.batch_size, shard=True), disable=not dist.is_main_process()):
+        cost.batches += 1
+        acts: dict[str, dict[Activation, torch.Tensor]] = {}
+        first_grads: dict[str, dict[Activation, torch.Tensor]] = {}
+        receivers = {RECEIVER[d] for d in cfg.directions}
+        for label, model in models.items():  # a receiver's forward gives its activations and gradients
+            if label in receivers:
+                batch_losses, acts[label], first_grads[label] = _gradients(model, adapter, batch, keys)
+                cost.backwards += 1
+            else:
+                store: dict[Activation, torch.Tensor] = {}
+                with torch.no_grad(), Interventions(model, adapter) as iv:
+                    for key in keys:
+                        iv.capture(key, store)
+                    batch_losses = document_losses(model, batch)
+                acts[label] = store
+            losses[label][idx] = batch_losses.numpy()
+            cost.add(adapter.n_layers)
+        for direction in cfg.directions:
+            recv = RECEIVER[direction]
+            donor = "tuned" if recv == "base" else "base"
+            steps = cfg.ig_steps if cfg.method == "ig" else 1
+            grad_sum = dict(first_grads[recv])
+            for k in range(1, steps):  # alpha = k / K along the weights
+                assert path_model is not None
+                _interpolate_(path_model, models[recv], models[donor], k / steps)
+                _, _, grads = _gradients(path_model, adapter, batch, keys)
+                cost.add(adapter.n_layers)
+                cost.backwards += 1
+                for key, g in grads.items():
+                    grad_sum[key] = grad_sum[key] + g
+            for key in keys:
+                diff = acts[donor][key] - acts[recv][key]
+                per_doc = _per_unit((diff * grad_sum[key] / steps).double(), _units(key[0], adapter))
+                deltas[direction][key][idx] = per_doc.cpu().numpy()
+        del acts
+    return AttributionLosses([e.doc_id for e in encoded], sum_over_processes(losses["base"]),
+                             sum_over_processes(losses["tuned"]),
+                             {d: {k: sum_over_processes(v) for k, v in per.items()} for d, per in deltas.items()},
+                             cost.reduced(), time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- tables
+
+def _sites_of(key: Activation, units: int) -> list[Site]:
+    kind, layer = key
+    if kind == "attn_heads":
+        return [Site(layer, "attn_head", h) for h in range(units)]
+    if kind == "mlp_neurons":
+        return [Site(layer, "mlp_neuron", i) for i in range(units)]
+    return [Site(layer, kind)]  # type: ignore[arg-type]
+
+
+def _recovery_intervals(base: np.ndarray, tuned: np.ndarray, patched: np.ndarray, counts: np.ndarray,
+                        level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile intervals of the recovery of many components at once: ``patched`` is ``[C, D]``."""
+    n = counts.shape[1]
+    b, t = counts @ base / n, counts @ tuned / n  # [R]
+    p = patched @ counts.T / n  # [C, R]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = (b[None, :] - p) / (b - t)[None, :]
+    return percentile_interval(rec, level, axis=1)
+
+
+def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
+                     neuron_rows: int = NEURON_ROWS) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Rows shaped like patching.csv (largest-|effect| neurons only) and the full neuron maps."""
+    counts = resample_counts(len(result.base), cfg.n_bootstrap, cfg.seed)
+    rows: list[dict[str, Any]] = []
+    neuron_maps: dict[str, np.ndarray] = {}
+    gap = result.base.mean() - result.tuned.mean()
+    for direction, per_key in result.deltas.items():
+        recv = result.base if RECEIVER[direction] == "base" else result.tuned
+        neuron_rows_here: list[dict[str, Any]] = []
+        for key, delta in per_key.items():
+            patched = recv[None, :] + delta.T  # [units, D]
+            means = patched.mean(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                recs = (result.base.mean() - means) / gap if gap != 0 else np.full(means.shape, math.nan)
+            lows, highs = _recovery_intervals(result.base, result.tuned, patched, counts, cfg.ci)
+            out = neuron_rows_here if key[0] == "mlp_neurons" else rows
+            for site, mean, rec, lo, hi in zip(_sites_of(key, delta.shape[1]), means, recs, lows, highs):
+                out.append({"direction": direction, **site.to_row(), "loss_base": float(result.base.mean()),
+                            "loss_tuned": float(result.tuned.mean()), "loss_patched": float(mean),
+                            "recovery": float(rec), "recovery_ci_low": float(lo), "recovery_ci_high": float(hi),
+                            "effect": effect_of(direction, float(rec))})
+        neurons = [k for k in per_key if k[0] == "mlp_neurons"]
+        if neurons:
+            stacked = np.stack([per_key[k].mean(axis=0) for k in sorted(neurons, key=lambda k: k[1])])  # [L, N]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rec_map = -stacked / gap if direction == "denoise" else stacked / gap
+            neuron_maps[f"{direction}.effect"] = rec_map
+            neuron_maps[f"{direction}.delta_loss"] = stacked
+            neuron_rows_here.sort(key=lambda r: -abs(r["effect"]) if math.isfinite(r["effect"]) else 0.0)
+            rows.extend(neuron_rows_here[:neuron_rows])
+    neuron_maps = {k: v for k, v in neuron_maps.items() if v.size}
+    return rows, neuron_maps
+
+
+# ---------------------------------------------------------------- validation
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks, ties sharing their average rank (as Spearman's correlation needs)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return _pearson(_ranks(a), _ranks(b))
+
+
+def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> dict[str, Any]:
+    """Correlation of estimated and exact effects on the same components, top-K overlap, largest misses."""
+    names = [n for n in attributed if n in exact and math.isfinite(exact[n]) and math.isfinite(attributed[n])]
+    a = np.array([attributed[n] for n in names])
+    e = np.array([exact[n] for n in names])
+    top_a = set(sorted(names, key=lambda n: -abs(attributed[n]))[:k])
+    top_e = set(sorted(names, key=lambda n: -abs(exact[n]))[:k])
+    misses = sorted(names, key=lambda n: -abs(attributed[n] - exact[n]))[:5]
+    return {"n": len(names), "pearson": _pearson(a, e), "spearman": _spearman(a, e),
+            "top_k": k, "top_k_overlap": len(top_a & top_e) / k if k else math.nan,
+            "largest_misses": [{"component": n, "attribution": attributed[n], "exact": exact[n]} for n in misses]}
+
+
+def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], rows: Sequence[dict[str, Any]],
+             cfg: AttributionConfig) -> dict[str, Any]:
+    """Exact patching of the top-K and K random components (per direction and kind); agreement with attribution."""
+    rng = np.random.default_rng(cfg.seed)
+    report: dict[str, Any] = {}
+    for direction in cfg.directions:
+        mine = [r for r in rows if r["direction"] == direction and r["kind"] != ALL]
+        for kind in sorted({r["kind"] for r in mine}):
+            pool = [r for r in mine if r["kind"] == kind and math.isfinite(r["effect"])]
+            k = min(cfg.validate, len(pool))
+            top = sorted(pool, key=lambda r: -abs(r["effect"]))[:k]
+            rest = [r for r in pool if r not in top]
+            rand = [rest[i] for i in rng.choice(len(rest), size=min(k, len(rest)), replace=False)] if rest else []
+            chosen = top + rand
+            sites = [Site.parse(r["component"]) for r in chosen]
+            pcfg = PatchConfig(directions=(direction,), include_all=False, batch_size=cfg.batch_size,
+                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+            exact = summarize_patching(patch_losses(base, tuned, encoded, pcfg, sites=sites), pcfg)["rows"]
+            report[f"{direction}.{kind}"] = {
+                **agreement({r["component"]: r["effect"] for r in chosen},
+                            {r["component"]: r["effect"] for r in exact}, k),
+                "components": [{"component": r["component"], "attribution": r["effect"],
+                                "exact": next(e["effect"] for e in exact if e["component"] == r["component"]),
+                                "chosen_as": "top" if i < len(top) else "random"} for i, r in enumerate(chosen)]}
+    return report
+
+
+# ---------------------------------------------------------------- result
+
+@dataclass
+class AttributionResult(Result):
+    """Attribution: ``summary`` (attribution.json), rows like patching.csv, the full neuron map."""
+
+    kind: ClassVar[str] = "attribution"
+    main_table: ClassVar[str] = "attribution"
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    neurons: dict[str, np.ndarray] = field(default_factory=dict)  # "<direction>.effect": [L, N]
+    per_doc: dict[str, np.ndarray] = field(default_factory=dict)  # "<direction>.<kind>.<layer>": [D, units]
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"attribution": self.rows}
+
+    def save(self, out: str | Path) -> Path:
+        """attribution.json, attribution.csv, attribution_neurons.safetensors, attribution.png (+ heads)."""
+        from sumcircuit.plots import plot_patching
+
+        folder = Path(out)
+        atomic_write_csv(folder / "attribution.csv", self.rows, ROW_COLUMNS)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in self.neurons.items()}
+        tensors.update({f"per_doc.{k}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+                        for k, v in self.per_doc.items()})
+        if tensors:
+            atomic_save_safetensors(tensors, folder / "attribution_neurons.safetensors",
+                                    {"layout": "<direction>.effect / .delta_loss: [layers, neurons] means over "
+                                               "documents; per_doc.<direction>.<kind>.<layer>: [documents, units]"})
+        n_layers, n_heads = int(self.summary.get("n_layers", 0)), int(self.summary.get("n_heads", 0))
+        layer_rows = [r for r in self.rows if r["kind"] in ("attn", "mlp")]
+        head_rows = [r for r in self.rows if r["kind"] == "attn_head"]
+        if layer_rows:
+            plot_patching(layer_rows, folder / "attribution.png", granularity="layer", n_layers=n_layers,
+                          n_heads=n_heads)
+        if head_rows:
+            plot_patching(head_rows, folder / ("attribution_heads.png" if layer_rows else "attribution.png"),
+                          granularity="head", n_layers=n_layers, n_heads=n_heads)
+        atomic_write_json(folder / "attribution.json", self.summary)
+        return folder
+
+    @classmethod
+    def read(cls, folder: str | Path) -> AttributionResult:
+        p = Path(folder)
+        neurons: dict[str, np.ndarray] = {}
+        per_doc: dict[str, np.ndarray] = {}
+        if (p / "attribution_neurons.safetensors").is_file():
+            from safetensors.numpy import load_file
+
+            for k, v in load_file(str(p / "attribution_neurons.safetensors")).items():
+                (per_doc if k.startswith("per_doc.") else neurons)[k.removeprefix("per_doc.")] = v
+        return cls(read_json(p / "attribution.json"), [dict(r) for r in read_csv(p / "attribution.csv")],
+                   neurons, per_doc)
+
+    def effects(self, direction: str = "denoise", kind: str | None = None) -> dict[str, float]:
+        """Component name -> effect (fraction of the loss gap), for one direction (and kind)."""
+        return {r["component"]: float(r["effect"]) for r in self.rows
+                if r["direction"] == direction and (kind is None or r["kind"] == kind)}
+
+
+def attribute(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig | Sequence[Encoded],
+              config: AttributionConfig | None = None, *, out: str | Path | None = None) -> AttributionResult:
+    """Attribution patching of every component between ``base`` and ``tuned`` on ``data``."""
+    cfg = config or AttributionConfig()
+    cfg.check()
+    dist.setup(cfg.device)
+    cfg = replace(cfg, device=dist.local_device(cfg.device))
+    base_m, tuned_m = load_pair(base, tuned, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    encoded, data_prov = encode_for(base_m, data)
+    result = attribution_losses(base_m, tuned_m, encoded, cfg)
+    rows, neurons = attribution_rows(result, cfg)
+    adapter = base_m.adapter
+    gap = result.base - result.tuned
+    counts = resample_counts(len(gap), cfg.n_bootstrap, cfg.seed)
+    lo, hi = percentile_interval(gap @ counts.T / len(gap), cfg.ci)
+    summary: dict[str, Any] = {
+        "n_docs": len(encoded), "granularity": cfg.granularity, "directions": list(cfg.directions),
+        "method": cfg.method, "ig_steps": cfg.ig_steps if cfg.method == "ig" else 1,
+        "n_layers": adapter.n_layers, "n_heads": adapter.n_heads, "n_neurons": adapter.n_neurons,
+        "loss_base": float(result.base.mean()), "loss_tuned": float(result.tuned.mean()),
+        "gap": {"mean": float(gap.mean()), "ci_low": float(lo), "ci_high": float(hi)},
+        "neuron_rows_in_csv": NEURON_ROWS,
+        "definition": {
+            **DEFINITIONS,
+            "attribution": "estimated patched loss per document = L_receiver + (a_donor - a_receiver) . dL/da, "
+                           "the gradient taken in the receiving run (denoise: base, noise: tuned) of the same "
+                           "loss as patch; recovery and effect then as for patching",
+            "ig": "method ig: the gradient is averaged over K runs at weights receiver + (k/K)(donor - "
+                  "receiver), k = 0..K-1 (K = 1 is the linear estimate)",
+            "neurons": f"attribution.csv holds the {NEURON_ROWS} neurons of largest |effect| per direction; "
+                       "attribution_neurons.safetensors holds every neuron",
+            "ci": f"{cfg.ci:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, seed "
+                  f"{cfg.seed}, paired across base/tuned/estimate",
+        },
+        "cost": {**result.cost.summary(adapter.n_layers), "wall_s": result.wall_s,
+                 "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None},
+    }
+    if cfg.validate:
+        t0 = time.perf_counter()
+        summary["validation"] = validate(base_m, tuned_m, encoded, rows, cfg)
+        summary["validation_wall_s"] = time.perf_counter() - t0
+    summary["provenance"] = provenance(models=[base_m.provenance(), tuned_m.provenance()], **data_prov,
+                                       seed=cfg.seed, config=asdict(cfg), processes=dist.world_size())
+    per_doc = {f"{d}.{k[0]}.{k[1]}": v for d, per in result.deltas.items() for k, v in per.items()
+               if k[0] != "mlp_neurons"}
+    res = AttributionResult(summary, rows, neurons, per_doc)
+    if out is not None:
+        dist.on_main(lambda: res.save(out))
+    return res

@@ -1,0 +1,197 @@
+"""The run-folder schema: what each command's output folder holds, and reading any of them back.
+
+One place names the files of every output kind and the stage folders of a
+study, so ``reproduce`` (which writes them), ``report`` (which reads them)
+and :func:`load_run` never disagree about a path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sumcircuit.artifacts import read_csv, read_json, read_jsonl
+from sumcircuit.errors import SumcircuitError
+from sumcircuit.results import Result
+
+# output kind -> the file whose presence marks a finished folder of that kind (checked in this order)
+MARKERS: dict[str, str] = {
+    "study": "reproduce.json",
+    "analysis": "heads.csv",
+    "finetune": "train_summary.json",
+    "evaluation": "rouge.json",
+    "ablation": "ablation.json",
+    "patching": "patching.json",
+    "attribution": "attribution.json",
+    "circuit": "circuit.json",
+}
+
+
+class RunError(SumcircuitError):
+    """A folder that is not (or not yet) a finished output of sumcircuit."""
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Stage folders of a ``reproduce`` run (``root/<stage>/``)."""
+
+    root: Path
+    MODEL_RUNS: ClassVar[tuple[str, ...]] = ("zeroshot", "full", "lora_all", "targeted")
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "reproduce.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def circuit_dir(self) -> Path:
+        return self.root / "circuit"
+
+    @property
+    def circuit_file(self) -> Path:
+        return self.circuit_dir / "circuit.json"
+
+    @property
+    def ablate(self) -> Path:
+        return self.root / "ablate"
+
+    @property
+    def patch(self) -> Path:
+        return self.root / "patch"
+
+    def final(self, run: str) -> Path:
+        """The trained model of a fine-tuning stage (a model spec)."""
+        return self.root / run / "final"
+
+    def eval_dir(self, run: str) -> Path:
+        return self.root / run / "eval"
+
+    def train_summary(self, run: str) -> Path:
+        return self.root / run / "train_summary.json"
+
+    @staticmethod
+    def random_name(seed: int) -> str:
+        return f"random_s{seed}"
+
+    def random_runs(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("random_*") if p.is_dir())
+
+    def model_runs(self) -> list[str]:
+        return [n for n in self.MODEL_RUNS if (self.root / n).is_dir()] + self.random_runs()
+
+
+def detect_kind(path: str | Path) -> str:
+    """Which command wrote ``path`` (a folder, or a circuit.json file)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json" and isinstance(read_json(p), dict) and "layers" in read_json(p):
+        return "circuit"
+    if not p.is_dir():
+        raise RunError(f"{p}: no such output folder")
+    for kind, marker in MARKERS.items():
+        if (p / marker).is_file():
+            return kind
+    raise RunError(f"{p}: not a finished sumcircuit output (none of {', '.join(MARKERS.values())} found)")
+
+
+@dataclass
+class StudyResult(Result):
+    """A ``reproduce`` run: the manifest, the claims table and each stage's result on demand."""
+
+    kind: ClassVar[str] = "study"
+    main_table: ClassVar[str] = "claims"
+    summary: dict[str, Any]
+    folder: Path
+    claims: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def layout(self) -> StudyLayout:
+        return StudyLayout(self.folder)
+
+    def stage(self, name: str) -> Result:
+        """One stage's result, read from its folder (``"analysis"``, ``"full"``, ``"targeted/eval"``...)."""
+        return load_run(self.folder / name)
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        timings = self.summary.get("wall_time_s", {})
+        return {"claims": self.claims,
+                "stages": [{"stage": k, "key": v, "wall_time_s": timings.get(k)}
+                           for k, v in self.summary.get("stages", {}).items()]}
+
+    def save(self, out: str | Path) -> Path:
+        if Path(out).resolve() != self.folder.resolve():
+            raise RunError("a study lives in its run folder; copy the folder to move it")
+        return self.folder
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path)))
+
+
+def _doc_ids(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return list(json.loads((fh.metadata() or {}).get("doc_ids", "[]")))
+
+
+def load_run(path: str | Path) -> Result:
+    """Read any output folder (or circuit.json) back into the result object the API returns."""
+    p = Path(path)
+    kind = detect_kind(p)
+    if kind == "circuit":
+        from sumcircuit.circuit import read_circuit
+
+        return read_circuit(p if p.is_file() else p / "circuit.json")
+    if kind == "analysis":
+        from sumcircuit.analysis import AnalysisResult
+
+        return AnalysisResult(read_csv(p / "heads.csv"), read_csv(p / "layers.csv"), read_csv(p / "neurons.csv"),
+                              read_json(p / "summary.json"), _tensors(p / "stats.safetensors"),
+                              _tensors(p / "per_doc.safetensors"), None, _doc_ids(p / "per_doc.safetensors"))
+    if kind == "finetune":
+        from sumcircuit.training import FinetuneResult
+
+        return FinetuneResult(read_json(p / "train_summary.json"), read_jsonl(p / "train_log.jsonl"),
+                              [dict(r) for r in read_csv(p / "tracking.csv")], p)
+    if kind == "evaluation":
+        from sumcircuit.evaluation import EvaluationResult
+
+        return EvaluationResult(read_json(p / "rouge.json"),
+                                sorted(read_jsonl(p / "predictions.jsonl"), key=lambda r: int(r["index"])))
+    if kind == "ablation":
+        from sumcircuit.causal import AblationResult
+        from sumcircuit.sites import parse_sites
+
+        rows = read_csv(p / "ablation.csv")
+        return AblationResult(read_json(p / "ablation.json"), rows, read_csv(p / "ablation_per_doc.csv"),
+                              [parse_sites(r["members"].split()) for r in rows])
+    if kind == "patching":
+        from sumcircuit.causal import PatchResult
+
+        return PatchResult(read_json(p / "patching.json"), read_csv(p / "patching.csv"),
+                           read_csv(p / "patching_per_doc.csv"))
+    if kind == "attribution":
+        from sumcircuit.causal.attribution import AttributionResult
+
+        return AttributionResult.read(p)
+    from sumcircuit.report import claim_rows
+
+    return StudyResult(read_json(p / "reproduce.json"), p, claim_rows(p))

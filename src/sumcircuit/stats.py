@@ -1,0 +1,129 @@
+"""Statistics every command shares: document resamples, intervals, p-values.
+
+One generator convention for the whole package: a bootstrap is a matrix of
+resample *counts* ``[n_resamples, n_docs]`` drawn from
+``numpy.random.default_rng(seed)``. Any statistic that is linear in the
+documents (a mean, a token-weighted ratio of sums) is then one matrix product,
+and two statistics computed with the same seed and number of documents are
+paired resample by resample (differences, p-values, ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sumcircuit.errors import SumcircuitError
+
+_CHUNK = 2_000_000  # draws per block: bounds memory for large document sets
+
+
+class StatsError(SumcircuitError):
+    """A statistic asked for with inputs that cannot give one (no values, bad level)."""
+
+
+def check_level(level: float) -> float:
+    if not 0 < level < 1:
+        raise StatsError(f"confidence level must be in (0, 1), got {level}")
+    return level
+
+
+def check_resamples(n_resamples: int) -> int:
+    if n_resamples < 1:
+        raise StatsError(f"n_bootstrap must be at least 1, got {n_resamples}")
+    return n_resamples
+
+
+def resample_counts(n_docs: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``[n_resamples, n_docs]`` float counts: how often each document is drawn in each resample."""
+    check_resamples(n_resamples)
+    if n_docs < 1:
+        raise StatsError("a bootstrap needs at least one document")
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_resamples, n_docs))
+    rows = max(1, _CHUNK // n_docs)
+    for lo in range(0, n_resamples, rows):
+        hi = min(n_resamples, lo + rows)
+        draws = rng.integers(0, n_docs, size=(hi - lo, n_docs))
+        np.add.at(counts, (np.arange(hi - lo)[:, None] + lo, draws), 1.0)
+    return counts
+
+
+def resampled_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Means over each resample of the last axis of ``values``: ``[..., D]`` -> ``[..., n_resamples]``."""
+    return np.asarray(values, dtype=np.float64) @ counts.T / counts.shape[1]
+
+
+def resampled_ratios(sums: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Weighted means ``sum(S_d) / sum(n_d)`` per resample: ``sums [D, ...]``, ``weights [D]`` -> ``[R, ...]``."""
+    flat = np.asarray(sums, dtype=np.float64).reshape(sums.shape[0], -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (counts @ flat) / (counts @ np.asarray(weights, dtype=np.float64))[:, None]
+    return out.reshape(counts.shape[0], *sums.shape[1:])
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of bootstrap replicates along ``axis`` (non-finite replicates ignored)."""
+    check_level(level)
+    alpha = (1 - level) / 2
+    arr = np.asarray(samples, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        masked = np.where(np.isfinite(arr), arr, np.nan)
+        if np.all(np.isnan(masked)):
+            nan = np.full(np.delete(arr.shape, axis), np.nan)
+            return nan, nan.copy()
+        low, high = np.nanquantile(masked, [alpha, 1 - alpha], axis=axis)
+    return low, high
+
+
+def scalar_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    low, high = percentile_interval(np.asarray(samples).reshape(-1), level)
+    return float(low), float(high)
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean, resampling documents with replacement."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size == 0:
+        raise StatsError("a bootstrap CI needs a non-empty 1-D sequence of values")
+    check_level(level)
+    return scalar_interval(resampled_means(data, resample_counts(data.size, n_resamples, seed)), level)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over documents with its interval: what every table cell with a CI holds."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
+
+def mean_ci(values: np.ndarray, counts: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Mean of per-document values with a percentile CI from the given resample counts."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = scalar_interval(resampled_means(values, counts), level)
+    return {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,
+                level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired documents (paired by position) and its bootstrap CI."""
+    if len(a) != len(b) or len(a) == 0:
+        raise StatsError("paired samples must be non-empty and of equal length")
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    low, high = bootstrap_ci(diffs, n_resamples, seed, level)
+    return float(diffs.mean()), low, high
+
+
+def empirical_p_value(observed: float, null: Sequence[float] | np.ndarray) -> float:
+    """``(1 + #{null >= observed}) / (N + 1)``: one-sided, never 0, exact under exchangeability."""
+    effects = np.asarray(null, dtype=float)
+    return float((1 + np.sum(effects >= observed)) / (effects.size + 1))
