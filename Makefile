@@ -37,7 +37,10 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the report rendering test will be skipped"; }
 
+# lint and type gates first (zero findings), then the suite
 test: setup chromium
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: setup

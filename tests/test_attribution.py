@@ -150,3 +150,17 @@ def test_cli_attribute_joins_patching_row_by_row(tiny_model_dirs: dict[str, Path
     again = sc.load_run(tmp_path / "a")
     assert isinstance(again, sc.AttributionResult) and len(again.to_pandas()) == len(attribution)
     assert again.neurons["denoise.effect"].shape == (3, 96)
+    # circuits by cause: the layers and heads with the largest |effect|, with bootstrap stability
+    out = tmp_path / "circuit.json"
+    assert main(["circuit", "--attribution", str(tmp_path / "a"), "--score", "attribution", "--top-layers", "2",
+                 "--top-heads", "3", "--n-bootstrap", "50", "--out", str(out)]) == 0
+    circuit = sc.read_circuit(out)
+    effects = again.effects("denoise")
+    by_layer = sorted(range(3), key=lambda l: -(abs(effects[f"L{l}.attn"]) + abs(effects[f"L{l}.mlp"])))
+    assert circuit.layers == sorted(by_layer[:2]) and len(circuit.heads) == 3
+    heads = [r["component"] for r in attribution if r["direction"] == "denoise" and r["kind"] == "attn_head"]
+    best = sorted(heads, key=lambda h: -abs(effects[h]))[:3]
+    assert [h.name for h in circuit.heads] == sorted(best, key=lambda h: sc.Site.parse(h))
+    assert all(0 <= v <= 1 for v in circuit.summary["stability"].values())
+    assert all(0 <= v <= 1 for v in circuit.summary["head_stability"].values())
+    assert main(["circuit", "--attribution", str(tmp_path / "a"), "--out", str(out)]) == 2  # needs the score

@@ -226,3 +226,14 @@ def test_no_self_skipping_tests() -> None:
     own = "importorskip(" + '"sumcircuit'
     for path in (REPO / "tests").glob("test_*.py"):
         assert own not in path.read_text(), path
+
+
+@pytest.mark.real
+def test_quickstart_example_runs(tmp_path: Path) -> None:
+    """examples/quickstart.py on the real model and data: the README opens with it, so CI runs it."""
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--out", str(tmp_path),
+                           "--docs", "2"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heads with lower entropy after tuning" in proc.stdout and "blocks." in proc.stdout
+    assert (tmp_path / "kl_per_head.png").read_bytes()[:4] == b"\x89PNG"
+    assert isinstance(sc.load_run(tmp_path / "attribution"), sc.AttributionResult)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import sumcircuit as sc
 from sumcircuit.reproduce import StudyConfig, run_study, stage_key
@@ -83,3 +84,16 @@ def _check_load_run(run: Path, tmp_path: Path) -> None:
     assert heads["kl_base_tuned"].dtype.kind == "f"  # numbers, not the CSV's strings
     circuit = sc.load_run(run / "circuit" / "circuit.json")
     assert isinstance(circuit, sc.Circuit) and circuit.layers == sc.read_circuit(run / "circuit" / "circuit.json").layers
+
+
+def test_cli_reproduce_with_overrides(tmp_path: Path, tiny_model_dirs: dict[str, Path],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`reproduce` through the CLI, sized down with --set; a bad field is a one-line error."""
+    from sumcircuit.cli import main
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "random_controls": 2}.items()]
+    args = ["reproduce", "--model", str(tiny_model_dirs["gpt2"]), "--data", str(CNNDM), "--seeds", "1"]
+    assert main([*args, *(a for s in sets for a in ("--set", s)), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.html").is_file() and '"stages"' in capsys.readouterr().out
+    assert main([*args, "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset field(s) nope" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -89,19 +89,19 @@ class IncompatibleModelsError(AnalysisError):
 class AnalysisConfig:
     """How statistics are collected and summarized (the data side is a :class:`DataConfig`)."""
 
-    region: str = "all"  # which query positions count: all | document | summary
+    region: Literal["all", "document", "summary"] = "all"  # which query positions count
     batch_size: int = 4
     top_k: int = 100  # neurons listed in neurons.csv
     neuron_threshold: float = 0.5  # |standardized change| above which a neuron counts as changed
     sign_flip_eps: float = 0.1  # in pooled-sd units; smaller |means| never count as a flip
-    neuron_rank_by: str = "standardized"  # or abs_change
+    neuron_rank_by: Literal["standardized", "abs_change"] = "standardized"
     shard_size: int = 32  # documents per resumable shard
     seed: int = 0  # bootstrap resampling
-    ci_method: str = "bootstrap"  # percentile bootstrap over documents, or normal (delta method)
+    ci_method: Literal["bootstrap", "normal"] = "bootstrap"  # percentile bootstrap over documents, or delta method
     ci_level: float = 0.95
     n_bootstrap: int = 1000
     cka: bool = True  # costs 3 d x d products per layer and token batch
-    attention_backend: str = "auto"  # auto | flash (CPU fused kernel) | math (chunked matmuls)
+    attention_backend: Literal["auto", "flash", "math"] = "auto"  # flash: CPU fused kernel; math: chunked matmuls
     progress: bool = True
 
     def validate(self) -> None:
@@ -747,7 +747,7 @@ def _pool_round(shard: AnalysisState) -> AnalysisState | None:
     """
     summed = dist.all_reduce_sum_dict(shard.additive_tensors())
     cross = shard.cross.pooled(dist.all_reduce_sum) if shard.cross is not None else None
-    rows = dist.gather_to_main({"doc_ids": shard.doc_ids, "doc_tokens": shard.tokens(),
+    rows: list[dict[str, Any]] | None = dist.gather_to_main({"doc_ids": shard.doc_ids, "doc_tokens": shard.tokens(),
                                 **{f"per_doc.{k}": shard.doc_sums(k) for k in shard.per_doc}})
     if rows is None:
         return None

@@ -96,6 +96,7 @@ def attention_expectations(q: Tensor, k: Tensor, values: Sequence[Tensor], mask:
     if use_flash:
         outs, lse = [], None
         for v in values:
+            assert _CPU_FLASH is not None
             out, lse = _CPU_FLASH(q, k, v, 0.0, mask.causal, attn_mask=mask.additive, scale=scale)
             outs.append(out)
         assert lse is not None

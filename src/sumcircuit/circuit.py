@@ -340,8 +340,11 @@ def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int 
     return result
 
 
+_Stability = tuple[dict[str, Any], dict[str, Any] | None, list[float] | None, str | None]
+
+
 def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray, selected_heads: np.ndarray,
-               n_heads: int) -> tuple[dict[str, float | None], dict[str, float | None] | None, list[float] | None, str | None]:
+               n_heads: int) -> _Stability:
     """Top-K frequency per selected layer (and head) over document resamples."""
     null = {str(int(l)): None for l in selected}
     null_heads = ({Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: None for i in selected_heads}
@@ -380,3 +383,91 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
                 f"layers are {per_doc_top}, not the selected ones (the CSV statistics weight documents "
                 "by their number of tokens)")
     return stability, head_stability, frequency, note
+
+
+# ---------------------------------------------------------------- circuits by cause
+
+def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int = 3, top_heads: int = 0,
+                                  direction: str | None = None, n_bootstrap: int = 1000, seed: int = 0,
+                                  out: str | Path | None = None) -> Circuit:
+    """Layers (and heads) whose patching from the other model moves the loss most, by attribution.
+
+    Layer score: |effect| of its attention plus |effect| of its MLP contribution; head score: |effect|.
+    Stability re-ranks on document resamples of the per-document estimates (attribution_neurons.safetensors).
+    """
+    from sumcircuit.causal.attribution import AttributionResult
+
+    folder = Path(attribution_dir)
+    if not (folder / "attribution.json").is_file():
+        raise CircuitError(f"attribution {folder}: not a folder written by `sumcircuit attribute`")
+    result = AttributionResult.read(folder)
+    directions = result.summary.get("directions") or []
+    chosen = direction or ("denoise" if "denoise" in directions else (directions or ["denoise"])[0])
+    if chosen not in directions:
+        raise CircuitError(f"direction {chosen}: {folder} has {', '.join(directions) or 'none'}")
+    n_layers, n_heads = int(result.summary["n_layers"]), int(result.summary["n_heads"])
+    if not 1 <= top_layers <= n_layers:
+        raise CircuitError(f"--top-layers {top_layers}: must be between 1 and the {n_layers} layers")
+    effects = result.effects(chosen)
+    layer_scores = np.array([abs(effects.get(f"L{l}.attn", math.nan)) + abs(effects.get(f"L{l}.mlp", math.nan))
+                             for l in range(n_layers)])
+    if np.all(np.isnan(layer_scores)):
+        raise CircuitError(f"{folder}: no layer rows (run `sumcircuit attribute --granularity layer` or all)")
+    head_grid = np.array([abs(effects.get(f"L{l}.H{h}", math.nan)) for l in range(n_layers) for h in range(n_heads)])
+    if top_heads and np.all(np.isnan(head_grid)):
+        raise CircuitError(f"--top-heads {top_heads}: {folder} has no head rows")
+    selected = top_k(layer_scores, top_layers)
+    selected_heads = top_k(head_grid, top_heads) if top_heads else np.array([], dtype=int)
+    stability, head_stability = _attribution_stability(result, chosen, selected, selected_heads, n_layers, n_heads,
+                                                       top_layers, top_heads, n_bootstrap, seed)
+    head_sites = [Site(int(i // n_heads), "attn_head", int(i % n_heads)) for i in selected_heads]
+    summary: dict[str, Any] = {
+        "layers": sorted(int(l) for l in selected), "heads": [h.name for h in head_sites],
+        "ranked_layers": [int(l) for l in top_k(layer_scores, n_layers)],
+        "scores": [None if math.isnan(s) else float(s) for s in layer_scores],
+        "score": "attribution", "direction": chosen, "definition": DEFINITIONS["attribution"],
+        "ranking": _RANKING, "top_layers": top_layers, "top_heads": top_heads,
+        "stability": stability, "stability_definition": _BOOTSTRAP.replace("per_doc.safetensors",
+                                                                            "attribution_neurons.safetensors"),
+        "n_layers": n_layers, "n_heads": n_heads,
+        "head_scores": {h.name: float(head_grid[i]) for h, i in zip(head_sites, selected_heads)},
+        "head_stability": head_stability,
+        "provenance": provenance(attribution={"dir": str(folder.resolve()),
+                                              "provenance": result.summary.get("provenance")},
+                                 seed=seed, config={"top_layers": top_layers, "top_heads": top_heads,
+                                                    "direction": chosen, "n_bootstrap": n_bootstrap}),
+    }
+    circuit = Circuit(summary["layers"], head_sites, summary)
+    if out is not None:
+        circuit.save(out)
+    return circuit
+
+
+def _attribution_stability(result: Any, direction: str, selected: np.ndarray, selected_heads: np.ndarray,
+                           n_layers: int, n_heads: int, top_layers: int, top_heads: int, n_bootstrap: int,
+                           seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Top-K frequency over document resamples of the per-document loss deltas (|mean| ranks like |effect|)."""
+    per_doc = result.per_doc
+    attn = [per_doc.get(f"{direction}.attn.{l}") for l in range(n_layers)]
+    mlp = [per_doc.get(f"{direction}.mlp.{l}") for l in range(n_layers)]
+    null = {str(int(l)): None for l in selected}
+    null_heads = {Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: None for i in selected_heads}
+    if any(a is None for a in attn) or any(m is None for m in mlp) or n_bootstrap < 1:
+        return null, null_heads
+    n_docs = attn[0].shape[0]
+    counts = resample_counts(n_docs, n_bootstrap, seed)
+    boot = lambda x: np.abs(counts @ np.asarray(x, dtype=np.float64) / n_docs)  # noqa: E731  [R, units]
+    layer_boot = np.concatenate([boot(a) + boot(m) for a, m in zip(attn, mlp)], axis=1)  # [R, L]
+    in_top = np.zeros(n_layers)
+    for row in top_k(layer_boot, top_layers):
+        in_top[row] += 1
+    stability: dict[str, Any] = {str(int(l)): float(in_top[int(l)] / n_bootstrap) for l in selected}
+    heads = [per_doc.get(f"{direction}.attn_heads.{l}") for l in range(n_layers)]
+    if not top_heads or any(h is None for h in heads):
+        return stability, null_heads
+    head_boot = np.concatenate([boot(h) for h in heads], axis=1)  # [R, L * H]
+    head_in_top = np.zeros(head_boot.shape[1])
+    for row in top_k(head_boot, top_heads):
+        head_in_top[row] += 1
+    return stability, {Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: float(head_in_top[i] / n_bootstrap)
+                       for i in selected_heads}

@@ -298,10 +298,11 @@ def detect_fields(record: dict[str, Any], text_field: str | None,
     if text_field is None:
         pairs = [t for t, s in TEXT_SUMMARY_PAIRS if t in keys and (summary_field or s) in keys]
         singles = [t for t in TEXT_FIELDS if t in keys]
-        text_field = (pairs or singles or [None])[0]
-        if text_field is None:
+        found = pairs or singles
+        if not found:
             raise DataError(f"cannot detect the document field among {sorted(keys)}; "
                             f"name it with --text-field")
+        text_field = found[0]
     if summary_field is not None:
         return text_field, (summary_field,)
     for t, s in TEXT_SUMMARY_PAIRS:

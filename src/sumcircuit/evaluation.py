@@ -224,10 +224,10 @@ def _decode_row(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos_ids: 
                 pad_id: int | None, stops: Sequence[str]) -> Generated:
     eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
     body = tokens[:eos_at] if eos_at is not None else tokens
-    text, hit = cut_at_stop(tokenizer.decode(body, skip_special_tokens=True), stops)
+    text, hit = cut_at_stop(str(tokenizer.decode(body, skip_special_tokens=True)), stops)
     if hit:  # count the tokens up to the stop; a row may run on while others are unfinished
         n_new = next(k for k in range(1, len(body) + 1)
-                     if cut_at_stop(tokenizer.decode(body[:k], skip_special_tokens=True), stops)[1])
+                     if cut_at_stop(str(tokenizer.decode(body[:k], skip_special_tokens=True)), stops)[1])
         return Generated(text.strip(), n_new, "stop")
     if eos_at is not None:
         return Generated(text.strip(), eos_at + 1, "eos")
@@ -255,7 +255,7 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         eos_token_id=list(eos_ids) or None, pad_token_id=pad_id)
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, width, cfg.stop)] if cfg.stop else [])
     with _only_our_generation_config(model):
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=hf_cfg,
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=hf_cfg,  # type: ignore[operator]
                              stopping_criteria=criteria)
     new = out[:, width:].tolist()
     return [_decode_row(tokenizer, row, set(eos_ids), pad_id, cfg.stop) for row in new]
@@ -294,7 +294,7 @@ def _check_positions(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: Gener
 def _run_id(loaded: LoadedModel, adapter: dict[str, Any] | None, examples: ExampleSet,
             data_cfg: DataConfig, gen_cfg: GenerationConfig) -> str:
     """What determines the predictions; n_docs is left out so a longer rerun resumes."""
-    key = {"model": loaded.provenance(), "adapter": adapter, "data": examples.source.provenance(),
+    key: dict[str, Any] = {"model": loaded.provenance(), "adapter": adapter, "data": examples.source.provenance(),
            "data_config": {**asdict(data_cfg), "n_docs": None}, "generation": asdict(gen_cfg)}
     key["model"] = {k: v for k, v in key["model"].items() if k != "location"}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

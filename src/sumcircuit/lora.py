@@ -43,10 +43,11 @@ def _linear_parts(adapter: ArchitectureAdapter) -> tuple[int, int, int]:
     return q, kv, kv
 
 
-def _slice_module(fused: nn.Module, start: int, end: int, layout: str) -> nn.Module:
+def _slice_module(fused: Any, start: int, end: int, layout: str) -> nn.Module:
     """A projection computing output columns [start, end) of ``fused``, with copied weights."""
     weight, bias = fused.weight, getattr(fused, "bias", None)
     if layout == "conv1d":
+        assert bias is not None  # Conv1D always has a bias
         part: nn.Module = Conv1D(end - start, weight.shape[0])
         part.weight = nn.Parameter(weight.detach()[:, start:end].clone(), weight.requires_grad)
         part.bias = nn.Parameter(bias.detach()[start:end].clone(), bias.requires_grad)
@@ -74,6 +75,10 @@ class SplitQKV(nn.Module):
         for i, name in enumerate(PARTS):
             self.add_module(name, _slice_module(fused, bounds[i], bounds[i + 1], layout))
 
+    q_proj: Any
+    k_proj: Any
+    v_proj: Any
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
@@ -93,12 +98,12 @@ class SplitQKV(nn.Module):
         return out
 
     @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
         dim = 1 if self.layout == "conv1d" else 0
         return torch.cat([w for w, _ in self.part_weights()], dim=dim)
 
     @property
-    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+    def bias(self) -> torch.Tensor | None:
         biases = [b for _, b in self.part_weights()]
         return None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
 
@@ -128,7 +133,7 @@ def split_fused_qkv(model: nn.Module, adapter: ArchitectureAdapter, layers: list
     done = 0
     for layer in layers:
         block = adapter.block(model, layer)
-        fused = get_submodule(block, qkv.module)
+        fused: Any = get_submodule(block, qkv.module)
         if isinstance(fused, SplitQKV):
             continue
         sizes = _linear_parts(adapter)
@@ -199,7 +204,8 @@ def lora_config(adapter: ArchitectureAdapter, layers: list[int], rank: int, alph
     from peft import LoraConfig
 
     targets = lora_targets(adapter)
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+    # PEFT annotates lora_alpha as int; a float alpha works and is what the configs hold
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",  # type: ignore[arg-type]
                       target_modules=list(targets.modules), layers_to_transform=list(layers),
                       layers_pattern=targets.layers_pattern, fan_in_fan_out=targets.fan_in_fan_out,
                       task_type="CAUSAL_LM")

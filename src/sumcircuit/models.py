@@ -273,7 +273,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
         raise ModelError(f"could not load model '{spec}': {exc}{hint}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks make it inert
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval()
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
 
@@ -327,7 +327,7 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = Tru
 
 def unwrap_peft(model: Any) -> PreTrainedModel:
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model  # type: ignore[no-any-return]
+    return get_base() if callable(get_base) else model
 
 
 def _apply_any_peft(model: PreTrainedModel, folder: Path, merge: bool) -> Any:

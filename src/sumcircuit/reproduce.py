@@ -14,15 +14,16 @@ interrupted stage resumes (fine-tuning and analysis resume internally).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sumcircuit.artifacts import atomic_write_json, read_json
 from sumcircuit.data import DataConfig
@@ -56,7 +57,7 @@ class StudyPreset:
     # None for a seeded held-out slice of the training documents. Never the evaluation split:
     # selecting checkpoints on the test documents would flatter every method.
     val_split: str | None = None
-    patch_directions: tuple[str, ...] = ("denoise", "noise")
+    patch_directions: tuple[Literal["denoise", "noise"], ...] = ("denoise", "noise")
 
 
 PRESETS: dict[str, StudyPreset] = {
@@ -105,6 +106,10 @@ class StudyConfig:
     def resolved_preset(self) -> StudyPreset:
         if self.preset not in PRESETS:
             raise SumcircuitError(f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        known = {f.name for f in fields(StudyPreset)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise SumcircuitError(f"unknown preset field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
         return replace(PRESETS[self.preset], **dict(self.overrides))
 
 
@@ -125,7 +130,7 @@ class StageRunner:
     skipped: list[str] = field(default_factory=list)
 
     def run(self, name: str, config: Mapping[str, Any], upstream: tuple[str, ...],
-            body: Callable[[Path], None]) -> Path:
+            body: Callable[[Path], object]) -> Path:
         key = stage_key(config, {u: self.keys[u] for u in upstream})
         out = self.run_dir / name
         marker = out / "stage.json"
@@ -160,6 +165,10 @@ def _data(cfg: StudyConfig, *, eval_: bool, n_docs: int | None, max_tokens: int)
         return DataConfig(cfg.eval_data or cfg.data, split=cfg.eval_split if cfg.eval_data else "val",
                           n_docs=n_docs, max_tokens=max_tokens)
     return DataConfig(cfg.data, split=cfg.split, n_docs=n_docs, max_tokens=max_tokens)
+
+
+def _final_spec(layout: StudyLayout, run: str) -> str:
+    return str(layout.final(run))
 
 
 def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
@@ -215,13 +224,12 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     finetune_stage("lora_all", "lora", preset.lora, seed0)
     finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, circuit_layers, ("circuit",))
     for name in ("lora_all", "targeted"):
-        evaluate_stage(name, lambda n=name: str(layout.final(n)), (name,))
+        evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
     for seed in cfg.seeds:  # controls differ from `targeted` only in the layers drawn
         name = layout.random_name(seed)
-        finetune_stage(name, "targeted-lora", preset.targeted, seed0,
-                       lambda s=seed: {"random_layers": preset.top_layers, "layer_seed": s},
-                       key_extra={"random_layers": preset.top_layers, "layer_seed": seed})
-        evaluate_stage(name, lambda n=name: str(layout.final(n)), (name,))
+        draw = {"random_layers": preset.top_layers, "layer_seed": seed}
+        finetune_stage(name, "targeted-lora", preset.targeted, seed0, functools.partial(dict, draw), key_extra=draw)
+        evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
     runner.run("ablate", {**common, "data": asdict(causal_data), "controls": preset.random_controls},
                ("full", "circuit"),
                lambda out: causal.ablate(full_spec(), causal_data, causal.AblationConfig(

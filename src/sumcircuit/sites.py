@@ -140,7 +140,7 @@ class Site:
             if m.group(3) is not None:
                 return cls(layer, "mlp_neuron", int(m.group(3)))
             word = m.group(4)
-            kind: SiteKind = _LEGACY_KIND.get(word, word)  # type: ignore[assignment]
+            kind: SiteKind = _LEGACY_KIND[word] if word in _LEGACY_KIND else word  # type: ignore[assignment]
             return cls(layer, kind, index if kind in _INDEXED else None)
         if m := _HOOK_RE.match(s):
             kind = _HOOK_KIND[m.group(2)]

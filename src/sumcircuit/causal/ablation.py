@@ -9,6 +9,7 @@ set, each computing only the layers from the set's first layer on.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -121,6 +122,8 @@ def random_sets(targets: Sequence[Site], adapter: ArchitectureAdapter, n: int, s
     draw) or from those outside the circuit (``'complement'``).
     """
     rng = np.random.default_rng(seed)
+    units: list[Any]
+    chosen: set[Any]
     if targets and targets[0].kind == "attn_head":
         units = [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
         chosen = {(c.layer, c.index) for c in targets}
@@ -159,7 +162,7 @@ def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Seque
         store: dict[tuple[str, int], torch.Tensor] = {}
         with Interventions(model, adapter) as iv, torch.no_grad():
             for site in sites:
-                iv.capture(site, store, reduce=lambda x, m=mask: x[m].double().sum(0))
+                iv.capture(site, store, reduce=functools.partial(_masked_sum, mask=mask))
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   use_cache=False, logits_to_keep=1)
         for site, value in store.items():
@@ -170,6 +173,10 @@ def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Seque
     for c in components:
         means[c] = site_value(c, sums[c.activation] / count, adapter).float()
     return means
+
+
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask].double().sum(0)
 
 
 def _combine_sums(sums: dict[tuple[str, int], torch.Tensor], count: int,

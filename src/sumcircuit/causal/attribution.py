@@ -24,6 +24,7 @@ them against exact patching on the top-K and K random components.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -169,7 +170,7 @@ def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, 
     try:
         with torch.enable_grad(), Interventions(model, adapter) as iv:
             for key in keys:
-                iv.edit(key, lambda x, key=key: keep(key, x))
+                iv.edit(key, functools.partial(keep, key))
             losses = document_losses(model, batch, grad=True)
             grads = torch.autograd.grad(losses.sum(), [live[k] for k in keys], allow_unused=True)
     finally:

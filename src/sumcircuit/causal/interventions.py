@@ -13,6 +13,7 @@ their cached outputs without computing) and computes only layers ``l..L-1``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ class Interventions(contextlib.AbstractContextManager["Interventions"]):
         for site, value in values.items():
             grouped.setdefault(site.activation, []).append((site, value))
         for activation, items in grouped.items():
-            self.edit(activation, lambda x, items=items: self._replaced(x, items))
+            self.edit(activation, functools.partial(self._replaced, items=items))
 
     def _replaced(self, x: torch.Tensor, items: list[tuple[Site, torch.Tensor]]) -> torch.Tensor:
         whole = [v for s, v in items if s.index is None]
@@ -144,7 +145,7 @@ class Interventions(contextlib.AbstractContextManager["Interventions"]):
     def stub(self, layer: int, output: torch.Tensor) -> None:
         """Make block ``layer`` return ``output`` without computing (an instance-level forward)."""
         block = self.adapter.block(self.model, layer)
-        block.forward = lambda *args, **kwargs: output  # type: ignore[method-assign]
+        block.forward = lambda *args, **kwargs: output
         if not any(b is block for b in self._stubbed):
             self._stubbed.append(block)
 

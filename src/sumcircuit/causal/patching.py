@@ -95,7 +95,7 @@ def patch_sites(adapter: ArchitectureAdapter, granularity: str, layers: Sequence
     for layer in chosen:
         check_site(Site(layer, "attn"), adapter, "layer")
     if granularity == "layer":
-        return [Site(l, k) for l in chosen for k in ("attn", "mlp")]  # type: ignore[arg-type]
+        return [s for l in chosen for s in (Site(l, "attn"), Site(l, "mlp"))]
     if granularity == "block":
         return [Site(l, "resid_post") for l in chosen]
     return [Site(l, "attn_head", h) for l in chosen for h in range(adapter.n_heads)]
@@ -136,7 +136,7 @@ def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encode
     models = {"base": base.model, "tuned": tuned.model}
     n = len(encoded)
     losses = {"base": np.zeros(n), "tuned": np.zeros(n)}
-    patched = {(d, name): np.zeros(n) for d in cfg.directions for name, _ in sets}
+    patched: dict[tuple[str, str], np.ndarray] = {(d, name): np.zeros(n) for d in cfg.directions for name, _ in sets}
     cost = CostCounter()
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -17,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "circuit", help="rank layers/heads by a change score and write circuit.json (with bootstrap stability)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--analysis", required=True, help="folder written by `sumcircuit analyze`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--analysis", help="folder written by `sumcircuit analyze` (change scores)")
+    source.add_argument("--attribution", help="folder written by `sumcircuit attribute` (--score attribution: "
+                                              "circuits by cause)")
+    parser.add_argument("--direction", choices=("denoise", "noise"),
+                        help="with --attribution: which direction's effects rank (default: denoise if present)")
     parser.add_argument("--score", default="kl", choices=CIRCUIT_SCORES,
                         help="; ".join(f"{k}: {v}" for k, v in CIRCUIT_SCORE_DEFINITIONS.items()) + " (default: %(default)s)")
     parser.add_argument("--top-layers", type=int, default=3, help="layers to select (default: %(default)s)")
@@ -34,11 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sumcircuit.circuit import select_circuit
+    from sumcircuit.circuit import select_circuit, select_circuit_by_attribution
+    from sumcircuit.errors import SumcircuitError
 
-    result = select_circuit(args.analysis, score=args.score, top_layers=args.top_layers,
-                             top_heads=args.top_heads, n_bootstrap=args.n_bootstrap, seed=args.seed,
-                             out=args.out)
+    if (args.score == "attribution") != (args.attribution is not None):
+        raise SumcircuitError("--score attribution goes with --attribution DIR (and other scores with --analysis)")
+    if args.attribution is not None:
+        result = select_circuit_by_attribution(args.attribution, top_layers=args.top_layers, top_heads=args.top_heads,
+                                               direction=args.direction, n_bootstrap=args.n_bootstrap,
+                                               seed=args.seed, out=args.out)
+    else:
+        result = select_circuit(args.analysis, score=args.score, top_layers=args.top_layers,
+                                top_heads=args.top_heads, n_bootstrap=args.n_bootstrap, seed=args.seed,
+                                out=args.out)
     circuit = result.summary
     if args.plot:
         from sumcircuit.plots import plot_circuit

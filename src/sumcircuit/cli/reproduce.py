@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default="1", help="comma-separated seeds, one random-layer control each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a preset field, e.g. --set eval_docs=8 --set 'full={\"max_steps\": 4}' "
+                             "(repeatable; fields: see sumcircuit.reproduce.StudyPreset)")
     parser.add_argument("--out", required=True, help="run directory")
     parser.set_defaults(handler=run)
 
@@ -41,12 +44,27 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _overrides(items: list[str]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SumcircuitError(f"--set {item}: expected FIELD=JSON, e.g. eval_docs=8")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise SumcircuitError(f"--set {item}: the value is not JSON ({exc.msg})") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from sumcircuit.reproduce import StudyConfig, run_study
 
     cfg = StudyConfig(model=args.model, data=args.data, split=args.split, eval_data=args.eval_data,
                       eval_split=args.eval_split, val_split=args.val_split, preset=args.preset, seeds=_seeds(args.seeds),
-                      device=args.device, dtype=args.dtype)
+                      device=args.device, dtype=args.dtype, overrides=_overrides(args.set))
     manifest = run_study(cfg, args.out).summary
     print_json({"stages": manifest["stages"], "wall_time_s": manifest["wall_time_s"]})
     return 0

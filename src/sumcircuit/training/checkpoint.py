@@ -28,7 +28,7 @@ def base_spec(loaded: LoadedModel) -> str:
     return source.location if source.kind == "local" or Path(source.spec).suffix == ".gguf" else source.spec
 
 
-def export_model(model: torch.nn.Module, loaded: LoadedModel, folder: Path, meta: dict[str, Any]) -> None:
+def export_model(model: Any, loaded: LoadedModel, folder: Path, meta: dict[str, Any]) -> None:
     """The user-facing format: a PEFT adapter folder (LoRA) or an HF model folder (full).
 
     Either is a valid model spec. Written into ``folder``, which the caller renames into place.
@@ -66,7 +66,8 @@ def tmp_dir(target: Path) -> Path:
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
     for pid, values in state["state"].items():
         for key, value in values.items():
             (tensors if torch.is_tensor(value) else scalars)[f"{pid}/{key}"] = value
@@ -92,7 +93,7 @@ def save_rng(folder: Path) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     atomic_save_safetensors(tensors, folder / "rng.safetensors")
     atomic_write_json(folder / "rng.json", {
         "python": [version, list(internal), gauss],
@@ -115,14 +116,14 @@ def load_rng(folder: Path) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def load_weights(model: torch.nn.Module, folder: Path) -> None:
+def load_weights(model: Any, folder: Path) -> None:
     """Restore trained weights exported by :func:`export_model` into the live model."""
     from safetensors.torch import load_file
 
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+        result: Any = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
             raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "

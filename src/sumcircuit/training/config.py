@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sumcircuit.circuit import read_circuit
@@ -71,12 +71,13 @@ class FinetuneConfig:
     dtype: str = "float32"
     progress: bool = True
 
-    def resolved(self) -> FinetuneConfig:
+    def resolved(self) -> ResolvedFinetuneConfig:
         """This config with the method's paper defaults filled in, validated."""
         if self.method not in METHODS:
             raise FinetuneError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         defaults = PAPER_DEFAULTS[self.method]
-        cfg = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        filled = {k: (defaults[k] if getattr(self, k) is None else getattr(self, k)) for k in defaults}
+        cfg = ResolvedFinetuneConfig(**{**asdict(self), **filled})
         checks = [(cfg.rank > 0, "--rank must be positive"), (cfg.grad_accum > 0, "--grad-accum must be positive"),
                   (cfg.batch_size > 0, "--batch-size must be positive"), (cfg.lr > 0, "--lr must be positive"),
                   (cfg.epochs > 0, "--epochs must be positive"), (cfg.patience >= 0, "--patience must be >= 0"),
@@ -93,6 +94,16 @@ class FinetuneConfig:
             if not ok:
                 raise FinetuneError(message)
         return cfg
+
+
+@dataclass(frozen=True)
+class ResolvedFinetuneConfig(FinetuneConfig):
+    """A :class:`FinetuneConfig` whose method defaults are filled in: no hyper-parameter is None."""
+
+    lr: float = 0.0
+    batch_size: int = 1
+    epochs: float = 1.0
+    patience: int = 0
 
 
 # ---------------------------------------------------------------- layer choice
@@ -132,7 +143,7 @@ def choose_layers(cfg: FinetuneConfig, n_layers: int) -> LayerChoice:
         layers, heads, source = circuit.layers, circuit.heads or None, f"circuit {cfg.circuit}"
     else:
         seed = cfg.seed if cfg.layer_seed is None else cfg.layer_seed
-        layers, source, heads = random_layers(n_layers, int(cfg.random_layers), seed), \
+        layers, source, heads = random_layers(n_layers, int(cfg.random_layers or 0), seed), \
             f"random {cfg.random_layers} (seed {seed})", None
     for layer in layers:
         if not 0 <= layer < n_layers:

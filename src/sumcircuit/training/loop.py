@@ -68,7 +68,7 @@ from sumcircuit.training.checkpoint import (
     tmp_dir,
     truncate_log,
 )
-from sumcircuit.training.config import FinetuneConfig, FinetuneError, choose_layers
+from sumcircuit.training.config import FinetuneConfig, FinetuneError, ResolvedFinetuneConfig, choose_layers
 from sumcircuit.training.tracking import TRACKING_COLUMNS, Tracker
 
 # ---------------------------------------------------------------- data
@@ -84,7 +84,7 @@ class Splits:
 
 
 def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | None,
-                   cfg: FinetuneConfig) -> Splits:
+                   cfg: ResolvedFinetuneConfig) -> Splits:
     """Encode train and validation data; without ``val_cfg`` hold out a seeded fraction."""
     train_set = load_examples(train_cfg)
     train_source = {**train_set.source.provenance(), "n_docs": len(train_set.examples)}
@@ -156,7 +156,7 @@ def summary_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return total / count
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: Any) -> None:
     """Checkpoint each block without making the embeddings require grad.
 
     transformers (and PEFT) hook the input embeddings to require grad so that
@@ -173,7 +173,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     base.disable_input_require_grads()
 
 
-def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: ResolvedFinetuneConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, 1-D parameters (biases, norm weights) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -181,7 +181,7 @@ def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.optim.A
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig,
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ResolvedFinetuneConfig,
                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -202,7 +202,7 @@ class PreparedModel:
     expected_trainable: int | None
 
 
-def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: FinetuneConfig) -> PreparedModel:
+def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: ResolvedFinetuneConfig) -> PreparedModel:
     """Full: every parameter trains. LoRA: q/v LoRA on ``layers`` (verified), the rest frozen."""
     model, adapter = loaded.model, loaded.adapter
     expected = None
@@ -239,7 +239,7 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)
 
 
-def _fingerprint(model_spec: str, cfg: FinetuneConfig, splits: Splits, layers: list[int]) -> dict[str, Any]:
+def _fingerprint(model_spec: str, cfg: ResolvedFinetuneConfig, splits: Splits, layers: list[int]) -> dict[str, Any]:
     """What must match for a resume to continue the same run."""
     ignore = {"device", "progress", "keep_checkpoints"}
     return {"model": model_spec, "layers": layers, "n_train": len(splits.train), "n_val": len(splits.val),
@@ -257,7 +257,7 @@ def _json_roundtrip(obj: Any) -> Any:
 class _Run:
     """The live objects of one run, passed between the loop's helpers."""
 
-    cfg: FinetuneConfig
+    cfg: ResolvedFinetuneConfig
     out: Path
     loaded: LoadedModel
     accelerator: Any
@@ -307,7 +307,7 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
     return float(total / max(count, 1)), count
 
 
-def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """One optimizer step over the step's ``micro_batches``; loss normalized by the step's summary tokens.
 
     Every process sees all of the step's micro-batches (the same data order
@@ -442,7 +442,7 @@ def _resume(run: _Run) -> None:
 
 
 def _read_tracking(out: Path) -> list[dict[str, Any]]:
-    return read_csv(out / "tracking.csv")  # type: ignore[return-value]
+    return [dict(r) for r in read_csv(out / "tracking.csv")]
 
 
 def _track(run: _Run) -> None:
@@ -482,8 +482,8 @@ def _loop(run: _Run) -> None:
                 stats = _train_step(run, micro_batches)
                 state.step += 1
                 state.micro += len(micro_batches)
-                state.tokens += stats["tokens"]
-                state.summary_tokens += stats["summary_tokens"]
+                state.tokens += int(stats["tokens"])
+                state.summary_tokens += int(stats["summary_tokens"])
                 if state.micro >= run.micro_per_epoch:
                     state.epoch, state.micro = state.epoch + 1, 0
                 elapsed = time.perf_counter() - started
@@ -511,7 +511,7 @@ def _loop(run: _Run) -> None:
         bar.close()
 
 
-def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: FinetuneConfig, out: Path,
+def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, out: Path,
            val_cfg: DataConfig | None) -> _Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -536,7 +536,8 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: FinetuneConfig,
     prepared.model.train()
     optimizer = make_optimizer(prepared.model, cfg)
     sampler = EpochSampler(len(splits.train), cfg.seed)
-    loader = DataLoader(splits.train, batch_size=int(cfg.batch_size), sampler=sampler,
+    train_set: Any = splits.train  # a list is a map-style dataset
+    loader: DataLoader[Any] = DataLoader(train_set, batch_size=int(cfg.batch_size), sampler=sampler,
                         collate_fn=partial(_collate_train, pad_token_id=loaded.tokenizer.pad_token_id))
     micro_per_epoch = math.ceil(len(splits.train) / int(cfg.batch_size))  # all processes together
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)

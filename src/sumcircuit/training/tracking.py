@@ -43,7 +43,7 @@ class Tracker:
             param.requires_grad_(False)
         return cls(start, adapter, probe, pad_token_id, seed)
 
-    def rows(self, tuned: torch.nn.Module, step: int, epoch: float) -> list[dict[str, Any]]:
+    def rows(self, tuned: Any, step: int, epoch: float) -> list[dict[str, Any]]:
         base = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
         was_training = base.training
         base.eval()
