@@ -37,7 +37,7 @@ from sumcircuit.capture import AttentionCall, attention_expectations, body, capt
 from sumcircuit.data import DataConfig, Encoded, collate, encode_all, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, ratio_ci
-from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.stats import scalar_interval
@@ -674,8 +674,7 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
     device = dist.local_device(device)
     out = Path(out_dir)
     with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-        base, tuned = (m if isinstance(m, LoadedModel) else
-                       load_model(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base, tuned = (ensure_loaded(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
                        for m in (base_spec, tuned_spec))
     check_same_tokenizer(base.tokenizer, tuned.tokenizer)
     adapter = check_compatible(base.model, tuned.model)
@@ -797,8 +796,7 @@ def analyze(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig,
             raise AnalysisError("this process is not rank 0: rank 0 holds the result")
         return result
     cfg.validate()
-    base_m, tuned_m = (m if isinstance(m, LoadedModel) else
-                       load_model(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    base_m, tuned_m = (ensure_loaded(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
                        for m in (base, tuned))
     check_same_tokenizer(base_m.tokenizer, tuned_m.tokenizer)
     examples = load_examples(data)

@@ -135,11 +135,16 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Pat
         raise
 
 
+def to_json_line(record: Mapping[str, Any]) -> str:
+    """One JSONL line, as :func:`append_jsonl` writes it."""
+    return json.dumps(record, default=_json_default) + "\n"
+
+
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line and flush it: logs survive a kill -9 up to the last line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_json_default) + "\n")
+        fh.write(to_json_line(record))
         fh.flush()
         os.fsync(fh.fileno())

@@ -27,7 +27,7 @@ from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site, SiteError, parse_sites
-from sumcircuit.stats import resample_counts
+from sumcircuit.stats import average_ranks, resample_counts
 
 SCORES = tuple(s for s in CIRCUIT_SCORES if s != "attribution")
 HEAD_SCORES = ("kl", "kl-sym", "entropy", "combined")
@@ -177,23 +177,11 @@ def read_analysis(folder: str | Path) -> AnalysisTables:
 
 # ---------------------------------------------------------------- scores
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks of a 1-D array, largest first, ties sharing their average rank."""
-    order = np.argsort(-values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for value in np.unique(values[np.isfinite(values)]):
-        tied = values == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def normalized_ranks(scores: np.ndarray) -> np.ndarray:
     """``(n-1-rank)/(n-1)`` along the last axis, rank 0 = largest, ties averaged; NaN stays NaN."""
     n = scores.shape[-1]
     filled = np.nan_to_num(scores, nan=-np.inf)
-    ranks = np.apply_along_axis(_average_ranks, -1, filled)
+    ranks = np.apply_along_axis(average_ranks, -1, filled)
     return np.where(np.isnan(scores), np.nan, (n - 1 - ranks) / max(n - 1, 1))
 
 

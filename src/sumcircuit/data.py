@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import statistics
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,7 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
                     f"hf:ID[:CONFIG], or one of the presets {', '.join(PRESETS)})")
 
 
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 _IN_MEMORY: dict[str, Any] = {}  # "memory:<fingerprint>" -> datasets.Dataset handed to the API
 csv.field_size_limit(2**31 - 1)  # news articles are long; the csv module's default cap is 131,072
@@ -159,12 +161,6 @@ def register_dataset(dataset: Any) -> str:
     return name
 
 
-def _read_errors(name: str) -> tuple[type[BaseException], ...]:
-    import zlib
-
-    return (OSError, EOFError, zlib.error, gzip.BadGzipFile)
-
-
 def _binary_lines(name: str) -> Iterator[bytes]:
     """Raw lines of a (possibly gzipped) file; unreadable or truncated files become one DataError."""
     opener = gzip.open if name.endswith(".gz") else open
@@ -173,7 +169,7 @@ def _binary_lines(name: str) -> Iterator[bytes]:
             yield from fh
     except DataError:
         raise
-    except _read_errors(name) as exc:
+    except _READ_ERRORS as exc:
         raise DataError(f"cannot read the file ({type(exc).__name__}: {exc}); is it truncated or "
                         "not what its name says?", file=name) from None
 
@@ -204,29 +200,28 @@ def _iter_csv(name: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     """CSV rows with the *physical* line each ends on (quoted fields may span lines)."""
     lines = (raw.decode("utf-8", errors="surrogateescape") for raw in _binary_lines(name))
     reader = csv.reader(lines)
-    try:
-        header = next(reader)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield reader.line_num, DataError(f"malformed CSV: {exc}", file=name, line=reader.line_num)
-                continue
-            if not any(cell.strip() for cell in row):
-                continue
-            if any(_SURROGATE.search(cell) for cell in row):
-                yield reader.line_num, DataError("not UTF-8 text", file=name, line=reader.line_num)
-                continue
-            if len(row) != len(header):
-                yield reader.line_num, DataError(
-                    f"{len(row)} fields where the header has {len(header)} (an unquoted comma?)",
-                    file=name, line=reader.line_num)
-                continue
-            yield reader.line_num, dict(zip(header, row))
-    except StopIteration:
+    header = next(reader, None)
+    if header is None:
         return
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, DataError(f"malformed CSV: {exc}", file=name, line=reader.line_num)
+            continue
+        if not any(cell.strip() for cell in row):
+            continue
+        if any(_SURROGATE.search(cell) for cell in row):
+            yield reader.line_num, DataError("not UTF-8 text", file=name, line=reader.line_num)
+            continue
+        if len(row) != len(header):
+            yield reader.line_num, DataError(
+                f"{len(row)} fields where the header has {len(header)} (an unquoted comma?)",
+                file=name, line=reader.line_num)
+            continue
+        yield reader.line_num, dict(zip(header, row))
 
 
 def _iter_parquet(name: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -40,10 +40,10 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from sumcircuit import distributed as dist
-from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text
+from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text, to_json_line
 from sumcircuit.data import DataConfig, Encoded, ExampleSet, collate, encode, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.models import LoadedModel, load_adapter, load_model
+from sumcircuit.models import LoadedModel, ensure_loaded, load_adapter
 from sumcircuit.options import (
     GENERATION_BATCH_SIZE,
     GENERATION_MAX_NEW_TOKENS,
@@ -397,8 +397,8 @@ def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: G
     examples = load_examples(data_cfg)
     dist.setup(device)
     with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-        loaded = model_spec if isinstance(model_spec, LoadedModel) else load_model(
-            model_spec, dtype=dtype, device=dist.local_device(device), trust_remote_code=trust_remote_code)
+        loaded = ensure_loaded(model_spec, dtype=dtype, device=dist.local_device(device),
+                               trust_remote_code=trust_remote_code)
     if adapter is not None:
         loaded = _load_adapter(loaded, adapter)
     adapter_prov = _adapter_provenance(adapter)
@@ -477,8 +477,7 @@ class EvaluationResult(Result):
         """``predictions.jsonl`` and ``rouge.json``."""
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r) + "\n" for r in self.predictions)
-        atomic_write_text(folder / PREDICTIONS_FILE, text)
+        atomic_write_text(folder / PREDICTIONS_FILE, "".join(to_json_line(r) for r in self.predictions))
         atomic_write_json(folder / ROUGE_FILE, self.summary)
         return folder
 

@@ -14,7 +14,6 @@ fused module, so a merged model is a plain model of its family again.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from sumcircuit.adapters import ArchitectureAdapter, FusedQKV, get_submodule
+from sumcircuit.artifacts import read_json
 from sumcircuit.errors import ModelError
 
 ADAPTER_META = "sumcircuit_adapter.json"
@@ -270,7 +270,7 @@ def inject_lora(model: PreTrainedModel, adapter: ArchitectureAdapter, layers: li
 
 def _read_json_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read it: {exc}") from None
     if not isinstance(data, dict):

@@ -278,6 +278,14 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
 
 
+def ensure_loaded(model: str | LoadedModel, *, dtype: str | torch.dtype = "float32",
+                  device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+    """What every public function does with its model argument: a spec is loaded, a loaded model passes."""
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
 def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:
     """An adapter folder: load the base model it records, then apply the adapter merged."""
     base = read_adapter_meta(source.location).get("base_model")

@@ -95,8 +95,10 @@ class StudyLayout:
 def detect_kind(path: str | Path) -> str:
     """Which command wrote ``path`` (a folder, or a circuit.json file)."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".json" and isinstance(read_json(p), dict) and "layers" in read_json(p):
-        return "circuit"
+    if p.is_file() and p.suffix == ".json":
+        data = read_json(p)
+        if isinstance(data, dict) and "layers" in data:
+            return "circuit"
     if not p.is_dir():
         raise RunError(f"{p}: no such output folder")
     for kind, marker in MARKERS.items():

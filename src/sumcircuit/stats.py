@@ -11,7 +11,6 @@ paired resample by resample (differences, p-values, ranks).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -93,19 +92,6 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = 1000, 
     return scalar_interval(resampled_means(data, resample_counts(data.size, n_resamples, seed)), level)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A mean over documents with its interval: what every table cell with a CI holds."""
-
-    mean: float
-    ci_low: float
-    ci_high: float
-    n: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
-
-
 def mean_ci(values: np.ndarray, counts: np.ndarray, level: float = 0.95) -> dict[str, float]:
     """Mean of per-document values with a percentile CI from the given resample counts."""
     values = np.asarray(values, dtype=np.float64)
@@ -121,6 +107,18 @@ def paired_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
     diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     low, high = bootstrap_ci(diffs, n_resamples, seed, level)
     return float(diffs.mean()), low, high
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks of a 1-D array, largest first, ties sharing their average rank (NaN never tie)."""
+    order = np.argsort(-values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values[np.isfinite(values)]):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
 
 
 def empirical_p_value(observed: float, null: Sequence[float] | np.ndarray) -> float:

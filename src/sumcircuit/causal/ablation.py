@@ -40,7 +40,7 @@ from sumcircuit.causal.interventions import (
 )
 from sumcircuit.circuit import read_circuit
 from sumcircuit.data import DataConfig, Encoded, load_examples
-from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
@@ -388,11 +388,8 @@ def ablate(model: str | LoadedModel, data: DataConfig | Sequence[Encoded], confi
     cfg = config or AblationConfig()
     dist.setup(cfg.device)
     cfg = replace(cfg, device=dist.local_device(cfg.device))
-    if isinstance(model, LoadedModel):
-        loaded = model
-    else:
-        with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-            loaded = load_model(model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        loaded = ensure_loaded(model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     if cfg.adapter:
         from sumcircuit.models import load_adapter
 

@@ -60,6 +60,7 @@ from sumcircuit.causal.patching import (
     encode_for,
     load_pair,
     patch_losses,
+    recovery_intervals,
     summarize_patching,
 )
 from sumcircuit.data import DataConfig, Encoded
@@ -68,7 +69,7 @@ from sumcircuit.options import DIRECTIONS
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site
-from sumcircuit.stats import percentile_interval, resample_counts
+from sumcircuit.stats import average_ranks, mean_ci, resample_counts
 
 AttributionGranularity = Literal["layer", "head", "neuron", "all"]
 AttributionMethod = Literal["linear", "ig"]
@@ -249,17 +250,6 @@ def _sites_of(key: Activation, units: int) -> list[Site]:
     return [Site(layer, kind)]  # type: ignore[arg-type]
 
 
-def _recovery_intervals(base: np.ndarray, tuned: np.ndarray, patched: np.ndarray, counts: np.ndarray,
-                        level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile intervals of the recovery of many components at once: ``patched`` is ``[C, D]``."""
-    n = counts.shape[1]
-    b, t = counts @ base / n, counts @ tuned / n  # [R]
-    p = patched @ counts.T / n  # [C, R]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rec = (b[None, :] - p) / (b - t)[None, :]
-    return percentile_interval(rec, level, axis=1)
-
-
 def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
                      neuron_rows: int = NEURON_ROWS) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Rows shaped like patching.csv (largest-|effect| neurons only) and the full neuron maps."""
@@ -275,7 +265,7 @@ def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
             means = patched.mean(axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 recs = (result.base.mean() - means) / gap if gap != 0 else np.full(means.shape, math.nan)
-            lows, highs = _recovery_intervals(result.base, result.tuned, patched, counts, cfg.ci)
+            lows, highs = recovery_intervals(result.base, result.tuned, patched, counts, cfg.ci)
             out = neuron_rows_here if key[0] == "mlp_neurons" else rows
             for site, mean, rec, lo, hi in zip(_sites_of(key, delta.shape[1]), means, recs, lows, highs):
                 out.append({"direction": direction, **site.to_row(), "loss_base": float(result.base.mean()),
@@ -303,20 +293,8 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks, ties sharing their average rank (as Spearman's correlation needs)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for value in np.unique(values):
-        tied = values == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return _pearson(_ranks(a), _ranks(b))
+    return _pearson(average_ranks(a), average_ranks(b))
 
 
 def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> dict[str, Any]:
@@ -431,15 +409,13 @@ def attribute(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfi
     result = attribution_losses(base_m, tuned_m, encoded, cfg)
     rows, neurons = attribution_rows(result, cfg)
     adapter = base_m.adapter
-    gap = result.base - result.tuned
-    counts = resample_counts(len(gap), cfg.n_bootstrap, cfg.seed)
-    lo, hi = percentile_interval(gap @ counts.T / len(gap), cfg.ci)
+    gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci)
     summary: dict[str, Any] = {
         "n_docs": len(encoded), "granularity": cfg.granularity, "directions": list(cfg.directions),
         "method": cfg.method, "ig_steps": cfg.ig_steps if cfg.method == "ig" else 1,
         "n_layers": adapter.n_layers, "n_heads": adapter.n_heads, "n_neurons": adapter.n_neurons,
         "loss_base": float(result.base.mean()), "loss_tuned": float(result.tuned.mean()),
-        "gap": {"mean": float(gap.mean()), "ci_low": float(lo), "ci_high": float(hi)},
+        "gap": gap,
         "neuron_rows_in_csv": NEURON_ROWS,
         "definition": {
             **DEFINITIONS,

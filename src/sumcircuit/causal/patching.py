@@ -40,12 +40,12 @@ from sumcircuit.causal.interventions import (
     sum_over_processes,
 )
 from sumcircuit.data import DataConfig, Encoded
-from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.options import DIRECTIONS, GRANULARITIES
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site
-from sumcircuit.stats import mean_ci, resample_counts, scalar_interval
+from sumcircuit.stats import mean_ci, percentile_interval, resample_counts
 
 Granularity = Literal["layer", "head", "block"]
 Direction = Literal["denoise", "noise"]
@@ -169,13 +169,25 @@ def recovery(loss_base: np.ndarray, loss_tuned: np.ndarray, loss_patched: np.nda
     return float((loss_base.mean() - loss_patched.mean()) / gap) if gap != 0 else float("nan")
 
 
+def recovery_intervals(loss_base: np.ndarray, loss_tuned: np.ndarray, loss_patched: np.ndarray,
+                       counts: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap of the recovery (a ratio of means) of many components at once.
+
+    ``loss_patched`` is ``[C, D]``; documents are resampled once, paired across base, tuned and patched.
+    """
+    n = counts.shape[1]
+    b, t = counts @ loss_base / n, counts @ loss_tuned / n  # [R]
+    p = np.atleast_2d(loss_patched) @ counts.T / n  # [C, R]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rec = (b[None, :] - p) / (b - t)[None, :]
+    return percentile_interval(rec, ci, axis=1)
+
+
 def recovery_ci(loss_base: np.ndarray, loss_tuned: np.ndarray, loss_patched: np.ndarray,
                 counts: np.ndarray, ci: float) -> tuple[float, float]:
-    """Percentile bootstrap of the ratio of means, resampling documents (paired across models)."""
-    n = counts.shape[1]
-    b, t, p = (counts @ x / n for x in (loss_base, loss_tuned, loss_patched))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return scalar_interval((b - p) / (b - t), ci)
+    """The interval of one component's recovery (:func:`recovery_intervals` of one row)."""
+    low, high = recovery_intervals(loss_base, loss_tuned, loss_patched, counts, ci)
+    return float(low[0]), float(high[0])
 
 
 def effect_of(direction: str, rec: float) -> float:
@@ -242,8 +254,7 @@ def load_pair(base: str | LoadedModel, tuned: str | LoadedModel, device: str, dt
               trust_remote_code: bool) -> tuple[LoadedModel, LoadedModel]:
     """Both models (specs are loaded, loaded models pass through); rank 0 fills caches first."""
     with dist.main_process_first():
-        pair = [m if isinstance(m, LoadedModel) else
-                load_model(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        pair = [ensure_loaded(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
                 for m in (base, tuned)]
     check_pair(pair[0], pair[1])
     return pair[0], pair[1]

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import (
-    add_data_options,
-    add_model_options,
+    add_pair_options,
     add_runtime_options,
     data_config,
     split_directions,
@@ -29,9 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "attribute", help="attribution patching: every head, block and neuron scored in one backward pass",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser, "--base", help_text="the model before fine-tuning (any model spec)")
-    add_model_options(parser, "--tuned", help_text="the fine-tuned model (HF folder or adapter folder)")
-    add_data_options(parser)
+    add_pair_options(parser)
     parser.add_argument("--granularity", choices=ATTRIBUTION_GRANULARITIES, default="all",
                         help="layer: attention and MLP contributions; head; neuron; all (default: %(default)s)")
     parser.add_argument("--direction", choices=(*DIRECTIONS, "both"), default="both",

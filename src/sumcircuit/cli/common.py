@@ -50,6 +50,13 @@ def add_model_options(parser: argparse.ArgumentParser, flag: str = "--model", *,
                                           "(see `sumcircuit models`)")
 
 
+def add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """--base, --tuned and the data options: what the commands that compare two models share."""
+    add_model_options(parser, "--base", help_text="the model before fine-tuning (any model spec)")
+    add_model_options(parser, "--tuned", help_text="the fine-tuned model (HF folder or adapter folder)")
+    add_data_options(parser)
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")

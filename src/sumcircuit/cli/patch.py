@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import (
-    add_data_options,
-    add_model_options,
+    add_pair_options,
     add_runtime_options,
     data_config,
     split_directions,
@@ -26,9 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "patch", help="activation patching between base and tuned models: loss-gap recovery per component",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser, "--base", help_text="the model before fine-tuning (any model spec)")
-    add_model_options(parser, "--tuned", help_text="the fine-tuned model (HF folder or adapter folder)")
-    add_data_options(parser)
+    add_pair_options(parser)
     parser.add_argument("--granularity", choices=GRANULARITIES, default="layer",
                         help="layer: attention and MLP output per layer; head: each head; block: "
                              "each decoder block's output (default: %(default)s)")

@@ -50,10 +50,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.artifacts import append_jsonl, atomic_write_csv, atomic_write_json, read_csv, read_json, read_jsonl
+from sumcircuit.artifacts import (
+    append_jsonl,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    read_csv,
+    read_json,
+    read_jsonl,
+    to_json_line,
+)
 from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
 from sumcircuit.lora import count_params, expected_lora_params, inject_lora
-from sumcircuit.models import LoadedModel, load_model
+from sumcircuit.models import LoadedModel, ensure_loaded, load_model
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.training.checkpoint import (
@@ -523,7 +532,7 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetun
                             f"batch (--batch-size x --grad-accum) is kept whatever the number of processes, "
                             f"so --grad-accum must be a multiple of {n} (e.g. --batch-size "
                             f"{max(1, int(cfg.batch_size) // n)} --grad-accum {cfg.grad_accum * n})")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=cfg.dtype, device="cpu")
+    loaded = ensure_loaded(model, dtype=cfg.dtype, device="cpu")
     model_spec = loaded.source.spec
     choice = choose_layers(cfg, loaded.adapter.n_layers)
     splits = prepare_splits(loaded.tokenizer, train_cfg, val_cfg, cfg)
@@ -650,8 +659,8 @@ class FinetuneResult(Result):
         folder.mkdir(parents=True, exist_ok=True)
         if self.final_dir.is_dir() and not (folder / "final").exists():
             shutil.copytree(self.final_dir, folder / "final")
-        for record in self.log:
-            append_jsonl(folder / "train_log.jsonl", record)
+        # one atomic write: appending would double the log of a folder that already holds one
+        atomic_write_text(folder / "train_log.jsonl", "".join(to_json_line(r) for r in self.log))
         if self.tracking:
             atomic_write_csv(folder / "tracking.csv", self.tracking, TRACKING_COLUMNS)
         atomic_write_json(folder / "train_summary.json", {**self.summary, "final_dir": str(folder / "final")})
