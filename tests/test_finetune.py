@@ -132,6 +132,49 @@ def test_layer_choice_rules(tmp_path: Path) -> None:
         choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit)), 30)
 
 
+def test_head_unit_rules(tmp_path: Path) -> None:
+    circuit = tmp_path / "circuit.json"
+    circuit.write_text(json.dumps({"layers": [5, 2, 3], "heads": ["L2.H1", "L5.H0"], "score": "attribution"}))
+    choice = choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit), unit="head"), 30)
+    assert choice.layers == [2, 5]  # the heads' layers only: layer 3 has no chosen head
+    with pytest.raises(FinetuneError, match="--unit head adapts the heads of a circuit"):
+        choose_layers(FinetuneConfig(method="targeted-lora", layers=(2,), unit="head"), 30)
+    with pytest.raises(FinetuneError, match="--unit head is for --method targeted-lora"):
+        choose_layers(FinetuneConfig(method="lora", unit="head"), 30)
+    circuit.write_text(json.dumps({"layers": [2], "heads": []}))
+    with pytest.raises(FinetuneError, match="lists no heads"):
+        choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit), unit="head"), 30)
+
+
+def test_head_unit_cli_end_to_end(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from sumcircuit.cli import main
+    from sumcircuit.lora import head_rows
+
+    circuit = tmp_path / "circuit.json"
+    circuit.write_text(json.dumps({"layers": [1, 2], "heads": ["L1.H4", "L2.H0"]}))
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(tiny_model_dirs["llama"]), "--data", TRAIN, "--n-docs", "8",
+                 "--max-tokens", "96", "--method", "targeted-lora", "--circuit", str(circuit), "--unit", "head",
+                 "--rank", "4", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2", "--no-progress", "--final", "last",
+                 "--out", str(out)])
+    assert code == 0
+    # llama tiny: d 48, head_dim 8, 6 query heads on 2 KV heads; per layer 4 x (48 + 48) for A, 4 x 8 per B row set
+    expected = 2 * (4 * 96 + 4 * 8 + 4 * 8)
+    assert f"heads L1.H4, L2.H0: {expected:,} trainable" in capsys.readouterr().out
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["unit"], summary["trainable_params"], summary["expected_trainable_params"]) == \
+        ("head", expected, expected)
+    base, tuned = load_model(str(tiny_model_dirs["llama"])), load_model(str(out / "final"))
+    for layer, head in ((1, 4), (2, 0)):
+        q_rows, v_rows = head_rows(base.adapter, [head])
+        for name, rows in (("q_proj", q_rows), ("v_proj", v_rows)):
+            w0 = getattr(base.model.model.layers[layer].self_attn, name).weight
+            w1 = getattr(tuned.model.model.layers[layer].self_attn, name).weight
+            keep = [r for r in range(w0.shape[0]) if r not in rows]
+            assert torch.equal(w0[keep], w1[keep]) and not torch.equal(w0[rows], w1[rows])
+
+
 def test_random_layers_deterministic() -> None:
     draws = {seed: random_layers(30, 3, seed) for seed in range(20)}
     assert all(random_layers(30, 3, seed) == layers for seed, layers in draws.items())

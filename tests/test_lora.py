@@ -185,3 +185,76 @@ def test_default_checkpointing_would_backprop_everywhere() -> None:
     peft_model.get_base_model().activation_checkpointing_enable()
     peft_model.train()
     assert _block_output_requires_grad(peft_model, adapter)[:2] == [True, True]
+
+
+# ---------------------------------------------------------------- head-level LoRA
+
+def _q_v_weights(model: torch.nn.Module, adapter: ArchitectureAdapter, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Effective q and v weights of ``layer`` as [out_features, d] (Conv1D transposed)."""
+    block = adapter.block(model, layer)
+    if adapter.family == "gpt2":
+        fused = block.attn.c_attn.weight.T  # SplitQKV gives the effective fused weight
+        d = fused.shape[1]
+        return fused[:d], fused[2 * d:]
+    return _effective(block.self_attn.q_proj), _effective(block.self_attn.v_proj)
+
+
+def _effective(module: torch.nn.Module) -> torch.Tensor:
+    """The weight a PEFT LoRA layer computes with (base + delta), or a plain module's weight."""
+    if not hasattr(module, "base_layer"):
+        return module.weight
+    return module.base_layer.weight + module.get_delta_weight("default")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_head_lora_touches_only_the_chosen_heads(family: str) -> None:
+    from sumcircuit.lora import expected_head_lora_params, head_rows, restrict_lora_to_heads
+    from sumcircuit.sites import Site
+
+    original = make_tiny_model(family)
+    model = copy.deepcopy(original)
+    adapter = ArchitectureAdapter.for_model(model)
+    heads = [Site(1, "attn_head", 1), Site(2, "attn_head", 0), Site(2, "attn_head", 3)]
+    peft_model = inject_lora(model, adapter, [1, 2], rank=4)
+    trainable = restrict_lora_to_heads(peft_model, adapter, heads)
+    hd, d = adapter.head_dim, adapter.hidden_size
+    group = adapter.n_heads // adapter.n_kv_heads
+    # independent count: per layer A of q and v (4 x d each) + 4 per chosen q row + 4 per v row of the KV heads
+    per_layer = {1: [1], 2: [0, 3]}
+    by_hand = sum(4 * 2 * d + 4 * hd * (len(hs) + len({h // group for h in hs})) for hs in per_layer.values())
+    assert trainable == by_hand == expected_head_lora_params(adapter, heads, 4)
+    if family == "llama":  # 6 query heads on 2 KV heads: L2 heads 0 and 3 read KV heads 0 and 1
+        assert head_rows(adapter, [0, 3])[1] == list(range(0, 2 * hd))
+        assert by_hand == 4 * 2 * 48 * 2 + 4 * 8 * (1 + 1) + 4 * 8 * (2 + 2)
+    ids = _ids()
+    peft_model.eval()
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, peft_model(ids).logits)  # bitwise at the start
+    _train_a_few_steps(peft_model, steps=4)
+    with torch.no_grad():
+        for layer, chosen in per_layer.items():
+            q_rows, v_rows = head_rows(adapter, chosen)
+            q0, v0 = _q_v_weights(original, adapter, layer)
+            q1, v1 = _q_v_weights(model, adapter, layer)
+            keep_q = [r for r in range(q0.shape[0]) if r not in q_rows]
+            keep_v = [r for r in range(v0.shape[0]) if r not in v_rows]
+            assert torch.equal(q1[keep_q], q0[keep_q]) and torch.equal(v1[keep_v], v0[keep_v])  # bitwise
+            assert not torch.allclose(q1[q_rows], q0[q_rows]) and not torch.allclose(v1[v_rows], v0[v_rows])
+        q0, v0 = _q_v_weights(original, adapter, 0)  # a layer without chosen heads
+        q1, v1 = _q_v_weights(model, adapter, 0)
+        assert torch.equal(q0, q1) and torch.equal(v0, v1)
+    merged = merge_lora(peft_model, adapter)
+    for layer, chosen in per_layer.items():
+        q_rows, _ = head_rows(adapter, chosen)
+        q0, _ = _q_v_weights(original, adapter, layer)
+        q1, _ = _q_v_weights(merged, adapter, layer)
+        keep = [r for r in range(q0.shape[0]) if r not in q_rows]
+        assert torch.equal(q1[keep], q0[keep])  # merged: base + exact zero rows
+
+
+def test_head_rows_refuse_bad_heads() -> None:
+    from sumcircuit.lora import head_rows
+
+    adapter = ArchitectureAdapter.for_model(make_tiny_model("llama"))
+    with pytest.raises(ModelError, match="head 6 out of range"):
+        head_rows(adapter, [6])

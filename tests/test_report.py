@@ -18,14 +18,23 @@ from sumcircuit.report import build_report, evaluate_claims
 EVIL = "<script>alert('x')</script>"
 
 
-def _eval_dir(path: Path, scores: list[float]) -> None:
+def _eval_dir(path: Path, scores: list[float], same_ids: bool = False) -> None:
     path.mkdir(parents=True)
-    rows = [{"doc_id": f"d{i}", "prediction": EVIL, "references": ["r"], "scores": {"rouge1": s}}
-            for i, s in enumerate(scores)]
+    rows = [{"index": i, "doc_id": "d" if same_ids else f"d{i}", "prediction": EVIL, "references": ["r"],
+             "scores": {"rouge1": s}} for i, s in enumerate(scores)]
     (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     mean = sum(scores) / len(scores)
     atomic_write_json(path / "rouge.json", {k: {"f1": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01}
                                             for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")} | {"n": len(scores)})
+
+
+def test_paired_claims_pair_by_position_not_by_repeated_ids(tmp_path: Path) -> None:
+    from sumcircuit.report import _paired, per_example_rouge1
+
+    _eval_dir(tmp_path / "a", [0.1 * i for i in range(24)], same_ids=True)
+    _eval_dir(tmp_path / "b", [0.05 * i for i in range(24)], same_ids=True)
+    a, b = _paired(per_example_rouge1(tmp_path / "a"), per_example_rouge1(tmp_path / "b"))
+    assert len(a) == len(b) == 24 and a[5] == pytest.approx(0.5) and b[5] == pytest.approx(0.25)
 
 
 def make_run(run: Path) -> Path:

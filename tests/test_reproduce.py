@@ -15,7 +15,8 @@ from helpers import CNNDM
 
 TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
 TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
-            max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, random_controls=3,
+            max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, top_heads=2,
+            random_controls=3,
             eval_batch_size=3)
 
 
@@ -34,13 +35,17 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     first = run_study(_study(tiny_model_dirs["llama"]), run).summary
     expected = {"zeroshot/eval", "full", "full/eval", "analysis", "circuit", "lora_all", "targeted",
                 "lora_all/eval", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
-                "ablate", "patch"}
+                "ablate", "patch", "attribution", "circuit_attribution", "targeted_attribution",
+                "targeted_attribution/eval"}
     assert set(first["stages"]) == expected and first["skipped"] == []
     for name in expected:
         assert json.loads((run / name / "stage.json").read_text())["key"] == first["stages"][name]
     circuit = json.loads((run / "circuit" / "circuit.json").read_text())
     targeted = json.loads((run / "targeted" / "train_summary.json").read_text())
     assert targeted["layers"] == circuit["layers"] and len(circuit["layers"]) == 1
+    by_cause = json.loads((run / "circuit_attribution" / "circuit.json").read_text())
+    assert by_cause["score"] == "attribution" and len(by_cause["heads"]) == TINY["top_heads"]
+    assert json.loads((run / "targeted_attribution" / "train_summary.json").read_text())["layers"] == by_cause["layers"]
     randoms = [json.loads((run / f"random_s{s}" / "train_summary.json").read_text())["layers"] for s in (1, 2)]
     assert all(len(layers) == 1 for layers in randoms)
     stage_cfg = {n: json.loads((run / n / "stage.json").read_text())["config"]
@@ -58,7 +63,8 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     _check_load_run(run, tmp_path)
     changed = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}), run).summary
     rerun = set(expected) - set(changed["skipped"])
-    assert rerun == {"targeted", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval"}
+    assert rerun == {"targeted", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
+                     "targeted_attribution", "targeted_attribution/eval"}
     assert (run / ".stale").is_dir()
 
 
@@ -67,9 +73,11 @@ def _check_load_run(run: Path, tmp_path: Path) -> None:
     study = sc.load_run(run)
     assert isinstance(study, sc.StudyResult)
     claims = study.to_pandas()
-    assert len(claims) == 7 and {"claim", "verdict"} <= set(claims.columns)
+    assert len(claims) == 8 and {"claim", "verdict"} <= set(claims.columns)
+    cause = claims[claims["claim"].str.contains("by cause")].iloc[0]
+    assert "attribution layers" in cause["this_run"] and "over 3 documents" in cause["evidence"]
     kinds = {"analysis": sc.AnalysisResult, "full": sc.FinetuneResult, "full/eval": sc.EvaluationResult,
-             "ablate": sc.AblationResult, "patch": sc.PatchResult}
+             "ablate": sc.AblationResult, "patch": sc.PatchResult, "attribution": sc.AttributionResult}
     for stage, cls in kinds.items():
         result = study.stage(stage)
         assert isinstance(result, cls), stage

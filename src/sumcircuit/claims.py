@@ -131,3 +131,26 @@ def ablation_claim(ablation: Mapping[str, Any] | None) -> ClaimResult:
         return ClaimResult(claim, "not tested in the paper", text, INCONCLUSIVE, "no random controls")
     return ClaimResult(claim, "not tested in the paper", text, SUPPORTED if p < 0.05 else NOT_SUPPORTED,
                        "empirical p-value against random layer sets of the same size")
+
+
+def cause_vs_change_claim(kl: tuple[list[int], list[str]] | None, attribution: tuple[list[int], list[str]] | None,
+                          by_cause: Sequence[float], by_change: Sequence[float]) -> ClaimResult:
+    """Layers chosen by attribution (cause) against the paper's layers chosen by KL (change).
+
+    ``kl`` and ``attribution`` are each circuit's (layers, head names).
+    """
+    claim = "(extension) Layers chosen by cause (attribution patching) adapt better than layers chosen by change (KL)"
+    if not kl or not attribution:
+        return ClaimResult(claim, "not tested in the paper", "-", NOT_RUN, "circuit or attribution stage missing")
+    (kl_layers, kl_heads), (attr_layers, attr_heads) = kl, attribution
+    picks = (f"KL layers {', '.join(map(str, kl_layers))}; attribution layers {', '.join(map(str, attr_layers))} "
+             f"(overlap {len(set(kl_layers) & set(attr_layers))}/{len(attr_layers)})")
+    if attr_heads:
+        picks += f"; heads in common {len(set(kl_heads) & set(attr_heads))}/{len(attr_heads)}"
+    if not by_cause or not by_change:
+        return ClaimResult(claim, "not tested in the paper", picks, NOT_RUN,
+                           "targeted LoRA on one of the circuits was not evaluated")
+    diff, low, high = paired_bootstrap_diff(by_cause, by_change)
+    return ClaimResult(claim, "not tested in the paper", picks + f"; ROUGE-1 {sum(by_cause) / len(by_cause):.3f} "
+                       f"vs {sum(by_change) / len(by_change):.3f}", _interval_verdict(low, high, 0.0),
+                       f"paired difference {diff:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] over {len(by_cause)} documents")

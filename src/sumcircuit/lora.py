@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from sumcircuit.adapters import ArchitectureAdapter, FusedQKV, get_submodule
 from sumcircuit.artifacts import read_json
 from sumcircuit.errors import ModelError
+from sumcircuit.sites import Site
 
 ADAPTER_META = "sumcircuit_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -264,6 +266,78 @@ def inject_lora(model: PreTrainedModel, adapter: ArchitectureAdapter, layers: li
         raise ModelError(f"LoRA has {trainable} trainable parameters, expected {expected} "
                          f"({len(layers)} layers x rank {rank} x (d_in + d_out) for q and v)")
     return peft_model
+
+
+# ---------------------------------------------------------------- head-level LoRA
+
+def head_rows(adapter: ArchitectureAdapter, heads: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Output rows of q (the chosen query heads) and of v (their key/value heads).
+
+    Under grouped-query attention query head h reads key/value head
+    ``h // (n_heads / n_kv_heads)`` (transformers' ``repeat_kv`` order), so
+    adapting head h's values means adapting that shared KV head's v rows.
+    """
+    hd, group = adapter.head_dim, adapter.n_heads // adapter.n_kv_heads
+    for head in heads:
+        if not 0 <= head < adapter.n_heads:
+            raise ModelError(f"head {head} out of range: the model has {adapter.n_heads} heads per layer")
+    q_heads = sorted(set(heads))
+    kv_heads = sorted({h // group for h in q_heads})
+    return ([r for h in q_heads for r in range(h * hd, (h + 1) * hd)],
+            [r for g in kv_heads for r in range(g * hd, (g + 1) * hd)])
+
+
+def heads_by_layer(heads: Sequence[Site]) -> dict[int, list[int]]:
+    """Layer -> head indices, from ``attn_head`` sites."""
+    out: dict[int, list[int]] = {}
+    for site in heads:
+        if site.kind != "attn_head" or site.index is None:
+            raise ModelError(f"{site.name} is not an attention head (expected names like L2.H3)")
+        out.setdefault(site.layer, []).append(site.index)
+    return {layer: sorted(set(v)) for layer, v in sorted(out.items())}
+
+
+def expected_head_lora_params(adapter: ArchitectureAdapter, heads: Sequence[Site], rank: int) -> int:
+    """Per adapted layer: A of q and of v (rank x d each) plus the rank-wide B rows of the chosen heads."""
+    total = 0
+    for chosen in heads_by_layer(heads).values():
+        q_rows, v_rows = head_rows(adapter, chosen)
+        total += rank * (2 * adapter.hidden_size + len(q_rows) + len(v_rows))
+    return total
+
+
+def _lora_layer(block: nn.Module, suffix: str) -> Any:
+    module: Any = get_submodule(block, suffix)
+    if not hasattr(module, "lora_B"):
+        raise ModelError(f"{suffix} carries no LoRA layer: inject LoRA on this layer first")
+    return module
+
+
+def restrict_lora_to_heads(peft_model: Any, adapter: ArchitectureAdapter, heads: Sequence[Site]) -> int:
+    """Let LoRA change only the q rows of ``heads`` and the v rows of their KV heads; return the trainable count.
+
+    PEFT has no per-row targets, so the rows of every other head are masked in
+    LoRA's B: they start at zero (PEFT's initialisation) and a gradient hook
+    zeroes their gradient, so AdamW (moments and decoupled weight decay alike)
+    keeps them exactly zero: those heads' projections stay bitwise the base
+    model's. The count returned is of the parameters that can change.
+    """
+    model = peft_model.get_base_model()
+    q_suffix, v_suffix = lora_targets(adapter).modules
+    trainable = 0
+    for layer, chosen in heads_by_layer(heads).items():
+        block = adapter.block(model, layer)
+        for suffix, rows in zip((q_suffix, v_suffix), head_rows(adapter, chosen)):
+            module = _lora_layer(block, suffix)
+            for name in module.active_adapters:
+                weight_b = module.lora_B[name].weight  # [out_features, rank] for Linear and Conv1D alike
+                mask = torch.zeros(weight_b.shape[0], 1, dtype=weight_b.dtype, device=weight_b.device)
+                mask[rows] = 1
+                with torch.no_grad():
+                    weight_b.mul_(mask)
+                weight_b.register_hook(lambda grad, m=mask: grad * m)
+                trainable += module.lora_A[name].weight.numel() + len(rows) * weight_b.shape[1]
+    return trainable
 
 
 # ---------------------------------------------------------------- saved adapters

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sumcircuit import claims  # noqa: E402
 from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
+from sumcircuit.circuit import read_circuit  # noqa: E402
 from sumcircuit.errors import SumcircuitError  # noqa: E402
 from sumcircuit.runs import StudyLayout  # noqa: E402
 
@@ -50,17 +51,21 @@ def _number(value: str | None) -> Any:
     return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
 
-def per_example_rouge1(eval_dir: Path) -> dict[str, float]:
-    """doc id -> ROUGE-1 F1 from predictions.jsonl, for paired comparisons."""
-    out: dict[str, float] = {}
+def per_example_rouge1(eval_dir: Path) -> dict[int, float]:
+    """Position in the evaluation set -> ROUGE-1 F1 from predictions.jsonl, for paired comparisons.
+
+    Keyed by position, not by document id: ids may repeat in a data set, and
+    pairing by id would silently drop (or mismatch) those documents.
+    """
+    out: dict[int, float] = {}
     for row in read_jsonl(eval_dir / "predictions.jsonl"):
         scores = row.get("scores", {})
         value = scores.get("rouge1")
-        out[str(row.get("doc_id"))] = float(value["f1"] if isinstance(value, Mapping) else value)
+        out[int(row["index"])] = float(value["f1"] if isinstance(value, Mapping) else value)
     return out
 
 
-def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[list[float], list[float]]:
+def _paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[list[float], list[float]]:
     keys = sorted(set(a) & set(b))
     return [a[k] for k in keys], [b[k] for k in keys]
 
@@ -207,6 +212,14 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 
 # ---------------------------------------------------------------- claims
 
+def _circuit_picks(path: Path) -> tuple[list[int], list[str]] | None:
+    """(layers, head names) of a circuit file, or None when that stage has not run."""
+    if not path.is_file():
+        return None
+    chosen = read_circuit(path)
+    return chosen.layers, [h.name for h in chosen.heads]
+
+
 def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     layout = StudyLayout(run)
     summary = _read_json(layout.analysis / "summary.json") or {}
@@ -230,6 +243,9 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
         claims.epochs_claim(targeted_sum, lora_sum),
         claims.random_control_claim([t_all[k] for k in common], [[r[k] for k in common] for r in random_scores]),
         claims.ablation_claim(_read_json(layout.ablate / "ablation.json")),
+        claims.cause_vs_change_claim(_circuit_picks(layout.circuit_file), _circuit_picks(layout.attribution_circuit_file),
+                                     *_paired(per_example_rouge1(layout.eval_dir("targeted_attribution")),
+                                              per_example_rouge1(layout.eval_dir("targeted")))),
     ]
 
 
@@ -321,6 +337,13 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"{html.escape(json.dumps(circuit.get('stability')))}</p>")
     else:
         body += _missing("Circuit selection")
+    by_cause = _read_json(layout.attribution_circuit_file)
+    if by_cause:
+        body += (f"<p>Circuit by cause (attribution patching, {html.escape(str(by_cause.get('direction')))}): "
+                 f"layers {html.escape(str(by_cause.get('layers')))}, heads "
+                 f"{html.escape(', '.join(map(str, by_cause.get('heads') or [])) or '-')}; KL circuit heads "
+                 f"{html.escape(', '.join(map(str, (circuit or {}).get('heads') or [])) or '-')}</p>")
+    body += _embed_png(layout.attribution / "attribution.png", "attribution per layer and head")
     body += patch_png or _missing("Activation patching")
     body += ablate_png or _missing("Ablation with random controls")
     parts.append(_section("Circuit and causal tests", body))

@@ -1,9 +1,10 @@
 """The whole study as resumable stages: one command from a base model to a report.
 
 Stages: zero-shot evaluation, full fine-tune, differential analysis (base vs
-full), circuit selection, LoRA on all layers, targeted LoRA on the circuit,
-random-layer LoRA controls (one per seed), evaluation of every model,
-ablation and activation patching, and the report.
+full), circuit selection by change (KL, the paper's way), attribution
+patching (base vs full) and circuit selection by cause, LoRA on all layers,
+targeted LoRA on each circuit, random-layer LoRA controls (one per seed),
+evaluation of every model, ablation and activation patching, and the report.
 
 Each stage writes into ``RUN/<stage>/`` and, when it finishes, a
 ``stage.json`` holding a key: the hash of its config and of the keys of the
@@ -51,6 +52,7 @@ class StudyPreset:
     lora: Mapping[str, Any]
     targeted: Mapping[str, Any]
     top_layers: int = 3
+    top_heads: int = 8  # heads listed in both circuits (for comparison and head-level LoRA)
     random_controls: int = 20
     eval_batch_size: int = 8
     # Validation for early stopping: a split of the training data set (e.g. "validation"), or
@@ -217,13 +219,28 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     runner.run("analysis", {**common, "data": asdict(probe)}, ("full",),
                lambda out: analysis.run_analysis(cfg.model, full_spec(), probe, analysis.AnalysisConfig(seed=seed0),
                                                  out, device=cfg.device, dtype=cfg.dtype))
-    runner.run("circuit", {"score": "kl", "top_layers": preset.top_layers, "seed": seed0}, ("analysis",),
+    runner.run("circuit", {"score": "kl", "top_layers": preset.top_layers, "top_heads": preset.top_heads,
+                           "seed": seed0}, ("analysis",),
                lambda out: circuit.select_circuit(layout.analysis, score="kl", top_layers=preset.top_layers,
-                                                  seed=seed0, out=layout.circuit_file))
-    circuit_layers = lambda: {"layers": circuit.read_circuit(layout.circuit_file).layers}  # noqa: E731
+                                                  top_heads=preset.top_heads, seed=seed0, out=layout.circuit_file))
+    attribution_cfg = causal.AttributionConfig(granularity="all", directions=preset.patch_directions, seed=seed0,
+                                               device=cfg.device, dtype=cfg.dtype)
+    runner.run("attribution", {**common, "data": asdict(causal_data), "config": asdict(attribution_cfg)}, ("full",),
+               lambda out: causal.attribute(cfg.model, full_spec(), causal_data, attribution_cfg, out=out))
+    runner.run("circuit_attribution", {"top_layers": preset.top_layers, "top_heads": preset.top_heads,
+                                       "seed": seed0}, ("attribution",),
+               lambda out: circuit.select_circuit_by_attribution(
+                   layout.attribution, top_layers=preset.top_layers, top_heads=preset.top_heads, seed=seed0,
+                   out=layout.attribution_circuit_file))
+
+    def layers_of(path: Path) -> Callable[[], dict[str, Any]]:
+        return lambda: {"layers": circuit.read_circuit(path).layers}
+
     finetune_stage("lora_all", "lora", preset.lora, seed0)
-    finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, circuit_layers, ("circuit",))
-    for name in ("lora_all", "targeted"):
+    finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, layers_of(layout.circuit_file), ("circuit",))
+    finetune_stage("targeted_attribution", "targeted-lora", preset.targeted, seed0,
+                   layers_of(layout.attribution_circuit_file), ("circuit_attribution",))
+    for name in ("lora_all", "targeted", "targeted_attribution"):
         evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
     for seed in cfg.seeds:  # controls differ from `targeted` only in the layers drawn
         name = layout.random_name(seed)

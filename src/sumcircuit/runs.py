@@ -38,7 +38,7 @@ class StudyLayout:
     """Stage folders of a ``reproduce`` run (``root/<stage>/``)."""
 
     root: Path
-    MODEL_RUNS: ClassVar[tuple[str, ...]] = ("zeroshot", "full", "lora_all", "targeted")
+    MODEL_RUNS: ClassVar[tuple[str, ...]] = ("zeroshot", "full", "lora_all", "targeted", "targeted_attribution")
 
     def stage(self, name: str) -> Path:
         return self.root / name
@@ -62,6 +62,15 @@ class StudyLayout:
     @property
     def circuit_file(self) -> Path:
         return self.circuit_dir / "circuit.json"
+
+    @property
+    def attribution(self) -> Path:
+        return self.root / "attribution"
+
+    @property
+    def attribution_circuit_file(self) -> Path:
+        """The circuit chosen by cause (attribution), beside the KL circuit of ``circuit_file``."""
+        return self.root / "circuit_attribution" / "circuit.json"
 
     @property
     def ablate(self) -> Path:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.options import FINETUNE_METHODS
+from sumcircuit.options import ADAPT_UNITS, FINETUNE_METHODS
 
 if TYPE_CHECKING:
     from sumcircuit.data import DataConfig
@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--circuit", help="targeted-lora: circuit.json from `sumcircuit circuit`")
     layers.add_argument("--random-layers", type=int, metavar="K",
                         help="targeted-lora: K layers drawn uniformly (control); seeded by --layer-seed")
+    method.add_argument("--unit", choices=ADAPT_UNITS, default="layer",
+                        help="targeted-lora with --circuit: adapt whole layers, or only the q rows of the "
+                             "circuit's heads and the v rows of their key/value heads (default: %(default)s)")
     method.add_argument("--layer-seed", type=int, help="seed of --random-layers (default: --seed)")
     method.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     method.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
@@ -87,7 +90,7 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
     return FinetuneConfig(
         method=args.method, layers=tuple(parse_layers(args.layers, what="--layers")) if args.layers else None,
-        circuit=args.circuit, random_layers=args.random_layers,
+        circuit=args.circuit, random_layers=args.random_layers, unit=args.unit,
         layer_seed=args.layer_seed, rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout,
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
         max_steps=args.max_steps, eval_every=args.eval_every, save_every=args.save_every,
@@ -122,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
                        resume=args.resume).summary
     if summary.get("processes", 1) > 1 and not is_main_process():  # rank 0 reports
         return 0
-    print(f"method {summary['method']}, layers {summary['layers']}: {summary['trainable_params']:,} trainable "
+    what = f"heads {', '.join(summary['circuit_heads'])}" if summary.get("unit") == "head" \
+        else f"layers {summary['layers']}"
+    print(f"method {summary['method']}, {what}: {summary['trainable_params']:,} trainable "
           f"of {summary['total_params']:,} parameters")
     print(f"{summary['steps']} steps ({summary['epochs']:.2f} epochs); best validation loss "
           f"{summary['best_val_loss']:.4f} at step {summary['best_step']} (epoch {summary['epochs_to_best']:.2f})"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sumcircuit.circuit import read_circuit
 from sumcircuit.errors import SumcircuitError
@@ -43,6 +43,7 @@ class FinetuneConfig:
     layers: tuple[int, ...] | None = None
     circuit: str | None = None
     random_layers: int | None = None
+    unit: Literal["layer", "head"] = "layer"  # head: only the circuit's heads' q/v rows (needs circuit heads)
     layer_seed: int | None = None  # for --random-layers; default: seed
     rank: int = 8
     alpha: float = 16.0
@@ -89,6 +90,7 @@ class FinetuneConfig:
                   (cfg.scheduler in ("linear", "constant"), "--scheduler must be linear or constant"),
                   (cfg.mixed_precision in ("no", "bf16", "fp16"), "--mixed-precision must be no, bf16 or fp16"),
                   (cfg.final in ("best", "last"), "--final must be best or last"),
+                  (cfg.unit in ("layer", "head"), "--unit must be layer or head"),
                   (cfg.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")]
         for ok, message in checks:
             if not ok:
@@ -126,10 +128,15 @@ def choose_layers(cfg: FinetuneConfig, n_layers: int) -> LayerChoice:
     given = [name for name, v in (("--layers", cfg.layers), ("--circuit", cfg.circuit),
                                   ("--random-layers", cfg.random_layers)) if v is not None]
     if cfg.method != "targeted-lora":
+        if cfg.unit == "head":
+            raise FinetuneError("--unit head is for --method targeted-lora")
         if given:
             raise FinetuneError(f"{given[0]} selects layers for --method targeted-lora; "
                                 f"--method {cfg.method} trains every layer")
         return LayerChoice(list(range(n_layers)), "all")
+    if cfg.unit == "head" and given != ["--circuit"]:
+        raise FinetuneError("--unit head adapts the heads of a circuit: give --circuit circuit.json "
+                            "(from `sumcircuit circuit --top-heads K`)")
     if len(given) != 1:
         raise FinetuneError("--method targeted-lora needs exactly one of --layers, --circuit, "
                             f"--random-layers (got {', '.join(given) or 'none'})")
@@ -141,6 +148,11 @@ def choose_layers(cfg: FinetuneConfig, n_layers: int) -> LayerChoice:
         except SumcircuitError as exc:
             raise FinetuneError(str(exc)) from None
         layers, heads, source = circuit.layers, circuit.heads or None, f"circuit {cfg.circuit}"
+        if cfg.unit == "head":
+            if not heads:
+                raise FinetuneError(f"--unit head: circuit {cfg.circuit} lists no heads "
+                                    "(select some with `sumcircuit circuit --top-heads K`)")
+            layers, source = sorted({h.layer for h in heads}), f"heads of circuit {cfg.circuit}"
     else:
         seed = cfg.seed if cfg.layer_seed is None else cfg.layer_seed
         layers, source, heads = random_layers(n_layers, int(cfg.random_layers or 0), seed), \

@@ -61,10 +61,17 @@ from sumcircuit.artifacts import (
     to_json_line,
 )
 from sumcircuit.data import IGNORE_INDEX, DataConfig, Encoded, collate, encode_all, load_examples
-from sumcircuit.lora import count_params, expected_lora_params, inject_lora
+from sumcircuit.lora import (
+    count_params,
+    expected_head_lora_params,
+    expected_lora_params,
+    inject_lora,
+    restrict_lora_to_heads,
+)
 from sumcircuit.models import LoadedModel, ensure_loaded, load_model
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
+from sumcircuit.sites import Site
 from sumcircuit.training.checkpoint import (
     export_model,
     latest_checkpoint,
@@ -211,8 +218,13 @@ class PreparedModel:
     expected_trainable: int | None
 
 
-def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: ResolvedFinetuneConfig) -> PreparedModel:
-    """Full: every parameter trains. LoRA: q/v LoRA on ``layers`` (verified), the rest frozen."""
+def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: ResolvedFinetuneConfig,
+                  heads: list[Site] | None = None) -> PreparedModel:
+    """Full: every parameter trains. LoRA: q/v LoRA on ``layers`` (verified), the rest frozen.
+
+    With ``cfg.unit == "head"`` LoRA may change only the q/v rows of ``heads``;
+    the trainable count is then of the parameters that can change.
+    """
     model, adapter = loaded.model, loaded.adapter
     expected = None
     if method == "full":
@@ -224,6 +236,13 @@ def prepare_model(loaded: LoadedModel, method: str, layers: list[int], cfg: Reso
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total = count_params(model)
+    if cfg.unit == "head":
+        if not heads:
+            raise FinetuneError("--unit head needs the circuit's heads")
+        trainable = restrict_lora_to_heads(model, adapter, heads)
+        expected = expected_head_lora_params(adapter, heads, cfg.rank)
+        if trainable != expected:
+            raise FinetuneError(f"head-level LoRA has {trainable} trainable parameters, expected {expected}")
     return PreparedModel(model, adapter, trainable, total, expected)
 
 
@@ -541,7 +560,7 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetun
     loaded.weights_sha256()  # hash the starting weights before training changes them
     set_seed(cfg.seed)  # LoRA initialization and dropout
     start_copy = copy.deepcopy(loaded.model) if cfg.track_every else None
-    prepared = prepare_model(loaded, cfg.method, choice.layers, cfg)
+    prepared = prepare_model(loaded, cfg.method, choice.layers, cfg, choice.heads)
     prepared.model.train()
     optimizer = make_optimizer(prepared.model, cfg)
     sampler = EpochSampler(len(splits.train), cfg.seed)
@@ -562,7 +581,7 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetun
         tracker = Tracker.create(start_copy, loaded.adapter, probe, loaded.tokenizer.pad_token_id, cfg.seed,
                                  choice.layers if cfg.method != "full" else None)
         del start_copy
-    meta = {"method": cfg.method, "layers": choice.layers, "layer_source": choice.source,
+    meta = {"method": cfg.method, "layers": choice.layers, "layer_source": choice.source, "unit": cfg.unit,
             "rank": cfg.rank if cfg.method != "full" else None,
             "alpha": cfg.alpha if cfg.method != "full" else None}
     run = _Run(cfg, out, loaded, accelerator, wrapped, optimizer, scheduler, loader, sampler, splits,
@@ -600,7 +619,7 @@ def _finish(run: _Run, started: float) -> dict[str, Any]:
     train_records = [r for r in _read_log(out) if r.get("type") == "train"]
     step_time = sum(r["step_time_s"] for r in train_records)
     summary = {
-        **{k: run.meta[k] for k in ("method", "layers", "layer_source", "circuit_heads", "rank", "alpha")},
+        **{k: run.meta[k] for k in ("method", "unit", "layers", "layer_source", "circuit_heads", "rank", "alpha")},
         "trainable_params": run.meta["trainable_params"], "total_params": run.meta["total_params"],
         "trainable_fraction": run.meta["trainable_params"] / run.meta["total_params"],
         "expected_trainable_params": run.meta["expected_trainable_params"],
