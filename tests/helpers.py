@@ -53,13 +53,13 @@ def tiny_config(family: str, **overrides: object) -> object:
         return GPT2Config(**{**base, **overrides})
     if family == "llama":
         base = dict(vocab_size=TINY_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
                     tie_word_embeddings=True)
         return LlamaConfig(**{**base, **overrides})
     if family == "gemma3":
         base = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
-                    max_position_embeddings=256,
+                    max_position_embeddings=1024,
                     layer_types=["sliding_attention", "sliding_attention", "full_attention"])
         return Gemma3TextConfig(**{**base, **overrides})
     raise ValueError(family)

@@ -67,6 +67,12 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
                      "targeted_attribution", "targeted_attribution/eval"}
     assert (run / ".stale").is_dir()
 
+    fewer = StudyConfig(model=str(tiny_model_dirs["llama"]), data=str(CNNDM), seeds=(1,),
+                        overrides={**TINY, "targeted": {**TINY_HP, "lr": 5e-4}})
+    run_study(fewer, run)  # a rerun with fewer seeds: random_s2 is no longer part of the study
+    assert not (run / "random_s2").exists() and any(p.name.startswith("random_s2-") for p in (run / ".stale").iterdir())
+    assert "random_s2" not in (run / "report.html").read_text()
+
 
 def _check_load_run(run: Path, tmp_path: Path) -> None:
     """load_run reads every output kind back into the API's result type; save() rewrites the same tables."""

@@ -38,6 +38,7 @@ from sumcircuit.data import DataConfig, Encoded, collate, encode_all, load_examp
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, ratio_ci
 from sumcircuit.models import LoadedModel, ensure_loaded
+from sumcircuit.outputs import restart_output, writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.stats import scalar_interval
@@ -490,6 +491,7 @@ class AnalysisResult(Result):
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"heads": self.heads, "layers": self.layers, "neurons": self.neurons}
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """heads.csv, layers.csv, neurons.csv, stats.safetensors, per_doc.safetensors, summary.json."""
         write_outputs(self, out, self.summary.get("provenance"))
@@ -655,6 +657,7 @@ def _fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@writes_output("analyze", "out_dir")
 def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, data_cfg: DataConfig,
                  config: AnalysisConfig,
                  out_dir: str | Path, *, device: str = "cpu", dtype: str = "float32",
@@ -673,6 +676,8 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
     dist.setup(device)
     device = dist.local_device(device)
     out = Path(out_dir)
+    if restart and dist.is_main_process():  # the old set goes first: nothing of it can be read as current
+        restart_output(out)
     with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
         base, tuned = (ensure_loaded(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
                        for m in (base_spec, tuned_spec))
@@ -769,7 +774,11 @@ def _resume(path: Path, fingerprint: str, doc_ids: list[str], restart: bool) -> 
     """The saved state if it belongs to this run and covers a prefix of its documents."""
     if restart or not path.is_file():
         return None
-    state, meta = load_state(path)
+    try:
+        state, meta = load_state(path)
+    except Exception as exc:  # a damaged file (safetensors raises its own types)
+        raise AnalysisError(f"{path}: the resume file is damaged ({type(exc).__name__}); "
+                            "use --restart to start over") from None
     if meta.get("fingerprint") != fingerprint:
         raise AnalysisError(f"{path.parent} holds an analysis of other models, data or settings; "
                             "use another --out folder or --restart to overwrite it")

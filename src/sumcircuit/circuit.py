@@ -24,6 +24,7 @@ import numpy as np
 from sumcircuit.artifacts import atomic_write_json, read_csv, read_json
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
+from sumcircuit.outputs import require_complete
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site, SiteError, parse_sites
@@ -148,6 +149,7 @@ def read_analysis(folder: str | Path) -> AnalysisTables:
     folder = Path(folder)
     if not folder.is_dir():
         raise CircuitError(f"--analysis {folder}: not a folder")
+    require_complete(folder)
     head_rows = _read_csv(folder / "heads.csv")
     layer_rows = _read_csv(folder / "layers.csv")
     if not head_rows or not layer_rows:
@@ -385,7 +387,7 @@ def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int =
     """
     from sumcircuit.causal.attribution import AttributionResult
 
-    folder = Path(attribution_dir)
+    folder = require_complete(attribution_dir)
     if not (folder / "attribution.json").is_file():
         raise CircuitError(f"attribution {folder}: not a folder written by `sumcircuit attribute`")
     result = AttributionResult.read(folder)

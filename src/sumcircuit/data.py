@@ -14,6 +14,7 @@ import csv
 import gzip
 import hashlib
 import json
+import logging
 import re
 import statistics
 import zlib
@@ -26,8 +27,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sumcircuit.errors import DataError
-from sumcircuit.options import DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE
+from sumcircuit.options import DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE, MIN_MAX_TOKENS
 from sumcircuit.provenance import file_sha256
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -73,6 +76,13 @@ class DataConfig:
     split: str | None = None
     skip_invalid: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < MIN_MAX_TOKENS:
+            raise DataError(f"--max-tokens must be an integer >= {MIN_MAX_TOKENS}, got {self.max_tokens!r}")
+        if self.n_docs is not None and (not isinstance(self.n_docs, int) or self.n_docs < 1):
+            raise DataError(f"--n-docs must be a positive integer, got {self.n_docs!r}")
+        Template.parse(self.template)  # a bad template fails here, before any file is read
+
     @classmethod
     def from_dataset(cls, dataset: Any, **options: Any) -> DataConfig:
         """A config reading an in-memory ``datasets.Dataset`` (fields detected as for files)."""
@@ -100,10 +110,12 @@ class DataSource:
     sha256: str | None
     text_field: str = ""
     summary_fields: tuple[str, ...] = ()
+    skipped_invalid: int = 0  # records skipped with --skip-invalid: every output cites the count
 
     def provenance(self) -> dict[str, Any]:
         return {"data": self.name, "split": self.split, "sha256": self.sha256,
-                "text_field": self.text_field, "summary_fields": list(self.summary_fields)}
+                "text_field": self.text_field, "summary_fields": list(self.summary_fields),
+                "skipped_invalid_records": self.skipped_invalid}
 
 
 @dataclass
@@ -393,6 +405,10 @@ def load_examples(cfg: DataConfig) -> ExampleSet:
     if not examples:
         first = f" ({len(invalid)} invalid; first: {invalid[0]})" if invalid else ""
         raise DataError(f"no valid records in {name}{first}")
+    if invalid:
+        source.skipped_invalid = len(invalid)
+        log.warning("skipped %d invalid record%s of %s (first: %s)", len(invalid), "" if len(invalid) == 1 else "s",
+                    name, invalid[0])
     return ExampleSet(examples, source, invalid)
 
 
@@ -503,6 +519,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str =
         tail = sum_ids + post_ids + eos
     budget = max(0, max_tokens - fixed - len(tail))
     kept_doc = doc_ids[:budget]
+    if doc_ids and not kept_doc:
+        raise DataError(f"--max-tokens {max_tokens} leaves no room for the document after the template and "
+                        f"{len(tail)} summary tokens", file=example.where)
     prompt = bos + pre_ids + kept_doc + mid_ids
     doc_start = len(bos) + len(pre_ids)
     document_span = (doc_start, doc_start + len(kept_doc))
@@ -517,8 +536,29 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str =
                    len(kept_doc) < len(doc_ids), summary_truncated)
 
 
-def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig) -> list[Encoded]:
-    return [encode(tokenizer, ex, cfg.template, cfg.max_tokens) for ex in examples]
+def check_context(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> None:
+    """``--max-tokens`` must fit the model's learned positions (``load_model`` records them on the tokenizer)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_tokens:
+        raise DataError(f"--max-tokens {max_tokens} exceeds the model's {limit} positions")
+
+
+def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig, *,
+               need_summary_tokens: bool = False) -> list[Encoded]:
+    """Encode every example. ``need_summary_tokens``: a loss on summaries must have some to average over."""
+    check_context(tokenizer, cfg.max_tokens)
+    encoded = [encode(tokenizer, ex, cfg.template, cfg.max_tokens) for ex in examples]
+    cut = sum(e.summary_truncated for e in encoded)
+    if cut:  # the loss then covers only part of those summaries: say so
+        log.warning("%d of %d summaries were cut to fit --max-tokens %d (%s)", cut, len(encoded), cfg.max_tokens,
+                    cfg.data)
+    if need_summary_tokens:
+        if not template_needs_summary(cfg.template):
+            raise DataError(f"--template {cfg.template!r} has no {{summary}}: a summary loss needs one")
+        if encoded and not any(e.summary_span[1] > e.summary_span[0] for e in encoded):
+            raise DataError(f"no summary tokens in {len(encoded)} documents at --max-tokens {cfg.max_tokens}",
+                            file=cfg.data)
+    return encoded
 
 
 def collate(batch: Sequence[Encoded], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ from sumcircuit.options import (
     GENERATION_NUM_BEAMS,
     ROUGE_TYPES,
 )
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import file_sha256, provenance
 from sumcircuit.results import Result
 from sumcircuit.stats import bootstrap_ci
@@ -293,10 +294,11 @@ def _check_positions(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: Gener
 
 def _run_id(loaded: LoadedModel, adapter: dict[str, Any] | None, examples: ExampleSet,
             data_cfg: DataConfig, gen_cfg: GenerationConfig) -> str:
-    """What determines the predictions; n_docs is left out so a longer rerun resumes."""
-    key: dict[str, Any] = {"model": loaded.provenance(), "adapter": adapter, "data": examples.source.provenance(),
-           "data_config": {**asdict(data_cfg), "n_docs": None}, "generation": asdict(gen_cfg)}
-    key["model"] = {k: v for k, v in key["model"].items() if k != "location"}
+    """What determines the predictions: contents, not how paths are spelled; n_docs is left out so a longer rerun resumes."""
+    model = {k: v for k, v in loaded.provenance().items() if k not in ("spec", "location")}
+    data = {k: v for k, v in examples.source.provenance().items() if k not in ("data", "skipped_invalid_records")}
+    key: dict[str, Any] = {"model": model, "adapter": adapter, "data": data,
+                           "data_config": {**asdict(data_cfg), "n_docs": None, "data": None}, "generation": asdict(gen_cfg)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -380,6 +382,7 @@ def _generate_rounds(loaded: LoadedModel, examples: ExampleSet, encoded: list[En
                         sum(len(b) for b in batches) / (time.perf_counter() - t0))
 
 
+@writes_output("evaluate", "out_dir")
 def run_evaluate(model_spec: str | LoadedModel, data_cfg: DataConfig, gen_cfg: GenerationConfig,
                  out_dir: str | Path, adapter: str | Path | None = None, *, device: str = "cpu",
                  dtype: str = "float32", seed: int = 0, n_resamples: int = 1000, level: float = 0.95,
@@ -473,6 +476,7 @@ class EvaluationResult(Result):
     def rouge(self, metric: str = "rouge1") -> float:
         return float(self.summary[metric]["f1"])
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``predictions.jsonl`` and ``rouge.json``."""
         folder = Path(out)

@@ -27,6 +27,7 @@ from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
 from sumcircuit.artifacts import atomic_write_json, umask
 from sumcircuit.errors import ModelError
 from sumcircuit.lora import ADAPTER_WEIGHTS, apply_adapter, is_qv_adapter, merge_lora, read_adapter_meta
+from sumcircuit.outputs import waiting_lock
 from sumcircuit.provenance import file_sha256, state_dict_sha256
 
 CACHE_ENV = "SUMCIRCUIT_CACHE"
@@ -169,6 +170,18 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     target = gguf_cache_dir(gguf_path, cache_dir)
     if (target / _CACHE_META).is_file():
         return target
+    # One converter at a time per cache entry; whoever holds the lock owns every temporary folder of
+    # the entry, so leftovers of a killed conversion (hundreds of MB) are removed here.
+    with waiting_lock(target.parent / f".{target.name}.lock"):
+        if (target / _CACHE_META).is_file():  # converted by another process while we waited
+            return target
+        for leftover in target.parent.glob(f".{target.name}.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        return _convert_gguf_locked(gguf_path, target)
+
+
+def _convert_gguf_locked(gguf_path: Path, target: Path) -> Path:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                       dtype=torch.float32)
@@ -270,12 +283,37 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
         hint = (" (loading from the Hugging Face hub needs network access; offline, use a local "
                 "folder, a .gguf file or a named model: see `sumcircuit models`)"
                 if source.kind == "hub" else "")
-        raise ModelError(f"could not load model '{spec}': {exc}{hint}") from exc
+        raise ModelError(f"could not load model '{spec}': {_short(exc)}{hint}") from None
+    except Exception as exc:  # transformers/safetensors: ValueError, KeyError, SafetensorError, ...
+        raise ModelError(f"could not load model '{spec}' from {folder}: {type(exc).__name__}: {_short(exc)}") from None
+    check_tokenizer(tokenizer, model, folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks make it inert
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval()
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, folder: str) -> None:
+    """Refuse a missing or foreign tokenizer, and record the model's positions as its length limit.
+
+    Without tokenizer files transformers can return a near-empty tokenizer that
+    encodes everything to one token: every loss would then be 0 and every run "succeed".
+    """
+    embeddings: Any = model.get_input_embeddings()
+    rows = int(embeddings.weight.shape[0])
+    size = len(tokenizer)
+    if size < 2 or size < rows // 2:
+        raise ModelError(f"{folder}: the tokenizer has {size} tokens but the model {rows}: tokenizer files "
+                         "missing or from another model")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        tokenizer.model_max_length = min(int(tokenizer.model_max_length), positions)
+        # documents are tokenized whole and then truncated to --max-tokens (checked against this limit):
+        # transformers' "longer than the maximum ... indexing errors" warning would be false here
+        warned = getattr(tokenizer, "deprecation_warnings", None)
+        if isinstance(warned, dict):
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
 
 def ensure_loaded(model: str | LoadedModel, *, dtype: str | torch.dtype = "float32",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 DEFAULT_TEMPLATE = "{document}\nTL;DR: {summary}"
 DEFAULT_MAX_TOKENS = 1024
+MIN_MAX_TOKENS = 16  # below this a document and its summary cannot both keep tokens
 DATA_PRESETS = ("cnn_dailymail", "xsum", "scitldr", "dialogsum", "samsum")
 
 ABLATION_MODES = ("zero", "mean")

@@ -26,6 +26,7 @@ from sumcircuit import claims  # noqa: E402
 from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
 from sumcircuit.circuit import read_circuit  # noqa: E402
 from sumcircuit.errors import SumcircuitError  # noqa: E402
+from sumcircuit.outputs import incomplete_reason, require_complete  # noqa: E402
 from sumcircuit.runs import StudyLayout  # noqa: E402
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -33,12 +34,17 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # ---------------------------------------------------------------- readers
 
+def _finished(path: Path) -> bool:
+    """A file is evidence only if the run that writes its folder finished (no INCOMPLETE.json there)."""
+    return path.is_file() and incomplete_reason(path.parent) is None
+
+
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if _finished(path) else None
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)]
+    return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)] if _finished(path) else []
 
 
 def _number(value: str | None) -> Any:
@@ -58,6 +64,8 @@ def per_example_rouge1(eval_dir: Path) -> dict[int, float]:
     pairing by id would silently drop (or mismatch) those documents.
     """
     out: dict[int, float] = {}
+    if not _finished(eval_dir / "predictions.jsonl"):
+        return out
     for row in read_jsonl(eval_dir / "predictions.jsonl"):
         scores = row.get("scores", {})
         value = scores.get("rouge1")
@@ -214,7 +222,7 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 
 def _circuit_picks(path: Path) -> tuple[list[int], list[str]] | None:
     """(layers, head names) of a circuit file, or None when that stage has not run."""
-    if not path.is_file():
+    if not _finished(path):
         return None
     chosen = read_circuit(path)
     return chosen.layers, [h.name for h in chosen.heads]
@@ -289,6 +297,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise SumcircuitError(f"run directory not found: {run}")
+    require_complete(run)
     layout = StudyLayout(run)
     manifest = _read_json(layout.manifest) or {}
     parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",

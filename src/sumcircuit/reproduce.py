@@ -29,6 +29,7 @@ from typing import Any, Literal
 from sumcircuit.artifacts import atomic_write_json, read_json
 from sumcircuit.data import DataConfig
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.runs import StudyLayout, StudyResult
 
@@ -131,6 +132,17 @@ class StageRunner:
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
+    def retire(self, name: str, why: str) -> None:
+        """Move a stage folder to ``.stale/`` so that nothing reads it as part of this study."""
+        out = self.run_dir / name
+        marker = out / "stage.json"
+        key = read_json(marker).get("key") if marker.is_file() else "unfinished"
+        stale = self.run_dir / ".stale" / f"{name.replace('/', '_')}-{key}"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stale, ignore_errors=True)
+        out.rename(stale)
+        print(f"[reproduce] stage {name}: {why}; previous result moved to {stale}", flush=True)
+
     def run(self, name: str, config: Mapping[str, Any], upstream: tuple[str, ...],
             body: Callable[[Path], object]) -> Path:
         key = stage_key(config, {u: self.keys[u] for u in upstream})
@@ -143,11 +155,7 @@ class StageRunner:
                 self.skipped.append(name)
                 log.info("stage %s: up to date (key %s), skipped", name, key)
                 return out
-            stale = self.run_dir / ".stale" / f"{name}-{done.get('key')}"
-            stale.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(stale, ignore_errors=True)
-            out.rename(stale)
-            log.info("stage %s: inputs changed, previous result moved to %s", name, stale)
+            self.retire(name, "inputs changed")
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         print(f"[reproduce] stage {name} ...", flush=True)
@@ -173,6 +181,7 @@ def _final_spec(layout: StudyLayout, run: str) -> str:
     return str(layout.final(run))
 
 
+@writes_output("reproduce", "run_dir")
 def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     """Run (or resume) every stage of the study and write the report."""
     from sumcircuit import analysis, causal, circuit, evaluation, training
@@ -212,6 +221,10 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
                           "train": asdict(train), "val": asdict(val) if val else None}, upstream, body)
 
     seed0 = cfg.seeds[0]
+    wanted = {layout.random_name(seed) for seed in cfg.seeds}
+    for name in layout.random_runs():  # e.g. fewer --seeds than last time: not part of this study
+        if name not in wanted:
+            runner.retire(name, "not part of this study (its seed is not in --seeds)")
     evaluate_stage("zeroshot", lambda: cfg.model, ())
     finetune_stage("full", "full", preset.full, seed0)
     full_spec = lambda: str(layout.final("full"))  # noqa: E731

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from sumcircuit.artifacts import read_csv, read_json, read_jsonl
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.outputs import require_complete
 from sumcircuit.results import Result
 
 # output kind -> the file whose presence marks a finished folder of that kind (checked in this order)
@@ -110,6 +111,7 @@ def detect_kind(path: str | Path) -> str:
             return "circuit"
     if not p.is_dir():
         raise RunError(f"{p}: no such output folder")
+    require_complete(p)
     for kind, marker in MARKERS.items():
         if (p / marker).is_file():
             return kind

@@ -42,6 +42,7 @@ from sumcircuit.circuit import read_circuit
 from sumcircuit.data import DataConfig, Encoded, load_examples
 from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site, SiteError, parse_sites
@@ -364,6 +365,7 @@ class AblationResult(Result):
     def p_value(self) -> float | None:
         return self.summary.get("p_value")
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``ablation.json``, ``ablation.csv``, ``ablation_per_doc.csv``, ``ablation.png``."""
         from sumcircuit.plots import plot_ablation
@@ -378,6 +380,7 @@ class AblationResult(Result):
         return folder
 
 
+@writes_output("ablate")
 def ablate(model: str | LoadedModel, data: DataConfig | Sequence[Encoded], config: AblationConfig | None = None,
            *, out: str | Path | None = None) -> AblationResult:
     """Ablate a circuit (and random controls) of ``model`` on ``data``; save to ``out`` if given.

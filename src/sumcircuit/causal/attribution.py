@@ -66,6 +66,7 @@ from sumcircuit.causal.patching import (
 from sumcircuit.data import DataConfig, Encoded
 from sumcircuit.models import LoadedModel
 from sumcircuit.options import DIRECTIONS
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site
@@ -353,6 +354,7 @@ class AttributionResult(Result):
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"attribution": self.rows}
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """attribution.json, attribution.csv, attribution_neurons.safetensors, attribution.png (+ heads)."""
         from sumcircuit.plots import plot_patching
@@ -397,6 +399,7 @@ class AttributionResult(Result):
                 if r["direction"] == direction and (kind is None or r["kind"] == kind)}
 
 
+@writes_output("attribute")
 def attribute(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig | Sequence[Encoded],
               config: AttributionConfig | None = None, *, out: str | Path | None = None) -> AttributionResult:
     """Attribution patching of every component between ``base`` and ``tuned`` on ``data``."""

@@ -42,6 +42,7 @@ from sumcircuit.causal.interventions import (
 from sumcircuit.data import DataConfig, Encoded
 from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.options import DIRECTIONS, GRANULARITIES
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site
@@ -236,6 +237,7 @@ class PatchResult(Result):
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"patching": self.rows, "patching_per_doc": self.per_doc}
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``patching.json``, ``patching.csv``, ``patching_per_doc.csv``, ``patching.png``."""
         from sumcircuit.plots import plot_patching
@@ -268,6 +270,7 @@ def encode_for(loaded: LoadedModel, data: DataConfig | Sequence[Encoded]) -> tup
     return list(data), {"data": "in-memory encoded examples"}
 
 
+@writes_output("patch")
 def patch(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig | Sequence[Encoded],
           config: PatchConfig | None = None, *, out: str | Path | None = None) -> PatchResult:
     """Activation patching between ``base`` and ``tuned`` on ``data``; save to ``out`` if given."""

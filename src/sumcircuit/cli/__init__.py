@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SumcircuitError as err:
         print(f"sumcircuit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file system problem (disk full, permissions): one line, not a traceback
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"sumcircuit {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sumcircuit {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
         return 130

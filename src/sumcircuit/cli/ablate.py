@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.cli.common import NON_NEGATIVE, POSITIVE, add_data_options, add_model_options, add_runtime_options, data_config
 from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
 
 
@@ -34,15 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--mode", choices=ABLATION_MODES, default="zero",
                         help="zero, or mean over the data set's non-padding tokens (default: %(default)s)")
     stats = parser.add_argument_group("controls and statistics")
-    stats.add_argument("--random-controls", type=int, default=0, metavar="N",
+    stats.add_argument("--random-controls", type=NON_NEGATIVE, default=0, metavar="N",
                        help="also ablate N random sets of the same size (seeded by --seed)")
     stats.add_argument("--control-pool", choices=CONTROL_POOLS, default="all",
                        help="draw random sets from all layers/heads or only those outside the target")
-    stats.add_argument("--n-bootstrap", type=int, default=1000, help="document resamples for CIs")
+    stats.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="document resamples for CIs")
     stats.add_argument("--rouge", action="store_true",
                        help="also generate summaries with and without the ablation and compare ROUGE (slow)")
-    stats.add_argument("--max-new-tokens", type=int, default=128, help="with --rouge (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4, help="documents per forward (default: %(default)s)")
+    stats.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="with --rouge (default: %(default)s)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=4, help="documents per forward (default: %(default)s)")
     add_runtime_options(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(handler=run)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.cli.common import add_data_options, add_runtime_options, data_config
+from sumcircuit.cli.common import NON_NEGATIVE_REAL, POSITIVE, add_data_options, add_runtime_options, data_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,20 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("analysis")
     group.add_argument("--region", choices=("all", "document", "summary"), default="all",
                        help="which query positions count (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=4, help="documents per forward pass (default: %(default)s)")
-    group.add_argument("--top-k", type=int, default=100, help="neurons listed in neurons.csv (default: %(default)s)")
-    group.add_argument("--neuron-threshold", type=float, default=0.5,
+    group.add_argument("--batch-size", type=POSITIVE, default=4, help="documents per forward pass (default: %(default)s)")
+    group.add_argument("--top-k", type=POSITIVE, default=100, help="neurons listed in neurons.csv (default: %(default)s)")
+    group.add_argument("--neuron-threshold", type=NON_NEGATIVE_REAL, default=0.5,
                        help="|standardized change| (Cohen's d) above which a neuron counts as changed "
                             "(default: %(default)s)")
     group.add_argument("--rank-neurons-by", choices=("standardized", "abs_change"), default="standardized",
                        help="ordering of neurons.csv (default: %(default)s)")
-    group.add_argument("--shard-size", type=int, default=32,
+    group.add_argument("--shard-size", type=POSITIVE, default=32,
                        help="documents per resumable shard; under N processes each process takes one shard "
                             "per round (default: %(default)s)")
     group.add_argument("--ci", choices=("bootstrap", "normal"), default="bootstrap",
                        help="95%% CI from per-document values: percentile bootstrap over documents, or "
                             "normal approximation (default: %(default)s)")
-    group.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap replicates (default: %(default)s)")
+    group.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="bootstrap replicates (default: %(default)s)")
     group.add_argument("--no-cka", action="store_true", help="skip linear CKA (saves 3 d x d products per layer)")
     group.add_argument("--restart", action="store_true", help="ignore finished shards in --out and start over")
     add_runtime_options(parser)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import (
+    NON_NEGATIVE,
+    POSITIVE,
     add_pair_options,
     add_runtime_options,
     data_config,
@@ -35,11 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="denoise (gradient in the base run), noise (in the tuned run) or both")
     parser.add_argument("--method", choices=ATTRIBUTION_METHODS, default="linear",
                         help="linear: first order; ig: gradient averaged along the weight path (default: %(default)s)")
-    parser.add_argument("--ig-steps", type=int, default=5, help="K for --method ig (default: %(default)s)")
-    parser.add_argument("--validate", type=int, default=0, metavar="K",
+    parser.add_argument("--ig-steps", type=POSITIVE, default=5, help="K for --method ig (default: %(default)s)")
+    parser.add_argument("--validate", type=NON_NEGATIVE, default=0, metavar="K",
                         help="exact patching of the top-K and K random components per direction and kind")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="document resamples for CIs")
-    parser.add_argument("--batch-size", type=int, default=4, help="documents per forward (default: %(default)s)")
+    parser.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="document resamples for CIs")
+    parser.add_argument("--batch-size", type=POSITIVE, default=4, help="documents per forward (default: %(default)s)")
     add_runtime_options(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(handler=run)

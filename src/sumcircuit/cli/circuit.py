@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from sumcircuit.cli.common import NON_NEGATIVE, POSITIVE
 from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
 
 
@@ -25,12 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --attribution: which direction's effects rank (default: denoise if present)")
     parser.add_argument("--score", default="kl", choices=CIRCUIT_SCORES,
                         help="; ".join(f"{k}: {v}" for k, v in CIRCUIT_SCORE_DEFINITIONS.items()) + " (default: %(default)s)")
-    parser.add_argument("--top-layers", type=int, default=3, help="layers to select (default: %(default)s)")
-    parser.add_argument("--top-heads", type=int, default=0,
+    parser.add_argument("--top-layers", type=POSITIVE, default=3, help="layers to select (default: %(default)s)")
+    parser.add_argument("--top-heads", type=NON_NEGATIVE, default=0,
                         help="also select this many heads (kl, kl-sym, entropy, combined only; default: none)")
-    parser.add_argument("--n-bootstrap", type=int, default=1000,
+    parser.add_argument("--n-bootstrap", type=POSITIVE, default=1000,
                         help="document resamples for the stability estimate (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0, help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="also write a bar plot next to --out (.png)")
     parser.add_argument("--out", required=True, help="circuit file to write, e.g. circuit.json")
     parser.set_defaults(handler=run)

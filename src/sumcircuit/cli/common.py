@@ -4,12 +4,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sumcircuit.options import DATA_PRESETS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE
+from sumcircuit.options import DATA_PRESETS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE, MIN_MAX_TOKENS
 
 if TYPE_CHECKING:
     from sumcircuit.data import DataConfig
+
+
+# ---------------------------------------------------------------- checked numbers
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (a bad value is a one-line usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def real(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+         high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high] (ends open when asked)."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+POSITIVE_REAL = real(0.0, low_open=True)
+NON_NEGATIVE_REAL = real(0.0)
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = False,
@@ -27,9 +70,9 @@ def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = Fals
     group.add_argument("--template", default=DEFAULT_TEMPLATE,
                        help="prompt template with {document} and {summary}; '{text}' = the document "
                             "alone, verbatim (default: %(default)r)")
-    group.add_argument("--max-tokens", type=int, default=max_tokens,
+    group.add_argument("--max-tokens", type=at_least(MIN_MAX_TOKENS), default=max_tokens,
                        help="document is truncated so document + summary fit (default: %(default)s)")
-    group.add_argument("--n-docs", type=int, default=None, help="use the first N valid records")
+    group.add_argument("--n-docs", type=POSITIVE, default=None, help="use the first N valid records")
     group.add_argument("--split", default=None, help="split, for folders, presets and hf: sources")
     group.add_argument("--skip-invalid", action="store_true",
                        help="skip bad records (and report how many) instead of failing")
@@ -61,7 +104,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    group.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the hub (off unless asked)")
 

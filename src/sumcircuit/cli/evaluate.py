@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.cli.common import NON_NEGATIVE, POSITIVE, add_data_options, add_model_options, add_runtime_options, data_config
 from sumcircuit.options import (
     GENERATION_BATCH_SIZE,
     GENERATION_MAX_NEW_TOKENS,
@@ -38,19 +38,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "(merged into --model)")
     add_data_options(parser)
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=GENERATION_MAX_NEW_TOKENS,
+    gen.add_argument("--max-new-tokens", type=POSITIVE, default=GENERATION_MAX_NEW_TOKENS,
                      help="generated tokens per summary at most (default: %(default)s)")
-    gen.add_argument("--num-beams", type=int, default=GENERATION_NUM_BEAMS,
+    gen.add_argument("--num-beams", type=POSITIVE, default=GENERATION_NUM_BEAMS,
                      help="1 = greedy (default: %(default)s)")
-    gen.add_argument("--no-repeat-ngram", type=int, default=GENERATION_NO_REPEAT_NGRAM,
+    gen.add_argument("--no-repeat-ngram", type=NON_NEGATIVE, default=GENERATION_NO_REPEAT_NGRAM,
                      help="forbid repeating n-grams of this size; 0 = off (default: %(default)s)")
-    gen.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE,
+    gen.add_argument("--batch-size", type=POSITIVE, default=GENERATION_BATCH_SIZE,
                      help="documents generated together (default: %(default)s)")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="also stop at this text (repeatable; \\n and \\t are understood), e.g. "
                           "--stop '\\n\\n' for zero-shot models that never emit EOS")
     score = parser.add_argument_group("scoring")
-    score.add_argument("--bootstrap", type=int, default=1000,
+    score.add_argument("--bootstrap", type=POSITIVE, default=1000,
                        help="bootstrap resamples for the 95%% CIs (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--overwrite", action="store_true",

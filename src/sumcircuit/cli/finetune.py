@@ -15,7 +15,17 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from sumcircuit.cli.common import add_data_options, add_model_options, add_runtime_options, data_config
+from sumcircuit.cli.common import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_REAL,
+    POSITIVE,
+    POSITIVE_REAL,
+    add_data_options,
+    add_model_options,
+    add_runtime_options,
+    data_config,
+    real,
+)
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import ADAPT_UNITS, FINETUNE_METHODS
 
@@ -34,39 +44,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--val-data", help="validation data (same options as --data; default: a held-out "
                                         "fraction of the training file)")
     val.add_argument("--val-split", help="split of --val-data, for folders, presets and hf: sources")
-    val.add_argument("--val-n-docs", type=int, help="use the first N validation records (default: all)")
-    val.add_argument("--val-fraction", type=float, default=0.1,
+    val.add_argument("--val-n-docs", type=POSITIVE, help="use the first N validation records (default: all)")
+    val.add_argument("--val-fraction", type=real(0.0, 1.0, low_open=True, high_open=True), default=0.1,
                      help="fraction held out when --val-data is not given (default: %(default)s)")
     method = parser.add_argument_group("method")
     method.add_argument("--method", required=True, choices=FINETUNE_METHODS)
     layers = method.add_mutually_exclusive_group()
     layers.add_argument("--layers", help="targeted-lora: layers to adapt, e.g. 2,3,5 or 2-5")
     layers.add_argument("--circuit", help="targeted-lora: circuit.json from `sumcircuit circuit`")
-    layers.add_argument("--random-layers", type=int, metavar="K",
+    layers.add_argument("--random-layers", type=POSITIVE, metavar="K",
                         help="targeted-lora: K layers drawn uniformly (control); seeded by --layer-seed")
     method.add_argument("--unit", choices=ADAPT_UNITS, default="layer",
                         help="targeted-lora with --circuit: adapt whole layers, or only the q rows of the "
                              "circuit's heads and the v rows of their key/value heads (default: %(default)s)")
-    method.add_argument("--layer-seed", type=int, help="seed of --random-layers (default: --seed)")
-    method.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    method.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
-    method.add_argument("--lora-dropout", type=float, default=0.05, help="(default: %(default)s)")
+    method.add_argument("--layer-seed", type=NON_NEGATIVE, help="seed of --random-layers (default: --seed)")
+    method.add_argument("--rank", type=POSITIVE, default=8, help="LoRA rank (default: %(default)s)")
+    method.add_argument("--alpha", type=POSITIVE_REAL, default=16.0, help="LoRA alpha (default: %(default)s)")
+    method.add_argument("--lora-dropout", type=real(0.0, 1.0, high_open=True), default=0.05, help="(default: %(default)s)")
     opt = parser.add_argument_group("optimization (defaults: the method's paper values)")
-    opt.add_argument("--lr", type=float, help="learning rate (full 3e-5, LoRA 5e-5)")
-    opt.add_argument("--batch-size", type=int, help="micro-batch per forward pass (full 32, LoRA 16)")
-    opt.add_argument("--grad-accum", type=int, default=1,
+    opt.add_argument("--lr", type=POSITIVE_REAL, help="learning rate (full 3e-5, LoRA 5e-5)")
+    opt.add_argument("--batch-size", type=POSITIVE, help="micro-batch per forward pass (full 32, LoRA 16)")
+    opt.add_argument("--grad-accum", type=POSITIVE, default=1,
                      help="micro-batches per optimizer step, over all processes: the effective batch is "
                           "batch-size x grad-accum for any number of processes (a multiple of them)")
-    opt.add_argument("--epochs", type=float, help="epochs (default: 10)")
-    opt.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    opt.add_argument("--eval-every", type=int, help="validate every N optimizer steps (default: each epoch)")
-    opt.add_argument("--save-every", type=int, help="checkpoint every N steps (default: at each evaluation)")
-    opt.add_argument("--patience", type=int,
+    opt.add_argument("--epochs", type=POSITIVE_REAL, help="epochs (default: 10)")
+    opt.add_argument("--max-steps", type=POSITIVE, help="optimizer steps; overrides --epochs")
+    opt.add_argument("--eval-every", type=POSITIVE, help="validate every N optimizer steps (default: each epoch)")
+    opt.add_argument("--save-every", type=POSITIVE, help="checkpoint every N steps (default: at each evaluation)")
+    opt.add_argument("--patience", type=NON_NEGATIVE,
                      help="stop after N evaluations without improvement; 0 = off (full 0, LoRA 3)")
-    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (default: %(default)s)")
-    opt.add_argument("--warmup-steps", type=int, default=0, help="(default: %(default)s)")
+    opt.add_argument("--weight-decay", type=NON_NEGATIVE_REAL, default=0.01, help="AdamW (default: %(default)s)")
+    opt.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0, help="(default: %(default)s)")
     opt.add_argument("--scheduler", choices=("linear", "constant"), default="linear")
-    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip; 0 = off (default: %(default)s)")
+    opt.add_argument("--max-grad-norm", type=NON_NEGATIVE_REAL, default=1.0, help="clip; 0 = off (default: %(default)s)")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     opt.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                      help="autocast (for CUDA; default: %(default)s)")
@@ -75,10 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     out.add_argument("--final", choices=("best", "last"), default="best",
                      help="weights in final/: best validation loss or last step (default: %(default)s)")
-    out.add_argument("--keep-checkpoints", type=int, default=2, help="step checkpoints kept (default: %(default)s)")
-    out.add_argument("--track-every", type=int, help="every N steps, per-head entropy/KL against the start "
+    out.add_argument("--keep-checkpoints", type=POSITIVE, default=2, help="step checkpoints kept (default: %(default)s)")
+    out.add_argument("--track-every", type=POSITIVE, help="every N steps, per-head entropy/KL against the start "
                                                      "model on a probe set -> tracking.csv")
-    out.add_argument("--track-docs", type=int, default=8, help="probe documents (default: %(default)s)")
+    out.add_argument("--track-docs", type=POSITIVE, default=8, help="probe documents (default: %(default)s)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_runtime_options(parser)
     parser.set_defaults(handler=run)

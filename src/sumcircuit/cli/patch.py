@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import (
+    POSITIVE,
     add_pair_options,
     add_runtime_options,
     data_config,
@@ -33,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="denoise (base run, tuned activation), noise (the reverse) or both")
     parser.add_argument("--layers", help="restrict to these layers, e.g. 0-5 (default: all)")
     parser.add_argument("--no-all", action="store_true", help="skip the all-components-at-once row")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="document resamples for CIs")
-    parser.add_argument("--batch-size", type=int, default=4, help="documents per forward (default: %(default)s)")
+    parser.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="document resamples for CIs")
+    parser.add_argument("--batch-size", type=POSITIVE, default=4, help="documents per forward (default: %(default)s)")
     add_runtime_options(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(handler=run)

@@ -69,6 +69,7 @@ from sumcircuit.lora import (
     restrict_lora_to_heads,
 )
 from sumcircuit.models import LoadedModel, ensure_loaded, load_model
+from sumcircuit.outputs import writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site
@@ -84,7 +85,13 @@ from sumcircuit.training.checkpoint import (
     tmp_dir,
     truncate_log,
 )
-from sumcircuit.training.config import FinetuneConfig, FinetuneError, ResolvedFinetuneConfig, choose_layers
+from sumcircuit.training.config import (
+    FinetuneConfig,
+    FinetuneError,
+    LayerChoice,
+    ResolvedFinetuneConfig,
+    choose_layers,
+)
 from sumcircuit.training.tracking import TRACKING_COLUMNS, Tracker
 
 # ---------------------------------------------------------------- data
@@ -106,8 +113,8 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
     train_source = {**train_set.source.provenance(), "n_docs": len(train_set.examples)}
     if val_cfg is not None:
         val_set = load_examples(val_cfg)
-        train, val = encode_all(tokenizer, train_set.examples, train_cfg), \
-            encode_all(tokenizer, val_set.examples, val_cfg)
+        train, val = encode_all(tokenizer, train_set.examples, train_cfg, need_summary_tokens=True), \
+            encode_all(tokenizer, val_set.examples, val_cfg, need_summary_tokens=True)
         return Splits(train, val, train_source, {**val_set.source.provenance(), "n_docs": len(val)})
     examples = train_set.examples
     if len(examples) < 2:
@@ -117,7 +124,7 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     val_idx = set(order[:n_val])
-    encoded = encode_all(tokenizer, examples, train_cfg)
+    encoded = encode_all(tokenizer, examples, train_cfg, need_summary_tokens=True)
     train = [e for i, e in enumerate(encoded) if i not in val_idx]
     val = [e for i, e in enumerate(encoded) if i in val_idx]
     val_source = {**train_set.source.provenance(), "n_docs": len(val),
@@ -267,10 +274,12 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)
 
 
-def _fingerprint(model_spec: str, cfg: ResolvedFinetuneConfig, splits: Splits, layers: list[int]) -> dict[str, Any]:
-    """What must match for a resume to continue the same run."""
-    ignore = {"device", "progress", "keep_checkpoints"}
-    return {"model": model_spec, "layers": layers, "n_train": len(splits.train), "n_val": len(splits.val),
+def _fingerprint(weights_sha256: str, cfg: ResolvedFinetuneConfig, splits: Splits,
+                 choice: LayerChoice) -> dict[str, Any]:
+    """What must match for a resume to continue the same run: contents, never how a path is spelled."""
+    ignore = {"device", "progress", "keep_checkpoints", "circuit"}  # the circuit enters as the layers/heads it gave
+    return {"model_weights_sha256": weights_sha256, "layers": choice.layers,
+            "heads": [h.name for h in choice.heads or []], "n_train": len(splits.train), "n_val": len(splits.val),
             "train_sha256": splits.train_source.get("sha256"), "val_sha256": splits.val_source.get("sha256"),
             "config": {k: v for k, v in asdict(cfg).items() if k not in ignore}}
 
@@ -445,6 +454,16 @@ def _resume(run: _Run) -> None:
     ckpt = latest_checkpoint(run.out)
     if ckpt is None:
         raise FinetuneError(f"--resume: no finished checkpoint in {run.out / 'checkpoints'}")
+    try:
+        _restore(run, ckpt)
+    except FinetuneError:
+        raise
+    except Exception as exc:  # a damaged file: safetensors, JSON or a shape that no longer fits
+        raise FinetuneError(f"--resume: checkpoint {ckpt} is damaged ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); remove it to resume from an earlier one") from None
+
+
+def _restore(run: _Run, ckpt: Path) -> None:
     saved = read_json(ckpt / "state.json")
     want = _json_roundtrip(run.fingerprint)
     if saved["fingerprint"] != want:
@@ -552,7 +571,6 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetun
                             f"so --grad-accum must be a multiple of {n} (e.g. --batch-size "
                             f"{max(1, int(cfg.batch_size) // n)} --grad-accum {cfg.grad_accum * n})")
     loaded = ensure_loaded(model, dtype=cfg.dtype, device="cpu")
-    model_spec = loaded.source.spec
     choice = choose_layers(cfg, loaded.adapter.n_layers)
     splits = prepare_splits(loaded.tokenizer, train_cfg, val_cfg, cfg)
     if not splits.train or not splits.val:
@@ -587,7 +605,7 @@ def _setup(model: str | LoadedModel, train_cfg: DataConfig, cfg: ResolvedFinetun
     run = _Run(cfg, out, loaded, accelerator, wrapped, optimizer, scheduler, loader, sampler, splits,
                TrainState(), meta, {}, micro_per_epoch, total_steps, eval_every,
                cfg.save_every or eval_every, tracker, [])
-    run.fingerprint = _fingerprint(model_spec, cfg, splits, choice.layers)
+    run.fingerprint = _fingerprint(loaded.weights_sha256(), cfg, splits, choice)
     run.meta.update({"circuit_heads": [h.name for h in choice.heads] if choice.heads else None,
                      "trainable_params": prepared.trainable_params,
                      "total_params": prepared.total_params, "expected_trainable_params": prepared.expected_trainable,
@@ -670,6 +688,7 @@ class FinetuneResult(Result):
         """The fine-tuned model (``final/``: a model folder, or an adapter loaded merged)."""
         return load_model(str(self.final_dir), **kwargs)
 
+    @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``train_summary.json``, ``train_log.jsonl``, ``tracking.csv`` (and ``final/`` if it lives elsewhere)."""
         folder = Path(out)
@@ -699,6 +718,7 @@ def finetune(model: str | LoadedModel, data: DataConfig, config: FinetuneConfig 
     return FinetuneResult(summary, _read_log(folder), [dict(r) for r in read_csv(folder / "tracking.csv")], folder)
 
 
+@writes_output("finetune", "out_dir")
 def run_finetune(model_spec: str | LoadedModel, train_cfg: DataConfig, config: FinetuneConfig, out_dir: str | Path,
                  val_cfg: DataConfig | None = None, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate and save one run; returns what ``train_summary.json`` holds.

@@ -1,0 +1,180 @@
+"""Output folders: checked before any work, one run at a time, whole or visibly incomplete.
+
+Every command that writes a folder holds it through :func:`claim_output`:
+
+- the folder is created (or found) and checked writable *before* computing,
+  so a bad ``--out`` costs nothing;
+- an exclusive ``flock`` on ``.sumcircuit.lock`` keeps a second run out
+  ("in use by pid N"). The kernel drops the lock when its process dies, so
+  the lock of a killed run is taken over by the next run without any guess
+  about stale pids;
+- ``INCOMPLETE.json`` exists while the run writes and is removed only when
+  it finished, so an interrupted or killed run leaves a folder that every
+  reader (:func:`require_complete`) refuses instead of mixing old and new files.
+
+Claims are re-entrant within a process (a command's ``save`` inside its own
+run), and only rank 0 of a multi-process run holds them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from sumcircuit.artifacts import atomic_write_json, umask
+from sumcircuit.errors import SumcircuitError
+
+LOCK_FILE = ".sumcircuit.lock"
+INCOMPLETE = "INCOMPLETE.json"
+
+_held: dict[Path, int] = {}  # resolved folder -> claim depth in this process
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class OutputError(SumcircuitError):
+    """An output folder that cannot be used: not creatable, not writable, in use, or incomplete."""
+
+
+def check_output_dir(out: str | Path, option: str = "--out") -> Path:
+    """Create ``out`` if needed and check that files can be written there; one-line errors otherwise."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot create it: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: not writable")
+    return path
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextmanager
+def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold ``out`` for one run of ``command``: checked, locked, marked incomplete until it finishes."""
+    path = check_output_dir(out, option)
+    key = path.resolve()
+    if key in _held or not _is_rank0():
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield path
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot create its lock file: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise OutputError(f"{option} {path} is in use by another sumcircuit run (pid {_holder(fd)}); "
+                              "wait for it to finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        marker = path / INCOMPLETE
+        atomic_write_json(marker, {"command": command, "pid": os.getpid(), "started": time.time(),
+                                   "meaning": "this run has not finished: its files may be partial or mixed; "
+                                              "rerun the command to resume or restart it"})
+        _held[key] = 1
+        try:
+            yield path
+        finally:
+            del _held[key]
+        marker.unlink(missing_ok=True)  # reached only when the run finished without an exception
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed), waiting for another holder to finish."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def incomplete_reason(folder: str | Path) -> str | None:
+    """Why ``folder`` is not a finished output, or None when it is (no marker)."""
+    marker = Path(folder) / INCOMPLETE
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        what = f"`sumcircuit {info.get('command')}` (pid {info.get('pid')})"
+    except (OSError, ValueError, AttributeError):
+        what = "a sumcircuit run"
+    return f"{folder} is incomplete: {what} did not finish writing it; rerun that command to resume or restart it"
+
+
+def writes_output(command: str, param: str = "out") -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function whose ``param`` names its output folder: it runs inside :func:`claim_output`."""
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            out = signature.bind(*args, **kwargs).arguments.get(param)
+            if out is None:
+                return fn(*args, **kwargs)
+            with claim_output(out, command):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
+def require_complete(folder: str | Path) -> Path:
+    """Refuse a folder whose run did not finish (readers call this before trusting any file).
+
+    A folder this process is writing (e.g. a study building its own report) is not refused.
+    """
+    if Path(folder).resolve() in _held:
+        return Path(folder)
+    reason = incomplete_reason(folder)
+    if reason:
+        raise OutputError(reason)
+    return Path(folder)
+
+
+def restart_output(out: str | Path, keep: tuple[str, ...] = (LOCK_FILE, INCOMPLETE)) -> None:
+    """``--restart``: remove the previous set (everything but the lock and the marker) before starting."""
+    import shutil
+
+    for entry in Path(out).iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -1,0 +1,292 @@
+"""Red team: what an unlucky user feeds the CLI gets exit code 2 and one line naming the problem.
+
+Each case asserts the exit code, the absence of a traceback, and the file,
+line, field or option in the message (or, where the input is valid but
+unusual, that it is accepted correctly). Everything runs on tiny models.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sumcircuit.cli import main
+
+from helpers import CNNDM
+
+TRAIN = str(CNNDM / "train.jsonl.gz")
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2 before any work
+        return int(exc.code or 0)
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """Run the CLI; assert exit 2, no traceback, and every needle in the last stderr line."""
+    code = _run(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def _tiny_copy(tiny_model_dirs: dict[str, Path], family: str, dest: Path) -> Path:
+    return Path(shutil.copytree(tiny_model_dirs[family], dest))
+
+
+def _patch_argv(base: Path | str, tuned: Path | str, out: Path | str, *extra: str, data: str = TRAIN) -> list[str]:
+    return ["patch", "--base", str(base), "--tuned", str(tuned), "--data", data, "--n-docs", "2",
+            "--max-tokens", "64", "--n-bootstrap", "10", "--out", str(out), *extra]
+
+
+# ---------------------------------------------------------------- garbage in
+
+def test_model_without_tokenizer_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    model = _tiny_copy(tiny_model_dirs, "gpt2", tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (model / name).unlink(missing_ok=True)
+    fails(_patch_argv(model, model, tmp_path / "out"), capsys, "tokenizer")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "5", "abc"])
+def test_max_tokens_range_checked_at_parse_time(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fails(["analyze", "--base", "x", "--tuned", "y", "--data", TRAIN, "--out", "o", "--max-tokens", value],
+          capsys, "--max-tokens")
+
+
+def test_max_tokens_beyond_learned_positions(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    gpt2 = tiny_model_dirs["gpt2"]  # 256 learned positions
+    fails(_patch_argv(gpt2, gpt2, tmp_path / "out", "--max-tokens", "512"), capsys,
+          "--max-tokens 512 exceeds the model's 256 positions")
+
+
+def test_training_template_without_summary_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    fails(["finetune", "--model", str(tiny_model_dirs["gpt2"]), "--data", TRAIN, "--n-docs", "4",
+           "--max-tokens", "64", "--method", "full", "--template", "{text}", "--max-steps", "1",
+           "--out", str(tmp_path / "ft")], capsys, "--template", "{summary}")
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["ablate", "--model", "m", "--data", "d", "--circuit", "c.json", "--out", "o", "--batch-size", "0"],
+     "--batch-size"),
+    (["patch", "--base", "a", "--tuned", "b", "--data", "d", "--out", "o", "--batch-size", "0"], "--batch-size"),
+    (["patch", "--base", "a", "--tuned", "b", "--data", "d", "--out", "o", "--n-bootstrap", "0"], "--n-bootstrap"),
+    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--val-fraction", "1.5"],
+     "--val-fraction"),
+    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--lr", "nan"], "--lr"),
+    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--lora-dropout", "1"],
+     "--lora-dropout"),
+    (["evaluate", "--model", "m", "--data", "d", "--out", "o", "--num-beams", "0"], "--num-beams"),
+    (["circuit", "--analysis", "a", "--out", "c.json", "--top-layers", "0"], "--top-layers"),
+    (["attribute", "--base", "a", "--tuned", "b", "--data", "d", "--out", "o", "--ig-steps", "0"], "--ig-steps"),
+])
+def test_numeric_options_have_ranges(argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fails(argv, capsys, option)
+
+
+# ---------------------------------------------------------------- data files
+
+def test_non_utf8_jsonl_line_named_and_skippable(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"article": "A document about a town.", "highlights": "A summary of it."}).encode()
+    path.write_bytes(good + b"\n" + b'{"article": "caf\xff", "highlights": "x"}\n' + good + b"\n")
+    llama = tiny_model_dirs["llama"]
+    fails(_patch_argv(llama, llama, tmp_path / "o1", data=str(path)), capsys, "bad.jsonl:2", "UTF-8")
+    assert _run(_patch_argv(llama, llama, tmp_path / "o2", "--skip-invalid", data=str(path))) == 0
+    summary = json.loads((tmp_path / "o2" / "patching.json").read_text())
+    assert summary["n_docs"] == 2 and summary["provenance"]["data"]["skipped_invalid_records"] == 1  # stored
+    assert "skipped 1 invalid record of" in caplog.text and "bad.jsonl:2" in caplog.text  # and printed
+
+
+def test_truncated_and_fake_gzip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    whole = gzip.compress(b"".join(json.dumps({"article": f"Doc {i}.", "highlights": "Sum."}).encode() + b"\n"
+                                   for i in range(200)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    fails(["data", str(tmp_path / "cut.jsonl.gz")], capsys, "cut.jsonl.gz")
+    (tmp_path / "fake.jsonl.gz").write_text('{"article": "a", "highlights": "b"}\n')
+    fails(["data", str(tmp_path / "fake.jsonl.gz")], capsys, "fake.jsonl.gz")
+
+
+def test_csv_unquoted_comma_named_by_physical_line(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('article,highlights\n"multi\nline doc",sum\nDoc, with comma,sum\n', encoding="utf-8")
+    llama = tiny_model_dirs["llama"]
+    fails(_patch_argv(llama, llama, tmp_path / "o", data=str(path)), capsys, "d.csv:4", "unquoted comma")
+
+
+def test_csv_huge_field_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text('article,highlights\n"' + "word " * 40_000 + '",sum\n', encoding="utf-8")
+    assert _run(["data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 read, 1 valid, 0 invalid" in out and "max 199999" in out
+
+
+# ---------------------------------------------------------------- model files
+
+def test_config_without_model_type(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    model = _tiny_copy(tiny_model_dirs, "llama", tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    fails(_patch_argv(model, model, tmp_path / "out"), capsys, "could not load model", str(model))
+
+
+def test_truncated_safetensors(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    model = _tiny_copy(tiny_model_dirs, "llama", tmp_path / "m")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    fails(_patch_argv(model, model, tmp_path / "out"), capsys, "could not load model", str(model))
+
+
+def test_pickle_only_adapter_folder(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "base_model_name_or_path": str(tiny_model_dirs["llama"]), "r": 2,
+        "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}))
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    fails(_patch_argv(tiny_model_dirs["llama"], adapter, tmp_path / "out"), capsys, str(adapter))
+
+
+# ---------------------------------------------------------------- output folders
+
+def test_out_that_is_a_file_fails_before_any_work(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    llama = tiny_model_dirs["llama"]
+    started = time.perf_counter()
+    fails(_patch_argv(llama, llama, target), capsys, "--out", "exists and is not a folder")
+    fails(_patch_argv(llama, llama, target / "sub"), capsys, "--out", "cannot create it")
+    fails(["ablate", "--model", str(llama), "--data", TRAIN, "--circuit", str(tmp_path / "c.json"), "--out",
+           str(target)], capsys, "exists and is not a folder")
+    assert time.perf_counter() - started < 5  # refused before loading a model or reading data
+
+
+_HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); "
+         "print('held', flush=True); time.sleep(60)")
+
+
+def test_second_run_in_the_same_folder_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out / ".sumcircuit.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        llama = tiny_model_dirs["llama"]
+        fails(_patch_argv(llama, llama, out), capsys, "in use by another sumcircuit run", f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock died with it and the next run takes the folder over
+    assert _run(_patch_argv(tiny_model_dirs["llama"], tiny_model_dirs["llama"], out)) == 0
+    assert (out / "patching.json").is_file() and not (out / "INCOMPLETE.json").exists()
+
+
+def test_interrupted_output_is_refused_by_readers(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import sumcircuit as sc
+    from sumcircuit import analysis
+
+    llama = str(tiny_model_dirs["llama"])
+    out = tmp_path / "an"
+    argv = ["analyze", "--base", llama, "--tuned", llama, "--data", TRAIN, "--n-docs", "2", "--max-tokens", "64",
+            "--n-bootstrap", "10", "--out", str(out)]
+    assert _run(argv) == 0
+    assert _run(["circuit", "--analysis", str(out), "--top-layers", "1", "--out", str(tmp_path / "c.json")]) == 0
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # a kill in the middle of the restarted run
+
+    monkeypatch.setattr(analysis, "_accumulate", boom)
+    assert _run([*argv, "--restart"]) == 130
+    capsys.readouterr()
+    assert not (out / "heads.csv").exists()  # --restart removed the old set first
+    fails(["circuit", "--analysis", str(out), "--top-layers", "1", "--out", str(tmp_path / "c2.json")], capsys,
+          "incomplete", "analyze")
+    with pytest.raises(sc.SumcircuitError, match="incomplete"):
+        sc.load_run(out)
+
+
+def test_gguf_conversion_leftovers_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sumcircuit import models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = models.gguf_cache_dir(gguf, tmp_path / "cache")
+    leftover = target.parent / f".{target.name}.abc123"
+    (leftover / "sub").mkdir(parents=True)  # a killed conversion's temporary folder
+    (leftover / "sub" / "model.safetensors").write_bytes(b"0" * 1000)
+
+    def convert(path: Path, dest: Path) -> Path:
+        dest.mkdir(parents=True)
+        (dest / models._CACHE_META).write_text("{}")
+        return dest
+
+    monkeypatch.setattr(models, "_convert_gguf_locked", convert)
+    assert models.convert_gguf(gguf, tmp_path / "cache") == target
+    assert not leftover.exists()
+    assert sorted(os.listdir(target.parent)) == sorted([target.name, f".{target.name}.lock"])
+
+
+def test_resume_ignores_how_paths_are_spelled(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    model = tiny_model_dirs["gpt2"]
+    other_spelling = model.parent / ".." / model.parent.name / model.name
+    data_spelling = str(CNNDM / ".." / CNNDM.name / "train.jsonl.gz")
+    out = tmp_path / "ev"
+    for spec, data in ((model, TRAIN), (other_spelling, data_spelling)):
+        assert _run(["evaluate", "--model", str(spec), "--data", data, "--n-docs", "2", "--max-tokens", "64",
+                     "--max-new-tokens", "4", "--bootstrap", "10", "--out", str(out)]) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # resumed (nothing to do), neither refused nor doubled
+
+
+def test_damaged_resume_files(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    from sumcircuit.analysis import STATE_FILE
+
+    llama = str(tiny_model_dirs["llama"])
+    out = tmp_path / "an"
+    argv = ["analyze", "--base", llama, "--tuned", llama, "--data", TRAIN, "--n-docs", "2", "--max-tokens", "64",
+            "--n-bootstrap", "10", "--shard-size", "1", "--out", str(out)]
+    assert _run([*argv[:-4], "--n-docs", "1", "--out", str(out)]) == 0  # one document done: a resumable state
+    state = out / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    fails(argv, capsys, str(state), "damaged", "--restart")
+    ft = tmp_path / "ft"
+    ft_argv = ["finetune", "--model", llama, "--data", TRAIN, "--n-docs", "6", "--max-tokens", "64", "--method",
+               "lora", "--batch-size", "2", "--max-steps", "2", "--eval-every", "1", "--lr", "1e-3", "--no-progress",
+               "--out", str(ft)]
+    assert _run(ft_argv) == 0
+    ckpt = sorted((ft / "checkpoints").glob("step-*"))[-1]
+    (ckpt / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    fails([*ft_argv, "--resume"], capsys, "damaged", str(ckpt))
