@@ -22,7 +22,7 @@ def test_paired_bootstrap_matches_mean_and_brackets_it() -> None:
 
 def test_interval_verdicts() -> None:
     assert claims.head_share_claim(0.7, 0.6, 0.8).verdict == claims.SUPPORTED
-    assert claims.head_share_claim(0.3, 0.2, 0.4).verdict == claims.NOT_SUPPORTED
+    assert claims.head_share_claim(0.3, 0.2, 0.4).verdict == claims.CONTRADICTED
     assert claims.head_share_claim(0.55, 0.45, 0.65).verdict == claims.INCONCLUSIVE
     assert claims.head_share_claim(None, None, None).verdict == claims.NOT_RUN
 
@@ -31,7 +31,7 @@ def test_rouge_claim_uses_paired_difference() -> None:
     better = [0.30 + 0.001 * i for i in range(50)]
     worse = [x - 0.02 for x in better]
     assert claims.rouge_claim(better, worse).verdict == claims.SUPPORTED
-    assert claims.rouge_claim(worse, better).verdict == claims.NOT_SUPPORTED
+    assert claims.rouge_claim(worse, better).verdict == claims.CONTRADICTED
     noisy = [x + (0.02 if i % 2 else -0.02) for i, x in enumerate(better)]
     assert claims.rouge_claim(noisy, better).verdict == claims.INCONCLUSIVE
 
@@ -39,12 +39,28 @@ def test_rouge_claim_uses_paired_difference() -> None:
 def test_params_and_layers_and_epochs() -> None:
     assert claims.params_claim(73_728, 294_912).verdict == claims.SUPPORTED  # 3 of 12 GPT-2 layers
     assert "75.0%" in claims.params_claim(73_728, 294_912).this_run
-    assert claims.params_claim(200_000, 294_912).verdict == claims.NOT_SUPPORTED
+    assert claims.params_claim(200_000, 294_912).verdict == claims.CONTRADICTED
     assert claims.circuit_layers_claim([5, 2, 3], 12).verdict == claims.SUPPORTED
-    assert claims.circuit_layers_claim([0, 1, 2], 12).verdict == claims.NOT_SUPPORTED
+    assert claims.circuit_layers_claim([0, 1, 2], 12).verdict == claims.CONTRADICTED
+    other = claims.circuit_layers_claim([20, 25, 29], 30, "llama")
+    assert other.verdict == claims.NOT_APPLICABLE and "29 (100% deep)" in other.this_run
     converged = {"epochs_to_best": 1.0, "best_step": 10, "steps": 30}
     slower = {"epochs_to_best": 2.0, "best_step": 20, "steps": 30}
     assert claims.epochs_claim(converged, slower).verdict == claims.SUPPORTED
-    assert claims.epochs_claim(slower, converged).verdict == claims.NOT_SUPPORTED
+    assert claims.epochs_claim(slower, converged).verdict == claims.CONTRADICTED
     at_end = {"epochs_to_best": 1.0, "best_step": 30, "steps": 30}
     assert claims.epochs_claim(at_end, slower).verdict == claims.INCONCLUSIVE
+
+    never = {"epochs_to_best": 0.0, "best_step": 0, "steps": 30, "stopped_early": True}
+    assert claims.epochs_claim(never, slower).verdict == claims.INCONCLUSIVE  # never improved: not "faster"
+    assert claims.epochs_claim(converged, dict(converged)).verdict == claims.INCONCLUSIVE  # equal
+
+
+def test_ablation_claim_reads_ablation_json() -> None:
+    saved = {"n_docs": 24, "circuit": {"effect": 0.31}, "random_controls": {"n": 20, "p_value": 0.02,
+                                                                            "effect_mean": 0.05}}
+    result = claims.ablation_claim(saved)
+    assert result.verdict == claims.SUPPORTED and "p = 0.020" in result.this_run and "n = 24" in result.evidence
+    saved["random_controls"]["p_value"] = 0.4
+    assert claims.ablation_claim(saved).verdict == claims.INCONCLUSIVE  # a non-rejection, not "not supported"
+    assert claims.ablation_claim({"circuit": {"effect": 0.3}}).verdict == claims.INCONCLUSIVE

@@ -79,8 +79,8 @@ def test_report_sections_and_escaping(tmp_path: Path) -> None:
         "inconclusive"  # CI 41%-75% straddles 50%
     assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "supported"  # 0.25 vs 0.20 everywhere
     assert verdicts["Targeted LoRA trains 75% fewer parameters than LoRA on all layers"] == \
-        "not supported"  # 6000 vs 8000 is 25% fewer
-    assert verdicts["The most-changed layers (by attention KL) are 2, 3 and 5"] == "not supported"
+        "contradicted"  # 6000 vs 8000 is 25% fewer
+    assert verdicts["The most-changed layers (by attention KL) are 2, 3 and 5"] == "not applicable"  # 4 layers
     assert verdicts["(extension) Ablating the circuit hurts more than ablating random layers"] == "not run"
 
 

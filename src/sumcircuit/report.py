@@ -228,6 +228,11 @@ def _circuit_picks(path: Path) -> tuple[list[int], list[str]] | None:
     return chosen.layers, [h.name for h in chosen.heads]
 
 
+def _model_type(analysis_summary: Mapping[str, Any]) -> str | None:
+    models = (analysis_summary.get("provenance") or {}).get("models") or [{}]
+    return models[0].get("model_type") if isinstance(models[0], dict) else None
+
+
 def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     layout = StudyLayout(run)
     summary = _read_json(layout.analysis / "summary.json") or {}
@@ -245,7 +250,7 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     common = sorted(set(t_all).intersection(*[set(r) for r in random_scores])) if random_scores else []
     return [
         claims.head_share_claim(share, share_ci[0], share_ci[1]),
-        claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers")),
+        claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers"), _model_type(summary)),
         claims.rouge_claim(t_scores, a_scores),
         claims.params_claim((targeted_sum or {}).get("trainable_params"), (lora_sum or {}).get("trainable_params")),
         claims.epochs_claim(targeted_sum, lora_sum),
@@ -267,7 +272,7 @@ def claim_rows(run: str | Path) -> list[dict[str, Any]]:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f3f3f3}img{max-width:100%}.supported{color:#176d2b;font-weight:bold}
-.not-supported{color:#a11;font-weight:bold}.inconclusive{color:#a60;font-weight:bold}.missing{color:#888}
+.contradicted{color:#a11;font-weight:bold}.inconclusive{color:#a60;font-weight:bold}.missing{color:#888}
 pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}"""
 
 
@@ -281,6 +286,26 @@ def _missing(what: str) -> str:
 
 def _embed_png(path: Path, alt: str) -> str:
     return _img(base64.b64encode(path.read_bytes()).decode("ascii"), alt) if path.is_file() else ""
+
+
+def study_header(manifest: Mapping[str, Any]) -> str:
+    """What this folder is, before any number: model, data, sizes, seeds, preset and what the preset means."""
+    study, preset = manifest.get("study") or {}, manifest.get("preset") or {}
+    if not study:
+        return ('<p class="missing">Not a <code>reproduce</code> study folder: the sections below show the '
+                "outputs found here.</p>")
+    rows = [("model", study.get("model")), ("data", f"{study.get('data')} (split {study.get('split')})"),
+            ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
+            ("preset", f"{preset.get('name')}: {preset.get('description')}"),
+            ("training seeds", ", ".join(map(str, study.get("seeds") or []))),
+            ("documents", f"train {preset.get('train_docs') or 'all'}, validation {preset.get('val_docs')}, "
+                          f"evaluation {preset.get('eval_docs')}, analysis {preset.get('analysis_docs')}, "
+                          f"causal tests {preset.get('causal_docs')}; {preset.get('max_tokens')} tokens each"),
+            ("wall time", f"{sum((manifest.get('wall_time_s') or {}).values()):.0f} s over "
+                          f"{len(manifest.get('stages') or {})} stages")]
+    kind = "a smoke test, not a replication" if preset.get("name") == "quick" else "a study run"
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return _section(f"This run ({kind})", f"<table>{body}</table>")
 
 
 def claims_table(results: Sequence[claims.ClaimResult]) -> str:
@@ -303,6 +328,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
              "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
              "Tasks</i> (arXiv 2505.17073). Every figure below was computed in this run; intervals are 95%.</p>"]
+    parts.append(study_header(manifest))
     parts.append(_section("Paper claims vs this run", claims_table(evaluate_claims(run))))
 
     names = layout.model_runs()

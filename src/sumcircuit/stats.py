@@ -99,14 +99,42 @@ def mean_ci(values: np.ndarray, counts: np.ndarray, level: float = 0.95) -> dict
     return {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
 
 
+def studentized_interval(values: Sequence[float] | np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its bootstrap-t (studentized) CI over documents: ``(mean, low, high)``.
+
+    Why not the percentile interval: at the 8-24 documents a study affords,
+    with skewed per-document scores, percentile intervals cover 88-92% instead
+    of 95%; bootstrap-t covers >= 93% (``tests/test_stats.py`` simulates it).
+    Resamples drawing one document only (zero spread) carry no t and are dropped.
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size < 2:
+        raise StatsError("a studentized CI needs at least two values")
+    check_level(level)
+    n = data.size
+    counts = resample_counts(n, n_resamples, seed)
+    means = counts @ data / n
+    spread = np.maximum(counts @ (data * data) / n - means * means, 0.0) * n / (n - 1)
+    se_star = np.sqrt(spread / n)
+    mean, se = float(data.mean()), float(data.std(ddof=1) / np.sqrt(n))
+    if se == 0.0:
+        return mean, mean, mean
+    usable = se_star > 1e-12 * max(1.0, abs(mean))
+    t = (means[usable] - mean) / se_star[usable]
+    q_low, q_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
+    return mean, mean - float(q_high) * se, mean - float(q_low) * se
+
+
 def paired_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,
                 level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over paired documents (paired by position) and its bootstrap CI."""
+    """Mean of ``a - b`` over paired documents (paired by position) and its studentized bootstrap CI."""
     if len(a) != len(b) or len(a) == 0:
         raise StatsError("paired samples must be non-empty and of equal length")
     diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    low, high = bootstrap_ci(diffs, n_resamples, seed, level)
-    return float(diffs.mean()), low, high
+    if diffs.size == 1:
+        raise StatsError("a paired difference needs at least two documents")
+    return studentized_interval(diffs, n_resamples, seed, level)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
