@@ -290,3 +290,8 @@ def test_damaged_resume_files(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     ckpt = sorted((ft / "checkpoints").glob("step-*"))[-1]
     (ckpt / "optimizer.safetensors").write_bytes(b"\0" * 10)
     fails([*ft_argv, "--resume"], capsys, "damaged", str(ckpt))
+
+
+def test_reproduce_refuses_testing_on_training_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fails(["reproduce", "--model", "m", "--data", TRAIN, "--out", str(tmp_path / "r")], capsys,
+          "training and test documents would both come from", "--eval-data")

@@ -177,6 +177,27 @@ def _data(cfg: StudyConfig, *, eval_: bool, n_docs: int | None, max_tokens: int)
     return DataConfig(cfg.data, split=cfg.split, n_docs=n_docs, max_tokens=max_tokens)
 
 
+def check_disjoint_test_data(cfg: StudyConfig) -> None:
+    """Refuse a study whose test documents would be its training documents.
+
+    A folder or preset has separate train and val files; a single file has no
+    splits, so without ``--eval-data`` ROUGE, analysis and causal tests would
+    score the documents the models were trained on.
+    """
+    from sumcircuit.data import resolve_source
+
+    train = resolve_source(cfg.data, cfg.split)
+    test = resolve_source(cfg.eval_data, cfg.eval_split) if cfg.eval_data else resolve_source(cfg.data, "val")
+
+    def identity(source: tuple[str, str | None]) -> tuple[str, str | None]:
+        name, split = source
+        return (str(Path(name).resolve()), None) if Path(name).is_file() else (name, split)  # a file has no splits
+
+    if identity(train) == identity(test):
+        raise SumcircuitError(f"--data {cfg.data}: training and test documents would both come from {train[0]}; "
+                              "give a folder with train and val files, or --eval-data with held-out documents")
+
+
 def _final_spec(layout: StudyLayout, run: str) -> str:
     return str(layout.final(run))
 
@@ -192,6 +213,7 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     run.mkdir(parents=True, exist_ok=True)
     layout = StudyLayout(run)
     preset = cfg.resolved_preset()
+    check_disjoint_test_data(cfg)
     runner = StageRunner(run)
     train = _data(cfg, eval_=False, n_docs=preset.train_docs, max_tokens=preset.max_tokens)
     val_split = cfg.val_split or preset.val_split
