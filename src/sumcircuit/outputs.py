@@ -24,6 +24,7 @@ import functools
 import inspect
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,12 +72,43 @@ def _holder(fd: int) -> str:
         return "unknown"
 
 
+def _open_lock_file(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+
+
+def _lock(path: Path, option: str) -> int:
+    """Take the folder's lock without waiting; a held lock is an error naming the holder's pid."""
+    try:
+        fd = _open_lock_file(path / LOCK_FILE)
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot create its lock file: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _holder(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise OutputError(f"{option} {path} is in use by another sumcircuit run (pid {holder}); "
+                          "wait for it to finish or choose another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 @contextmanager
 def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterator[Path]:
     """Hold ``out`` for one run of ``command``: checked, locked, marked incomplete until it finishes."""
     path = check_output_dir(out, option)
     key = path.resolve()
-    if key in _held or not _is_rank0():
+    owner = key not in _held and _is_rank0()  # nested claims and other ranks ride on the owner's
+    fd = _lock(path, option) if owner else None
+    marker = path / INCOMPLETE
+    try:
+        if owner:
+            atomic_write_json(marker, {"command": command, "pid": os.getpid(), "started": time.time(),
+                                       "meaning": "this run has not finished: its files may be partial or "
+                                                  "mixed; rerun the command to resume or restart it"})
         _held[key] = _held.get(key, 0) + 1
         try:
             yield path
@@ -84,40 +116,18 @@ def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterat
             _held[key] -= 1
             if not _held[key]:
                 del _held[key]
-        return
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot create its lock file: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise OutputError(f"{option} {path} is in use by another sumcircuit run (pid {_holder(fd)}); "
-                              "wait for it to finish or choose another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        marker = path / INCOMPLETE
-        atomic_write_json(marker, {"command": command, "pid": os.getpid(), "started": time.time(),
-                                   "meaning": "this run has not finished: its files may be partial or mixed; "
-                                              "rerun the command to resume or restart it"})
-        _held[key] = 1
-        try:
-            yield path
-        finally:
-            del _held[key]
-        marker.unlink(missing_ok=True)  # reached only when the run finished without an exception
+        if owner:
+            marker.unlink(missing_ok=True)  # reached only when the run finished without an exception
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 @contextmanager
 def waiting_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed), waiting for another holder to finish."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -169,8 +179,6 @@ def require_complete(folder: str | Path) -> Path:
 
 def restart_output(out: str | Path, keep: tuple[str, ...] = (LOCK_FILE, INCOMPLETE)) -> None:
     """``--restart``: remove the previous set (everything but the lock and the marker) before starting."""
-    import shutil
-
     for entry in Path(out).iterdir():
         if entry.name in keep:
             continue

@@ -26,7 +26,6 @@ def at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
-    parse.__name__ = f"integer >= {low}"
     return parse
 
 
@@ -45,7 +44,6 @@ def real(low: float = -math.inf, high: float = math.inf, *, low_open: bool = Fal
         if not math.isfinite(value) or below or above:
             raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
         return value
-    parse.__name__ = "number"
     return parse
 
 
