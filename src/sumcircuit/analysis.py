@@ -41,7 +41,7 @@ from sumcircuit.models import LoadedModel, ensure_loaded
 from sumcircuit.outputs import restart_output, writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
-from sumcircuit.stats import scalar_interval
+from sumcircuit.stats import sign_share_bounds
 
 log = logging.getLogger(__name__)
 
@@ -585,9 +585,11 @@ def _headline(state: AnalysisState, config: AnalysisConfig, sums: dict[str, Tens
               means: dict[str, Tensor], layer_values: dict[str, Tensor]) -> dict[str, Any]:
     delta = means["entropy_delta"]
     share = float((delta < 0).double().mean())
-    if state.n_docs >= 2:  # always a document bootstrap: a share of heads has no normal approximation here
+    n_lower = n_not_lower = None
+    if state.n_docs >= 2:  # a simultaneous band over heads: see stats.sign_share_bounds for why
         samples = bootstrap_ratio_samples(sums["entropy_delta"], tokens, config.n_bootstrap, config.seed)
-        share_ci = scalar_interval((samples < 0).double().mean((1, 2)).numpy(), config.ci_level)
+        low, high, n_lower, n_not_lower = sign_share_bounds(delta.numpy(), samples.numpy(), config.ci_level)
+        share_ci: tuple[float, float] = (low, high)
     else:
         share_ci = (math.nan, math.nan)
     return {
@@ -595,6 +597,7 @@ def _headline(state: AnalysisState, config: AnalysisConfig, sums: dict[str, Tens
         "n_layers": state.n_layers, "n_heads": state.n_heads, "n_neurons": state.n_neurons,
         "share_heads_entropy_decreased": share,
         "share_heads_entropy_decreased_ci": list(share_ci),
+        "heads_entropy_surely_lower": n_lower, "heads_entropy_surely_not_lower": n_not_lower,
         "mean_entropy_base": float(means["entropy_base"].mean()),
         "mean_entropy_tuned": float(means["entropy_tuned"].mean()),
         "mean_kl_base_tuned": float(means["kl_base_tuned"].mean()),
@@ -610,7 +613,8 @@ def _headline(state: AnalysisState, config: AnalysisConfig, sums: dict[str, Tens
                           if config.ci_method == "bootstrap" else
                           "normal approximation of the token-weighted mean (ratio estimator, delta method "
                           "over documents)"),
-               "share_heads": "percentile bootstrap over documents"},
+               "share_heads": ("bounds from a simultaneous bootstrap max-|t| band over all heads (documents "
+                               "resampled): [share of heads surely lower, 1 - share surely not lower]")},
         "definitions": {**DEFINITIONS, "neuron_threshold": config.neuron_threshold,
                         "sign_flip_eps": config.sign_flip_eps, "neuron_rank_by": config.neuron_rank_by},
     }
