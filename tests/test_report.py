@@ -29,12 +29,25 @@ def _eval_dir(path: Path, scores: list[float], same_ids: bool = False) -> None:
 
 
 def test_paired_claims_pair_by_position_not_by_repeated_ids(tmp_path: Path) -> None:
-    from sumcircuit.report import _paired, per_example_rouge1
+    from sumcircuit.report import per_example_rouge1, score_tables
 
     _eval_dir(tmp_path / "a", [0.1 * i for i in range(24)], same_ids=True)
     _eval_dir(tmp_path / "b", [0.05 * i for i in range(24)], same_ids=True)
-    a, b = _paired(per_example_rouge1(tmp_path / "a"), per_example_rouge1(tmp_path / "b"))
-    assert len(a) == len(b) == 24 and a[5] == pytest.approx(0.5) and b[5] == pytest.approx(0.25)
+    tables = score_tables({1: per_example_rouge1(tmp_path / "a")}, {1: per_example_rouge1(tmp_path / "b")})
+    assert tables is not None
+    a, b = tables
+    assert a.shape == b.shape == (1, 24) and a[0, 5] == pytest.approx(0.5) and b[0, 5] == pytest.approx(0.25)
+
+
+def test_score_tables_keep_the_seeds_and_documents_every_method_has() -> None:
+    from sumcircuit.report import score_tables
+
+    a = {1: {0: 0.1, 1: 0.2, 2: 0.3}, 2: {0: 0.4, 1: 0.5, 2: 0.6}, 3: {0: 0.0, 1: 0.0}}
+    b = {1: {0: 1.0, 1: 2.0, 2: 3.0}, 2: {1: 5.0, 2: 6.0}}
+    tables = score_tables(a, b)
+    assert tables is not None
+    assert tables[0].tolist() == [[0.2, 0.3], [0.5, 0.6]] and tables[1].tolist() == [[2.0, 3.0], [5.0, 6.0]]
+    assert score_tables(a, {4: {0: 1.0, 1: 1.0}}) is None  # no seed in common
 
 
 def make_run(run: Path) -> Path:
@@ -55,8 +68,8 @@ def make_run(run: Path) -> Path:
                                                   "share_heads_entropy_decreased_ci": [0.41, 0.75]})
     atomic_write_json(run / "circuit" / "circuit.json", {"layers": [3, 2, 1], "score": "kl",
                                                          "stability": {"3": 1.0, "2": 0.9, "1": 0.7}})
-    for name, params, scores in (("lora_all", 8000, [0.20] * 30), ("targeted", 6000, [0.25] * 30),
-                                 ("random_s1", 6000, [0.24] * 30)):
+    for name, params, scores in (("lora_all_s1", 8000, [0.20] * 30), ("targeted_s1", 6000, [0.25] * 30),
+                                 ("random1_s1", 6000, [0.24] * 30)):
         (run / name).mkdir(parents=True)
         atomic_write_json(run / name / "train_summary.json", {
             "trainable_params": params, "epochs_to_best": 1.0, "best_step": 4, "steps": 8, "layers": [1, 2, 3]})

@@ -16,8 +16,7 @@ from helpers import CNNDM
 TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
 TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
             max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, top_heads=2,
-            random_controls=3,
-            eval_batch_size=3)
+            random_controls=3, random_sets=2, eval_batch_size=3)
 
 
 def _study(model: Path, **overrides: object) -> StudyConfig:
@@ -30,32 +29,56 @@ def test_stage_key_depends_on_config_and_upstream() -> None:
     assert stage_key({"a": 1}, {"x": "k"}) != stage_key({"a": 1}, {"x": "other"})
 
 
+def _stages(seeds: tuple[int, ...], n_random: int) -> set[str]:
+    names = {"zeroshot/eval", "analysis", "circuit", "attribution", "circuit_attribution", "ablate", "patch"}
+    for seed in seeds:
+        for method in ("full", "lora_all", "targeted", "targeted_attribution",
+                       *(f"random{k}" for k in range(1, n_random + 1))):
+            names |= {f"{method}_s{seed}", f"{method}_s{seed}/eval"}
+    return names
+
+
+def test_random_control_sets_avoid_the_circuits_and_are_distinct() -> None:
+    from sumcircuit.reproduce import random_control_sets
+
+    sets = random_control_sets(30, 3, 5, exclude=[2, 3, 5, 21, 22], seed=1)
+    assert len(sets) == 5 and len({tuple(s) for s in sets}) == 5
+    assert all(len(s) == 3 and not set(s) & {2, 3, 5, 21, 22} for s in sets)
+    assert sets == random_control_sets(30, 3, 5, exclude=[2, 3, 5, 21, 22], seed=1)
+    assert random_control_sets(3, 1, 5, exclude=[0], seed=0) in ([[1], [2]], [[2], [1]])  # only two possible
+    assert len(random_control_sets(3, 2, 2, exclude=[0, 1], seed=0)) == 2  # too few outside: drawn from all
+
+
 def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
     run = tmp_path / "run"
     first = run_study(_study(tiny_model_dirs["llama"]), run).summary
-    expected = {"zeroshot/eval", "full", "full/eval", "analysis", "circuit", "lora_all", "targeted",
-                "lora_all/eval", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
-                "ablate", "patch", "attribution", "circuit_attribution", "targeted_attribution",
-                "targeted_attribution/eval"}
-    assert set(first["stages"]) == expected and first["skipped"] == []
+    controls = first["random_controls"]
+    n_random = len(controls["layers"])
+    expected = _stages((1, 2), n_random)
+    assert n_random >= 1 and set(first["stages"]) == expected and first["skipped"] == []
     for name in expected:
         assert json.loads((run / name / "stage.json").read_text())["key"] == first["stages"][name]
     circuit = json.loads((run / "circuit" / "circuit.json").read_text())
-    targeted = json.loads((run / "targeted" / "train_summary.json").read_text())
-    assert targeted["layers"] == circuit["layers"] and len(circuit["layers"]) == 1
     by_cause = json.loads((run / "circuit_attribution" / "circuit.json").read_text())
     assert by_cause["score"] == "attribution" and len(by_cause["heads"]) == TINY["top_heads"]
-    assert json.loads((run / "targeted_attribution" / "train_summary.json").read_text())["layers"] == by_cause["layers"]
-    randoms = [json.loads((run / f"random_s{s}" / "train_summary.json").read_text())["layers"] for s in (1, 2)]
-    assert all(len(layers) == 1 for layers in randoms)
-    stage_cfg = {n: json.loads((run / n / "stage.json").read_text())["config"]
-                 for n in ("targeted", "random_s1", "random_s2")}
-    # controls differ from the targeted run only in the layers they draw
-    assert stage_cfg["targeted"]["seed"] == stage_cfg["random_s1"]["seed"] == stage_cfg["random_s2"]["seed"]
-    assert (stage_cfg["random_s1"]["layer_seed"], stage_cfg["random_s2"]["layer_seed"]) == (1, 2)
-    assert stage_cfg["targeted"]["val"] is None  # validation is held out of training, not the eval split
+    assert controls["excluded"] == sorted(set(circuit["layers"]) | set(by_cause["layers"]))
+    for seed in (1, 2):  # every method trained once per seed, with that seed
+        targeted = json.loads((run / f"targeted_s{seed}" / "train_summary.json").read_text())
+        assert targeted["layers"] == circuit["layers"] and len(circuit["layers"]) == 1
+        assert json.loads((run / f"targeted_attribution_s{seed}" / "train_summary.json").read_text())["layers"] == \
+            by_cause["layers"]
+        for method in ("full", "lora_all", "targeted", "random1"):
+            assert json.loads((run / f"{method}_s{seed}" / "stage.json").read_text())["config"]["seed"] == seed
+        randoms = [json.loads((run / f"random{k}_s{seed}" / "train_summary.json").read_text())
+                   for k in range(1, n_random + 1)]
+        assert [r["layers"] for r in randoms] == controls["layers"]
+        assert {r["trainable_params"] for r in randoms} == {targeted["trainable_params"]}  # parameter-matched
+    assert json.loads((run / "targeted_s1" / "stage.json").read_text())["config"]["val"] is None  # held out of train
     page = (run / "report.html").read_text()
     assert "Paper claims vs this run" in page and page.count("<img") >= 4
+    claims = {c["claim"]: c for c in run_study(_study(tiny_model_dirs["llama"]), run).claims}
+    rouge = claims["Targeted LoRA beats LoRA on all layers on ROUGE-1"]
+    assert "3 documents x 2 training seeds" in rouge["evidence"]
 
     again = run_study(_study(tiny_model_dirs["llama"]), run).summary
     assert sorted(again["skipped"]) == sorted(expected) and again["stages"] == first["stages"]
@@ -63,15 +86,14 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     _check_load_run(run, tmp_path)
     changed = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}), run).summary
     rerun = set(expected) - set(changed["skipped"])
-    assert rerun == {"targeted", "targeted/eval", "random_s1", "random_s1/eval", "random_s2", "random_s2/eval",
-                     "targeted_attribution", "targeted_attribution/eval"}
+    assert rerun == {n for n in expected if n.startswith(("targeted", "random"))}
     assert (run / ".stale").is_dir()
 
     fewer = StudyConfig(model=str(tiny_model_dirs["llama"]), data=str(CNNDM), seeds=(1,),
                         overrides={**TINY, "targeted": {**TINY_HP, "lr": 5e-4}})
-    run_study(fewer, run)  # a rerun with fewer seeds: random_s2 is no longer part of the study
-    assert not (run / "random_s2").exists() and any(p.name.startswith("random_s2-") for p in (run / ".stale").iterdir())
-    assert "random_s2" not in (run / "report.html").read_text()
+    run_study(fewer, run)  # a rerun with fewer seeds: the second seed's runs are no longer part of the study
+    assert not (run / "random1_s2").exists() and any(p.name.startswith("random1_s2-") for p in (run / ".stale").iterdir())
+    assert "_s2" not in (run / "report.html").read_text()
 
 
 def _check_load_run(run: Path, tmp_path: Path) -> None:
@@ -81,8 +103,8 @@ def _check_load_run(run: Path, tmp_path: Path) -> None:
     claims = study.to_pandas()
     assert len(claims) == 8 and {"claim", "verdict"} <= set(claims.columns)
     cause = claims[claims["claim"].str.contains("by cause")].iloc[0]
-    assert "attribution layers" in cause["this_run"] and "over 3 documents" in cause["evidence"]
-    kinds = {"analysis": sc.AnalysisResult, "full": sc.FinetuneResult, "full/eval": sc.EvaluationResult,
+    assert "attribution layers" in cause["this_run"] and "n = 3 documents x 2 training seeds" in cause["evidence"]
+    kinds = {"analysis": sc.AnalysisResult, "full_s1": sc.FinetuneResult, "full_s1/eval": sc.EvaluationResult,
              "ablate": sc.AblationResult, "patch": sc.PatchResult, "attribution": sc.AttributionResult}
     for stage, cls in kinds.items():
         result = study.stage(stage)

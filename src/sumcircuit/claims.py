@@ -5,8 +5,10 @@ Each claim of arXiv 2505.17073 becomes a :class:`ClaimResult` marked
 ``contradicted`` (it excludes it in the other direction), ``inconclusive``
 (otherwise: a non-rejection is not evidence against), ``not applicable``
 (the claim cannot apply to this model, e.g. GPT-2 layer indices on another
-architecture) or ``not run``. Paired differences use the studentized
-bootstrap over documents (coverage checked in ``tests/test_stats.py``).
+architecture) or ``not run``. Paired differences are over a table of
+training seeds x documents (scores paired by position and seed) with a
+two-way studentized bootstrap; epochs use a t-interval over seeds (coverage
+checked in ``tests/test_stats.py``). Every row states its n.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sumcircuit.stats import paired_diff
+import numpy as np
+
+from sumcircuit.stats import crossed_interval, paired_diff, t_interval
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 NOT_APPLICABLE, NOT_RUN = "not applicable", "not run"
@@ -77,16 +81,40 @@ def circuit_layers_claim(top_layers: Sequence[int] | None, n_layers: int | None,
                        f"top-{len(top_layers)} layers by KL of {n_layers}; overlap with 2, 3, 5: {overlap or 'none'}")
 
 
-def rouge_claim(targeted: Sequence[float] | None, lora_all: Sequence[float] | None) -> ClaimResult:
+Table = Sequence[Sequence[float]] | np.ndarray  # scores [training seeds, documents], paired by position
+
+
+def _table(scores: Table | None) -> np.ndarray | None:
+    """A seeds x documents score table, or None when there is none (a 1-D list is one seed)."""
+    if scores is None:
+        return None
+    arr = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    return arr if arr.size else None
+
+
+def _sizes(table: np.ndarray) -> str:
+    n_seeds, n_docs = table.shape
+    return f"n = {n_docs} documents x {n_seeds} training seed{'s' if n_seeds != 1 else ''}"
+
+
+def paired_table_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over a seeds x documents table and its two-way studentized CI (:func:`crossed_interval`)."""
+    return crossed_interval(a - b, 2000, 0)
+
+
+def _difference_row(diff: float, low: float, high: float, table: np.ndarray) -> str:
+    return (f"paired difference {diff:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] (two-way studentized bootstrap over "
+            f"seeds and documents), {_sizes(table)}")
+
+
+def rouge_claim(targeted: Table | None, lora_all: Table | None) -> ClaimResult:
     claim = "Targeted LoRA beats LoRA on all layers on ROUGE-1"
-    if not targeted or not lora_all:
+    t, a = _table(targeted), _table(lora_all)
+    if t is None or a is None:
         return ClaimResult(claim, "0.182 vs 0.148", "-", NOT_RUN, "evaluation of both LoRA runs missing")
-    mean_t, mean_a = sum(targeted) / len(targeted), sum(lora_all) / len(lora_all)
-    diff, low, high = paired_bootstrap_diff(targeted, lora_all)
-    return ClaimResult(claim, "0.182 vs 0.148", f"{mean_t:.3f} vs {mean_a:.3f}",
-                       _interval_verdict(low, high, 0.0),
-                       f"paired difference {diff:+.4f}, 95% studentized bootstrap CI [{low:+.4f}, {high:+.4f}] "
-                       f"over n = {len(targeted)} documents, one training seed per method")
+    diff, low, high = paired_table_diff(t, a)
+    return ClaimResult(claim, "0.182 vs 0.148", f"{t.mean():.3f} vs {a.mean():.3f}",
+                       _interval_verdict(low, high, 0.0), _difference_row(diff, low, high, t))
 
 
 def params_claim(targeted: int | None, lora_all: int | None) -> ClaimResult:
@@ -96,49 +124,75 @@ def params_claim(targeted: int | None, lora_all: int | None) -> ClaimResult:
     reduction = 1 - targeted / lora_all
     return ClaimResult(claim, "75% fewer", f"{reduction:.1%} fewer ({targeted:,} vs {lora_all:,})",
                        SUPPORTED if reduction >= PAPER_PARAM_REDUCTION - 1e-9 else CONTRADICTED,
-                       "exact count of trainable parameters; the reduction is fixed by the number of "
-                       "adapted layers (3 of 12 in GPT-2 gives 75%)")
+                       "exact count of trainable parameters, tested against the paper's 75%; the reduction is "
+                       "fixed by the share of adapted layers (3 of 12 in GPT-2 gives 75%)")
 
 
-def epochs_claim(targeted: Mapping[str, Any] | None, lora_all: Mapping[str, Any] | None) -> ClaimResult:
-    """Epochs to the best validation loss; a run that never improved, or improved until the cap, has not converged."""
+def _not_converged(name: str, summary: Mapping[str, Any]) -> str | None:
+    if not summary.get("best_step"):
+        return f"{name} never improved on its starting point"
+    if summary.get("best_step") == summary.get("steps") and not summary.get("stopped_early"):
+        return f"{name} was still improving at its last step"
+    return None
+
+
+def epochs_claim(targeted: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+                 lora_all: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> ClaimResult:
+    """Epochs to the best validation loss, paired by training seed.
+
+    A run that never improved, or improved until its step cap, has not
+    converged: epochs to converge are then not measured (inconclusive).
+    Several seeds give a t-interval of the per-seed difference.
+    """
     claim = "Targeted LoRA converges in fewer epochs"
-    if not targeted or not lora_all:
-        return ClaimResult(claim, "fewer epochs", "-", NOT_RUN, "fine-tuning summaries missing")
-    t, a = targeted.get("epochs_to_best"), lora_all.get("epochs_to_best")
-    text = f"{t:.2f} vs {a:.2f} epochs to best validation loss" if t is not None and a is not None else "-"
-    if t is None or a is None:
-        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE, "epochs to best not recorded")
-    never = [name for name, s in (("targeted", targeted), ("LoRA-all", lora_all)) if not s.get("best_step")]
-    if never:
+    t_runs = [targeted] if isinstance(targeted, Mapping) else list(targeted or [])
+    a_runs = [lora_all] if isinstance(lora_all, Mapping) else list(lora_all or [])
+    if not t_runs or not a_runs or len(t_runs) != len(a_runs):
+        return ClaimResult(claim, "fewer epochs", "-", NOT_RUN, "fine-tuning summaries missing (or unpaired seeds)")
+    pairs = [(t.get("epochs_to_best"), a.get("epochs_to_best")) for t, a in zip(t_runs, a_runs)]
+    if any(t is None or a is None for t, a in pairs):
+        return ClaimResult(claim, "fewer epochs", "-", INCONCLUSIVE, "epochs to best not recorded")
+    t_mean = sum(float(t) for t, _ in pairs) / len(pairs)
+    a_mean = sum(float(a) for _, a in pairs) / len(pairs)
+    seeds = f"{len(pairs)} training seed{'s' if len(pairs) != 1 else ''}"
+    text = f"{t_mean:.2f} vs {a_mean:.2f} epochs to best validation loss ({seeds})"
+    problems = [p for i, (t, a) in enumerate(zip(t_runs, a_runs), start=1)
+                for p in (_not_converged(f"targeted (seed #{i})", t), _not_converged(f"LoRA-all (seed #{i})", a)) if p]
+    if problems:
         return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
-                           f"{', '.join(never)} never improved on its starting point: not converged, so "
-                           "epochs to converge are not measured")
-    at_end = [name for name, s in (("targeted", targeted), ("LoRA-all", lora_all))
-              if s.get("best_step") == s.get("steps") and not s.get("stopped_early")]
-    if at_end:
-        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
-                           f"best checkpoint at the last step for {', '.join(at_end)}: not converged "
-                           "within the budget, so epochs to converge are not measured")
-    if abs(float(t) - float(a)) < 1e-9:
-        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE, "equal epochs to the best checkpoint")
-    return ClaimResult(claim, "fewer epochs", text, SUPPORTED if t < a else CONTRADICTED,
-                       "one training seed per method: no interval over seeds")
+                           "; ".join(problems) + ": not converged, so epochs to converge are not measured")
+    diffs = [float(t) - float(a) for t, a in pairs]
+    if all(abs(d) < 1e-9 for d in diffs):
+        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE, f"equal epochs to the best checkpoint ({seeds})")
+    if len(diffs) == 1:
+        return ClaimResult(claim, "fewer epochs", text, SUPPORTED if diffs[0] < 0 else CONTRADICTED,
+                           "one training seed: no interval over seeds (run with --seeds 1,2,3 for one)")
+    diff, low, high = t_interval(diffs)
+    return ClaimResult(claim, "fewer epochs", text, _interval_verdict(-high, -low, 0.0),
+                       f"difference {diff:+.2f} epochs, 95% t-interval over {seeds} [{low:+.2f}, {high:+.2f}]")
 
 
-def random_control_claim(targeted: Sequence[float] | None,
-                         random_runs: Sequence[Sequence[float]]) -> ClaimResult:
+def random_control_claim(targeted: Table | None, random_sets: Sequence[Table],
+                         note: str = "") -> ClaimResult:
+    """The circuit's targeted LoRA against random layer sets of the same size, each trained on the same seeds.
+
+    Reports where the circuit falls among the random sets (by mean ROUGE-1)
+    and the paired difference with the mean of the random sets, with an
+    interval over seeds and documents.
+    """
     claim = "(extension) The selected layers beat random layers of the same count on ROUGE-1"
-    if not targeted or not random_runs:
+    t = _table(targeted)
+    tables = [x for x in (_table(r) for r in random_sets) if x is not None]
+    if t is None or not tables:
         return ClaimResult(claim, "not tested in the paper", "-", NOT_RUN, "random-layer runs missing")
-    n = len(targeted)
-    pooled = [sum(run[i] for run in random_runs) / len(random_runs) for i in range(n)]
-    diff, low, high = paired_bootstrap_diff(targeted, pooled)
-    return ClaimResult(claim, "not tested in the paper", f"{sum(targeted) / n:.3f} vs "
-                       f"{sum(pooled) / n:.3f} (mean of {len(random_runs)} random sets)",
-                       _interval_verdict(low, high, 0.0),
-                       f"paired difference {diff:+.4f}, 95% studentized CI [{low:+.4f}, {high:+.4f}] over n = {n} "
-                       f"documents; random layer sets drawn independently of the circuit")
+    pooled = np.mean(tables, axis=0)
+    set_means = sorted(float(x.mean()) for x in tables)
+    beaten = sum(m < float(t.mean()) for m in set_means)
+    diff, low, high = paired_table_diff(t, pooled)
+    text = (f"{t.mean():.3f} vs {pooled.mean():.3f} (mean of {len(tables)} random sets, range "
+            f"{set_means[0]:.3f}-{set_means[-1]:.3f}); the circuit beats {beaten} of {len(tables)}")
+    return ClaimResult(claim, "not tested in the paper", text, _interval_verdict(low, high, 0.0),
+                       _difference_row(diff, low, high, t) + (f"; {note}" if note else ""))
 
 
 def ablation_claim(ablation: Mapping[str, Any] | None) -> ClaimResult:
@@ -162,10 +216,11 @@ def ablation_claim(ablation: Mapping[str, Any] | None) -> ClaimResult:
 
 
 def cause_vs_change_claim(kl: tuple[list[int], list[str]] | None, attribution: tuple[list[int], list[str]] | None,
-                          by_cause: Sequence[float], by_change: Sequence[float]) -> ClaimResult:
+                          by_cause: Table | None, by_change: Table | None) -> ClaimResult:
     """Layers chosen by attribution (cause) against the paper's layers chosen by KL (change).
 
-    ``kl`` and ``attribution`` are each circuit's (layers, head names).
+    ``kl`` and ``attribution`` are each circuit's (layers, head names); the
+    tables are targeted LoRA's ROUGE-1 on each circuit, seeds x documents.
     """
     claim = "(extension) Layers chosen by cause (attribution patching) adapt better than layers chosen by change (KL)"
     if not kl or not attribution:
@@ -175,10 +230,10 @@ def cause_vs_change_claim(kl: tuple[list[int], list[str]] | None, attribution: t
              f"(overlap {len(set(kl_layers) & set(attr_layers))}/{len(attr_layers)})")
     if attr_heads:
         picks += f"; heads in common {len(set(kl_heads) & set(attr_heads))}/{len(attr_heads)}"
-    if not by_cause or not by_change:
+    cause, change = _table(by_cause), _table(by_change)
+    if cause is None or change is None:
         return ClaimResult(claim, "not tested in the paper", picks, NOT_RUN,
                            "targeted LoRA on one of the circuits was not evaluated")
-    diff, low, high = paired_bootstrap_diff(by_cause, by_change)
-    return ClaimResult(claim, "not tested in the paper", picks + f"; ROUGE-1 {sum(by_cause) / len(by_cause):.3f} "
-                       f"vs {sum(by_change) / len(by_change):.3f}", _interval_verdict(low, high, 0.0),
-                       f"paired difference {diff:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] over {len(by_cause)} documents")
+    diff, low, high = paired_table_diff(cause, change)
+    return ClaimResult(claim, "not tested in the paper", picks + f"; ROUGE-1 {cause.mean():.3f} vs {change.mean():.3f}",
+                       _interval_verdict(low, high, 0.0), _difference_row(diff, low, high, cause))

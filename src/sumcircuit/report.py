@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -233,32 +234,72 @@ def _model_type(analysis_summary: Mapping[str, Any]) -> str | None:
     return models[0].get("model_type") if isinstance(models[0], dict) else None
 
 
+SeedScores = dict[int, dict[int, float]]  # training seed -> position in the evaluation set -> ROUGE-1
+
+
+def method_scores(layout: StudyLayout, method: str) -> SeedScores:
+    """Per-document ROUGE-1 of every finished, evaluated seed of ``method``."""
+    return {seed: scores for seed, name in layout.runs_of(method).items()
+            if (scores := per_example_rouge1(layout.eval_dir(name)))}
+
+
+def score_tables(*methods: SeedScores) -> list[np.ndarray] | None:
+    """Seeds x documents tables of several methods over the seeds and documents they all have (paired)."""
+    seeds = sorted(set.intersection(*[set(m) for m in methods])) if methods else []
+    if not seeds:
+        return None
+    docs = sorted(set.intersection(*[set(m[s]) for m in methods for s in seeds]))
+    if len(docs) < 2:
+        return None
+    return [np.array([[m[s][d] for d in docs] for s in seeds]) for m in methods]
+
+
+def _summaries(layout: StudyLayout, method: str) -> dict[int, dict[str, Any]]:
+    return {seed: summary for seed, name in layout.runs_of(method).items()
+            if (summary := _read_json(layout.train_summary(name)))}
+
+
+def _random_note(layout: StudyLayout, manifest: Mapping[str, Any], targeted_params: int | None) -> str:
+    controls = manifest.get("random_controls") or {}
+    params = sorted({s.get("trainable_params") for m in layout.random_methods()
+                     for s in _summaries(layout, m).values()} - {None})
+    parts = []
+    if controls.get("excluded") is not None:
+        where = "outside" if controls.get("outside_circuits") else "NOT outside (the model has too few layers)"
+        parts.append(f"random sets drawn {where} the circuits' layers {controls['excluded']}")
+    if params and targeted_params:
+        matched = params == [targeted_params]
+        parts.append(f"parameter-matched: {'yes' if matched else 'no'} ({', '.join(f'{p:,}' for p in params)} "
+                     f"vs {targeted_params:,} trainable)")
+    return "; ".join(parts)
+
+
 def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     layout = StudyLayout(run)
+    manifest = _read_json(layout.manifest) or {}
     summary = _read_json(layout.analysis / "summary.json") or {}
     share = summary.get("share_heads_entropy_decreased")
     share_ci = summary.get("share_heads_entropy_decreased_ci") or [None, None]
     circuit = _read_json(layout.circuit_file) or {}
-    targeted_sum = _read_json(layout.train_summary("targeted"))
-    lora_sum = _read_json(layout.train_summary("lora_all"))
-    t_scores, a_scores = _paired(per_example_rouge1(layout.eval_dir("targeted")),
-                                 per_example_rouge1(layout.eval_dir("lora_all")))
-    random_dirs = [layout.eval_dir(n) for n in layout.random_runs()
-                   if (layout.eval_dir(n) / "predictions.jsonl").is_file()]
-    t_all = per_example_rouge1(layout.eval_dir("targeted"))
-    random_scores = [per_example_rouge1(p) for p in random_dirs]
-    common = sorted(set(t_all).intersection(*[set(r) for r in random_scores])) if random_scores else []
+    targeted_runs, lora_runs = _summaries(layout, "targeted"), _summaries(layout, "lora_all")
+    paired_seeds = sorted(set(targeted_runs) & set(lora_runs))
+    first = paired_seeds[0] if paired_seeds else None
+    targeted = method_scores(layout, "targeted")
+    rouge = score_tables(targeted, method_scores(layout, "lora_all")) or [None, None]
+    randoms = score_tables(targeted, *[method_scores(layout, m) for m in layout.random_methods()])
+    cause = score_tables(method_scores(layout, "targeted_attribution"), targeted) or [None, None]
+    targeted_params = targeted_runs[first].get("trainable_params") if first is not None else None
     return [
         claims.head_share_claim(share, share_ci[0], share_ci[1]),
         claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers"), _model_type(summary)),
-        claims.rouge_claim(t_scores, a_scores),
-        claims.params_claim((targeted_sum or {}).get("trainable_params"), (lora_sum or {}).get("trainable_params")),
-        claims.epochs_claim(targeted_sum, lora_sum),
-        claims.random_control_claim([t_all[k] for k in common], [[r[k] for k in common] for r in random_scores]),
+        claims.rouge_claim(rouge[0], rouge[1]),
+        claims.params_claim(targeted_params, lora_runs[first].get("trainable_params") if first is not None else None),
+        claims.epochs_claim([targeted_runs[s] for s in paired_seeds], [lora_runs[s] for s in paired_seeds]),
+        claims.random_control_claim(randoms[0] if randoms else None, randoms[1:] if randoms else [],
+                                    _random_note(layout, manifest, targeted_params)),
         claims.ablation_claim(_read_json(layout.ablate / "ablation.json")),
         claims.cause_vs_change_claim(_circuit_picks(layout.circuit_file), _circuit_picks(layout.attribution_circuit_file),
-                                     *_paired(per_example_rouge1(layout.eval_dir("targeted_attribution")),
-                                              per_example_rouge1(layout.eval_dir("targeted")))),
+                                     cause[0], cause[1]),
     ]
 
 

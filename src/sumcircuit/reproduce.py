@@ -19,9 +19,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
+import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +63,9 @@ class StudyPreset:
     # selecting checkpoints on the test documents would flatter every method.
     val_split: str | None = None
     patch_directions: tuple[Literal["denoise", "noise"], ...] = ("denoise", "noise")
+    seeds: tuple[int, ...] = (1,)  # training seeds when --seeds is not given
+    random_sets: int = 5  # random layer sets (outside both circuits), each trained once per seed
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast while fine-tuning
 
 
 PRESETS: dict[str, StudyPreset] = {
@@ -101,7 +106,7 @@ class StudyConfig:
     eval_split: str | None = None
     val_split: str | None = None  # overrides the preset's
     preset: str = "quick"
-    seeds: tuple[int, ...] = (1,)
+    seeds: tuple[int, ...] | None = None  # None: the preset's
     device: str = "cpu"
     dtype: str = "float32"
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -113,7 +118,16 @@ class StudyConfig:
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise SumcircuitError(f"unknown preset field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
-        return replace(PRESETS[self.preset], **dict(self.overrides))
+        preset = replace(PRESETS[self.preset], **dict(self.overrides))
+        if preset.random_sets < 0 or preset.top_layers < 1:
+            raise SumcircuitError("preset fields random_sets must be >= 0 and top_layers >= 1")
+        return preset
+
+    def resolved_seeds(self) -> tuple[int, ...]:
+        seeds = tuple(self.seeds) if self.seeds is not None else tuple(self.resolved_preset().seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise SumcircuitError(f"seeds must be distinct and at least one, got {list(seeds)}")
+        return seeds
 
 
 # ---------------------------------------------------------------- stage machinery
@@ -202,9 +216,37 @@ def _final_spec(layout: StudyLayout, run: str) -> str:
     return str(layout.final(run))
 
 
+def random_control_sets(n_layers: int, size: int, n_sets: int, exclude: Sequence[int], seed: int) -> list[list[int]]:
+    """``n_sets`` distinct random layer sets of ``size`` layers, drawn outside ``exclude`` when enough layers remain.
+
+    The controls must not contain the circuit's own layers: a set overlapping
+    the circuit would share part of the effect it is compared with. On a
+    model too small for that, sets are drawn from every layer (the manifest
+    says so). Sets have the circuit's layer count, so on a model whose layers
+    all have one shape they train exactly as many LoRA parameters.
+    """
+    pool = [layer for layer in range(n_layers) if layer not in set(exclude)]
+    if len(pool) < size:
+        pool = list(range(n_layers))
+    possible = math.comb(len(pool), size)
+    rng = random.Random(seed)
+    sets: list[list[int]] = []
+    while len(sets) < min(n_sets, possible):
+        draw = sorted(rng.sample(pool, size))
+        if draw not in sets:
+            sets.append(draw)
+    return sets
+
+
 @writes_output("reproduce", "run_dir")
 def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
-    """Run (or resume) every stage of the study and write the report."""
+    """Run (or resume) every stage of the study and write the report.
+
+    Every fine-tuning method, and each random layer set, is trained once per
+    training seed; the analysis, both circuits and the causal tests use the
+    first seed's full fine-tune. Stages loop over seeds outermost, so an
+    interrupted study holds whole seeds.
+    """
     from sumcircuit import analysis, causal, circuit, evaluation, training
     from sumcircuit.report import build_report, claim_rows
     from sumcircuit.training.checkpoint import latest_checkpoint
@@ -213,6 +255,7 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     run.mkdir(parents=True, exist_ok=True)
     layout = StudyLayout(run)
     preset = cfg.resolved_preset()
+    seeds = cfg.resolved_seeds()
     check_disjoint_test_data(cfg)
     runner = StageRunner(run)
     train = _data(cfg, eval_=False, n_docs=preset.train_docs, max_tokens=preset.max_tokens)
@@ -230,28 +273,24 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
                    lambda out: evaluation.run_evaluate(spec_of(), test, gen, out, device=cfg.device,
                                                      dtype=cfg.dtype))
 
-    def finetune_stage(name: str, method: str, hp: Mapping[str, Any], seed: int,
-                       layers: Callable[[], dict[str, Any]] | None = None,
-                       upstream: tuple[str, ...] = (), key_extra: Mapping[str, Any] | None = None) -> None:
+    def train_and_evaluate(name: str, method: str, hp: Mapping[str, Any], seed: int,
+                           extra: Mapping[str, Any] | None = None, upstream: tuple[str, ...] = ()) -> None:
         def body(out: Path) -> None:
-            extra = layers() if layers else {}
             ft_cfg = training.FinetuneConfig(method=method, seed=seed, device=cfg.device, dtype=cfg.dtype,
-                                             **{**dict(hp), **extra})
+                                             mixed_precision=preset.mixed_precision, **{**dict(hp), **dict(extra or {})})
             resume = latest_checkpoint(out) is not None  # an interrupted stage continues
             training.run_finetune(cfg.model, train, ft_cfg, out, val_cfg=val, resume=resume)
-        runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed, **(key_extra or {}),
+        runner.run(name, {**common, "method": method, "hp": dict(hp), "seed": seed, **dict(extra or {}),
+                          "mixed_precision": preset.mixed_precision,
                           "train": asdict(train), "val": asdict(val) if val else None}, upstream, body)
+        evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
 
-    seed0 = cfg.seeds[0]
-    wanted = {layout.random_name(seed) for seed in cfg.seeds}
-    for name in layout.random_runs():  # e.g. fewer --seeds than last time: not part of this study
-        if name not in wanted:
-            runner.retire(name, "not part of this study (its seed is not in --seeds)")
-    evaluate_stage("zeroshot", lambda: cfg.model, ())
-    finetune_stage("full", "full", preset.full, seed0)
-    full_spec = lambda: str(layout.final("full"))  # noqa: E731
-    evaluate_stage("full", full_spec, ("full",))
-    runner.run("analysis", {**common, "data": asdict(probe)}, ("full",),
+    seed0 = seeds[0]
+    full0 = layout.run_name("full", seed0)
+    full_spec = functools.partial(_final_spec, layout, full0)
+    evaluate_stage(layout.ZERO_SHOT, lambda: cfg.model, ())
+    train_and_evaluate(full0, "full", preset.full, seed0)
+    runner.run("analysis", {**common, "data": asdict(probe)}, (full0,),
                lambda out: analysis.run_analysis(cfg.model, full_spec(), probe, analysis.AnalysisConfig(seed=seed0),
                                                  out, device=cfg.device, dtype=cfg.dtype))
     runner.run("circuit", {"score": "kl", "top_layers": preset.top_layers, "top_heads": preset.top_heads,
@@ -260,40 +299,52 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
                                                   top_heads=preset.top_heads, seed=seed0, out=layout.circuit_file))
     attribution_cfg = causal.AttributionConfig(granularity="all", directions=preset.patch_directions, seed=seed0,
                                                device=cfg.device, dtype=cfg.dtype)
-    runner.run("attribution", {**common, "data": asdict(causal_data), "config": asdict(attribution_cfg)}, ("full",),
+    runner.run("attribution", {**common, "data": asdict(causal_data), "config": asdict(attribution_cfg)}, (full0,),
                lambda out: causal.attribute(cfg.model, full_spec(), causal_data, attribution_cfg, out=out))
     runner.run("circuit_attribution", {"top_layers": preset.top_layers, "top_heads": preset.top_heads,
                                        "seed": seed0}, ("attribution",),
                lambda out: circuit.select_circuit_by_attribution(
                    layout.attribution, top_layers=preset.top_layers, top_heads=preset.top_heads, seed=seed0,
                    out=layout.attribution_circuit_file))
+    kl_layers = circuit.read_circuit(layout.circuit_file).layers
+    cause_layers = circuit.read_circuit(layout.attribution_circuit_file).layers
+    n_layers = int(read_json(layout.analysis / "summary.json")["n_layers"])
+    excluded = sorted(set(kl_layers) | set(cause_layers))
+    random_sets = random_control_sets(n_layers, len(kl_layers), preset.random_sets, excluded, seed0)
+    controls = {"layers": random_sets, "excluded": excluded, "draw_seed": seed0,
+                "outside_circuits": all(not set(s) & set(excluded) for s in random_sets)}
 
-    def layers_of(path: Path) -> Callable[[], dict[str, Any]]:
-        return lambda: {"layers": circuit.read_circuit(path).layers}
+    wanted = {layout.ZERO_SHOT, "analysis", "circuit", "attribution", "circuit_attribution", "ablate", "patch"}
+    for seed in seeds:
+        wanted |= {layout.run_name(m, seed) for m in layout.METHODS}
+        wanted |= {layout.run_name(layout.random_method(k + 1), seed) for k in range(len(random_sets))}
+    for stale in sorted(p.name for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if stale not in wanted:  # e.g. fewer --seeds or random sets than last time
+            runner.retire(stale, "not part of this study")
 
-    finetune_stage("lora_all", "lora", preset.lora, seed0)
-    finetune_stage("targeted", "targeted-lora", preset.targeted, seed0, layers_of(layout.circuit_file), ("circuit",))
-    finetune_stage("targeted_attribution", "targeted-lora", preset.targeted, seed0,
-                   layers_of(layout.attribution_circuit_file), ("circuit_attribution",))
-    for name in ("lora_all", "targeted", "targeted_attribution"):
-        evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
-    for seed in cfg.seeds:  # controls differ from `targeted` only in the layers drawn
-        name = layout.random_name(seed)
-        draw = {"random_layers": preset.top_layers, "layer_seed": seed}
-        finetune_stage(name, "targeted-lora", preset.targeted, seed0, functools.partial(dict, draw), key_extra=draw)
-        evaluate_stage(name, functools.partial(_final_spec, layout, name), (name,))
+    for seed in seeds:  # whole seeds first: an interrupted study holds complete seeds
+        if seed != seed0:
+            train_and_evaluate(layout.run_name("full", seed), "full", preset.full, seed)
+        train_and_evaluate(layout.run_name("lora_all", seed), "lora", preset.lora, seed)
+        train_and_evaluate(layout.run_name("targeted", seed), "targeted-lora", preset.targeted, seed,
+                           {"layers": tuple(kl_layers)}, ("circuit",))
+        train_and_evaluate(layout.run_name("targeted_attribution", seed), "targeted-lora", preset.targeted, seed,
+                           {"layers": tuple(cause_layers)}, ("circuit_attribution",))
+        for k, layers in enumerate(random_sets, start=1):  # differ from `targeted` only in the layers
+            train_and_evaluate(layout.run_name(layout.random_method(k), seed), "targeted-lora", preset.targeted,
+                               seed, {"layers": tuple(layers)})
     runner.run("ablate", {**common, "data": asdict(causal_data), "controls": preset.random_controls},
-               ("full", "circuit"),
+               (full0, "circuit"),
                lambda out: causal.ablate(full_spec(), causal_data, causal.AblationConfig(
                    circuit=str(layout.circuit_file), random_controls=preset.random_controls,
                    seed=seed0, device=cfg.device, dtype=cfg.dtype), out=out))
     runner.run("patch", {**common, "data": asdict(causal_data), "directions": preset.patch_directions},
-               ("full",),
+               (full0,),
                lambda out: causal.patch(cfg.model, full_spec(), causal_data,
                                         causal.PatchConfig(seed=seed0, directions=preset.patch_directions,
                                                            device=cfg.device, dtype=cfg.dtype), out=out))
-    manifest = {"study": asdict(cfg), "preset": asdict(preset), "stages": runner.keys,
-                "wall_time_s": runner.timings, "skipped": runner.skipped,
+    manifest = {"study": {**asdict(cfg), "seeds": list(seeds)}, "preset": asdict(preset), "stages": runner.keys,
+                "wall_time_s": runner.timings, "skipped": runner.skipped, "random_controls": controls,
                 "provenance": provenance(seed=seed0)}
     atomic_write_json(layout.manifest, manifest)
     report = build_report(run)

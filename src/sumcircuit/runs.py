@@ -8,6 +8,7 @@ and :func:`load_run` never disagree about a path.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,10 +37,16 @@ class RunError(SumcircuitError):
 
 @dataclass(frozen=True)
 class StudyLayout:
-    """Stage folders of a ``reproduce`` run (``root/<stage>/``)."""
+    """Stage folders of a ``reproduce`` run (``root/<stage>/``).
+
+    Every trained model is one stage per training seed, ``<method>_s<seed>``
+    (``full_s1``, ``lora_all_s2``, ``random3_s1`` for the third random layer
+    set); ``zeroshot`` is the untrained model.
+    """
 
     root: Path
-    MODEL_RUNS: ClassVar[tuple[str, ...]] = ("zeroshot", "full", "lora_all", "targeted", "targeted_attribution")
+    METHODS: ClassVar[tuple[str, ...]] = ("full", "lora_all", "targeted", "targeted_attribution")
+    ZERO_SHOT: ClassVar[str] = "zeroshot"
 
     def stage(self, name: str) -> Path:
         return self.root / name
@@ -92,14 +99,34 @@ class StudyLayout:
         return self.root / run / "train_summary.json"
 
     @staticmethod
-    def random_name(seed: int) -> str:
-        return f"random_s{seed}"
+    def run_name(method: str, seed: int) -> str:
+        return f"{method}_s{seed}"
 
-    def random_runs(self) -> list[str]:
-        return sorted(p.name for p in self.root.glob("random_*") if p.is_dir())
+    @staticmethod
+    def random_method(index: int) -> str:
+        """The k-th random layer set (1-based) as a method name: ``random3``."""
+        return f"random{index}"
+
+    def runs_of(self, method: str) -> dict[int, str]:
+        """Training seed -> stage name of every run of ``method`` in this folder."""
+        if not self.root.is_dir():
+            return {}
+        pattern = re.compile(rf"{re.escape(method)}_s(\d+)")
+        found = {int(m.group(1)): p.name for p in self.root.iterdir() if p.is_dir() and (m := pattern.fullmatch(p.name))}
+        return dict(sorted(found.items()))
+
+    def random_methods(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        names = {m.group(1) for p in self.root.iterdir() if (m := re.fullmatch(r"(random\d+)_s\d+", p.name))}
+        return sorted(names, key=lambda n: int(n[len("random"):]))
 
     def model_runs(self) -> list[str]:
-        return [n for n in self.MODEL_RUNS if (self.root / n).is_dir()] + self.random_runs()
+        """Every model this study evaluates: zero-shot, then each method's seeds, then the random sets'."""
+        runs = [self.ZERO_SHOT] if (self.root / self.ZERO_SHOT).is_dir() else []
+        for method in (*self.METHODS, *self.random_methods()):
+            runs += list(self.runs_of(method).values())
+        return runs
 
 
 def detect_kind(path: str | Path) -> str:

@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "preset's; quick holds out a seeded slice of the training docs)")
     parser.add_argument("--preset", default="quick", choices=STUDY_PRESETS,
                         help="quick: ~15 min on a 2-core CPU; paper: the paper's hyper-parameters (GPU)")
-    parser.add_argument("--seeds", default="1", help="comma-separated seeds, one random-layer control each")
+    parser.add_argument("--seeds", help="comma-separated training seeds: every method and every random layer set "
+                                        "is trained once per seed (default: the preset's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from sumcircuit.reproduce import StudyConfig, run_study
 
     cfg = StudyConfig(model=args.model, data=args.data, split=args.split, eval_data=args.eval_data,
-                      eval_split=args.eval_split, val_split=args.val_split, preset=args.preset, seeds=_seeds(args.seeds),
+                      eval_split=args.eval_split, val_split=args.val_split, preset=args.preset,
+                      seeds=_seeds(args.seeds) if args.seeds is not None else None,
                       device=args.device, dtype=args.dtype, overrides=_overrides(args.set))
     manifest = run_study(cfg, args.out).summary
     print_json({"stages": manifest["stages"], "wall_time_s": manifest["wall_time_s"]})
