@@ -19,7 +19,7 @@ DIRECTIONS = ("denoise", "noise")
 GRANULARITIES = ("layer", "head", "block")
 ATTRIBUTION_GRANULARITIES = ("layer", "head", "neuron", "all")
 ATTRIBUTION_METHODS = ("linear", "ig")
-STUDY_PRESETS = ("quick", "paper")
+STUDY_PRESETS = ("quick", "cpu", "gpu", "paper")
 FINETUNE_METHODS = ("full", "lora", "targeted-lora")
 ADAPT_UNITS = ("layer", "head")
 

@@ -88,8 +88,9 @@ def _png(fig: plt.Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(b64: str, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
+def _img(b64: str, alt: str, caption: str = "") -> str:
+    figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">{figcaption}</figure>'
 
 
 def _grid(rows: Sequence[Mapping[str, Any]], value: str) -> list[list[float]]:
@@ -113,7 +114,10 @@ def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
             im = ax.imshow(grid, aspect="auto", cmap=cmap)
         ax.set(title=title, xlabel="head", ylabel="layer")
         fig.colorbar(im, ax=ax)
-    return _img(_png(fig), "per-head heatmaps of entropy change and KL")
+    return _img(_png(fig), "per-head heatmaps of entropy change and KL",
+                "Per head (rows: layers, columns: heads), token-weighted over the analysed documents. Left: "
+                "attention entropy of the tuned model minus the base model (blue: more focused after tuning). "
+                "Right: KL(base || tuned) of the attention distributions.")
 
 
 def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
@@ -126,7 +130,10 @@ def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
     for ax, (key, title) in zip(axes[0], keys):
         ax.bar(xs, [float(r[key]) for r in layers], color="tab:blue")
         ax.set(title=title, xlabel="layer")
-    return _img(_png(fig), "per-layer change bar charts")
+    return _img(_png(fig), "per-layer change bar charts",
+                "Per layer: mean attention KL over heads, relative change of the residual-stream norm, linear CKA "
+                "between the two models' hidden states (1 = same representation up to rotation and scale), and the "
+                "relative Frobenius change of attention and MLP weights.")
 
 
 def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
@@ -146,7 +153,9 @@ def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
     ax.set(title=f"standardized neuron change (Cohen's d, clipped to ±10); sign flips: "
                  f"{flips if flips is not None else 'n/a'}", xlabel="standardized change", ylabel="neurons")
     ax.set_yscale("log")
-    return _img(_png(fig), "neuron change histogram")
+    return _img(_png(fig), "neuron change histogram",
+                "Standardized change (Cohen's d, tuned vs base) of every MLP neuron's mean activation; dashed lines: "
+                "the threshold counted as 'changed'. Log scale.")
 
 
 def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
@@ -162,7 +171,9 @@ def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
     axes[1].set(title="validation loss", xlabel="optimizer step")
     for ax in axes:
         ax.legend()
-    return _img(_png(fig), "training and validation loss curves")
+    return _img(_png(fig), "training and validation loss curves",
+                "Loss on summary tokens per optimizer step (left) and on the held-out validation slice (right) for "
+                "the first training seed of each method; early stopping keeps the best validation checkpoint.")
 
 
 def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -181,7 +192,9 @@ def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
            ylabel="mean KL over heads")
     if len(layers) <= 12:
         ax.legend(fontsize=7, ncol=2)
-    return _img(_png(fig), "interpretability tracking during training")
+    return _img(_png(fig), "interpretability tracking during training",
+                "Mean attention KL between the starting model and the model being trained, per layer, during the "
+                "full fine-tune.")
 
 
 # ---------------------------------------------------------------- tables
@@ -213,8 +226,9 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
             r = rouge.get(key, {})
             cells.append(f"{r.get('f1', math.nan):.4f} [{r.get('ci_low', math.nan):.4f}, "
                          f"{r.get('ci_high', math.nan):.4f}]")
+        cut = (rouge.get("stop_reasons") or {}).get("length")
         cells += [summary.get("layers"), summary.get("trainable_params"), summary.get("epochs_to_best"),
-                  summary.get("wall_time_s"), rouge.get("n")]
+                  summary.get("wall_time_s"), rouge.get("n"), f"{cut} of {rouge.get('n')}" if cut is not None else None]
         rows.append(cells)
     return rows
 
@@ -325,28 +339,69 @@ def _missing(what: str) -> str:
     return f'<p class="missing">{html.escape(what)} did not run in this study.</p>'
 
 
-def _embed_png(path: Path, alt: str) -> str:
-    return _img(base64.b64encode(path.read_bytes()).decode("ascii"), alt) if path.is_file() else ""
+def _embed_png(path: Path, alt: str, caption: str = "") -> str:
+    return _img(base64.b64encode(path.read_bytes()).decode("ascii"), alt, caption) if path.is_file() else ""
 
 
 def study_header(manifest: Mapping[str, Any]) -> str:
     """What this folder is, before any number: model, data, sizes, seeds, preset and what the preset means."""
     study, preset = manifest.get("study") or {}, manifest.get("preset") or {}
-    if not study:
-        return ('<p class="missing">Not a <code>reproduce</code> study folder: the sections below show the '
-                "outputs found here.</p>")
+    seeds = study.get("seeds") or []
+    controls = manifest.get("random_controls") or {}
+    n_sets = len(controls.get("layers") or [])
     rows = [("model", study.get("model")), ("data", f"{study.get('data')} (split {study.get('split')})"),
             ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
             ("preset", f"{preset.get('name')}: {preset.get('description')}"),
-            ("training seeds", ", ".join(map(str, study.get("seeds") or []))),
-            ("documents", f"train {preset.get('train_docs') or 'all'}, validation {preset.get('val_docs')}, "
-                          f"evaluation {preset.get('eval_docs')}, analysis {preset.get('analysis_docs')}, "
-                          f"causal tests {preset.get('causal_docs')}; {preset.get('max_tokens')} tokens each"),
+            ("training seeds", f"{', '.join(map(str, seeds))}: full, LoRA-all, both targeted runs and each of the "
+                               f"{n_sets} random layer sets trained once per seed"),
+            ("documents per stage", f"training {preset.get('train_docs') or 'all'} (validation: "
+                                    f"{preset.get('val_docs')} held out), ROUGE evaluation {preset.get('eval_docs')} "
+                                    f"x {len(seeds)} seeds per method, analysis {preset.get('analysis_docs')}, "
+                                    f"attribution / ablation / patching {preset.get('causal_docs')} (first seed's "
+                                    f"full fine-tune); {preset.get('max_tokens')} tokens each"),
+            ("random layer sets", f"{n_sets}: {controls.get('layers')}, drawn outside the circuits' layers "
+                                  f"{controls.get('excluded')}" if controls else "-"),
             ("wall time", f"{sum((manifest.get('wall_time_s') or {}).values()):.0f} s over "
                           f"{len(manifest.get('stages') or {})} stages")]
-    kind = "a smoke test, not a replication" if preset.get("name") == "quick" else "a study run"
+    kind = "a smoke test, not a replication" if preset.get("name") == "quick" else \
+        ("a replication at the paper's scale" if preset.get("name") == "paper" else "a small study, not a replication")
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return _section(f"This run ({kind})", f"<table>{body}</table>")
+
+
+def stopping_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
+    """Where each fine-tuning run stopped, and whether it converged or hit its step cap."""
+    layout = StudyLayout(run)
+    rows = []
+    for name in names:
+        summary = _read_json(layout.train_summary(name))
+        if not summary:
+            continue
+        best, steps = summary.get("best_step"), summary.get("steps")
+        if summary.get("stopped_early"):
+            how = "stopped early (validation stopped improving)"
+        elif not best:
+            how = "never improved on its start"
+        elif best == steps:
+            how = "hit the step cap while still improving"
+        else:
+            how = "hit the step cap after its best checkpoint"
+        rows.append([name, steps, best, summary.get("epochs_to_best"), summary.get("best_val_loss"), how])
+    return rows
+
+
+def example_rows(run: Path, names: Sequence[str], n: int = 3) -> list[list[Any]]:
+    """The first ``n`` evaluation documents' summaries per model, beside their reference (escaped on output)."""
+    layout = StudyLayout(run)
+    rows: list[list[Any]] = []
+    for name in names:
+        path = layout.eval_dir(name) / "predictions.jsonl"
+        if not _finished(path):
+            continue
+        for record in sorted(read_jsonl(path), key=lambda r: int(r["index"]))[:n]:
+            refs = record.get("references") or [""]
+            rows.append([name, record.get("index"), record.get("prediction"), refs[0], record.get("stop_reason")])
+    return rows
 
 
 def claims_table(results: Sequence[claims.ClaimResult]) -> str:

@@ -82,7 +82,37 @@ PRESETS: dict[str, StudyPreset] = {
                   patience=3, val_fraction=0.0625, keep_checkpoints=1),
         targeted=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=16, eval_every=4, save_every=16,
                       patience=3, val_fraction=0.0625, keep_checkpoints=1),
-        random_controls=20, patch_directions=("denoise",)),
+        random_controls=20, patch_directions=("denoise",), seeds=(1,), random_sets=2),
+    "cpu": StudyPreset(
+        name="cpu",
+        description="the most evidence that fits about 60 minutes on 2 CPU cores with smollm2-135m-instruct: "
+                    "3 training seeds, 5 random layer sets, every method early-stopped on a held-out slice "
+                    "of the training documents (patience 2), 192-token inputs; a small study, not a "
+                    "replication at the paper's scale",
+        train_docs=320, val_docs=16, eval_docs=16, analysis_docs=16, causal_docs=8, max_tokens=192,
+        max_new_tokens=64,
+        full=dict(lr=3e-5, batch_size=2, grad_accum=2, max_steps=20, eval_every=4, save_every=4,
+                  patience=2, val_fraction=0.05, keep_checkpoints=1),
+        lora=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=20, eval_every=4, save_every=4,
+                  patience=2, val_fraction=0.05, keep_checkpoints=1),
+        targeted=dict(lr=1e-3, batch_size=2, grad_accum=2, max_steps=20, eval_every=4, save_every=4,
+                      patience=2, val_fraction=0.05, keep_checkpoints=1),
+        random_controls=20, eval_batch_size=8, patch_directions=("denoise",), seeds=(1, 2, 3), random_sets=5),
+    "gpu": StudyPreset(
+        name="gpu",
+        description="the paper's hyper-parameters where one H200-class GPU allows in about 20 minutes: "
+                    "3 training seeds, 5 random layer sets, bf16 autocast, 512-token inputs, full fine-tune "
+                    "lr 3e-5 and LoRA rank 8 on q/v lr 5e-5 (batch 32 / 16), early stopping with patience 3 "
+                    "on a held-out slice; sized for the 1,000 training documents of ../shared/data/cnndm_gpt4",
+        train_docs=None, val_docs=64, eval_docs=100, analysis_docs=100, causal_docs=32, max_tokens=512,
+        max_new_tokens=96,
+        full=dict(lr=3e-5, batch_size=8, grad_accum=4, epochs=3, eval_every=10, save_every=10, patience=3,
+                  val_fraction=0.064, keep_checkpoints=1),
+        lora=dict(lr=5e-5, batch_size=16, grad_accum=1, epochs=5, eval_every=20, save_every=20, patience=3,
+                  val_fraction=0.064, keep_checkpoints=1),
+        targeted=dict(lr=5e-5, batch_size=16, grad_accum=1, epochs=5, eval_every=20, save_every=20, patience=3,
+                      val_fraction=0.064, keep_checkpoints=1),
+        random_controls=20, eval_batch_size=32, seeds=(1, 2, 3), random_sets=5, mixed_precision="bf16"),
     "paper": StudyPreset(
         name="paper",
         description="the paper's hyper-parameters (full: AdamW wd 0.01, lr 3e-5, batch 32, 10 epochs; "
@@ -93,7 +123,7 @@ PRESETS: dict[str, StudyPreset] = {
         full=dict(lr=3e-5, batch_size=8, grad_accum=4, epochs=10, eval_every=500, patience=3),
         lora=dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3),
         targeted=dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3),
-        random_controls=20, eval_batch_size=16, val_split="validation"),
+        random_controls=20, eval_batch_size=16, val_split="validation", seeds=(1, 2, 3), random_sets=5),
 }
 
 

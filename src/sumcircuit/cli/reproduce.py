@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-split", help="split of --data for early-stopping validation (default: the "
                                             "preset's; quick holds out a seeded slice of the training docs)")
     parser.add_argument("--preset", default="quick", choices=STUDY_PRESETS,
-                        help="quick: ~15 min on a 2-core CPU; paper: the paper's hyper-parameters (GPU)")
+                        help="quick: CI-sized smoke test (~15 min on a 2-core CPU); cpu: ~60 min on 2 CPU cores, "
+                             "3 seeds; gpu: ~20 min on one H200-class GPU, 3 seeds; paper: the paper's "
+                             "hyper-parameters at full scale (GPU)")
     parser.add_argument("--seeds", help="comma-separated training seeds: every method and every random layer set "
                                         "is trained once per seed (default: the preset's)")
     parser.add_argument("--device", default="cpu")
