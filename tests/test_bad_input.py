@@ -210,6 +210,29 @@ def test_second_run_in_the_same_folder_is_refused(tiny_model_dirs: dict[str, Pat
     assert (out / "patching.json").is_file() and not (out / "INCOMPLETE.json").exists()
 
 
+def test_second_run_into_the_same_circuit_file_is_refused(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    llama = str(tiny_model_dirs["llama"])
+    analysis = tmp_path / "an"
+    assert _run(["analyze", "--base", llama, "--tuned", llama, "--data", TRAIN, "--n-docs", "2", "--max-tokens", "64",
+                 "--n-bootstrap", "10", "--out", str(analysis)]) == 0
+    target = tmp_path / "c.json"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path / ".c.json.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        fails(["circuit", "--analysis", str(analysis), "--top-layers", "1", "--out", str(target)], capsys,
+              "in use by another sumcircuit run", f"pid {holder.pid}")
+        assert not target.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(["circuit", "--analysis", str(analysis), "--top-layers", "1", "--out", str(target)]) == 0
+    assert json.loads(target.read_text())["layers"]
+    assert _run(["circuit", "--analysis", str(analysis), "--top-layers", "1", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "circuit.json").is_file()  # a folder gets circuit.json inside, as documented
+
+
 def test_interrupted_output_is_refused_by_readers(tiny_model_dirs: dict[str, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,3 +318,39 @@ def test_damaged_resume_files(tiny_model_dirs: dict[str, Path], tmp_path: Path,
 def test_reproduce_refuses_testing_on_training_documents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fails(["reproduce", "--model", "m", "--data", TRAIN, "--out", str(tmp_path / "r")], capsys,
           "training and test documents would both come from", "--eval-data")
+
+
+def test_truncated_summaries_are_stored_in_every_output(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Summaries cut to fit --max-tokens are printed and cited in the outputs' provenance, not only logged."""
+    model = str(tiny_model_dirs["gpt2"])
+    assert main(["finetune", "--model", model, "--data", TRAIN, "--n-docs", "4", "--max-tokens", "32",
+                 "--method", "full", "--max-steps", "1", "--batch-size", "2", "--val-fraction", "0.5",
+                 "--no-progress", "--out", str(tmp_path / "ft")]) == 0
+    data = json.loads((tmp_path / "ft" / "train_summary.json").read_text())["provenance"]["data"]
+    assert data["truncated_summaries"] == 4 and data["truncated_documents"] == 4  # GPT-4 abstracts > 32 tokens
+    assert main(_patch_argv(model, tmp_path / "ft" / "final", tmp_path / "p")) == 0
+    data = json.loads((tmp_path / "p" / "patching.json").read_text())["provenance"]["data"]
+    assert data["truncated_summaries"] == 2 and data["truncated_documents"] == 2
+    assert "2 of 2 summaries were cut to fit --max-tokens 64" in caplog.text
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ordinary token ids past the embedding: one line naming the folder, not an IndexError inside torch."""
+    from helpers import TINY_VOCAB, save_tiny, train_tiny_tokenizer
+
+    small = save_tiny("gpt2", tmp_path / "small", train_tiny_tokenizer(), vocab_size=TINY_VOCAB - 40)
+    fails(_patch_argv(small, small, tmp_path / "out"), capsys, str(small), "embedding has 344 rows")
+
+
+def test_added_special_tokens_past_the_embedding_are_tolerated(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    from helpers import TINY_VOCAB, save_tiny, train_tiny_tokenizer
+
+    from sumcircuit.models import load_model
+
+    tokenizer = train_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})  # id 384, no row
+    folder = save_tiny("gpt2", tmp_path / "m", tokenizer, vocab_size=TINY_VOCAB)
+    loaded = load_model(str(folder))
+    assert len(loaded.tokenizer) == TINY_VOCAB + 1 and "past the model's 384 embedding rows" in caplog.text

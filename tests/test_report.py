@@ -87,6 +87,8 @@ def test_report_sections_and_escaping(tmp_path: Path) -> None:
     assert page.count("<img") >= 4 and "data:image/png;base64," in page
     assert "Paper claims vs this run" in page and "did not run in this study" in page  # ablation/patch missing
     assert "http://" not in page and "https://" not in page  # viewable offline
+    assert "hit the step cap after its best checkpoint" in page  # best step 4 of 8, no early stop
+    assert page.count("<figcaption>") >= 4 and "Example summaries" in page and "&lt;script&gt;" in page
     verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
     assert verdicts["Most heads become more focused (lower attention entropy) after fine-tuning"] == \
         "inconclusive"  # CI 41%-75% straddles 50%
@@ -122,3 +124,21 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_report_on_a_single_output_folder_labels_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` on one evaluate folder: its own model named from provenance, no study claims, no guessed pair."""
+    from sumcircuit.cli import main
+
+    folder = tmp_path / "eval"
+    _eval_dir(folder, [0.2, 0.3, 0.4])
+    rouge = json.loads((folder / "rouge.json").read_text())
+    atomic_write_json(folder / "rouge.json", {**rouge, "provenance": {"models": [{"spec": "my-tuned-model"}]}})
+    assert main(["report", str(folder), "--out", str(tmp_path / "page.html")]) == 0
+    page = (tmp_path / "page.html").read_text()
+    assert "ROUGE of my-tuned-model" in page and "single <code>evaluation</code> output" in page
+    assert "Paper claims vs this run" not in page and "full fine-tune" not in page
+    assert EVIL not in page and "&lt;script&gt;" in page  # example summaries shown, escaped
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "neither a reproduce study nor a finished sumcircuit output" in capsys.readouterr().err

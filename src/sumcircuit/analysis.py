@@ -688,7 +688,7 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
     check_same_tokenizer(base.tokenizer, tuned.tokenizer)
     adapter = check_compatible(base.model, tuned.model)
     examples = load_examples(data_cfg)
-    encoded = encode_all(base.tokenizer, examples.examples, data_cfg)
+    encoded = encode_all(base.tokenizer, examples.examples, data_cfg, source=examples.source)
     pad_id = int(base.tokenizer.pad_token_id)
 
     def fingerprint() -> str:  # hashes every weight: rank 0 only
@@ -813,7 +813,7 @@ def analyze(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig,
                        for m in (base, tuned))
     check_same_tokenizer(base_m.tokenizer, tuned_m.tokenizer)
     examples = load_examples(data)
-    encoded = encode_all(base_m.tokenizer, examples.examples, data)
+    encoded = encode_all(base_m.tokenizer, examples.examples, data, source=examples.source)
     result = analyze_models(base_m.model, tuned_m.model, base_m.adapter, encoded, cfg,
                             int(base_m.tokenizer.pad_token_id))
     result.summary["provenance"] = provenance(

@@ -24,7 +24,7 @@ import numpy as np
 from sumcircuit.artifacts import atomic_write_json, read_csv, read_json
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
-from sumcircuit.outputs import require_complete
+from sumcircuit.outputs import claim_file, require_complete, writes_file
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
 from sumcircuit.sites import Site, SiteError, parse_sites
@@ -78,11 +78,15 @@ class Circuit(Result):
 
     def save(self, out: str | Path) -> Path:
         """``circuit.json`` (``out`` is the file, or a folder to write it in)."""
-        path = Path(out)
-        if path.suffix != ".json":
-            path = path / "circuit.json"
-        atomic_write_json(path, self.summary)
+        with claim_file(circuit_file(out)) as path:
+            atomic_write_json(path, self.summary)
         return path
+
+
+def circuit_file(out: str | Path) -> Path:
+    """Where a circuit goes: ``out`` itself when it names a .json file, else ``out/circuit.json``."""
+    path = Path(out)
+    return path if path.suffix == ".json" else path / "circuit.json"
 
 
 def read_circuit(path: str | Path) -> Circuit:
@@ -276,6 +280,7 @@ def _needs(score: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- selection
 
+@writes_file("out", circuit_file)
 def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int = 3, top_heads: int = 0,
                    n_bootstrap: int = 1000, seed: int = 0, out: str | Path | None = None) -> Circuit:
     """Rank layers (and heads) by ``score``; measure bootstrap stability; write ``out`` if given."""
@@ -377,6 +382,7 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
 
 # ---------------------------------------------------------------- circuits by cause
 
+@writes_file("out", circuit_file)
 def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int = 3, top_heads: int = 0,
                                   direction: str | None = None, n_bootstrap: int = 1000, seed: int = 0,
                                   out: str | Path | None = None) -> Circuit:

@@ -111,11 +111,16 @@ class DataSource:
     text_field: str = ""
     summary_fields: tuple[str, ...] = ()
     skipped_invalid: int = 0  # records skipped with --skip-invalid: every output cites the count
+    # set by encode_all(source=...): documents and summaries cut to fit --max-tokens, cited like the skips
+    truncated_documents: int | None = None
+    truncated_summaries: int | None = None
 
     def provenance(self) -> dict[str, Any]:
+        cuts = {k: v for k, v in (("truncated_documents", self.truncated_documents),
+                                  ("truncated_summaries", self.truncated_summaries)) if v is not None}
         return {"data": self.name, "split": self.split, "sha256": self.sha256,
                 "text_field": self.text_field, "summary_fields": list(self.summary_fields),
-                "skipped_invalid_records": self.skipped_invalid}
+                "skipped_invalid_records": self.skipped_invalid, **cuts}
 
 
 @dataclass
@@ -544,11 +549,17 @@ def check_context(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> None:
 
 
 def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig, *,
-               need_summary_tokens: bool = False) -> list[Encoded]:
-    """Encode every example. ``need_summary_tokens``: a loss on summaries must have some to average over."""
+               need_summary_tokens: bool = False, source: DataSource | None = None) -> list[Encoded]:
+    """Encode every example. ``need_summary_tokens``: a loss on summaries must have some to average over.
+
+    ``source``: the examples' source, which then records how many documents and
+    summaries were cut, so that every output citing it says so.
+    """
     check_context(tokenizer, cfg.max_tokens)
     encoded = [encode(tokenizer, ex, cfg.template, cfg.max_tokens) for ex in examples]
     cut = sum(e.summary_truncated for e in encoded)
+    if source is not None:
+        source.truncated_documents, source.truncated_summaries = sum(e.truncated for e in encoded), cut
     if cut:  # the loss then covers only part of those summaries: say so
         log.warning("%d of %d summaries were cut to fit --max-tokens %d (%s)", cut, len(encoded), cfg.max_tokens,
                     cfg.data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from sumcircuit.errors import ModelError
 from sumcircuit.lora import ADAPTER_WEIGHTS, apply_adapter, is_qv_adapter, merge_lora, read_adapter_meta
 from sumcircuit.outputs import waiting_lock
 from sumcircuit.provenance import file_sha256, state_dict_sha256
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "SUMCIRCUIT_CACHE"
 
@@ -294,6 +297,24 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
 
 
+def _check_ids_fit(tokenizer: PreTrainedTokenizerBase, rows: int, folder: str) -> None:
+    """Every id that text can encode to must have an embedding row, or the first such token ends in torch's IndexError.
+
+    Ids past the embedding that belong to added special tokens (an image
+    placeholder in a text-only checkpoint, say) are tolerated with a warning:
+    ordinary text does not produce them.
+    """
+    beyond = [i for i in tokenizer.get_vocab().values() if i >= rows]
+    if not beyond:
+        return
+    ordinary = sorted(set(beyond) - set(getattr(tokenizer, "added_tokens_decoder", {}) or {}))
+    if ordinary:
+        raise ModelError(f"{folder}: the tokenizer has token ids up to {max(beyond)} but the model's embedding has "
+                         f"{rows} rows ({len(ordinary)} ordinary tokens without one): tokenizer from another model")
+    log.warning("%s: %d added special token(s) have ids past the model's %d embedding rows; text that contains "
+                "them literally cannot be encoded", folder, len(beyond), rows)
+
+
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, folder: str) -> None:
     """Refuse a missing or foreign tokenizer, and record the model's positions as its length limit.
 
@@ -306,6 +327,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
     if size < 2 or size < rows // 2:
         raise ModelError(f"{folder}: the tokenizer has {size} tokens but the model {rows}: tokenizer files "
                          "missing or from another model")
+    _check_ids_fit(tokenizer, rows, folder)
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
         tokenizer.model_max_length = min(int(tokenizer.model_max_length), positions)

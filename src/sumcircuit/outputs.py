@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sumcircuit.artifacts import atomic_write_json, umask
 from sumcircuit.errors import SumcircuitError
@@ -76,10 +76,10 @@ def _open_lock_file(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
 
 
-def _lock(path: Path, option: str) -> int:
-    """Take the folder's lock without waiting; a held lock is an error naming the holder's pid."""
+def _lock(path: Path, option: str, lock_file: Path | None = None) -> int:
+    """Take the lock of ``path`` (a folder's, or ``lock_file``) without waiting; a held lock names the holder's pid."""
     try:
-        fd = _open_lock_file(path / LOCK_FILE)
+        fd = _open_lock_file(lock_file or path / LOCK_FILE)
     except OSError as exc:
         raise OutputError(f"{option} {path}: cannot create its lock file: {exc.strerror or exc}") from None
     try:
@@ -121,6 +121,47 @@ def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterat
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+@contextmanager
+def claim_file(out: str | Path, option: str = "--out") -> Iterator[Path]:
+    """Hold one output *file* (a circuit.json) for one run: its folder checked first, the file locked meanwhile.
+
+    The file itself is written atomically, so it is whole or absent; the lock
+    (``.NAME.lock`` beside it) makes a second run into the same file an error
+    naming the first one's pid, as for folders.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a folder, expected a file")
+    check_output_dir(path.parent, option)
+    key = path.resolve()
+    fd = _lock(path, option, path.with_name(f".{path.name}.lock")) if key not in _held else None
+    _held[key] = _held.get(key, 0) + 1
+    try:
+        yield path
+    finally:
+        _held[key] -= 1
+        if not _held[key]:
+            del _held[key]
+        if fd is not None:
+            os.close(fd)
+
+
+def writes_file(param: str, target: Callable[[Any], Path]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function whose ``param`` names an output file (``target`` maps the argument to it)."""
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            out = signature.bind(*args, **kwargs).arguments.get(param)
+            if out is None:
+                return fn(*args, **kwargs)
+            with claim_file(target(out)):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 @contextmanager

@@ -346,6 +346,10 @@ def _embed_png(path: Path, alt: str, caption: str = "") -> str:
 def study_header(manifest: Mapping[str, Any]) -> str:
     """What this folder is, before any number: model, data, sizes, seeds, preset and what the preset means."""
     study, preset = manifest.get("study") or {}, manifest.get("preset") or {}
+    if not study:
+        return _section("This run", '<p class="missing">No reproduce.json: the study has not finished (or this '
+                                    "folder holds stages copied by hand); the sections below show the stages found."
+                                    "</p>")
     seeds = study.get("seeds") or []
     controls = manifest.get("random_controls") or {}
     n_sets = len(controls.get("layers") or [])
@@ -413,54 +417,92 @@ def claims_table(results: Sequence[claims.ClaimResult]) -> str:
             f"<th>evidence</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` for a run directory and return its path."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise SumcircuitError(f"run directory not found: {run}")
-    require_complete(run)
-    layout = StudyLayout(run)
-    manifest = _read_json(layout.manifest) or {}
-    parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
-             "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
-             "Tasks</i> (arXiv 2505.17073). Every figure below was computed in this run; intervals are 95%.</p>"]
-    parts.append(study_header(manifest))
-    parts.append(_section("Paper claims vs this run", claims_table(evaluate_claims(run))))
+def _models_label(summary: Mapping[str, Any]) -> str:
+    """'A vs B' from an output's provenance, so that a page never guesses what it compares."""
+    models = (summary.get("provenance") or {}).get("models") or []
+    specs = [str(m.get("spec")) for m in models if isinstance(m, Mapping)]
+    return " vs ".join(specs) if specs else "models not recorded"
 
-    names = layout.model_runs()
-    rouge = rouge_rows(run, names)
-    parts.append(_section("ROUGE (F1, bootstrap 95% CI)", _table(
-        ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n"], rouge)
-        if rouge else _missing("Evaluation")))
 
-    analysis = layout.analysis
-    heads, layers = _read_csv(analysis / "heads.csv"), _read_csv(analysis / "layers.csv")
-    summary = _read_json(analysis / "summary.json") or {}
+def analysis_section(folder: Path, title: str) -> str:
+    heads, layers = _read_csv(folder / "heads.csv"), _read_csv(folder / "layers.csv")
+    summary = _read_json(folder / "summary.json") or {}
     body = ""
     if heads:
         body += head_heatmaps(heads)
     if layers:
         body += layer_bars(layers)
-    if (analysis / "stats.safetensors").is_file():
+    if (folder / "stats.safetensors").is_file():
         threshold = (summary.get("definitions") or {}).get("neuron_threshold")
-        body += neuron_histogram(analysis / "stats.safetensors", threshold)
+        body += neuron_histogram(folder / "stats.safetensors", threshold)
+        ci = summary.get("share_heads_entropy_decreased_ci") or [None, None]
         body += (f"<p>Neurons with |standardized change| &gt; {html.escape(str(threshold))}: "
                  f"{_fmt(summary.get('neuron_frac_changed'))} of all; sign flips: "
                  f"{_fmt(summary.get('neuron_sign_flips'))}. Heads with lower entropy after fine-tuning: "
-                 f"{_fmt(summary.get('share_heads_entropy_decreased'))} "
-                 f"(95% CI {html.escape(str(summary.get('share_heads_entropy_decreased_ci')))}); "
+                 f"{_fmt(summary.get('share_heads_entropy_decreased'))} (95% bounds {_fmt(ci[0])} to {_fmt(ci[1])} "
+                 f"from a simultaneous band over heads: {_fmt(summary.get('heads_entropy_surely_lower'))} heads "
+                 f"surely lower, {_fmt(summary.get('heads_entropy_surely_not_lower'))} surely not); "
                  f"{_fmt(summary.get('n_docs'))} documents, {_fmt(summary.get('n_tokens'))} tokens.</p>")
-    parts.append(_section("Differential analysis (base vs full fine-tune)", body or _missing("Analysis")))
+    return _section(f"{title}: {_models_label(summary)}", body or _missing("Analysis"))
 
-    logs = {n: read_jsonl(layout.stage(n) / "train_log.jsonl") for n in names}
+
+def _single_output(folder: Path, kind: str) -> list[str]:
+    """Sections for one command's output folder (not a study): labelled from its own provenance."""
+    if kind == "analysis":
+        return [analysis_section(folder, "Differential analysis")]
+    if kind == "evaluation":
+        rouge = _read_json(folder / "rouge.json") or {}
+        rows = [[key, f"{(rouge.get(key) or {}).get('f1', math.nan):.4f} [{(rouge.get(key) or {}).get('ci_low', math.nan):.4f}, "
+                      f"{(rouge.get(key) or {}).get('ci_high', math.nan):.4f}]"] for key in ROUGE_KEYS]
+        examples = [[r.get("index"), r.get("prediction"), (r.get("references") or [""])[0], r.get("stop_reason")]
+                    for r in sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda r: int(r["index"]))[:5]]
+        return [_section(f"ROUGE of {_models_label(rouge)} (F1, 95% CI, n = {rouge.get('n')})",
+                         _table(["metric", "F1 [95% CI]"], rows)),
+                _section("Example summaries", _table(["document", "summary", "reference", "stopped by"], examples))]
+    if kind in ("patching", "ablation", "attribution"):
+        summary = _read_json(folder / f"{kind}.json") or {}
+        captions = {"patching": "Recovery of the tuned model's loss when each component is patched (1 = fully "
+                                "recovered), per layer, with 95% CIs over documents.",
+                    "ablation": "Loss change when the circuit is ablated, against random component sets of the same "
+                                "size.",
+                    "attribution": "Attribution-patching estimate of each component's effect on the loss gap between "
+                                   "the two models (first-order, one backward pass per direction)."}
+        return [_section(f"{kind.capitalize()}: {_models_label(summary)}",
+                         _embed_png(folder / f"{kind}.png", kind, captions[kind]) or _missing(kind.capitalize()))]
+    if kind == "finetune":
+        log = read_jsonl(folder / "train_log.jsonl")
+        return [_section("Fine-tuning", training_curves({folder.name: log}) if log else _missing("Fine-tuning"))]
+    return [_section(kind.capitalize(), "<pre>" + html.escape(json.dumps(
+        _read_json(folder / f"{kind}.json") or {}, indent=2, default=str)) + "</pre>")]
+
+
+def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
+    layout = StudyLayout(run)
+    seeds = (manifest.get("study") or {}).get("seeds") or []
+    parts = [study_header(manifest), _section("Paper claims vs this run", claims_table(evaluate_claims(run)))]
+    names = layout.model_runs()
+    rouge = rouge_rows(run, names)
+    parts.append(_section("ROUGE (F1, bootstrap 95% CI over documents, per model and training seed)", _table(
+        ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n",
+         "cut at max_new_tokens"], rouge) if rouge else _missing("Evaluation")))
+    stops = stopping_rows(run, names)
+    parts.append(_section("Where each fine-tuning run stopped", _table(
+        ["run", "steps", "best step", "epochs to best", "best validation loss", "outcome"], stops)
+        if stops else _missing("Fine-tuning")))
+    first = [n for n in names if n == layout.ZERO_SHOT or n.endswith(f"_s{seeds[0]}")] if seeds else names
+    examples = example_rows(run, first)
+    parts.append(_section("Example summaries (first training seed, first evaluation documents)", _table(
+        ["model", "document", "summary", "reference", "stopped by"], examples) if examples else _missing("Evaluation")))
+    parts.append(analysis_section(layout.analysis, "Differential analysis"))
+
+    logs = {n: read_jsonl(layout.stage(n) / "train_log.jsonl") for n in first}
     logs = {n: log for n, log in logs.items() if log}
-    tracking = _read_csv(layout.stage("full") / "tracking.csv")
+    full_runs = list(layout.runs_of("full").values())
+    tracking = _read_csv(layout.stage(full_runs[0]) / "tracking.csv") if full_runs else []
     body = (training_curves(logs) if logs else "") + (tracking_plot(tracking) if tracking else "")
     parts.append(_section("Training", body or _missing("Fine-tuning")))
 
     circuit = _read_json(layout.circuit_file)
-    patch_png = _embed_png(layout.patch / "patching.png", "patching recovery per layer")
-    ablate_png = _embed_png(layout.ablate / "ablation.png", "ablation effect vs random controls")
     body = ""
     if circuit:
         body += (f"<p>Circuit ({html.escape(str(circuit.get('score')))} score): layers "
@@ -474,13 +516,45 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"layers {html.escape(str(by_cause.get('layers')))}, heads "
                  f"{html.escape(', '.join(map(str, by_cause.get('heads') or [])) or '-')}; KL circuit heads "
                  f"{html.escape(', '.join(map(str, (circuit or {}).get('heads') or [])) or '-')}</p>")
-    body += _embed_png(layout.attribution / "attribution.png", "attribution per layer and head")
-    body += patch_png or _missing("Activation patching")
-    body += ablate_png or _missing("Ablation with random controls")
+    body += _embed_png(layout.attribution / "attribution.png", "attribution per layer and head",
+                       "Attribution patching (base vs the first seed's full fine-tune): estimated effect of each "
+                       "layer's attention and MLP output and of each head on the loss gap.")
+    body += _embed_png(layout.patch / "patching.png", "patching recovery per layer",
+                       "Exact activation patching per layer: share of the loss gap recovered, 95% CIs over documents."
+                       ) or _missing("Activation patching")
+    body += _embed_png(layout.ablate / "ablation.png", "ablation effect vs random controls",
+                       "Loss change when the KL circuit is ablated (red) against random layer sets of the same size."
+                       ) or _missing("Ablation with random controls")
     parts.append(_section("Circuit and causal tests", body))
-
+    summary = _read_json(layout.analysis / "summary.json") or {}
     parts.append(_section("Provenance", "<pre>" + html.escape(json.dumps(
         {"reproduce": manifest, "analysis": summary.get("provenance")}, indent=2, default=str)) + "</pre>"))
+    return parts
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` for a ``reproduce`` run or any single output folder, and return its path."""
+    from sumcircuit.runs import RunError, detect_kind
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SumcircuitError(f"run directory not found: {run}")
+    require_complete(run)
+    layout = StudyLayout(run)
+    manifest = _read_json(layout.manifest)
+    parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
+             "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
+             "Tasks</i> (arXiv 2505.17073). Every figure below was computed from this folder; intervals are 95%.</p>"]
+    if manifest is not None or layout.analysis.is_dir() or layout.model_runs():
+        parts += _study_sections(run, manifest or {})
+    else:
+        try:
+            kind = detect_kind(run)
+        except RunError:
+            raise SumcircuitError(f"{run}: neither a reproduce study nor a finished sumcircuit output folder") from None
+        parts.append(f"<p>A single <code>{html.escape(kind)}</code> output, not a study: only its own results "
+                     "are shown and no paper claim is judged.</p>")
+        parts += _single_output(run, kind)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     target = Path(out) if out else layout.report

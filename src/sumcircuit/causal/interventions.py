@@ -194,7 +194,7 @@ def document_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], *, grad
 def encode_examples(tokenizer: Any, data_cfg: DataConfig) -> tuple[list[Encoded], DataSource]:
     """Encode the data set; refuse documents with no summary tokens (their loss is undefined)."""
     examples = load_examples(data_cfg)
-    encoded = encode_all(tokenizer, examples.examples, data_cfg, need_summary_tokens=True)
+    encoded = encode_all(tokenizer, examples.examples, data_cfg, need_summary_tokens=True, source=examples.source)
     for enc, ex in zip(encoded, examples.examples):
         if not any(t != IGNORE_INDEX for t in enc.labels[1:]):
             raise CausalError(f"{ex.where}: no summary tokens to score (check --template / --max-tokens)")

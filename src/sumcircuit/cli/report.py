@@ -8,7 +8,8 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="write a self-contained HTML report for a run directory",
                                    description=__doc__)
-    parser.add_argument("run", help="run directory written by `sumcircuit reproduce`")
+    parser.add_argument("run", help="a `sumcircuit reproduce` run directory, or any single output folder "
+                                    "(analyze, evaluate, patch, ablate, attribute, finetune)")
     parser.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
     parser.set_defaults(handler=run)
 

@@ -110,12 +110,12 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
                    cfg: ResolvedFinetuneConfig) -> Splits:
     """Encode train and validation data; without ``val_cfg`` hold out a seeded fraction."""
     train_set = load_examples(train_cfg)
-    train_source = {**train_set.source.provenance(), "n_docs": len(train_set.examples)}
     if val_cfg is not None:
         val_set = load_examples(val_cfg)
-        train, val = encode_all(tokenizer, train_set.examples, train_cfg, need_summary_tokens=True), \
-            encode_all(tokenizer, val_set.examples, val_cfg, need_summary_tokens=True)
-        return Splits(train, val, train_source, {**val_set.source.provenance(), "n_docs": len(val)})
+        train = encode_all(tokenizer, train_set.examples, train_cfg, need_summary_tokens=True, source=train_set.source)
+        val = encode_all(tokenizer, val_set.examples, val_cfg, need_summary_tokens=True, source=val_set.source)
+        return Splits(train, val, {**train_set.source.provenance(), "n_docs": len(train)},
+                      {**val_set.source.provenance(), "n_docs": len(val)})
     examples = train_set.examples
     if len(examples) < 2:
         raise FinetuneError("need at least 2 training examples to hold out validation data "
@@ -124,12 +124,12 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     val_idx = set(order[:n_val])
-    encoded = encode_all(tokenizer, examples, train_cfg, need_summary_tokens=True)
+    encoded = encode_all(tokenizer, examples, train_cfg, need_summary_tokens=True, source=train_set.source)
     train = [e for i, e in enumerate(encoded) if i not in val_idx]
     val = [e for i, e in enumerate(encoded) if i in val_idx]
     val_source = {**train_set.source.provenance(), "n_docs": len(val),
                   "held_out": f"{cfg.val_fraction:g} of the training file, seed {cfg.seed}"}
-    return Splits(train, val, {**train_source, "n_docs": len(train)}, val_source)
+    return Splits(train, val, {**train_set.source.provenance(), "n_docs": len(train)}, val_source)
 
 
 class EpochSampler(Sampler[int]):
