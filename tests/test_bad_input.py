@@ -345,9 +345,9 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path, capsys: 
 
 def test_added_special_tokens_past_the_embedding_are_tolerated(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    from helpers import TINY_VOCAB, save_tiny, train_tiny_tokenizer
-
     from sumcircuit.models import load_model
+
+    from helpers import TINY_VOCAB, save_tiny, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})  # id 384, no row

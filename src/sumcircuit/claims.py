@@ -149,11 +149,12 @@ def epochs_claim(targeted: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Non
     a_runs = [lora_all] if isinstance(lora_all, Mapping) else list(lora_all or [])
     if not t_runs or not a_runs or len(t_runs) != len(a_runs):
         return ClaimResult(claim, "fewer epochs", "-", NOT_RUN, "fine-tuning summaries missing (or unpaired seeds)")
-    pairs = [(t.get("epochs_to_best"), a.get("epochs_to_best")) for t, a in zip(t_runs, a_runs)]
-    if any(t is None or a is None for t, a in pairs):
+    raw = [(t.get("epochs_to_best"), a.get("epochs_to_best")) for t, a in zip(t_runs, a_runs)]
+    if any(t is None or a is None for t, a in raw):
         return ClaimResult(claim, "fewer epochs", "-", INCONCLUSIVE, "epochs to best not recorded")
-    t_mean = sum(float(t) for t, _ in pairs) / len(pairs)
-    a_mean = sum(float(a) for _, a in pairs) / len(pairs)
+    pairs = [(float(t), float(a)) for t, a in raw]  # type: ignore[arg-type]
+    t_mean = sum(t for t, _ in pairs) / len(pairs)
+    a_mean = sum(a for _, a in pairs) / len(pairs)
     seeds = f"{len(pairs)} training seed{'s' if len(pairs) != 1 else ''}"
     text = f"{t_mean:.2f} vs {a_mean:.2f} epochs to best validation loss ({seeds})"
     problems = [p for i, (t, a) in enumerate(zip(t_runs, a_runs), start=1)
@@ -161,7 +162,7 @@ def epochs_claim(targeted: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Non
     if problems:
         return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
                            "; ".join(problems) + ": not converged, so epochs to converge are not measured")
-    diffs = [float(t) - float(a) for t, a in pairs]
+    diffs = [t - a for t, a in pairs]
     if all(abs(d) < 1e-9 for d in diffs):
         return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE, f"equal epochs to the best checkpoint ({seeds})")
     if len(diffs) == 1:

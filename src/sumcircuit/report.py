@@ -275,8 +275,8 @@ def _summaries(layout: StudyLayout, method: str) -> dict[int, dict[str, Any]]:
 
 def _random_note(layout: StudyLayout, manifest: Mapping[str, Any], targeted_params: int | None) -> str:
     controls = manifest.get("random_controls") or {}
-    params = sorted({s.get("trainable_params") for m in layout.random_methods()
-                     for s in _summaries(layout, m).values()} - {None})
+    params = sorted({int(s["trainable_params"]) for m in layout.random_methods()
+                     for s in _summaries(layout, m).values() if s.get("trainable_params") is not None})
     parts = []
     if controls.get("excluded") is not None:
         where = "outside" if controls.get("outside_circuits") else "NOT outside (the model has too few layers)"
@@ -299,9 +299,10 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     paired_seeds = sorted(set(targeted_runs) & set(lora_runs))
     first = paired_seeds[0] if paired_seeds else None
     targeted = method_scores(layout, "targeted")
-    rouge = score_tables(targeted, method_scores(layout, "lora_all")) or [None, None]
+    none: list[np.ndarray | None] = [None, None]
+    rouge: list[np.ndarray | None] = list(score_tables(targeted, method_scores(layout, "lora_all")) or none)
     randoms = score_tables(targeted, *[method_scores(layout, m) for m in layout.random_methods()])
-    cause = score_tables(method_scores(layout, "targeted_attribution"), targeted) or [None, None]
+    cause: list[np.ndarray | None] = list(score_tables(method_scores(layout, "targeted_attribution"), targeted) or none)
     targeted_params = targeted_runs[first].get("trainable_params") if first is not None else None
     return [
         claims.head_share_claim(share, share_ci[0], share_ci[1]),
