@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from sumcircuit import claims
+from sumcircuit.stats import paired_diff
 
 
 def test_paired_bootstrap_matches_mean_and_brackets_it() -> None:
     rng = random.Random(3)
     a = [rng.random() for _ in range(200)]
     b = [x - 0.05 + rng.gauss(0, 0.01) for x in a]
-    diff, low, high = claims.paired_bootstrap_diff(a, b, seed=1)
+    diff, low, high = claims.paired_table_diff(np.array([a]), np.array([b]))
     assert diff == pytest.approx(sum(x - y for x, y in zip(a, b)) / 200)
     assert low < diff < high
     assert 0.045 < low and high < 0.055  # noise sd 0.01 / sqrt(200) ~ 0.0007
-    assert claims.paired_bootstrap_diff(a, b, seed=1) == (diff, low, high)
+    assert claims.paired_table_diff(np.array([a]), np.array([b])) == (diff, low, high)
+    assert (diff, low, high) == paired_diff(a, b, 2000, 0)  # one seed: the studentized interval over documents
 
 
 def test_interval_verdicts() -> None:
@@ -64,3 +67,35 @@ def test_ablation_claim_reads_ablation_json() -> None:
     saved["random_controls"]["p_value"] = 0.4
     assert claims.ablation_claim(saved).verdict == claims.INCONCLUSIVE  # a non-rejection, not "not supported"
     assert claims.ablation_claim({"circuit": {"effect": 0.3}}).verdict == claims.INCONCLUSIVE
+
+
+def test_claims_over_seeds_and_documents() -> None:
+    """Tables of training seeds x documents: the seed variance widens the interval; rows state n and seeds."""
+    rng = np.random.default_rng(0)
+    docs = rng.gamma(2.0, 0.05, size=16) + 0.2
+    lora_all = np.stack([docs + rng.normal(0, 0.005, 16) for _ in range(3)])
+    consistent = lora_all + 0.02  # better on every seed
+    result = claims.rouge_claim(consistent, lora_all)
+    assert result.verdict == claims.SUPPORTED and "n = 16 documents x 3 training seeds" in result.evidence
+    # one seed much better, two worse: a single-seed comparison would call it, three seeds do not
+    seed_luck = lora_all + np.array([[0.06], [-0.01], [-0.01]])
+    assert claims.rouge_claim(seed_luck[:1], lora_all[:1]).verdict == claims.SUPPORTED
+    assert claims.rouge_claim(seed_luck, lora_all).verdict == claims.INCONCLUSIVE
+
+    randoms = [lora_all + shift for shift in (-0.01, 0.0, 0.01, 0.03, 0.04)]
+    placed = claims.random_control_claim(consistent, randoms, note="parameter-matched: yes")
+    assert "beats 3 of 5" in placed.this_run and "mean of 5 random sets" in placed.this_run
+    assert placed.verdict == claims.SUPPORTED and placed.evidence.endswith("parameter-matched: yes")  # +0.008 everywhere
+
+
+def test_epochs_claim_pairs_seeds_with_a_t_interval() -> None:
+    def run(epochs: float) -> dict[str, float]:
+        return {"epochs_to_best": epochs, "best_step": 10, "steps": 40, "stopped_early": True}
+
+    faster = claims.epochs_claim([run(1.0), run(1.1), run(0.9)], [run(2.0), run(2.2), run(1.9)])
+    assert faster.verdict == claims.SUPPORTED and "3 training seeds" in faster.evidence
+    mixed = claims.epochs_claim([run(1.0), run(2.5), run(0.9)], [run(2.0), run(1.0), run(1.9)])
+    assert mixed.verdict == claims.INCONCLUSIVE
+    capped = dict(run(1.0), best_step=40, stopped_early=False)
+    late = claims.epochs_claim([run(1.0), capped], [run(2.0), run(2.0)])
+    assert late.verdict == claims.INCONCLUSIVE and "targeted (seed #2) was still improving" in late.evidence

@@ -126,3 +126,14 @@ def test_share_of_negative_components_bounds_cover() -> None:
 def test_share_bounds_are_exact_without_spread() -> None:
     est = np.array([0.0, -1.0, 2.0])
     assert sign_share_bounds(est, np.tile(est, (50, 1))) == pytest.approx((1 / 3, 1 / 3, 1, 2))
+
+
+def test_constant_differences_with_rounding_noise_give_a_point_interval() -> None:
+    """0.3 + 0.02 - 0.3 is not exactly 0.02: no resample has spread, so there is nothing to studentize."""
+    base = np.random.default_rng(0).gamma(2.0, 0.05, size=(3, 16)) + 0.2
+    diff = (base + 0.02) - base
+    assert np.ptp(diff) > 0  # the rounding noise this is about
+    mean, low, high = crossed_interval(diff)
+    assert low == mean == high == pytest.approx(0.02)
+    mean, low, high = studentized_interval(diff[0])
+    assert low == mean == high == pytest.approx(0.02)

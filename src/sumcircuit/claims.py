@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from sumcircuit.stats import crossed_interval, paired_diff, t_interval
+from sumcircuit.stats import crossed_interval, t_interval
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 NOT_APPLICABLE, NOT_RUN = "not applicable", "not run"
@@ -37,12 +37,6 @@ class ClaimResult:
     this_run: str
     verdict: str
     evidence: str
-
-
-def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
-                          seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of a - b over paired examples and its studentized bootstrap CI (:func:`sumcircuit.stats.paired_diff`)."""
-    return paired_diff(a, b, n_resamples, seed, level)
 
 
 def _interval_verdict(low: float, high: float, threshold: float) -> str:

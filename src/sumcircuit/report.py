@@ -74,11 +74,6 @@ def per_example_rouge1(eval_dir: Path) -> dict[int, float]:
     return out
 
 
-def _paired(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[list[float], list[float]]:
-    keys = sorted(set(a) & set(b))
-    return [a[k] for k in keys], [b[k] for k in keys]
-
-
 # ---------------------------------------------------------------- figures
 
 def _png(fig: plt.Figure) -> str:

@@ -2,9 +2,10 @@
 
 Stages: zero-shot evaluation, full fine-tune, differential analysis (base vs
 full), circuit selection by change (KL, the paper's way), attribution
-patching (base vs full) and circuit selection by cause, LoRA on all layers,
-targeted LoRA on each circuit, random-layer LoRA controls (one per seed),
-evaluation of every model, ablation and activation patching, and the report.
+patching (base vs full) and circuit selection by cause; then, once per
+training seed, full fine-tune, LoRA on all layers, targeted LoRA on each
+circuit and on each random layer set (the same size, drawn outside both
+circuits), each evaluated; ablation and activation patching; the report.
 
 Each stage writes into ``RUN/<stage>/`` and, when it finishes, a
 ``stage.json`` holding a key: the hash of its config and of the keys of the

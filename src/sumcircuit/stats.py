@@ -17,6 +17,7 @@ import numpy as np
 from sumcircuit.errors import SumcircuitError
 
 _CHUNK = 2_000_000  # draws per block: bounds memory for large document sets
+_TINY_SE = 1e-12  # standard errors below this (relative to the mean) are rounding noise
 
 
 class StatsError(SumcircuitError):
@@ -118,9 +119,10 @@ def studentized_interval(values: Sequence[float] | np.ndarray, n_resamples: int 
     spread = np.maximum(counts @ (data * data) / n - means * means, 0.0) * n / (n - 1)
     se_star = np.sqrt(spread / n)
     mean, se = float(data.mean()), float(data.std(ddof=1) / np.sqrt(n))
-    if se == 0.0:
+    tiny = _TINY_SE * max(1.0, abs(mean))
+    if se <= tiny:  # constant up to rounding (e.g. a difference of shifted scores): no spread to studentize
         return mean, mean, mean
-    usable = se_star > 1e-12 * max(1.0, abs(mean))
+    usable = se_star > tiny
     t = (means[usable] - mean) / se_star[usable]
     q_low, q_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
     return mean, mean - float(q_high) * se, mean - float(q_low) * se
@@ -196,13 +198,14 @@ def crossed_interval(values: Sequence[Sequence[float]] | np.ndarray, n_resamples
         return studentized_interval(data[0], n_resamples, seed, level)
     mean, se = _crossed_mean_and_se(data, np.ones((1, n_s)), np.ones((1, n_d)))
     mean_f, se_f = float(mean[0]), float(se[0])
-    if se_f == 0.0:
+    tiny = _TINY_SE * max(1.0, abs(mean_f))
+    if se_f <= tiny:  # constant up to rounding: no spread to studentize
         return mean_f, mean_f, mean_f
     rng = np.random.default_rng(seed)
     seed_counts = resample_counts(n_s, n_resamples, int(rng.integers(2**31)))
     doc_counts = resample_counts(n_d, n_resamples, int(rng.integers(2**31)))
     means, se_star = _crossed_mean_and_se(data, seed_counts, doc_counts)
-    usable = se_star > 1e-12 * max(1.0, abs(mean_f))
+    usable = se_star > tiny
     t = (means[usable] - mean_f) / se_star[usable]
     q_low, q_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
     return mean_f, mean_f - float(q_high) * se_f, mean_f - float(q_low) * se_f
