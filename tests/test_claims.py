@@ -27,6 +27,8 @@ def test_interval_verdicts() -> None:
     assert claims.head_share_claim(0.7, 0.6, 0.8).verdict == claims.SUPPORTED
     assert claims.head_share_claim(0.3, 0.2, 0.4).verdict == claims.CONTRADICTED
     assert claims.head_share_claim(0.55, 0.45, 0.65).verdict == claims.INCONCLUSIVE
+    more = claims.head_share_claim(0.85, 0.8, 0.9, n_docs=16, n_heads=270)  # most heads, but not the paper's 62%
+    assert more.verdict == claims.CONTRADICTED and "n = 16 documents and 270 heads" in more.evidence
     assert claims.head_share_claim(None, None, None).verdict == claims.NOT_RUN
 
 

@@ -90,7 +90,7 @@ def test_report_sections_and_escaping(tmp_path: Path) -> None:
     assert "hit the step cap after its best checkpoint" in page  # best step 4 of 8, no early stop
     assert page.count("<figcaption>") >= 4 and "Example summaries" in page and "&lt;script&gt;" in page
     verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
-    assert verdicts["Most heads become more focused (lower attention entropy) after fine-tuning"] == \
+    assert verdicts["62% of heads become more focused (lower attention entropy) after fine-tuning"] == \
         "inconclusive"  # CI 41%-75% straddles 50%
     assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "supported"  # 0.25 vs 0.20 everywhere
     assert verdicts["Targeted LoRA trains 75% fewer parameters than LoRA on all layers"] == \

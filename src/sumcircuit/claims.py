@@ -47,15 +47,27 @@ def _interval_verdict(low: float, high: float, threshold: float) -> str:
     return INCONCLUSIVE
 
 
-def head_share_claim(share: float | None, low: float | None, high: float | None) -> ClaimResult:
-    claim = "Most heads become more focused (lower attention entropy) after fine-tuning"
+def head_share_claim(share: float | None, low: float | None, high: float | None,
+                     n_docs: int | None = None, n_heads: int | None = None) -> ClaimResult:
+    """The paper's own number: 62% of heads more focused.
+
+    ``supported``: the interval contains 62% and lies above 50% (most heads);
+    ``contradicted``: it excludes 62% (either way: the share this run finds is
+    not the paper's); ``inconclusive`` otherwise.
+    """
+    claim = "62% of heads become more focused (lower attention entropy) after fine-tuning"
     if share is None or low is None or high is None:
         return ClaimResult(claim, "62% of heads", "-", NOT_RUN, "analysis stage missing")
-    inside = "inside" if low <= PAPER_HEAD_SHARE <= high else "outside"
-    return ClaimResult(claim, "62% of heads", f"{share:.1%} [{low:.1%}, {high:.1%}]",
-                       _interval_verdict(low, high, 0.5),
-                       f"share of heads with entropy_delta < 0 and its 95% CI over documents: supported above 50%, "
-                       f"contradicted below; the paper's 62% is {inside} the interval")
+    if high < PAPER_HEAD_SHARE or low > PAPER_HEAD_SHARE:
+        verdict = CONTRADICTED
+    else:
+        verdict = SUPPORTED if low > 0.5 else INCONCLUSIVE
+    most = "above" if low > 0.5 else ("below" if high < 0.5 else "not separable from")
+    sizes = f" over n = {n_docs} documents and {n_heads} heads" if n_docs is not None and n_heads is not None else ""
+    return ClaimResult(claim, "62% of heads", f"{share:.1%} [{low:.1%}, {high:.1%}]", verdict,
+                       f"share of heads with entropy_delta < 0, 95% bounds from a simultaneous band over heads{sizes}; "
+                       f"the interval is {most} 50% and {'contains' if low <= PAPER_HEAD_SHARE <= high else 'excludes'} "
+                       "the paper's 62%")
 
 
 def circuit_layers_claim(top_layers: Sequence[int] | None, n_layers: int | None,

@@ -300,7 +300,8 @@ def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
     cause: list[np.ndarray | None] = list(score_tables(method_scores(layout, "targeted_attribution"), targeted) or none)
     targeted_params = targeted_runs[first].get("trainable_params") if first is not None else None
     return [
-        claims.head_share_claim(share, share_ci[0], share_ci[1]),
+        claims.head_share_claim(share, share_ci[0], share_ci[1], summary.get("n_docs"),
+                                (summary.get("n_layers") or 0) * (summary.get("n_heads") or 0) or None),
         claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers"), _model_type(summary)),
         claims.rouge_claim(rouge[0], rouge[1]),
         claims.params_claim(targeted_params, lora_runs[first].get("trainable_params") if first is not None else None),
