@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The whole study (quick preset, ~15 min on 2 CPU cores), resumable: rerunning skips finished stages.
+# The whole study (quick preset, ~15 min on 2 CPU cores; `--preset cpu` is the ~60 min study), resumable:
+# rerunning skips finished stages.
 demo: setup
 	$(VENV)/bin/sumcircuit models
 	$(VENV)/bin/sumcircuit data $(DATA)/cnndm_gpt4 --split train --model smollm2-135m-instruct --max-tokens 256

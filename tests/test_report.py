@@ -24,8 +24,10 @@ def _eval_dir(path: Path, scores: list[float], same_ids: bool = False) -> None:
              "scores": {"rouge1": s}} for i, s in enumerate(scores)]
     (path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     mean = sum(scores) / len(scores)
+    generation = {"max_new_tokens": 48, "stop_reasons": {"eos": 1, "stop": 0, "length": len(scores) - 1}}
     atomic_write_json(path / "rouge.json", {k: {"f1": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01}
-                                            for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")} | {"n": len(scores)})
+                                            for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+                      | {"n": len(scores), "generation": generation})
 
 
 def test_paired_claims_pair_by_position_not_by_repeated_ids(tmp_path: Path) -> None:
@@ -88,6 +90,7 @@ def test_report_sections_and_escaping(tmp_path: Path) -> None:
     assert "Paper claims vs this run" in page and "did not run in this study" in page  # ablation/patch missing
     assert "http://" not in page and "https://" not in page  # viewable offline
     assert "hit the step cap after its best checkpoint" in page  # best step 4 of 8, no early stop
+    assert "87 of 90 generated summaries stopped at max_new_tokens = 48" in page and "29 of 30" in page
     assert page.count("<figcaption>") >= 4 and "Example summaries" in page and "&lt;script&gt;" in page
     verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
     assert verdicts["62% of heads become more focused (lower attention entropy) after fine-tuning"] == \

@@ -221,7 +221,7 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
             r = rouge.get(key, {})
             cells.append(f"{r.get('f1', math.nan):.4f} [{r.get('ci_low', math.nan):.4f}, "
                          f"{r.get('ci_high', math.nan):.4f}]")
-        cut = (rouge.get("stop_reasons") or {}).get("length")
+        cut = ((rouge.get("generation") or {}).get("stop_reasons") or {}).get("length")
         cells += [summary.get("layers"), summary.get("trainable_params"), summary.get("epochs_to_best"),
                   summary.get("wall_time_s"), rouge.get("n"), f"{cut} of {rouge.get('n')}" if cut is not None else None]
         rows.append(cells)
@@ -370,6 +370,24 @@ def study_header(manifest: Mapping[str, Any]) -> str:
     return _section(f"This run ({kind})", f"<table>{body}</table>")
 
 
+def truncation_note(run: Path, names: Sequence[str]) -> str:
+    """A warning when most generated summaries ran into max_new_tokens: ROUGE then scores their beginnings."""
+    layout = StudyLayout(run)
+    cut = total = 0
+    limit = None
+    for name in names:
+        generation = (_read_json(layout.eval_dir(name) / "rouge.json") or {}).get("generation") or {}
+        reasons = generation.get("stop_reasons") or {}
+        cut += int(reasons.get("length", 0))
+        total += sum(int(v) for v in reasons.values())
+        limit = generation.get("max_new_tokens", limit)
+    if not total or cut <= total / 2:
+        return ""
+    return (f'<p class="inconclusive">{cut} of {total} generated summaries stopped at max_new_tokens = {limit}, not at '
+            "their end of sequence: these ROUGE scores compare the first tokens of each summary with the whole "
+            "reference, and differences between methods partly reflect whether a model learned to stop.</p>")
+
+
 def stopping_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
     """Where each fine-tuning run stopped, and whether it converged or hit its step cap."""
     layout = StudyLayout(run)
@@ -481,7 +499,7 @@ def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
     rouge = rouge_rows(run, names)
     parts.append(_section("ROUGE (F1, bootstrap 95% CI over documents, per model and training seed)", _table(
         ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n",
-         "cut at max_new_tokens"], rouge) if rouge else _missing("Evaluation")))
+         "cut at max_new_tokens"], rouge) + truncation_note(run, names) if rouge else _missing("Evaluation")))
     stops = stopping_rows(run, names)
     parts.append(_section("Where each fine-tuning run stopped", _table(
         ["run", "steps", "best step", "epochs to best", "best validation loss", "outcome"], stops)
