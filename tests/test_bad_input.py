@@ -354,3 +354,14 @@ def test_added_special_tokens_past_the_embedding_are_tolerated(tmp_path: Path,
     folder = save_tiny("gpt2", tmp_path / "m", tokenizer, vocab_size=TINY_VOCAB)
     loaded = load_model(str(folder))
     assert len(loaded.tokenizer) == TINY_VOCAB + 1 and "past the model's 384 embedding rows" in caplog.text
+
+
+def test_longer_rerun_resumes_although_truncation_counts_differ(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The truncation counts cited in provenance depend on --n-docs; they must not be part of the resume identity."""
+    llama = str(tiny_model_dirs["llama"])
+    argv = ["analyze", "--base", llama, "--tuned", llama, "--data", TRAIN, "--max-tokens", "32", "--n-bootstrap", "10",
+            "--out", str(tmp_path / "an")]
+    assert _run([*argv, "--n-docs", "2"]) == 0
+    assert _run([*argv, "--n-docs", "3"]) == 0  # resumes: 2 documents done, 1 more
+    summary = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert summary["n_docs"] == 3 and summary["provenance"]["data"]["truncated_summaries"] == 3

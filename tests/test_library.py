@@ -117,6 +117,7 @@ def test_api_end_to_end_in_memory(tiny_model_dirs: dict[str, Path], tmp_path: Pa
 def test_report_command_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`sumcircuit report RUN` failed with TypeError: the positional `run` overwrote the handler."""
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "reproduce.json").write_text('{"study": {"model": "m", "seeds": [1]}, "preset": {"name": "quick"}}')
     assert main(["report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.html").is_file()
     assert "report written to" in capsys.readouterr().out

@@ -693,7 +693,8 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
 
     def fingerprint() -> str:  # hashes every weight: rank 0 only
         return _fingerprint({
-            "base": base.weights_sha256(), "tuned": tuned.weights_sha256(), "data": examples.source.provenance(),
+            "base": base.weights_sha256(), "tuned": tuned.weights_sha256(),
+            "data": {**examples.source.identity(), "skipped_invalid_records": examples.source.skipped_invalid},
             "data_cfg": {k: v for k, v in asdict(data_cfg).items() if k != "n_docs"},
             "config": config.fingerprint_fields(), "dtype": str(dtype)})
 

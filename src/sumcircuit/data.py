@@ -118,9 +118,12 @@ class DataSource:
     def provenance(self) -> dict[str, Any]:
         cuts = {k: v for k, v in (("truncated_documents", self.truncated_documents),
                                   ("truncated_summaries", self.truncated_summaries)) if v is not None}
+        return {**self.identity(), "skipped_invalid_records": self.skipped_invalid, **cuts}
+
+    def identity(self) -> dict[str, Any]:
+        """What the data *is* (for resume keys): without counts that change with how many documents a run reads."""
         return {"data": self.name, "split": self.split, "sha256": self.sha256,
-                "text_field": self.text_field, "summary_fields": list(self.summary_fields),
-                "skipped_invalid_records": self.skipped_invalid, **cuts}
+                "text_field": self.text_field, "summary_fields": list(self.summary_fields)}
 
 
 @dataclass

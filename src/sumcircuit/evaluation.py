@@ -296,7 +296,7 @@ def _run_id(loaded: LoadedModel, adapter: dict[str, Any] | None, examples: Examp
             data_cfg: DataConfig, gen_cfg: GenerationConfig) -> str:
     """What determines the predictions: contents, not how paths are spelled; n_docs is left out so a longer rerun resumes."""
     model = {k: v for k, v in loaded.provenance().items() if k not in ("spec", "location")}
-    data = {k: v for k, v in examples.source.provenance().items() if k not in ("data", "skipped_invalid_records")}
+    data = {k: v for k, v in examples.source.identity().items() if k != "data"}
     key: dict[str, Any] = {"model": model, "adapter": adapter, "data": data,
                            "data_config": {**asdict(data_cfg), "n_docs": None, "data": None}, "generation": asdict(gen_cfg)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
