@@ -208,6 +208,13 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _layers_text(layers: Any) -> Any:
+    """``all 30`` for every layer of a model, the list itself otherwise."""
+    if isinstance(layers, list) and len(layers) > 4 and layers == list(range(len(layers))):
+        return f"all {len(layers)}"
+    return layers
+
+
 def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
     layout = StudyLayout(run)
     rows = []
@@ -222,7 +229,7 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
             cells.append(f"{r.get('f1', math.nan):.4f} [{r.get('ci_low', math.nan):.4f}, "
                          f"{r.get('ci_high', math.nan):.4f}]")
         cut = ((rouge.get("generation") or {}).get("stop_reasons") or {}).get("length")
-        cells += [summary.get("layers"), summary.get("trainable_params"), summary.get("epochs_to_best"),
+        cells += [_layers_text(summary.get("layers")), summary.get("trainable_params"), summary.get("epochs_to_best"),
                   summary.get("wall_time_s"), rouge.get("n"), f"{cut} of {rouge.get('n')}" if cut is not None else None]
         rows.append(cells)
     return rows
