@@ -52,7 +52,8 @@ def _load(name: str, device: str) -> Any:
 
 def run_one(model_name: str, method: str, steps: int, tokens: int, batch: int, threads: int,
             checkpointing: bool) -> dict[str, Any]:
-    from sumcircuit.training import FinetuneConfig, make_optimizer, prepare_model, summary_loss_terms
+    from sumcircuit.training import FinetuneConfig
+    from sumcircuit.training.loop import make_optimizer, prepare_model, summary_loss_terms
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
