@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -109,13 +109,8 @@ def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterat
             atomic_write_json(marker, {"command": command, "pid": os.getpid(), "started": time.time(),
                                        "meaning": "this run has not finished: its files may be partial or "
                                                   "mixed; rerun the command to resume or restart it"})
-        _held[key] = _held.get(key, 0) + 1
-        try:
+        with _holding(key):
             yield path
-        finally:
-            _held[key] -= 1
-            if not _held[key]:
-                del _held[key]
         if owner:
             marker.unlink(missing_ok=True)  # reached only when the run finished without an exception
     finally:
@@ -137,19 +132,33 @@ def claim_file(out: str | Path, option: str = "--out") -> Iterator[Path]:
     check_output_dir(path.parent, option)
     key = path.resolve()
     fd = _lock(path, option, path.with_name(f".{path.name}.lock")) if key not in _held else None
-    _held[key] = _held.get(key, 0) + 1
     try:
-        yield path
+        with _holding(key):
+            yield path
     finally:
-        _held[key] -= 1
-        if not _held[key]:
-            del _held[key]
         if fd is not None:
             os.close(fd)
 
 
+@contextmanager
+def _holding(key: Path) -> Iterator[None]:
+    """Count this process's claims of ``key``: nested claims ride on the outermost one's lock."""
+    _held[key] = _held.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        _held[key] -= 1
+        if not _held[key]:
+            del _held[key]
+
+
 def writes_file(param: str, target: Callable[[Any], Path]) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function whose ``param`` names an output file (``target`` maps the argument to it)."""
+    return _claiming(param, lambda out: claim_file(target(out)))
+
+
+def _claiming(param: str, claim: Callable[[Any], AbstractContextManager[Path]]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the decorated function inside ``claim(value of param)`` when that argument is given."""
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
 
@@ -158,7 +167,7 @@ def writes_file(param: str, target: Callable[[Any], Path]) -> Callable[[Callable
             out = signature.bind(*args, **kwargs).arguments.get(param)
             if out is None:
                 return fn(*args, **kwargs)
-            with claim_file(target(out)):
+            with claim(out):
                 return fn(*args, **kwargs)
         return inner
     return wrap
@@ -191,18 +200,7 @@ def incomplete_reason(folder: str | Path) -> str | None:
 
 def writes_output(command: str, param: str = "out") -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function whose ``param`` names its output folder: it runs inside :func:`claim_output`."""
-    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-            out = signature.bind(*args, **kwargs).arguments.get(param)
-            if out is None:
-                return fn(*args, **kwargs)
-            with claim_output(out, command):
-                return fn(*args, **kwargs)
-        return inner
-    return wrap
+    return _claiming(param, lambda out: claim_output(out, command))
 
 
 def require_complete(folder: str | Path) -> Path:
