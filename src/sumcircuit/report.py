@@ -215,6 +215,19 @@ def _layers_text(layers: Any) -> Any:
     return layers
 
 
+def _rouge_cell(score: Mapping[str, Any]) -> str:
+    return f"{score.get('f1', math.nan):.4f} [{score.get('ci_low', math.nan):.4f}, {score.get('ci_high', math.nan):.4f}]"
+
+
+def first_predictions(eval_dir: Path, n: int) -> list[list[Any]]:
+    """``[document, summary, first reference, stop reason]`` of the first ``n`` evaluation documents."""
+    path = eval_dir / "predictions.jsonl"
+    if not _finished(path):
+        return []
+    return [[r.get("index"), r.get("prediction"), (r.get("references") or [""])[0], r.get("stop_reason")]
+            for r in sorted(read_jsonl(path), key=lambda r: int(r["index"]))[:n]]
+
+
 def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
     layout = StudyLayout(run)
     rows = []
@@ -223,11 +236,7 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
         summary = _read_json(layout.train_summary(name)) or {}
         if rouge is None:
             continue
-        cells: list[Any] = [name]
-        for key in ROUGE_KEYS:
-            r = rouge.get(key, {})
-            cells.append(f"{r.get('f1', math.nan):.4f} [{r.get('ci_low', math.nan):.4f}, "
-                         f"{r.get('ci_high', math.nan):.4f}]")
+        cells: list[Any] = [name, *(_rouge_cell(rouge.get(key) or {}) for key in ROUGE_KEYS)]
         cut = ((rouge.get("generation") or {}).get("stop_reasons") or {}).get("length")
         cells += [_layers_text(summary.get("layers")), summary.get("trainable_params"), summary.get("epochs_to_best"),
                   summary.get("wall_time_s"), rouge.get("n"), f"{cut} of {rouge.get('n')}" if cut is not None else None]
@@ -419,15 +428,7 @@ def stopping_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 def example_rows(run: Path, names: Sequence[str], n: int = 3) -> list[list[Any]]:
     """The first ``n`` evaluation documents' summaries per model, beside their reference (escaped on output)."""
     layout = StudyLayout(run)
-    rows: list[list[Any]] = []
-    for name in names:
-        path = layout.eval_dir(name) / "predictions.jsonl"
-        if not _finished(path):
-            continue
-        for record in sorted(read_jsonl(path), key=lambda r: int(r["index"]))[:n]:
-            refs = record.get("references") or [""]
-            rows.append([name, record.get("index"), record.get("prediction"), refs[0], record.get("stop_reason")])
-    return rows
+    return [[name, *row] for name in names for row in first_predictions(layout.eval_dir(name), n)]
 
 
 def claims_table(results: Sequence[claims.ClaimResult]) -> str:
@@ -474,10 +475,8 @@ def _single_output(folder: Path, kind: str) -> list[str]:
         return [analysis_section(folder, "Differential analysis")]
     if kind == "evaluation":
         rouge = _read_json(folder / "rouge.json") or {}
-        rows = [[key, f"{(rouge.get(key) or {}).get('f1', math.nan):.4f} [{(rouge.get(key) or {}).get('ci_low', math.nan):.4f}, "
-                      f"{(rouge.get(key) or {}).get('ci_high', math.nan):.4f}]"] for key in ROUGE_KEYS]
-        examples = [[r.get("index"), r.get("prediction"), (r.get("references") or [""])[0], r.get("stop_reason")]
-                    for r in sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda r: int(r["index"]))[:5]]
+        rows = [[key, _rouge_cell(rouge.get(key) or {})] for key in ROUGE_KEYS]
+        examples = first_predictions(folder, 5)
         return [_section(f"ROUGE of {_models_label(rouge)} (F1, 95% CI, n = {rouge.get('n')})",
                          _table(["metric", "F1 [95% CI]"], rows)),
                 _section("Example summaries", _table(["document", "summary", "reference", "stopped by"], examples))]
