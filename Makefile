@@ -44,8 +44,17 @@ test: setup chromium
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) benchmarks/analysis_speed.py
+# TransformerLens 4 for the comparison goes into an overlay of .venv, never into .venv itself
+TL_VENV ?= .venv-tl
+$(TL_VENV)/.installed: $(VENV)/.installed
+	test -x $(TL_VENV)/bin/python || $(PYTHON) -m venv $(TL_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import site; print(site.getsitepackages()[0])')')" \
+	  > "$$($(TL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_sumcircuit_base.pth"
+	$(TL_VENV)/bin/python -m pip install -q transformer-lens==4.3.0
+	touch $@
+
+bench: $(TL_VENV)/.installed
+	$(TL_VENV)/bin/python benchmarks/analysis_speed.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TL_VENV) runs

@@ -1,20 +1,30 @@
-"""Speed and peak memory of `sumcircuit analyze` against its floor and against eager attention maps.
+"""Speed and peak memory of `sumcircuit analyze` against its floor, eager attention maps and TransformerLens.
 
 In one process, on the same documents, for a random GPT-2-small-shaped pair
-(12 layers, 12 heads, d=768) at T=512 and T=1024 and for the real
-smollm2-135m-instruct pair (the model vs a copy with 1e-3 relative noise):
+(12 layers, 12 heads, d=768) and for the real smollm2-135m-instruct pair (the
+model vs a copy with 1e-3 relative noise), at each length T:
 
-  (a) floor    two plain SDPA forward passes of the model bodies (no LM head), no statistics
-  (b) analysis sumcircuit.analysis.analyze_models (all statistics, CKA included)
-  (b') no-CKA  the same without linear CKA
-  (c) eager    HF eager with output_attentions=True for both models, then the per-head entropy and
-               KL (both directions) and residual norms computed from the returned maps
-  (d) TransformerLens 4 (TransformerBridge + run_with_cache), when it can run offline
+  floor          two plain SDPA forward passes of the model bodies (no LM head), no statistics
+  sumcircuit     sumcircuit.analysis.analyze_models (every statistic, CKA included)
+  no CKA         the same without linear CKA
+  eager maps     HF eager attention with output_attentions=True for both models, then the
+                 per-head entropy, KL (both directions) and residual norms from the returned maps
+  TransformerLens  TransformerLens 4: TransformerBridge booted on the same in-memory models,
+                 run_with_cache of hook_pattern and hook_resid_post, then the same statistics
 
-Peak RSS is sampled every 2 ms by a thread while each method runs (absolute
-process RSS, models included). Usage:
+Each method runs ``--rounds`` times in interleaved rounds (A B C D E A B C D E
+...), so a busy spell on a shared machine hits every method alike. Each ratio is
+taken within its round (method / floor of the same round); the table gives the
+median ratio and its min-max over rounds.
 
-    python benchmarks/analysis_speed.py [--threads 2] [--docs 3] [--lengths 512 1024]
+Peak RSS is sampled every 2 ms by a thread while a method runs. It is reported as
+the process's peak with the pair of models resident: the models' own RSS plus the
+method's peak above the RSS before its call (so TransformerLens's copies of the
+models, made once before the rounds, count against nobody). Usage:
+
+    python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024]
+
+`make bench` runs it in `.venv-tl`, an overlay of `.venv` with TransformerLens installed.
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ import gc
 import gzip
 import json
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,9 +57,10 @@ def _rss() -> int:
 
 
 def measure(fn: Callable[[], object]) -> tuple[float, int]:
-    """(seconds, peak RSS bytes) of one call."""
+    """(seconds, peak RSS above the RSS before the call, in bytes) of one call."""
     gc.collect()
-    peak = [_rss()]
+    before = _rss()
+    peak = [before]
     stop = threading.Event()
 
     def sample() -> None:
@@ -63,7 +77,28 @@ def measure(fn: Callable[[], object]) -> tuple[float, int]:
         elapsed = time.perf_counter() - start
         stop.set()
         thread.join()
-    return elapsed, max(peak[0], _rss())
+    return elapsed, max(peak[0], _rss()) - before
+
+
+@dataclass
+class Timings:
+    """Per-round seconds and peak-above-baseline bytes of one method."""
+
+    seconds: list[float] = field(default_factory=list)
+    extra: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- statistics from full maps
+
+def _map_stats(patterns_b, patterns_t, hidden_b, hidden_t) -> None:  # type: ignore[no-untyped-def]
+    """The per-head statistics sumcircuit computes, from materialized ``[B, H, T, T]`` maps."""
+    for pb, pt in zip(patterns_b, patterns_t):
+        lpb = torch.where(pb > 0, pb.log(), 0.0)
+        lpt = torch.where(pt > 0, pt.log(), 0.0)
+        _ = (-(pb * lpb).sum(-1).mean(-1), -(pt * lpt).sum(-1).mean(-1),
+             (pb * (lpb - lpt)).sum(-1).mean(-1), (pt * (lpt - lpb)).sum(-1).mean(-1))
+    for hb, ht in zip(hidden_b, hidden_t):
+        _ = (hb.norm(dim=-1).mean(), ht.norm(dim=-1).mean())
 
 
 # ---------------------------------------------------------------- methods
@@ -96,27 +131,46 @@ def eager(base, tuned, batches) -> None:  # type: ignore[no-untyped-def]
             for ids in batches:
                 ob = body(base)(input_ids=ids, use_cache=False, output_attentions=True, output_hidden_states=True)
                 ot = body(tuned)(input_ids=ids, use_cache=False, output_attentions=True, output_hidden_states=True)
-                for pb, pt in zip(ob.attentions, ot.attentions):
-                    lpb = torch.where(pb > 0, pb.log(), 0.0)
-                    lpt = torch.where(pt > 0, pt.log(), 0.0)
-                    _ = (-(pb * lpb).sum(-1).mean(-1), -(pt * lpt).sum(-1).mean(-1),
-                         (pb * (lpb - lpt)).sum(-1).mean(-1), (pt * (lpt - lpb)).sum(-1).mean(-1))
-                for hb, ht in zip(ob.hidden_states[1:], ot.hidden_states[1:]):
-                    _ = (hb.norm(dim=-1).mean(), ht.norm(dim=-1).mean())
+                _map_stats(ob.attentions, ot.attentions, ob.hidden_states[1:], ot.hidden_states[1:])
                 del ob, ot
     finally:
         base.config._attn_implementation, tuned.config._attn_implementation = old
 
 
-def transformer_lens_status() -> str | None:
-    """None if TransformerLens 4 can run here, else why not."""
+def _wanted(name: str) -> bool:
+    return name.endswith("hook_pattern") or name.endswith("hook_resid_post")
+
+
+def lens(bridges, batches) -> None:  # type: ignore[no-untyped-def]
+    """TransformerLens 4: cached patterns and residual streams of both bridges, then the same statistics."""
+    bridge_b, bridge_t = bridges
+    n_layers = bridge_b.cfg.n_layers
+    with torch.no_grad():
+        for ids in batches:
+            _, cb = bridge_b.run_with_cache(ids, names_filter=_wanted)
+            _, ct = bridge_t.run_with_cache(ids, names_filter=_wanted)
+            pats = [[c[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)] for c in (cb, ct)]
+            res = [[c[f"blocks.{i}.hook_resid_post"] for i in range(n_layers)] for c in (cb, ct)]
+            _map_stats(pats[0], pats[1], res[0], res[1])
+            del cb, ct, pats, res
+
+
+def lens_bridges(base, tuned, tokenizer) -> tuple[object, object] | str:  # type: ignore[no-untyped-def]
+    """TransformerLens 4 bridges on copies of the pair, or why there are none."""
     try:
-        import transformer_lens  # noqa: F401
+        import transformer_lens
+        from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
-        return ("skipped: transformer-lens is not installed (not a sumcircuit dependency; "
-                "`pip install transformer-lens` to include it)")
-    return ("skipped: TransformerBridge.boot_transformers needs a hub model name and downloads weights; "
-            "random/local pairs cannot be booted offline")
+        return ("skipped: transformer-lens is not installed here (not a sumcircuit dependency; "
+                "`make bench` installs it into .venv-tl)")
+    version = getattr(transformer_lens, "__version__", "")
+    try:
+        bridges = tuple(TransformerBridge.boot_transformers(m.name_or_path or "local", hf_model=copy.deepcopy(m),
+                                                            tokenizer=tokenizer, device="cpu")
+                        for m in (base, tuned))
+    except Exception as exc:  # noqa: BLE001 - report why, keep the rest of the benchmark
+        return f"skipped: TransformerLens {version} could not boot the pair: {type(exc).__name__}: {exc}"[:300]
+    return bridges[0], bridges[1]
 
 
 # ---------------------------------------------------------------- setup
@@ -158,70 +212,87 @@ def smollm2_pair():  # type: ignore[no-untyped-def]
     return loaded.model, tuned
 
 
-def run_pair(name: str, base, tuned, docs: list[list[int]], rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int, rounds: int,  # type: ignore[no-untyped-def]
+             rows: list[dict]) -> None:
     from sumcircuit.data import Encoded
 
-    length = len(docs[0])
-    batches = [torch.tensor([d]) for d in docs]
-    encoded = [Encoded(f"d{i}", d, [-100] * len(d), (0, len(d)), (len(d), len(d)), len(d), False, False)
-               for i, d in enumerate(docs)]
-    warm = [torch.tensor([docs[0][:64]])]
-    floor(base, tuned, warm)
-    analysis(base, tuned, [Encoded("w", docs[0][:64], [-100] * 64, (0, 64), (64, 64), 64, False, False)])
-    tokens = len(docs) * length
-    methods: list[tuple[str, Callable[[], object]]] = [
-        ("(a) floor: 2x SDPA body", lambda: floor(base, tuned, batches)),
-        ("(b) sumcircuit analyze", lambda: analysis(base, tuned, encoded)),
-        ("(b') sumcircuit, no CKA", lambda: analysis(base, tuned, encoded, cka=False)),
-        ("(c) eager maps + stats", lambda: eager(base, tuned, batches)),
-    ]
-    floor_t = floor_m = None
-    for label, fn in methods:
-        seconds, peak = measure(fn)
-        if floor_t is None:
-            floor_t, floor_m = seconds, peak
-        rows.append({"model": name, "T": length, "method": label, "tok_s": tokens / seconds,
-                     "s_per_doc": seconds / len(docs), "peak_gb": peak / 1e9,
-                     "time_x": seconds / floor_t, "rss_x": peak / floor_m})
-        print(_fmt(rows[-1]), flush=True)
-    rows.append({"model": name, "T": length, "method": "(d) TransformerLens 4", "skip": transformer_lens_status()})
-    print(_fmt(rows[-1]), flush=True)
+    warm_ids = documents(tokenizer, 64, 1)[0]
+    floor(base, tuned, [torch.tensor([warm_ids])])
+    analysis(base, tuned, [Encoded("w", warm_ids, [-100] * 64, (0, 64), (64, 64), 64, False, False)])
+    gc.collect()
+    models_rss = _rss()  # the pair resident, before any TransformerLens copy
+    bridges = lens_bridges(base, tuned, tokenizer)
+    if not isinstance(bridges, str):
+        lens(bridges, [torch.tensor([warm_ids])])
+    for length in lengths:
+        docs = documents(tokenizer, length, n_docs)
+        batches = [torch.tensor([d]) for d in docs]
+        encoded = [Encoded(f"d{i}", d, [-100] * len(d), (0, len(d)), (len(d), len(d)), len(d), False, False)
+                   for i, d in enumerate(docs)]
+        methods: dict[str, Callable[[], object]] = {
+            "floor: 2x SDPA body": partial(floor, base, tuned, batches),
+            "sumcircuit analyze": partial(analysis, base, tuned, encoded),
+            "sumcircuit, no CKA": partial(analysis, base, tuned, encoded, cka=False),
+            "eager maps + stats": partial(eager, base, tuned, batches),
+        }
+        if not isinstance(bridges, str):
+            methods["TransformerLens 4"] = partial(lens, bridges, batches)
+        timings = {label: Timings() for label in methods}
+        for _ in range(rounds):
+            for label, fn in methods.items():
+                seconds, extra = measure(fn)
+                timings[label].seconds.append(seconds)
+                timings[label].extra.append(extra)
+        floor_t = timings["floor: 2x SDPA body"]
+        for label, t in timings.items():
+            time_x = [s / f for s, f in zip(t.seconds, floor_t.seconds)]
+            rss_x = [(models_rss + e) / (models_rss + f) for e, f in zip(t.extra, floor_t.extra)]
+            rows.append({"model": name, "T": length, "method": label, "rounds": rounds,
+                         "s_per_doc": statistics.median(t.seconds) / n_docs,
+                         "peak_gb": (models_rss + statistics.median(t.extra)) / 1e9,
+                         "time_x": statistics.median(time_x), "time_min": min(time_x), "time_max": max(time_x),
+                         "rss_x": statistics.median(rss_x), "rss_min": min(rss_x), "rss_max": max(rss_x)})
+            print(_fmt(rows[-1]), flush=True)
+        if isinstance(bridges, str):
+            rows.append({"model": name, "T": length, "method": "TransformerLens 4", "skip": bridges})
+            print(_fmt(rows[-1]), flush=True)
 
 
 def _fmt(row: dict) -> str:
-    head = f"{row['model']:<22} T={row['T']:<5} {row['method']:<26}"
+    head = f"| {row['model']} | {row['T']} | {row['method']} |"
     if "skip" in row:
-        return f"{head} {row['skip']}"
-    return (f"{head} {row['tok_s']:8.0f} tok/s  {row['s_per_doc']:7.2f} s/doc  peak RSS {row['peak_gb']:5.2f} GB"
-            f"  time {row['time_x']:5.2f}x  RSS {row['rss_x']:5.2f}x of (a)")
+        return f"{head} {row['skip']} | | |"
+    return (f"{head} {row['s_per_doc']:.2f} | {row['time_x']:.2f}x ({row['time_min']:.2f}-{row['time_max']:.2f}) "
+            f"| {row['peak_gb']:.2f} GB, {row['rss_x']:.2f}x ({row['rss_min']:.2f}-{row['rss_max']:.2f}) |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--docs", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--skip-real", action="store_true", help="only the GPT-2-shaped pair")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from sumcircuit.models import load_model
 
     tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, fp32, "
-          f"{args.docs} documents per setting, batch size 1", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32, {args.docs} documents per "
+          f"length, batch size 1, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
+    print("| pair | T | method | s/doc (median) | time vs floor | peak RSS vs floor |\n|---|---|---|---|---|---|",
+          flush=True)
     rows: list[dict] = []
     base, tuned = gpt2_pair(max(args.lengths))
-    for length in args.lengths:
-        run_pair("gpt2-small-shaped", base, tuned, documents(tokenizer, length, args.docs), rows)
+    run_pair("gpt2-small-shaped", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows)
     del base, tuned
     gc.collect()
     if not args.skip_real:
         base, tuned = smollm2_pair()
-        for length in args.lengths:
-            run_pair("smollm2-135m-instruct", base, tuned, documents(tokenizer, length, args.docs), rows)
-    print("\nsummary")
-    for row in rows:
-        print(_fmt(row))
+        run_pair("smollm2-135m-instruct", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

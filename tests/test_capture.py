@@ -1,6 +1,8 @@
-"""The attention kernel and the capture context against explicit softmax and plain forward passes."""
+"""The paired attention pass and the lockstep capture against explicit softmax and plain forward passes."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -8,42 +10,76 @@ import torch
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.capture import (
     ATTN_IMPLEMENTATION,
+    AttentionInputs,
+    PairRows,
     RowMask,
-    attention_expectations,
     body,
-    capturing,
-    expected_score,
+    paired_attention,
     row_mask,
+    run_pair,
+    tile_rows,
 )
 
 from helpers import make_tiny_model
 
 
-def _explicit(q, k, values, allowed, scale):  # type: ignore[no-untyped-def]
-    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = scores.softmax(-1)
-    return [probs @ v.double() for v in values], torch.logsumexp(scores, -1), probs
+def _explicit(x: AttentionInputs, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, T, Hq, D], probabilities [B, Hq, T, Tk]) in float64 with repeated key heads."""
+    n_rep = x.query.shape[1] // x.key.shape[1]
+    k, v = (t.double().repeat_interleave(n_rep, dim=1) for t in (x.key, x.value))
+    scores = (x.query.double() @ k.transpose(-1, -2)) * x.scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2), probs
 
 
-@pytest.mark.parametrize("backend", ["auto", "math"])
-def test_expectations_match_explicit_softmax_with_padding_and_window(backend: str) -> None:
+def _inputs(g: torch.Generator, B: int, Hq: int, Hkv: int, T: int, Tk: int, D: int, scale: float) -> AttentionInputs:
+    return AttentionInputs(torch.randn(B, Hq, T, D, generator=g) * 2, torch.randn(B, Hkv, Tk, D, generator=g),
+                           torch.randn(B, Hkv, Tk, D, generator=g), scale)
+
+
+def _log(p: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, p.log(), 0.0)
+
+
+@pytest.mark.parametrize("kind", ["padding+window", "causal", "causal, cached keys"])
+def test_paired_attention_matches_explicit_softmax(kind: str) -> None:
     g = torch.Generator().manual_seed(0)
-    B, H, T, D = 2, 3, 21, 8
-    q, k = torch.randn(B, H, T, D, generator=g) * 2, torch.randn(B, H, T, D, generator=g)
-    v = torch.randn(B, H, T, D, generator=g)
-    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
-    allowed[1, :, :, 15:] = False  # right padding in document 1
-    allowed &= (torch.arange(T)[None, :] > torch.arange(T)[:, None] - 6)  # window 6
-    mask = row_mask(allowed, T, T, None, q.device)
-    (out, pk), lse = attention_expectations(q, k, [v, k], mask, 0.4, backend, chunk=8)
-    (ref_out, ref_pk), ref_lse, probs = _explicit(q, k, [v, k], allowed, 0.4)
-    rows = slice(0, 15)  # rows of document 1 past 15 are padding
-    torch.testing.assert_close(out[..., rows, :].double(), ref_out[..., rows, :], atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse[..., rows].double(), ref_lse[..., rows], atol=1e-5, rtol=0)
-    entropy = lse - expected_score(q, pk, 0.4)
-    ref_entropy = -(probs * torch.where(probs > 0, probs.log(), 0.0)).sum(-1)
-    torch.testing.assert_close(entropy[..., rows].double(), ref_entropy[..., rows], atol=1e-5, rtol=0)
+    B, Hq, Hkv, T, D = 2, 6, 2, 21, 8
+    Tk = T + 4 if kind == "causal, cached keys" else T
+    base, tuned = _inputs(g, B, Hq, Hkv, T, Tk, D, 0.4), _inputs(g, B, Hq, Hkv, T, Tk, D, 0.3)
+    allowed = (torch.arange(Tk)[None, :] <= torch.arange(T)[:, None] + (Tk - T))[None, None].repeat(B, 1, 1, 1)
+    rows = slice(0, T)
+    if kind == "padding+window":
+        allowed[1, :, :, 15:] = False  # right padding in document 1
+        allowed &= (torch.arange(T)[None, :] > torch.arange(T)[:, None] - 6)  # window 6
+        mask = row_mask(allowed, T, T, None, torch.device("cpu"))
+        rows = slice(0, 15)  # rows of document 1 past 15 are padding
+    else:
+        mask = RowMask(None, causal=True)
+    out_b, out_t, got = paired_attention(base, tuned, mask, rows_per_tile=5)  # uneven tiles
+    (ref_b, p_b), (ref_t, p_t) = _explicit(base, allowed), _explicit(tuned, allowed)
+    expected = {"entropy_base": -(p_b * _log(p_b)).sum(-1), "entropy_tuned": -(p_t * _log(p_t)).sum(-1),
+                "kl_base_tuned": (p_b * (_log(p_b) - _log(p_t))).sum(-1),
+                "kl_tuned_base": (p_t * (_log(p_t) - _log(p_b))).sum(-1)}
+    torch.testing.assert_close(out_b[:, rows].double(), ref_b[:, rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_t[:, rows].double(), ref_t[:, rows], atol=1e-5, rtol=0)
+    for name, ref in expected.items():
+        torch.testing.assert_close(getattr(got, name)[..., rows].double(), ref[..., rows], atol=1e-5, rtol=0)
+    assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ
+
+
+def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl() -> None:
+    x = _inputs(torch.Generator().manual_seed(1), 1, 4, 4, 33, 33, 8, 0.35)
+    out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True), rows_per_tile=7)
+    assert torch.equal(out_b, out_t) and torch.equal(rows.entropy_base, rows.entropy_tuned)
+    assert not rows.kl_base_tuned.any() and not rows.kl_tuned_base.any()
+
+
+def test_paired_attention_keeps_the_model_dtype_with_fp32_statistics() -> None:
+    x = _inputs(torch.Generator().manual_seed(2), 1, 4, 2, 16, 16, 8, 0.35)
+    half = AttentionInputs(x.query.bfloat16(), x.key.bfloat16(), x.value.bfloat16(), x.scale)
+    out_b, _, rows = paired_attention(half, half, RowMask(None, causal=True))
+    assert out_b.dtype == torch.bfloat16 and rows.entropy_base.dtype == torch.float32
 
 
 def test_row_mask_rebuilds_sliding_window_when_no_mask_arrives() -> None:
@@ -59,51 +95,109 @@ def test_row_mask_rebuilds_sliding_window_when_no_mask_arrives() -> None:
 
 
 class _Recorder:
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.hidden: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.model = model
 
-    def on_attention(self, call) -> None:  # type: ignore[no-untyped-def]
-        self.calls.append(("attn", call.layer))
+    def on_attention(self, layer: int, rows: PairRows) -> None:
+        if self.model is not None:  # the attention implementation is swapped only while capturing
+            assert self.model.config._attn_implementation == ATTN_IMPLEMENTATION
+        self.calls.append(("attn", layer))
 
-    def on_neurons(self, layer, acts) -> None:  # type: ignore[no-untyped-def]
+    def on_neurons(self, layer: int, base: torch.Tensor, tuned: torch.Tensor) -> None:
         self.calls.append(("neurons", layer))
 
-    def on_hidden(self, layer, hidden) -> None:  # type: ignore[no-untyped-def]
+    def on_hidden(self, layer: int, base: torch.Tensor, tuned: torch.Tensor) -> None:
         self.calls.append(("hidden", layer))
+        self.hidden[layer] = (base.clone(), tuned.clone())
 
 
-def test_capture_keeps_outputs_and_restores_model(family: str) -> None:
-    model = make_tiny_model(family)
-    model.train()  # as during fine-tuning
-    adapter = ArchitectureAdapter.for_model(model)
+def _hooks(*models: torch.nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for model in models for m in model.modules()]
+
+
+def _plain_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return body(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+
+
+def test_run_pair_keeps_both_models_outputs_and_restores_them(family: str) -> None:
+    base, tuned = make_tiny_model(family, 0), make_tiny_model(family, 1)
+    tuned.train()  # as during fine-tuning
+    adapter = ArchitectureAdapter.for_model(base)
     ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 19, dtype=torch.long)
     mask[1, 12:] = 0
+    tuned.eval()
+    ref_b, ref_t = _plain_hidden(base, ids, mask), _plain_hidden(tuned, ids, mask)
+    tuned.train()
+    hooks = _hooks(base, tuned)  # transformers keeps its own output-recording hooks
+    rec = _Recorder(base)
     with torch.no_grad():
-        model.eval()
-        ref = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-        model.train()
-        rec = _Recorder()
-        with capturing(model, adapter, rec):
-            assert model.config._attn_implementation == ATTN_IMPLEMENTATION
-            assert not model.training  # statistics without dropout
-            out = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(out, ref)  # the output path is plain SDPA
-    assert sorted(rec.calls) == sorted((kind, i) for i in range(adapter.n_layers)
-                                       for kind in ("attn", "neurons", "hidden"))
-    assert model.config._attn_implementation == "sdpa" and model.training
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        run_pair(base, tuned, adapter, rec, {"input_ids": ids, "attention_mask": mask}, rows_per_tile=4)
+    # in layer order, each layer's attention before its neurons and block output
+    assert rec.calls == [(kind, i) for i in range(adapter.n_layers) for kind in ("attn", "neurons", "hidden")]
+    valid = mask.bool()
+    for layer, (hb, ht) in rec.hidden.items():
+        # the last layer's block output is before the final norm; hidden_states[-1] is after it
+        if layer < adapter.n_layers - 1:
+            torch.testing.assert_close(hb[valid], ref_b[layer][valid], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ht[valid], ref_t[layer][valid], atol=1e-5, rtol=1e-5)
+    assert base.config._attn_implementation == "sdpa" and tuned.training and not base.training
+    assert _hooks(base, tuned) == hooks
+    assert not any(t.name == "sumcircuit-base" for t in threading.enumerate())
 
 
-def test_capture_restores_after_an_error() -> None:
+def test_run_pair_of_a_model_with_itself() -> None:
     model = make_tiny_model("llama")
-    adapter = ArchitectureAdapter.for_model(model)
+    rec = _Recorder()
+    with torch.no_grad():
+        run_pair(model, model, ArchitectureAdapter.for_model(model), rec, {"input_ids": torch.tensor([[1, 2, 3]])})
+    assert len(rec.calls) == 9 and all(torch.equal(b, t) for b, t in rec.hidden.values())
+
+
+def test_an_error_in_the_sink_propagates_and_restores_the_models() -> None:
+    base, tuned = make_tiny_model("llama", 0), make_tiny_model("llama", 1)
 
     class Boom(_Recorder):
-        def on_attention(self, call) -> None:  # type: ignore[no-untyped-def]
+        def on_attention(self, layer: int, rows: PairRows) -> None:
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), capturing(model, adapter, Boom()):
-        body(model)(input_ids=torch.tensor([[1, 2, 3]]))
-    assert model.config._attn_implementation == "sdpa"
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        run_pair(base, tuned, ArchitectureAdapter.for_model(base), Boom(), {"input_ids": torch.tensor([[1, 2, 3]])})
+    assert base.config._attn_implementation == "sdpa" and tuned.config._attn_implementation == "sdpa"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in [*base.modules(), *tuned.modules()])
+    assert not any(t.name == "sumcircuit-base" for t in threading.enumerate())
+
+
+def test_an_error_in_the_base_models_thread_reaches_the_caller() -> None:
+    base, tuned = make_tiny_model("gpt2", 0), make_tiny_model("gpt2", 1)
+    adapter = ArchitectureAdapter.for_model(base)
+
+    def fail(*_args: object) -> None:
+        raise ValueError("base broke at layer 1")
+
+    handle = adapter.block(base, 1).register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(ValueError, match="base broke at layer 1"), torch.no_grad():
+            run_pair(base, tuned, adapter, _Recorder(), {"input_ids": torch.tensor([[1, 2, 3]])})
+    finally:
+        handle.remove()
+    assert not any(t.name == "sumcircuit-base" for t in threading.enumerate())
+    assert tuned.config._attn_implementation == "sdpa"
+
+
+
+def test_tiles_are_sized_for_the_device() -> None:
+    cpu = torch.empty(8, 9, 1024, 64)
+    meta = torch.empty(8, 9, 1024, 64, device="meta")  # stands in for an accelerator
+    assert tile_rows(cpu, 1024) == 64 and tile_rows(cpu, 1024, 7) == 7
+    assert tile_rows(meta, 1024) == 256 * 2**20 // (8 * 9 * 1024 * 4)  # 910 rows: two tiles per layer
+    assert tile_rows(torch.empty(1, 2, 8, 4, device="meta"), 8) >= 64
+    # the accelerator path is the same code: shapes and dtypes through it on meta tensors
+    x = AttentionInputs(meta.bfloat16(), torch.empty(8, 3, 1024, 64, device="meta", dtype=torch.bfloat16),
+                        torch.empty(8, 3, 1024, 64, device="meta", dtype=torch.bfloat16), 0.125)
+    out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True))
+    assert out_b.shape == (8, 1024, 9, 64) and out_b.dtype == torch.bfloat16
+    assert rows.kl_base_tuned.shape == (8, 9, 1024) and rows.kl_base_tuned.dtype == torch.float32

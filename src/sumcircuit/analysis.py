@@ -1,11 +1,11 @@
 """What changed inside the model: attention entropy/KL per head, activations per layer and neuron.
 
-Both models read identical token ids. Each batch runs the base model, keeping
-that batch's per-layer post-RoPE query/key, neuron activations and block
-outputs (valid tokens only), then the tuned model, whose capture sink pairs
-every layer with the base's and folds the result into mergeable sums
-(:mod:`sumcircuit.metrics`). Base tensors are freed layer by layer, so memory
-is bounded by one batch and never grows with the number of documents.
+Both models read identical token ids. Each batch runs both models in lockstep
+(:func:`sumcircuit.capture.run_pair`): at every layer the capture sink gets
+both models' attention row statistics, neuron activations and block outputs
+and folds them into mergeable sums (:mod:`sumcircuit.metrics`). Nothing is
+kept across layers, so memory is one layer of one batch above the two plain
+forward passes and never grows with the number of documents.
 
 Statistics are token-weighted means over *counted* query positions: real
 tokens (padding excluded) inside ``region``. Per-document sums are kept so
@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json
-from sumcircuit.capture import AttentionCall, attention_expectations, body, capturing, expand_kv, expected_score, unwrap
+from sumcircuit.capture import PairRows, run_pair, unwrap
 from sumcircuit.data import DataConfig, Encoded, collate, encode_all, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, ratio_ci
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 REGIONS = ("all", "document", "summary")
 CI_METHODS = ("bootstrap", "normal")
 NEURON_RANKINGS = ("standardized", "abs_change")
-ROW_STATS = ("entropy_base", "entropy_tuned", "kl_base_tuned", "kl_tuned_base")
+ROW_STATS = PairRows.NAMES  # entropy_base, entropy_tuned, kl_base_tuned, kl_tuned_base
 HEAD_STATS = ("entropy_base", "entropy_tuned", "entropy_delta", "kl_base_tuned", "kl_tuned_base")
 STATE_FILE = "accumulators.safetensors"
 HEAD_COLUMNS = ["layer", "head", *HEAD_STATS, "rows",
@@ -102,7 +102,8 @@ class AnalysisConfig:
     ci_level: float = 0.95
     n_bootstrap: int = 1000
     cka: bool = True  # costs 3 d x d products per layer and token batch
-    attention_backend: Literal["auto", "flash", "math"] = "auto"  # flash: CPU fused kernel; math: chunked matmuls
+    rows_per_tile: int | None = None  # query rows per score tile; None: sized for the device (capture.tile_rows)
+    fused: bool = True  # torch.compile the per-tile statistics (falls back to eager without a compiler)
     progress: bool = True
 
     def validate(self) -> None:
@@ -115,7 +116,7 @@ class AnalysisConfig:
             (self.top_k >= 0, "top-k must be >= 0"),
             (0 < self.ci_level < 1, "CI level must be in (0, 1)"),
             (self.n_bootstrap >= 10, "n_bootstrap must be >= 10"),
-            (self.attention_backend in ("auto", "flash", "math"), "attention backend: auto, flash or math"),
+            (self.rows_per_tile is None or self.rows_per_tile >= 1, "rows per tile must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +125,8 @@ class AnalysisConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """Fields that change the numbers (a resumed run must agree on them)."""
         skip = {"progress", "top_k", "neuron_threshold", "sign_flip_eps", "neuron_rank_by", "seed",
-                "ci_method", "ci_level", "n_bootstrap"}  # these only change the final summary
+                "ci_method", "ci_level", "n_bootstrap",  # these only change the final summary
+                "rows_per_tile", "fused"}  # float rounding at most
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -262,70 +264,29 @@ def load_state(path: str | Path) -> tuple[AnalysisState, dict[str, str]]:
 
 # ---------------------------------------------------------------- one batch
 
-@dataclass
-class _BaseLayer:
-    query: Tensor | None = None
-    key: Tensor | None = None  # [B, Hkv, T, D], not repeated
-    lse: Tensor | None = None
-    expected: Tensor | None = None  # sum_j p_j s_j of the base row
-    scale: float = 1.0
-    neurons: Tensor | None = None  # [n, N] at counted tokens
-    hidden: Tensor | None = None  # [n, d] at counted tokens
-
-
 class _PairSink:
-    """Capture sink for one batch: ``phase='base'`` stores, ``phase='tuned'`` pairs and accumulates."""
+    """Capture sink for one batch: folds each layer of both models into ``state`` as it arrives."""
 
-    def __init__(self, state: AnalysisState, weights: Tensor, backend: str) -> None:
-        self.state, self.backend = state, backend
-        self.phase = "base"
+    def __init__(self, state: AnalysisState, weights: Tensor) -> None:
+        self.state = state
         self.weights = weights  # [B, T] bool: counted query positions
         self.row_doc = weights.nonzero()[:, 0]  # document of each counted token
         self.n_tokens = float(weights.sum())
         self.all_counted = bool(weights.all())
-        self.base: dict[int, _BaseLayer] = {}
         B, L, H = weights.shape[0], state.n_layers, state.n_heads
         self.doc_sums = {s: torch.zeros(B, L, H, dtype=torch.float64) for s in ROW_STATS}
         self.doc_sums.update({f"actmag_{m}": torch.zeros(B, L, dtype=torch.float64) for m in ("base", "tuned")})
 
-    def _layer(self, layer: int) -> _BaseLayer:
-        return self.base.setdefault(layer, _BaseLayer())
-
-    def _add_rows(self, name: str, layer: int, rows: Tensor) -> None:
-        """Fold per-row values [B, H, T] into per-document sums and row moments."""
-        w = self.weights[:, None, :]
-        masked = torch.where(w, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-        per_doc = masked.sum(-1, dtype=torch.float64).cpu()
-        self.doc_sums[name][:, layer] = per_doc
-        self.state.heads[name].total[layer] += per_doc.sum(0)
-        self.state.heads[name].total_sq[layer] += masked.square().sum((0, 2), dtype=torch.float64).cpu()
-
-    # -- sink protocol
-    def on_attention(self, call: AttentionCall) -> None:
-        key = expand_kv(call.key, call.n_rep)
-        if self.phase == "base":
-            (pk,), lse = attention_expectations(call.query, key, [key], call.mask, call.scale, self.backend)
-            expected = expected_score(call.query, pk, call.scale)
-            self._add_rows("entropy_base", call.layer, lse - expected)
-            entry = self._layer(call.layer)
-            entry.query, entry.key, entry.lse, entry.expected = call.query, call.key, lse, expected
-            entry.scale = call.scale
-            return
-        base = self.base[call.layer]
-        q_b, scale_b = base.query, base.scale
-        k_b = expand_kv(base.key, call.n_rep)  # type: ignore[arg-type]
-        (pk_tt, pk_tb), lse_t = attention_expectations(call.query, key, [key, k_b], call.mask, call.scale,
-                                                       self.backend)
-        (pk_bt,), _ = attention_expectations(q_b, k_b, [key], call.mask, scale_b, self.backend)  # type: ignore[arg-type]
-        a_tt = expected_score(call.query, pk_tt, call.scale)
-        a_tb = expected_score(q_b, pk_tb, scale_b)  # type: ignore[arg-type]
-        a_bt = expected_score(call.query, pk_bt, call.scale)
-        lse_b, a_bb = base.lse, base.expected
-        self._add_rows("entropy_tuned", call.layer, lse_t - a_tt)
-        # Differences of like terms first: a model compared with itself gives exactly 0.
-        self._add_rows("kl_base_tuned", call.layer, (lse_t - lse_b) + (a_bb - a_bt))  # type: ignore[operator]
-        self._add_rows("kl_tuned_base", call.layer, (lse_b - lse_t) + (a_tt - a_tb))  # type: ignore[operator]
-        base.query = base.key = base.lse = base.expected = None
+    def _add_rows(self, layer: int, rows: PairRows) -> None:
+        """Fold per-row values [S, B, H, T] into per-document sums and row moments, all S at once."""
+        masked = torch.where(self.weights[None, :, None, :], rows.values,
+                             torch.zeros((), dtype=rows.values.dtype, device=rows.values.device))
+        per_doc = masked.sum(-1, dtype=torch.float64).cpu()  # [S, B, H]
+        squares = masked.square().sum((1, 3), dtype=torch.float64).cpu()  # [S, H]
+        for i, name in enumerate(PairRows.NAMES):
+            self.doc_sums[name][:, layer] = per_doc[i]
+            self.state.heads[name].total[layer] += per_doc[i].sum(0)
+            self.state.heads[name].total_sq[layer] += squares[i]
 
     def _rows(self, values: Tensor) -> Tensor:
         """[B, T, F] -> [n, F] at counted tokens (a view when every token counts)."""
@@ -333,43 +294,37 @@ class _PairSink:
             return values.reshape(-1, values.shape[-1]).float()
         return values[self.weights].float()
 
-    def on_neurons(self, layer: int, acts: Tensor) -> None:
-        rows = self._rows(acts)
-        moments = self.state.neurons[self.phase]
-        # fp32 within a batch (pairwise summation), fp64 across batches
-        moments.total[layer] += rows.sum(0).double().cpu()
-        moments.total_sq[layer] += rows.square().sum(0).double().cpu()
-        if self.phase == "base":
-            self._layer(layer).neurons = rows
-            return
-        base = self.base[layer]
-        self.state.neuron_abs_change[layer] += (rows - base.neurons).abs_().sum(0).double().cpu()  # type: ignore[index,operator]
-        base.neurons = None
+    # -- sink protocol
+    def on_attention(self, layer: int, rows: PairRows) -> None:
+        self._add_rows(layer, rows)
 
-    def on_hidden(self, layer: int, hidden: Tensor) -> None:
-        rows = self._rows(hidden)
-        norms = rows.norm(dim=-1)
-        per_doc = torch.zeros(self.weights.shape[0], dtype=torch.float64, device=rows.device)
-        per_doc.index_add_(0, self.row_doc, norms.double())
-        self.doc_sums[f"actmag_{self.phase}"][:, layer] = per_doc.cpu()
-        m = self.state.actmag[self.phase]
-        m.total[layer] += per_doc.sum().cpu()
-        m.total_sq[layer] += norms.double().square().sum().cpu()
-        if self.state.cross is None:
-            return
-        if self.phase == "base":
-            self._layer(layer).hidden = rows
-            return
-        base = self.base[layer]
-        self.state.cross.add(layer, base.hidden, rows)  # type: ignore[arg-type]
-        base.hidden = None
+    def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None:
+        pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
+        for phase, rows in pair.items():
+            moments = self.state.neurons[phase]
+            # fp32 within a batch (pairwise summation), fp64 across batches
+            moments.total[layer] += rows.sum(0).double().cpu()
+            moments.total_sq[layer] += rows.square().sum(0).double().cpu()
+        self.state.neuron_abs_change[layer] += (pair["tuned"] - pair["base"]).abs_().sum(0).double().cpu()  # type: ignore[index]
+
+    def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None:
+        pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
+        for phase, rows in pair.items():
+            norms = rows.norm(dim=-1)
+            per_doc = torch.zeros(self.weights.shape[0], dtype=torch.float64, device=rows.device)
+            per_doc.index_add_(0, self.row_doc, norms.double())
+            self.doc_sums[f"actmag_{phase}"][:, layer] = per_doc.cpu()
+            m = self.state.actmag[phase]
+            m.total[layer] += per_doc.sum().cpu()
+            m.total_sq[layer] += norms.double().square().sum().cpu()
+        if self.state.cross is not None:
+            self.state.cross.add(layer, pair["base"], pair["tuned"])
 
     def finish(self) -> None:
-        """Counts are per batch: add them once, after both passes."""
+        """Counts are per batch: add them once, after the batch."""
         for group in (self.state.heads, self.state.actmag, self.state.neurons):
             for m in group.values():
                 m.count += self.n_tokens
-        self.base.clear()
 
 
 def _region_weights(batch: dict[str, Tensor], region: str) -> Tensor:
@@ -396,21 +351,16 @@ def _accumulate(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter,
     shard_sums.update({f"actmag_{m}": torch.zeros(D, L, dtype=torch.float64) for m in ("base", "tuned")})
     tokens = torch.zeros(D, dtype=torch.float64)
     device_b, device_t = _device_of(base), _device_of(tuned)
-    body_b, body_t = body(base), body(tuned)
+    if device_t != device_b:
+        raise AnalysisError(f"base and tuned models are on different devices ({device_b}, {device_t})")
     for start in range(0, D, config.batch_size):
         idx = order[start:start + config.batch_size]
         batch = collate([encoded[i] for i in idx], pad_token_id, "right")
         weights = _region_weights(batch, config.region)
-        sink = _PairSink(state, weights.to(device_b), config.attention_backend)
-        with capturing(base, adapter, sink):
-            body_b(input_ids=batch["input_ids"].to(device_b),
-                   attention_mask=batch["attention_mask"].to(device_b), use_cache=False)
-        sink.phase = "tuned"
-        if device_t != device_b:
-            raise AnalysisError(f"base and tuned models are on different devices ({device_b}, {device_t})")
-        with capturing(tuned, adapter, sink):
-            body_t(input_ids=batch["input_ids"].to(device_t),
-                   attention_mask=batch["attention_mask"].to(device_t), use_cache=False)
+        sink = _PairSink(state, weights.to(device_b))
+        inputs = {"input_ids": batch["input_ids"].to(device_b),
+                  "attention_mask": batch["attention_mask"].to(device_b), "use_cache": False}
+        run_pair(base, tuned, adapter, sink, inputs, config.rows_per_tile, config.fused)
         sink.finish()
         rows = torch.tensor(idx)
         for name, sums in sink.doc_sums.items():
@@ -455,8 +405,8 @@ def relative_weight_change(base: nn.Module, tuned: nn.Module) -> float:
     pb, pt = _effective_params(base), _effective_params(tuned)
     if pb.keys() != pt.keys() or any(pb[k].shape != pt[k].shape for k in pb):
         raise IncompatibleModelsError(f"parameters of {type(base).__name__} differ between the models")
-    num = sum(float((pt[k].to(pb[k].device) - pb[k]).pow(2).sum()) for k in pb)
-    den = sum(float(pb[k].pow(2).sum()) for k in pb)
+    num = sum(float(torch.linalg.vector_norm(pt[k].to(pb[k].device) - pb[k])) ** 2 for k in pb)
+    den = sum(float(torch.linalg.vector_norm(pb[k])) ** 2 for k in pb)
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.nan
 
 

@@ -1,43 +1,44 @@
-"""Capture machinery: attention statistics and activations without storing attention maps.
+"""Capture machinery: both models run layer by layer in lockstep; statistics come from their one softmax.
 
 An attention function registered in ``transformers``' ``AttentionInterface``
-keeps the model's own SDPA path for the output (so hidden states are exactly
-those of a plain SDPA forward pass) and hands the post-RoPE query and key it
-receives to a *sink*. Forward hooks hand over MLP neuron activations (the
-input of ``adapter.mlp_output``) and block outputs (the residual stream).
+replaces SDPA while a capture runs. The base model's forward pass runs in a
+worker thread and the tuned model's in the caller's; they take turns, so at
+every layer the tuned model's attention call sees both models' post-RoPE
+query, key and value. One pass over tiles of query rows then gives, per model,
+``lp = log_softmax(s)`` and ``p = exp(lp)`` once, and from them::
 
-Attention statistics never materialize a ``[T, T]`` matrix. For a row with
-scores ``s_j = scale * q.k_j`` and ``p = softmax(s)``::
+    output   = p @ V                                  (the layer's attention output)
+    H(p)     = -sum_j p_j lp_j
+    KL(p||r) =  sum_j p_j lp_j - sum_j p_j lr_j       (r: the other model's row, same keys)
 
-    H(p)     = lse(s) - sum_j p_j s_j       = lse(s) - scale * q . (P K)
-    KL(p||r) = (lse(s') - lse(s)) + sum_j p_j s_j - sum_j p_j s'_j
-
-where ``r = softmax(s')`` is the other model's row; ``sum_j p_j s'_j`` is
-``scale' * q' . (P K')``. ``P K`` is an attention output whose *values are
-the keys*, so a fused attention kernel that also returns the log-sum-exp
-gives every statistic exactly, in the kernel's memory (no ``T x T`` tensor).
+No ``[T, T]`` matrix exists (a tile is ``rows x T``), no softmax is computed
+twice, and nothing is kept across layers: the base's neuron inputs and block
+outputs (forward hooks) wait one layer for their tuned partners.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.errors import SumcircuitError
 
+log = logging.getLogger(__name__)
+
 ATTN_IMPLEMENTATION = "sumcircuit_stats"
 _NEG = torch.finfo(torch.float32).min
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class CaptureError(SumcircuitError):
@@ -78,103 +79,311 @@ def row_mask(attention_mask: Tensor | None, q_len: int, kv_len: int, window: int
     return RowMask(additive.masked_fill_(~attention_mask.to(device), _NEG), causal=False)
 
 
-def attention_expectations(q: Tensor, k: Tensor, values: Sequence[Tensor], mask: RowMask,
-                           scale: float, backend: str = "auto",
-                           chunk: int = 256) -> tuple[list[Tensor], Tensor]:
-    """``([P @ v for v in values], lse)`` for ``P = softmax(scale q k^T + mask)``, in fp32.
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One model's attention call: post-RoPE ``query`` [B, Hq, T, D], ``key``/``value`` [B, Hkv, Tk, D]."""
 
-    ``q``, ``k`` and every value are ``[B, H, T, D]`` with the same H and D.
-    On CPU the fused flash kernel returns the log-sum-exp with the output, so no
-    ``T x T`` matrix exists; elsewhere (or with ``backend='math'``) query rows are
-    processed in chunks of ``chunk``, bounding memory at ``B*H*chunk*T`` floats.
-    """
-    if backend not in ("auto", "flash", "math"):
-        raise ValueError(f"unknown attention backend {backend!r}")
-    use_flash = backend != "math" and q.device.type == "cpu" and _CPU_FLASH is not None
-    if backend == "flash" and not use_flash:
-        raise CaptureError("the fused CPU flash kernel is not available here; use backend 'math'")
-    if use_flash:
-        outs, lse = [], None
-        for v in values:
-            assert _CPU_FLASH is not None
-            out, lse = _CPU_FLASH(q, k, v, 0.0, mask.causal, attn_mask=mask.additive, scale=scale)
-            outs.append(out)
-        assert lse is not None
-        return outs, lse
-    return _math_expectations(q, k, values, mask, scale, chunk)
-
-
-def _math_expectations(q: Tensor, k: Tensor, values: Sequence[Tensor], mask: RowMask, scale: float,
-                       chunk: int) -> tuple[list[Tensor], Tensor]:
-    """Chunked reference: one wide matmul ``P @ [v1 | v2 | ...]`` per chunk of query rows."""
-    t_q, t_k = q.shape[2], k.shape[2]
-    wide = torch.cat(list(values), dim=-1)
-    outs, lses = [], []
-    for r0 in range(0, t_q, chunk):
-        r1 = min(t_q, r0 + chunk)
-        # causal: rows r0..r1 see at most keys < r1 + (t_k - t_q)
-        kv_end = min(t_k, r1 + t_k - t_q) if mask.causal else t_k
-        scores = torch.matmul(q[:, :, r0:r1], k[:, :, :kv_end].transpose(-1, -2)).mul_(scale)
-        if mask.causal:
-            q_idx = torch.arange(r0, r1, device=q.device)[:, None] + (t_k - t_q)
-            scores.masked_fill_(torch.arange(kv_end, device=q.device)[None, :] > q_idx, float("-inf"))
-        elif mask.additive is not None:
-            scores.add_(mask.additive[..., r0:r1, :kv_end])
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = scores.sub_(lse).exp_()
-        outs.append(torch.matmul(probs, wide[:, :, :kv_end]))
-        lses.append(lse.squeeze(-1))
-    out = torch.cat(outs, dim=2)
-    return list(out.split([v.shape[-1] for v in values], dim=-1)), torch.cat(lses, dim=2)
-
-
-def expected_score(q: Tensor, pk: Tensor, scale: float) -> Tensor:
-    """``sum_j p_j s_j`` per row from ``P K``: ``scale * q . (P K)``, [B, H, T]."""
-    return torch.linalg.vecdot(q, pk).mul_(scale)
-
-
-# ---------------------------------------------------------------- sinks
-
-@dataclass
-class AttentionCall:
-    """What the attention function hands to a sink: fp32 post-RoPE q and k, per query head."""
-
-    layer: int
-    query: Tensor  # [B, Hq, T, D]
-    key: Tensor  # [B, Hkv, T, D] (not repeated: the sink repeats when it needs to)
-    n_rep: int
-    mask: RowMask
+    query: Tensor
+    key: Tensor
+    value: Tensor
     scale: float
 
 
-class CaptureSink(Protocol):
-    def on_attention(self, call: AttentionCall) -> None: ...
+@dataclass(frozen=True)
+class PairRows:
+    """Per query row statistics of one layer of the two models: ``values[i]`` is ``NAMES[i]``, [B, Hq, T] fp32."""
 
-    def on_neurons(self, layer: int, acts: Tensor) -> None: ...
+    NAMES: ClassVar[tuple[str, ...]] = ("entropy_base", "entropy_tuned", "kl_base_tuned", "kl_tuned_base")
+    values: Tensor  # [4, B, Hq, T]; KL(base||tuned) is p = base
 
-    def on_hidden(self, layer: int, hidden: Tensor) -> None: ...
+    def __getattr__(self, name: str) -> Tensor:
+        if name in PairRows.NAMES:
+            return self.values[PairRows.NAMES.index(name)]
+        raise AttributeError(name)
 
 
-_SINKS: dict[int, tuple[CaptureSink, int, int | None]] = {}  # id(attention module) -> sink, layer, window
+def _grouped(x: Tensor, n_kv: int, scale: float | None = None) -> Tensor:
+    """``[B, H, T, D]`` -> fp32 ``[B*Hkv, T*n_rep, D]``, rows ordered (position, head of the group).
+
+    Query heads that share a key head become one matrix, so grouped-query keys
+    are never repeated, and a tile of positions is a contiguous slice.
+    """
+    b, h, t, d = x.shape
+    x = x.float() if scale is None else x.float() * scale
+    return x.view(b, n_kv, h // n_kv, t, d).transpose(2, 3).reshape(b * n_kv, t * (h // n_kv), d)
+
+
+def _ungrouped(x: Tensor, b: int, n_kv: int, t: int) -> Tensor:
+    """Inverse of :func:`_grouped` for rows ``[..., B*Hkv, T*n_rep, F]`` -> ``[..., B, T, H, F]``."""
+    lead = x.shape[:-3]
+    x = x.reshape(*lead, b, n_kv, t, -1, x.shape[-1])  # [..., B, Hkv, T, n_rep, F]
+    return x.movedim(-4, -3).flatten(-3, -2)  # [..., B, T, Hkv, n_rep, F] -> [..., B, T, H, F]
+
+
+def tile_stats(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p_base, p_tuned, dots)`` for two masked score tiles ``[N, R, K]``.
+
+    ``dots`` is ``[4, N, R]``: ``sum p_b lp_b``, ``sum p_b lp_t``, ``sum p_t lp_t``,
+    ``sum p_t lp_b``. Masked keys carry a finite very negative score, so they
+    give ``p = 0`` and ``p * lp = 0`` (not ``nan``) in the cross terms.
+    """
+    lp_b = torch.log_softmax(scores_base, dim=-1)
+    lp_t = torch.log_softmax(scores_tuned, dim=-1)
+    p_b, p_t = lp_b.exp(), lp_t.exp()
+    dots = torch.stack([(p_b * lp_b).sum(-1), (p_b * lp_t).sum(-1), (p_t * lp_t).sum(-1), (p_t * lp_b).sum(-1)])
+    return p_b, p_t, dots
+
+
+class _TileKernel:
+    """:func:`tile_stats`, fused by ``torch.compile`` when it can be (one pass instead of seven).
+
+    Without a working compiler (or with ``fused=False``) the same function runs
+    eagerly: identical results up to float rounding, about 3x slower tiles.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+        self.unavailable: str | None = None
+
+    def __call__(self, scores_base: Tensor, scores_tuned: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if fused and self.unavailable is None:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(tile_stats, dynamic=True)
+                return self._compiled(scores_base, scores_tuned)
+            except Exception as exc:  # noqa: BLE001 - no compiler etc.: fall back, once, loudly
+                self.unavailable = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("torch.compile cannot fuse the attention statistics here (%s); "
+                            "running them unfused", self.unavailable)
+        return tile_stats(scores_base, scores_tuned)
+
+
+_KERNEL = _TileKernel()
+
+
+def _scores(q: Tensor, k_t: Tensor, rows: slice, kv_end: int, n_rep: int, mask: RowMask, batch: int,
+            future: Tensor) -> Tensor:
+    """The masked score tile ``[B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``.
+
+    ``future`` is the causal block ``[tile, 1, tile]`` (True above the diagonal).
+    """
+    scores = torch.bmm(q[:, rows.start * n_rep:rows.stop * n_rep], k_t[:, :, :kv_end])
+    c = rows.stop - rows.start
+    if mask.causal:  # only the diagonal block (the last c keys) holds keys after the row
+        scores.view(-1, c, n_rep, kv_end)[..., kv_end - c:].masked_fill_(future[:c, :, :c], _NEG)
+    elif mask.additive is not None:
+        add = mask.additive[:, :, rows, :kv_end]  # [B or 1, 1, c, kv]
+        scores.view(batch, -1, c, n_rep, kv_end).add_(add[..., None, :])
+    return scores
+
+
+_CPU_TILE_ROWS = 64  # measured on AVX-512: rows x 1k keys x 9 heads stays in L2, fewest passes to memory
+_ACCELERATOR_TILE_BYTES = 256 * 2**20  # one fp32 tile; few, large tiles keep kernel launches off the clock
+
+
+def tile_rows(query: Tensor, kv_len: int, rows_per_tile: int | None = None) -> int:
+    """Query positions per score tile: ``rows_per_tile`` if given, else sized for the device.
+
+    CPU tiles are small so they stay in cache; on an accelerator a tile is
+    bounded by bytes instead, so a layer takes a handful of kernel launches.
+    """
+    if rows_per_tile is not None:
+        return rows_per_tile
+    if query.device.type == "cpu":
+        return _CPU_TILE_ROWS
+    rows_bytes = query.shape[0] * query.shape[1] * kv_len * 4
+    return max(_CPU_TILE_ROWS, _ACCELERATOR_TILE_BYTES // max(rows_bytes, 1))
+
+
+def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMask,
+                     rows_per_tile: int | None = None, fused: bool = True) -> tuple[Tensor, Tensor, PairRows]:
+    """Both models' attention outputs ``[B, T, Hq, Dv]`` and their row statistics, one softmax each.
+
+    Query positions go in tiles (:func:`tile_rows`). Per tile each model's
+    scores ``s`` give ``lp = log_softmax(s)`` and ``p = exp(lp)`` once
+    (:func:`tile_stats`); the output is ``p @ V``, entropy ``-sum p lp`` and
+    ``KL(base||tuned) = sum p_b (lp_b - lp_t)``, all from the same tiles: no
+    ``T x T`` matrix, no second softmax. Statistics are fp32 whatever the
+    model dtype; outputs are cast back to it.
+    """
+    if base.query.shape != tuned.query.shape or base.key.shape != tuned.key.shape:
+        raise CaptureError(f"the models' attention shapes differ ({tuple(base.query.shape)} vs "
+                           f"{tuple(tuned.query.shape)}): statistics need matching heads")
+    b, h_q, t_q, _ = base.query.shape
+    h_kv, t_k = base.key.shape[1], base.key.shape[2]
+    n_rep, offset = h_q // h_kv, t_k - t_q  # query position i is key position i + offset
+    queries = [_grouped(x.query, h_kv, x.scale) for x in (base, tuned)]
+    keys = [x.key.float().flatten(0, 1).transpose(1, 2) for x in (base, tuned)]  # [B*Hkv, D, Tk]
+    values = [x.value.float().flatten(0, 1) for x in (base, tuned)]  # [B*Hkv, Tk, Dv]
+    n = b * h_kv
+    outs = torch.empty(2, n, t_q * n_rep, base.value.shape[-1], device=base.query.device)
+    dots = torch.empty(4, n, t_q * n_rep, device=base.query.device)
+    step = tile_rows(base.query, t_k, rows_per_tile)
+    future = torch.ones(step, step, dtype=torch.bool, device=base.query.device).triu_(1)[:, None]
+    for r0 in range(0, t_q, step):
+        rows = slice(r0, min(t_q, r0 + step))
+        kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
+        scores = [_scores(q, k, rows, kv_end, n_rep, mask, b, future) for q, k in zip(queries, keys)]
+        p_b, p_t, tile = _KERNEL(scores[0], scores[1], fused)
+        flat = slice(rows.start * n_rep, rows.stop * n_rep)
+        outs[0, :, flat] = torch.bmm(p_b, values[0][:, :kv_end])
+        outs[1, :, flat] = torch.bmm(p_t, values[1][:, :kv_end])
+        dots[:, :, flat] = tile
+    out = _ungrouped(outs, b, h_kv, t_q)  # [2, B, T, H, Dv]
+    rows_stats = _ungrouped(dots[..., None], b, h_kv, t_q)[..., 0].transpose(-1, -2)  # [4, B, H, T]
+    self_b, cross_b, self_t, cross_t = rows_stats.unbind(0)
+    # Like terms first: a model compared with itself gives exactly 0.
+    pair = PairRows(torch.stack([-self_b, -self_t, self_b - cross_b, self_t - cross_t]))
+    return out[0].to(base.query.dtype), out[1].to(tuned.query.dtype), pair
+
+
+# ---------------------------------------------------------------- the two models in lockstep
+
+class PairSink(Protocol):
+    """Receives one layer of both models at a time (tensors valid only during the call)."""
+
+    def on_attention(self, layer: int, rows: PairRows) -> None: ...
+
+    def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None: ...
+
+    def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None: ...
+
+
+class _Abandoned(Exception):
+    """Raised in one model's thread when the other one failed."""
+
+
+_ACTIVE: dict[int, tuple[_Lockstep, int]] = {}  # id(attention module) -> run, layer
+
+
+class _Lockstep:
+    """The base model's forward pass in a worker thread, the tuned one's in the caller's, taking turns.
+
+    The base runs up to its attention call of layer L and hands over; the tuned
+    model runs up to its own layer L, computes both attentions in one pass
+    (:func:`paired_attention`) and hands back. Neuron inputs and block outputs
+    of the base wait one layer for their tuned partners. So both models'
+    tensors meet one layer at a time: nothing is stored across layers, and
+    only one thread computes at any moment (no oversubscribed cores).
+    """
+
+    def __init__(self, sink: PairSink, windows: list[int | None], device: torch.device,
+                 rows_per_tile: int | None, fused: bool) -> None:
+        self.sink, self.windows, self.device = sink, windows, device
+        self.rows_per_tile, self.fused = rows_per_tile, fused
+        self._cond = threading.Condition()
+        self._turn = "base"
+        self._failed: BaseException | None = None
+        self._base_done = False
+        self._worker: threading.Thread | None = None
+        self._pending: tuple[int, AttentionInputs] | None = None
+        self._base_out: Tensor | None = None
+        self._stash: dict[tuple[str, int], Tensor] = {}
+
+    # -- turn taking
+    def _role(self) -> str:
+        return "base" if threading.current_thread() is self._worker else "tuned"
+
+    def _wait(self, role: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == role or self._failed is not None)
+            if self._failed is not None:
+                raise _Abandoned
+
+    def _hand_over(self, to: str) -> None:
+        with self._cond:
+            self._turn = to
+            self._cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._failed is None:
+                self._failed = exc
+            self._cond.notify_all()
+
+    def run(self, run_base: Callable[[], object], run_tuned: Callable[[], object]) -> None:
+        grad = torch.is_grad_enabled()
+
+        def base_thread() -> None:
+            try:
+                if self.device.type == "cuda":  # the current device is per thread
+                    torch.cuda.set_device(self.device)
+                with torch.set_grad_enabled(grad):
+                    run_base()
+            except _Abandoned:
+                pass
+            except BaseException as exc:  # handed to the caller's thread
+                self._fail(exc)
+            finally:
+                with self._cond:
+                    self._base_done = True
+                    self._turn = "tuned"
+                    self._cond.notify_all()
+
+        self._worker = threading.Thread(target=base_thread, name="sumcircuit-base", daemon=True)
+        self._worker.start()
+        try:
+            self._wait("tuned")
+            run_tuned()
+            if not self._base_done:
+                raise CaptureError("the base model called attention more often than the tuned model")
+        except _Abandoned:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        self._worker.join()
+        if self._failed is not None:
+            raise self._failed
+
+    # -- what the patched attention and the hooks call
+    def attend(self, layer: int, inputs: AttentionInputs, attention_mask: Tensor | None) -> Tensor:
+        if self._role() == "base":
+            self._pending = (layer, inputs)
+            self._hand_over("tuned")
+            self._wait("base")
+            out, self._base_out = self._base_out, None
+            assert out is not None
+            return out
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != layer:
+            raise CaptureError(f"the models reached attention of layer {layer} out of step")
+        q = inputs.query
+        mask = row_mask(attention_mask, q.shape[2], inputs.key.shape[2], self.windows[layer], q.device)
+        out_b, out_t, rows = paired_attention(pending[1], inputs, mask, self.rows_per_tile, self.fused)
+        self.sink.on_attention(layer, rows)
+        self._base_out = out_b
+        self._hand_over("base")
+        self._wait("tuned")
+        return out_t
+
+    def meet(self, kind: str, layer: int, value: Tensor) -> None:
+        """Pair the base's ``kind`` tensor of ``layer`` with the tuned model's."""
+        if self._role() == "base":
+            self._stash[(kind, layer)] = value
+            return
+        base = self._stash.pop((kind, layer), None)
+        if base is None:
+            raise CaptureError(f"the tuned model's {kind} of layer {layer} has no base partner")
+        (self.sink.on_neurons if kind == "neurons" else self.sink.on_hidden)(layer, base, value)
 
 
 def _stats_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """SDPA for the output (unchanged numerics), then the statistics on the side."""
-    entry = _SINKS.get(id(module))
-    if entry is not None and kwargs.get("softcap") is not None:
+    """Plain SDPA for modules outside a capture; inside one, both models' attention in one pass."""
+    entry = _ACTIVE.get(id(module))
+    if entry is None:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, is_causal=is_causal, **kwargs)
+        return out, None
+    if kwargs.get("softcap") is not None:
         raise CaptureError("attention logit soft-capping is not supported by the statistics path")
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                    scaling=scaling, is_causal=is_causal, **kwargs)
-    if entry is not None:
-        sink, layer, window = entry
-        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        mask = row_mask(attention_mask, query.shape[2], key.shape[2], window, query.device)
-        n_rep = query.shape[1] // key.shape[1]
-        sink.on_attention(AttentionCall(layer, query.detach().float(), key.detach().float(), n_rep,
-                                        mask, scale))
-    return out, None
+    if kwargs.get("s_aux") is not None:
+        raise CaptureError("attention sinks are not supported by the statistics path")
+    run, layer = entry
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    return run.attend(layer, AttentionInputs(query.detach(), key.detach(), value.detach(), scale),
+                      attention_mask), None
 
 
 _REGISTERED = False
@@ -188,11 +397,6 @@ def register_attention() -> str:
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
         _REGISTERED = True
     return ATTN_IMPLEMENTATION
-
-
-def expand_kv(key: Tensor, n_rep: int) -> Tensor:
-    """Grouped-query keys repeated to one per query head (statistics are per *query* head)."""
-    return repeat_kv(key, n_rep)
 
 
 # ---------------------------------------------------------------- installing
@@ -209,57 +413,73 @@ def body(model: nn.Module) -> nn.Module:
     return getattr(inner, "base_model", inner)
 
 
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
+def _configs(models: Sequence[nn.Module]) -> list[PretrainedConfig]:
     seen: dict[int, PretrainedConfig] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(config, PretrainedConfig):
-            seen.setdefault(id(config), config)
+    for model in models:
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig):
+                seen.setdefault(id(config), config)
     return list(seen.values())
 
 
-def _neuron_hook(sink: CaptureSink, layer: int, _module: nn.Module, args: tuple[Any, ...]) -> None:
-    sink.on_neurons(layer, args[0].detach())
+def _neuron_hook(run: _Lockstep, layer: int, _module: nn.Module, args: tuple[Any, ...]) -> None:
+    run.meet("neurons", layer, args[0].detach())
 
 
-def _hidden_hook(sink: CaptureSink, layer: int, _module: nn.Module, _args: Any, output: Any) -> None:
+def _hidden_hook(run: _Lockstep, layer: int, _module: nn.Module, _args: Any, output: Any) -> None:
     hidden = output[0] if isinstance(output, (tuple, list)) else output
-    sink.on_hidden(layer, hidden.detach())
+    run.meet("hidden", layer, hidden.detach())
 
 
 @contextmanager
-def capturing(model: nn.Module, adapter: ArchitectureAdapter, sink: CaptureSink) -> Iterator[None]:
-    """Route ``model``'s attention, MLP inputs and block outputs to ``sink`` inside the block.
-
-    Everything is undone in ``finally`` (attention implementation, hooks, train
-    mode), so a model being fine-tuned can be analyzed between steps.
-    """
-    inner = unwrap(model)
+def _installed(models: Sequence[PreTrainedModel], adapter: ArchitectureAdapter, run: _Lockstep) -> Iterator[None]:
+    """The statistics attention and the pairing hooks on ``models``; everything undone in ``finally``."""
     name = register_attention()
-    configs = _configs(inner)
+    configs = _configs(models)
     previous = [(c, c._attn_implementation_internal) for c in configs]
-    was_training = [(m, m.training) for m in inner.modules()]
+    was_training = [(m, m.training) for model in models for m in model.modules()]
     handles = []
-    attention_ids = []
+    hooked: set[int] = set()  # a model compared with itself is hooked once
     try:
-        inner.eval()
         for config in configs:
             config._attn_implementation_internal = name
-        for layer in range(adapter.n_layers):
-            attention = adapter.attention(inner, layer)
-            _SINKS[id(attention)] = (sink, layer, adapter.sliding_window(layer))
-            attention_ids.append(id(attention))
-            handles.append(adapter.mlp_output(inner, layer).register_forward_pre_hook(
-                partial(_neuron_hook, sink, layer)))
-            handles.append(adapter.block(inner, layer).register_forward_hook(
-                partial(_hidden_hook, sink, layer)))
+        for model in models:
+            model.eval()
+            for layer in range(adapter.n_layers):
+                attention = adapter.attention(model, layer)
+                if id(attention) in hooked:
+                    continue
+                hooked.add(id(attention))
+                _ACTIVE[id(attention)] = (run, layer)
+                handles.append(adapter.mlp_output(model, layer).register_forward_pre_hook(
+                    partial(_neuron_hook, run, layer)))
+                handles.append(adapter.block(model, layer).register_forward_hook(
+                    partial(_hidden_hook, run, layer)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for key in attention_ids:
-            _SINKS.pop(key, None)
+        for key in hooked:
+            _ACTIVE.pop(key, None)
         for config, value in previous:
             config._attn_implementation_internal = value
         for module, training in was_training:
             module.training = training
+
+
+def run_pair(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter, sink: PairSink,
+             inputs: dict[str, Any], rows_per_tile: int | None = None, fused: bool = True) -> None:
+    """Run both model bodies on ``inputs`` in lockstep, handing every layer of both to ``sink``.
+
+    Each layer's attention is computed once per model, outputs and statistics
+    together; hidden states match a plain forward pass within SDPA's own
+    tolerance (the output comes from an exact softmax, not SDPA's kernel).
+    Train mode, hooks and the attention implementation are restored even on
+    error, so a model being fine-tuned can be analyzed between steps.
+    """
+    device = next(unwrap(base).parameters()).device
+    run = _Lockstep(sink, [adapter.sliding_window(i) for i in range(adapter.n_layers)], device, rows_per_tile,
+                    fused)
+    with _installed([unwrap(base), unwrap(tuned)], adapter, run):
+        run.run(lambda: body(base)(**inputs), lambda: body(tuned)(**inputs))

@@ -97,9 +97,20 @@ class CrossMoments:
         n_b = x.shape[0]
         if n_b == 0:
             return
-        mx, my = x.float().mean(0), y.float().mean(0)
-        xc, yc = x.float() - mx, y.float() - my
-        self._merge_layer(layer, n_b, mx.double(), my.double(), xc.T @ xc, yc.T @ yc, xc.T @ yc)
+        x, y = x.float(), y.float()
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        n_a = float(self.n[layer])
+        n = n_a + n_b
+        dx, dy = mx.double() - self.mean_x[layer], my.double() - self.mean_y[layer]
+        w, dxf, dyf = n_a * n_b / n, dx.float(), dy.float()
+        # in place: the batch's centered products and the Chan correction, no d x d temporaries
+        self.cxx[layer].addmm_(xc.T, xc).addr_(dxf, dxf, alpha=w)
+        self.cyy[layer].addmm_(yc.T, yc).addr_(dyf, dyf, alpha=w)
+        self.cxy[layer].addmm_(xc.T, yc).addr_(dxf, dyf, alpha=w)
+        self.mean_x[layer] += dx * (n_b / n)
+        self.mean_y[layer] += dy * (n_b / n)
+        self.n[layer] = n
 
     def _merge_layer(self, layer: int, n_b: float, mx: Tensor, my: Tensor, cxx: Tensor, cyy: Tensor,
                      cxy: Tensor) -> None:
@@ -148,10 +159,10 @@ class CrossMoments:
 
     def cka(self) -> Tensor:
         """Linear CKA per layer: ||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F) (Kornblith et al. 2019)."""
-        cxy, cxx, cyy = self.cxy.to(_F64), self.cxx.to(_F64), self.cyy.to(_F64)
-        num = cxy.pow(2).sum((-1, -2))
-        den = cxx.pow(2).sum((-1, -2)).sqrt() * cyy.pow(2).sum((-1, -2)).sqrt()
-        return num / den
+        def sq(m: Tensor) -> Tensor:  # layer by layer: one d x d in fp64 at a time
+            return torch.stack([m[i].to(_F64).square().sum() for i in range(m.shape[0])])
+
+        return sq(self.cxy) / (sq(self.cxx).sqrt() * sq(self.cyy).sqrt())
 
     def state(self, prefix: str) -> dict[str, Tensor]:
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
