@@ -302,10 +302,11 @@ class _PairSink:
         pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
         for phase, rows in pair.items():
             moments = self.state.neurons[phase]
-            # fp32 within a batch (pairwise summation), fp64 across batches
+            # fp32 within a batch (pairwise summation), fp64 across batches; norms: one pass, no temporaries
             moments.total[layer] += rows.sum(0).double().cpu()
-            moments.total_sq[layer] += rows.square().sum(0).double().cpu()
-        self.state.neuron_abs_change[layer] += (pair["tuned"] - pair["base"]).abs_().sum(0).double().cpu()  # type: ignore[index]
+            moments.total_sq[layer] += torch.linalg.vector_norm(rows, dim=0).double().square().cpu()
+        change = torch.linalg.vector_norm(pair["tuned"] - pair["base"], ord=1, dim=0)
+        self.state.neuron_abs_change[layer] += change.double().cpu()  # type: ignore[index]
 
     def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None:
         pair = {"base": self._rows(base), "tuned": self._rows(tuned)}

@@ -2,7 +2,7 @@
 
 An attention function registered in ``transformers``' ``AttentionInterface``
 replaces SDPA while a capture runs. The base model's forward pass runs in a
-worker thread and the tuned model's in the caller's; they take turns, so at
+greenlet and the tuned model's in the caller's; they take turns, so at
 every layer the tuned model's attention call sees both models' post-RoPE
 query, key and value. One pass over tiles of query rows then gives, per model,
 ``lp = log_softmax(s)`` and ``p = exp(lp)`` once, and from them::
@@ -19,7 +19,6 @@ outputs (forward hooks) wait one layer for their tuned partners.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from functools import partial
 from typing import Any, ClassVar, Protocol
 
 import torch
+from greenlet import getcurrent, greenlet
 from torch import Tensor, nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -249,100 +249,53 @@ class PairSink(Protocol):
     def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None: ...
 
 
-class _Abandoned(Exception):
-    """Raised in one model's thread when the other one failed."""
-
-
 _ACTIVE: dict[int, tuple[_Lockstep, int]] = {}  # id(attention module) -> run, layer
 
 
 class _Lockstep:
-    """The base model's forward pass in a worker thread, the tuned one's in the caller's, taking turns.
+    """The base model's forward pass in a greenlet, the tuned one's in the caller's, taking turns.
 
-    The base runs up to its attention call of layer L and hands over; the tuned
-    model runs up to its own layer L, computes both attentions in one pass
-    (:func:`paired_attention`) and hands back. Neuron inputs and block outputs
-    of the base wait one layer for their tuned partners. So both models'
-    tensors meet one layer at a time: nothing is stored across layers, and
-    only one thread computes at any moment (no oversubscribed cores).
+    The base runs up to its attention call of layer L and switches over; the
+    tuned model runs up to its own layer L, computes both attentions in one
+    pass (:func:`paired_attention`) and switches back. Neuron inputs and block
+    outputs of the base wait one layer for their tuned partners. So both
+    models' tensors meet one layer at a time and nothing is kept across layers.
+    Greenlets rather than threads: both passes share one OS thread, hence one
+    OpenMP team (a second, spinning team slows small ops 2-4x), the caller's
+    torch state (no-grad, device) and no lock handoffs.
     """
 
-    def __init__(self, sink: PairSink, windows: list[int | None], device: torch.device,
-                 rows_per_tile: int | None, fused: bool) -> None:
-        self.sink, self.windows, self.device = sink, windows, device
+    def __init__(self, sink: PairSink, windows: list[int | None], rows_per_tile: int | None, fused: bool) -> None:
+        self.sink, self.windows = sink, windows
         self.rows_per_tile, self.fused = rows_per_tile, fused
-        self._cond = threading.Condition()
-        self._turn = "base"
-        self._failed: BaseException | None = None
-        self._base_done = False
-        self._worker: threading.Thread | None = None
+        self._base: greenlet | None = None
         self._pending: tuple[int, AttentionInputs] | None = None
         self._base_out: Tensor | None = None
         self._stash: dict[tuple[str, int], Tensor] = {}
 
-    # -- turn taking
-    def _role(self) -> str:
-        return "base" if threading.current_thread() is self._worker else "tuned"
-
-    def _wait(self, role: str) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._turn == role or self._failed is not None)
-            if self._failed is not None:
-                raise _Abandoned
-
-    def _hand_over(self, to: str) -> None:
-        with self._cond:
-            self._turn = to
-            self._cond.notify_all()
-
-    def _fail(self, exc: BaseException) -> None:
-        with self._cond:
-            if self._failed is None:
-                self._failed = exc
-            self._cond.notify_all()
+    def _in_base(self) -> bool:
+        return self._base is not None and getcurrent() is self._base
 
     def run(self, run_base: Callable[[], object], run_tuned: Callable[[], object]) -> None:
-        grad = torch.is_grad_enabled()
-
-        def base_thread() -> None:
-            try:
-                if self.device.type == "cuda":  # the current device is per thread
-                    torch.cuda.set_device(self.device)
-                with torch.set_grad_enabled(grad):
-                    run_base()
-            except _Abandoned:
-                pass
-            except BaseException as exc:  # handed to the caller's thread
-                self._fail(exc)
-            finally:
-                with self._cond:
-                    self._base_done = True
-                    self._turn = "tuned"
-                    self._cond.notify_all()
-
-        self._worker = threading.Thread(target=base_thread, name="sumcircuit-base", daemon=True)
-        self._worker.start()
+        self._base = greenlet(run_base)
         try:
-            self._wait("tuned")
+            self._base.switch()  # the base runs up to its first attention call (errors surface here)
             run_tuned()
-            if not self._base_done:
+            if not self._base.dead:
                 raise CaptureError("the base model called attention more often than the tuned model")
-        except _Abandoned:
-            pass
-        except BaseException as exc:
-            self._fail(exc)
-        self._worker.join()
-        if self._failed is not None:
-            raise self._failed
+        finally:
+            if not self._base.dead:
+                self._base.throw()  # GreenletExit: unwind the suspended base pass (its finally blocks run)
 
     # -- what the patched attention and the hooks call
     def attend(self, layer: int, inputs: AttentionInputs, attention_mask: Tensor | None) -> Tensor:
-        if self._role() == "base":
+        if self._in_base():
+            assert self._base is not None and self._base.parent is not None
             self._pending = (layer, inputs)
-            self._hand_over("tuned")
-            self._wait("base")
+            self._base.parent.switch()  # the tuned model's turn; it switches back with our output
             out, self._base_out = self._base_out, None
-            assert out is not None
+            if out is None:
+                raise CaptureError(f"the tuned model did not reach attention of layer {layer}")
             return out
         pending, self._pending = self._pending, None
         if pending is None or pending[0] != layer:
@@ -352,13 +305,13 @@ class _Lockstep:
         out_b, out_t, rows = paired_attention(pending[1], inputs, mask, self.rows_per_tile, self.fused)
         self.sink.on_attention(layer, rows)
         self._base_out = out_b
-        self._hand_over("base")
-        self._wait("tuned")
+        assert self._base is not None
+        self._base.switch()  # the base goes on to its next attention call, or to its end
         return out_t
 
     def meet(self, kind: str, layer: int, value: Tensor) -> None:
         """Pair the base's ``kind`` tensor of ``layer`` with the tuned model's."""
-        if self._role() == "base":
+        if self._in_base():
             self._stash[(kind, layer)] = value
             return
         base = self._stash.pop((kind, layer), None)
@@ -478,8 +431,6 @@ def run_pair(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter, si
     Train mode, hooks and the attention implementation are restored even on
     error, so a model being fine-tuned can be analyzed between steps.
     """
-    device = next(unwrap(base).parameters()).device
-    run = _Lockstep(sink, [adapter.sliding_window(i) for i in range(adapter.n_layers)], device, rows_per_tile,
-                    fused)
+    run = _Lockstep(sink, [adapter.sliding_window(i) for i in range(adapter.n_layers)], rows_per_tile, fused)
     with _installed([unwrap(base), unwrap(tuned)], adapter, run):
         run.run(lambda: body(base)(**inputs), lambda: body(tuned)(**inputs))
