@@ -206,3 +206,4 @@ def test_tiles_are_sized_for_the_device() -> None:
     out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True))
     assert out_b.shape == (8, 1024, 9, 64) and out_b.dtype == torch.bfloat16
     assert rows.kl_base_tuned.shape == (8, 9, 1024) and rows.kl_base_tuned.dtype == torch.float32
+

@@ -103,7 +103,6 @@ class AnalysisConfig:
     n_bootstrap: int = 1000
     cka: bool = True  # costs 3 d x d products per layer and token batch
     rows_per_tile: int | None = None  # query rows per score tile; None: sized for the device (capture.tile_rows)
-    fused: bool = True  # torch.compile the per-tile statistics (falls back to eager without a compiler)
     progress: bool = True
 
     def validate(self) -> None:
@@ -126,7 +125,7 @@ class AnalysisConfig:
         """Fields that change the numbers (a resumed run must agree on them)."""
         skip = {"progress", "top_k", "neuron_threshold", "sign_flip_eps", "neuron_rank_by", "seed",
                 "ci_method", "ci_level", "n_bootstrap",  # these only change the final summary
-                "rows_per_tile", "fused"}  # float rounding at most
+                "rows_per_tile"}  # float rounding at most
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -361,7 +360,7 @@ def _accumulate(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter,
         sink = _PairSink(state, weights.to(device_b))
         inputs = {"input_ids": batch["input_ids"].to(device_b),
                   "attention_mask": batch["attention_mask"].to(device_b), "use_cache": False}
-        run_pair(base, tuned, adapter, sink, inputs, config.rows_per_tile, config.fused)
+        run_pair(base, tuned, adapter, sink, inputs, config.rows_per_tile)
         sink.finish()
         rows = torch.tensor(idx)
         for name, sums in sink.doc_sums.items():

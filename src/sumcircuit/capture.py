@@ -18,7 +18,6 @@ outputs (forward hooks) wait one layer for their tuned partners.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.errors import SumcircuitError
-
-log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "sumcircuit_stats"
 _NEG = torch.finfo(torch.float32).min
@@ -134,33 +131,6 @@ def tile_stats(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tenso
     return p_b, p_t, dots
 
 
-class _TileKernel:
-    """:func:`tile_stats`, fused by ``torch.compile`` when it can be (one pass instead of seven).
-
-    Without a working compiler (or with ``fused=False``) the same function runs
-    eagerly: identical results up to float rounding, about 3x slower tiles.
-    """
-
-    def __init__(self) -> None:
-        self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
-        self.unavailable: str | None = None
-
-    def __call__(self, scores_base: Tensor, scores_tuned: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
-        if fused and self.unavailable is None:
-            try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(tile_stats, dynamic=True)
-                return self._compiled(scores_base, scores_tuned)
-            except Exception as exc:  # noqa: BLE001 - no compiler etc.: fall back, once, loudly
-                self.unavailable = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning("torch.compile cannot fuse the attention statistics here (%s); "
-                            "running them unfused", self.unavailable)
-        return tile_stats(scores_base, scores_tuned)
-
-
-_KERNEL = _TileKernel()
-
-
 def _scores(q: Tensor, k_t: Tensor, rows: slice, kv_end: int, n_rep: int, mask: RowMask, batch: int,
             future: Tensor) -> Tensor:
     """The masked score tile ``[B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``.
@@ -196,7 +166,7 @@ def tile_rows(query: Tensor, kv_len: int, rows_per_tile: int | None = None) -> i
 
 
 def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMask,
-                     rows_per_tile: int | None = None, fused: bool = True) -> tuple[Tensor, Tensor, PairRows]:
+                     rows_per_tile: int | None = None) -> tuple[Tensor, Tensor, PairRows]:
     """Both models' attention outputs ``[B, T, Hq, Dv]`` and their row statistics, one softmax each.
 
     Query positions go in tiles (:func:`tile_rows`). Per tile each model's
@@ -224,7 +194,7 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
         rows = slice(r0, min(t_q, r0 + step))
         kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
         scores = [_scores(q, k, rows, kv_end, n_rep, mask, b, future) for q, k in zip(queries, keys)]
-        p_b, p_t, tile = _KERNEL(scores[0], scores[1], fused)
+        p_b, p_t, tile = tile_stats(scores[0], scores[1])
         flat = slice(rows.start * n_rep, rows.stop * n_rep)
         outs[0, :, flat] = torch.bmm(p_b, values[0][:, :kv_end])
         outs[1, :, flat] = torch.bmm(p_t, values[1][:, :kv_end])
@@ -265,9 +235,8 @@ class _Lockstep:
     torch state (no-grad, device) and no lock handoffs.
     """
 
-    def __init__(self, sink: PairSink, windows: list[int | None], rows_per_tile: int | None, fused: bool) -> None:
-        self.sink, self.windows = sink, windows
-        self.rows_per_tile, self.fused = rows_per_tile, fused
+    def __init__(self, sink: PairSink, windows: list[int | None], rows_per_tile: int | None) -> None:
+        self.sink, self.windows, self.rows_per_tile = sink, windows, rows_per_tile
         self._base: greenlet | None = None
         self._pending: tuple[int, AttentionInputs] | None = None
         self._base_out: Tensor | None = None
@@ -302,7 +271,7 @@ class _Lockstep:
             raise CaptureError(f"the models reached attention of layer {layer} out of step")
         q = inputs.query
         mask = row_mask(attention_mask, q.shape[2], inputs.key.shape[2], self.windows[layer], q.device)
-        out_b, out_t, rows = paired_attention(pending[1], inputs, mask, self.rows_per_tile, self.fused)
+        out_b, out_t, rows = paired_attention(pending[1], inputs, mask, self.rows_per_tile)
         self.sink.on_attention(layer, rows)
         self._base_out = out_b
         assert self._base is not None
@@ -422,7 +391,7 @@ def _installed(models: Sequence[PreTrainedModel], adapter: ArchitectureAdapter, 
 
 
 def run_pair(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter, sink: PairSink,
-             inputs: dict[str, Any], rows_per_tile: int | None = None, fused: bool = True) -> None:
+             inputs: dict[str, Any], rows_per_tile: int | None = None) -> None:
     """Run both model bodies on ``inputs`` in lockstep, handing every layer of both to ``sink``.
 
     Each layer's attention is computed once per model, outputs and statistics
@@ -431,6 +400,6 @@ def run_pair(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter, si
     Train mode, hooks and the attention implementation are restored even on
     error, so a model being fine-tuned can be analyzed between steps.
     """
-    run = _Lockstep(sink, [adapter.sliding_window(i) for i in range(adapter.n_layers)], rows_per_tile, fused)
+    run = _Lockstep(sink, [adapter.sliding_window(i) for i in range(adapter.n_layers)], rows_per_tile)
     with _installed([unwrap(base), unwrap(tuned)], adapter, run):
         run.run(lambda: body(base)(**inputs), lambda: body(tuned)(**inputs))
