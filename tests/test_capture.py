@@ -197,7 +197,7 @@ def test_an_error_in_the_base_models_pass_reaches_the_caller() -> None:
 def test_tiles_are_sized_for_the_device() -> None:
     cpu = torch.empty(8, 9, 1024, 64)
     meta = torch.empty(8, 9, 1024, 64, device="meta")  # stands in for an accelerator
-    assert tile_rows(cpu, 1024) == 64 and tile_rows(cpu, 1024, 7) == 7
+    assert tile_rows(cpu, 1024) == 8 and tile_rows(cpu[:1], 1024) == 64 and tile_rows(cpu, 1024, 7) == 7
     assert tile_rows(meta, 1024) == 256 * 2**20 // (8 * 9 * 1024 * 4)  # 910 rows: two tiles per layer
     assert tile_rows(torch.empty(1, 2, 8, 4, device="meta"), 8) >= 64
     # the accelerator path is the same code: shapes and dtypes through it on meta tensors
