@@ -91,6 +91,8 @@ def test_training_template_without_summary_refused(tiny_model_dirs: dict[str, Pa
     (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--val-fraction", "1.5"],
      "--val-fraction"),
     (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--lr", "nan"], "--lr"),
+    (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--min-delta", "-1"],
+     "--min-delta"),
     (["finetune", "--model", "m", "--data", "d", "--out", "o", "--method", "full", "--lora-dropout", "1"],
      "--lora-dropout"),
     (["evaluate", "--model", "m", "--data", "d", "--out", "o", "--num-beams", "0"], "--num-beams"),

@@ -101,3 +101,17 @@ def test_epochs_claim_pairs_seeds_with_a_t_interval() -> None:
     capped = dict(run(1.0), best_step=40, stopped_early=False)
     late = claims.epochs_claim([run(1.0), capped], [run(2.0), run(2.0)])
     assert late.verdict == claims.INCONCLUSIVE and "targeted (seed #2) was still improving" in late.evidence
+
+
+def test_epochs_claim_states_the_stopping_rule() -> None:
+    def run(epochs: float, **config: object) -> dict[str, object]:
+        return {"epochs_to_best": epochs, "best_step": 10, "steps": 40, "stopped_early": True,
+                "provenance": {"config": {"patience": 2, "eval_every": 5, **config}}}
+
+    plain = claims.epochs_claim([run(1.0)], [run(2.0)])
+    assert plain.evidence.endswith("stop after 2 evaluations (every 5 steps) without any validation-loss gain")
+    delta = claims.epochs_claim([run(1.0, min_delta=0.01)], [run(2.0, min_delta=0.01)])
+    assert "without a validation-loss gain over 0.01 (a run that gains less per step" in delta.evidence
+    assert claims.stopping_rule({"provenance": {"config": {"patience": 0}}}) == "no early stopping"
+    assert claims.stopping_rule({"provenance": {"config": {"patience": 3}}}).endswith(
+        "(once per epoch) without any validation-loss gain")

@@ -112,6 +112,49 @@ def test_early_stopping_triggers_and_logs(tiny_model_dirs: dict[str, Path], tmp_
                                    load_model(str(tiny_model_dirs["gpt2"])).model(ids).logits, rtol=0, atol=1e-6)
 
 
+def _keras_stop(curve: list[float], patience: int, min_delta: float) -> tuple[int, int]:
+    """Independent statement of the rule: (index of the best evaluation, index where patience ran out)."""
+    best, best_i, bad = curve[0], 0, 0
+    for i, value in enumerate(curve[1:], start=1):
+        if value < best - min_delta:
+            best, best_i, bad = value, i, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                return best_i, i
+    return best_i, len(curve) - 1
+
+
+def test_min_delta_stops_a_run_that_creeps_down(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Improvements smaller than --min-delta count as none: the run stops, its best is the last real gain."""
+    base = dict(lr=3e-3, max_steps=12, eval_every=1, patience=2, scheduler="constant", lora_dropout=0.0)
+    free = run_finetune(str(tiny_model_dirs["gpt2"]), _data(), _cfg(**base), tmp_path / "free")
+    curve = [v for _, v in free["val_curve"]]
+    gains = sorted(curve[i - 1] - curve[i] for i in range(1, len(curve)) if curve[i] < curve[i - 1])
+    assert not free["stopped_early"] and len(gains) >= 4  # it keeps creeping down without a threshold
+    min_delta = gains[len(gains) // 2]  # half the gains are too small to count
+    best_i, stop_i = _keras_stop(curve, 2, min_delta)
+    assert stop_i < len(curve) - 1  # the rule stops this curve before the cap
+    run = run_finetune(str(tiny_model_dirs["gpt2"]), _data(), _cfg(**base, min_delta=min_delta), tmp_path / "delta")
+    assert run["stopped_early"] and run["steps"] == stop_i and run["best_step"] == best_i
+    assert [v for _, v in run["val_curve"]] == curve[:stop_i + 1]  # same training, only the stop differs
+    with pytest.raises(FinetuneError, match="--min-delta must be >= 0"):
+        _cfg(min_delta=-0.1).resolved()
+
+
+def test_cli_min_delta(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from sumcircuit.cli import main
+
+    argv = ["finetune", "--model", str(tiny_model_dirs["gpt2"]), "--data", TRAIN, "--n-docs", "8", "--max-tokens", "64",
+            "--method", "lora", "--batch-size", "2", "--max-steps", "5", "--eval-every", "1", "--patience", "1",
+            "--lr", "1e-2", "--no-progress"]
+    assert main([*argv, "--min-delta", "100", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    # no gain can exceed 100 nats: the first evaluation after the start ends the run, the start stays best
+    assert (summary["steps"], summary["best_step"], summary["stopped_early"]) == (1, 0, True)
+    assert summary["provenance"]["config"]["min_delta"] == 100.0
+
+
 # ---------------------------------------------------------------- layer choice
 
 def test_layer_choice_rules(tmp_path: Path) -> None:

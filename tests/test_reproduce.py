@@ -76,6 +76,9 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     assert json.loads((run / "targeted_s1" / "stage.json").read_text())["config"]["val"] is None  # held out of train
     page = (run / "report.html").read_text()
     assert "Paper claims vs this run" in page and page.count("<img") >= 4
+    # the report the study writes while it still holds its folder reads its own manifest
+    assert "No reproduce.json" not in page and "training seeds</th><td>1, 2: full, LoRA-all" in page
+    assert page.count("drawn outside the circuits&#x27; layers") >= 2  # the header and the random-sets claim
     claims = {c["claim"]: c for c in run_study(_study(tiny_model_dirs["llama"]), run).claims}
     rouge = claims["Targeted LoRA beats LoRA on all layers on ROUGE-1"]
     assert "3 documents x 2 training seeds" in rouge["evidence"]
@@ -88,6 +91,18 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     rerun = set(expected) - set(changed["skipped"])
     assert rerun == {n for n in expected if n.startswith(("targeted", "random"))}
     assert (run / ".stale").is_dir()
+
+    # full fine-tunes on the first seed only: the later seeds' full runs leave, nothing else reruns
+    first_only = run_study(_study(tiny_model_dirs["llama"], targeted={**TINY_HP, "lr": 5e-4}, full_seeds="first"),
+                           run)
+    assert set(first_only.summary["stages"]) == expected - {"full_s2", "full_s2/eval"}
+    assert sorted(first_only.summary["skipped"]) == sorted(first_only.summary["stages"])
+    page = (run / "report.html").read_text()
+    assert not (run / "full_s2").exists() and "full_s2" not in page
+    assert "1, 2: LoRA-all, both targeted runs" in page and "the full fine-tune on seed 1 only" in page
+    assert {c["verdict"] for c in first_only.claims} - {"not run"}  # claims still judged from the LoRA runs
+    with pytest.raises(sc.SumcircuitError, match="full_seeds must be 'all' or 'first'"):
+        _study(tiny_model_dirs["llama"], full_seeds="some").resolved_preset()
 
     fewer = StudyConfig(model=str(tiny_model_dirs["llama"]), data=str(CNNDM), seeds=(1,),
                         overrides={**TINY, "targeted": {**TINY_HP, "lr": 5e-4}})

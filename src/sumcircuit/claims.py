@@ -134,6 +134,17 @@ def params_claim(targeted: int | None, lora_all: int | None) -> ClaimResult:
                        "fixed by the share of adapted layers (3 of 12 in GPT-2 gives 75%)")
 
 
+def stopping_rule(summary: Mapping[str, Any]) -> str:
+    """The early-stopping rule a run was trained under, in words (from its recorded config)."""
+    config = (summary.get("provenance") or {}).get("config") or {}
+    patience, delta, every = config.get("patience"), config.get("min_delta") or 0.0, config.get("eval_every")
+    if not patience:
+        return "no early stopping"
+    gain = f"a validation-loss gain over {delta:g}" if delta else "any validation-loss gain"
+    interval = f"every {every} steps" if every else "once per epoch"
+    return f"stop after {patience} evaluations ({interval}) without {gain}"
+
+
 def _not_converged(name: str, summary: Mapping[str, Any]) -> str | None:
     if not summary.get("best_step"):
         return f"{name} never improved on its starting point"
@@ -168,15 +179,19 @@ def epochs_claim(targeted: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Non
     if problems:
         return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
                            "; ".join(problems) + ": not converged, so epochs to converge are not measured")
+    rule = f"; {stopping_rule(t_runs[0])}"
+    if ((t_runs[0].get("provenance") or {}).get("config") or {}).get("min_delta"):
+        rule += " (a run that gains less per step reaches that point sooner: fewer epochs is not faster learning)"
     diffs = [t - a for t, a in pairs]
     if all(abs(d) < 1e-9 for d in diffs):
-        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE, f"equal epochs to the best checkpoint ({seeds})")
+        return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
+                           f"equal epochs to the best checkpoint ({seeds}){rule}")
     if len(diffs) == 1:
         return ClaimResult(claim, "fewer epochs", text, SUPPORTED if diffs[0] < 0 else CONTRADICTED,
-                           "one training seed: no interval over seeds (run with --seeds 1,2,3 for one)")
+                           f"one training seed: no interval over seeds (run with --seeds 1,2,3 for one){rule}")
     diff, low, high = t_interval(diffs)
     return ClaimResult(claim, "fewer epochs", text, _interval_verdict(-high, -low, 0.0),
-                       f"difference {diff:+.2f} epochs, 95% t-interval over {seeds} [{low:+.2f}, {high:+.2f}]")
+                       f"difference {diff:+.2f} epochs, 95% t-interval over {seeds} [{low:+.2f}, {high:+.2f}]{rule}")
 
 
 def random_control_claim(targeted: Table | None, random_sets: Sequence[Table],

@@ -208,12 +208,14 @@ def require_complete(folder: str | Path) -> Path:
 
     A folder this process is writing (e.g. a study building its own report) is not refused.
     """
-    if Path(folder).resolve() in _held:
-        return Path(folder)
-    reason = incomplete_reason(folder)
-    if reason:
-        raise OutputError(reason)
+    if not is_complete(folder):
+        raise OutputError(str(incomplete_reason(folder)))
     return Path(folder)
+
+
+def is_complete(folder: str | Path) -> bool:
+    """Whether ``folder``'s files can be trusted: its run finished, or this process is the one writing it."""
+    return Path(folder).resolve() in _held or incomplete_reason(folder) is None
 
 
 def restart_output(out: str | Path, keep: tuple[str, ...] = (LOCK_FILE, INCOMPLETE)) -> None:

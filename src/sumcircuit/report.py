@@ -27,7 +27,7 @@ from sumcircuit import claims  # noqa: E402
 from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
 from sumcircuit.circuit import read_circuit  # noqa: E402
 from sumcircuit.errors import SumcircuitError  # noqa: E402
-from sumcircuit.outputs import incomplete_reason, require_complete  # noqa: E402
+from sumcircuit.outputs import is_complete, require_complete  # noqa: E402
 from sumcircuit.runs import StudyLayout  # noqa: E402
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -36,8 +36,11 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # ---------------------------------------------------------------- readers
 
 def _finished(path: Path) -> bool:
-    """A file is evidence only if the run that writes its folder finished (no INCOMPLETE.json there)."""
-    return path.is_file() and incomplete_reason(path.parent) is None
+    """A file is evidence only if the run that writes its folder finished (no INCOMPLETE.json there).
+
+    A study building its own report reads its own root (``reproduce.json``) while it still holds it.
+    """
+    return path.is_file() and is_complete(path.parent)
 
 
 def _read_json(path: Path) -> Any:
@@ -369,13 +372,18 @@ def study_header(manifest: Mapping[str, Any]) -> str:
     rows = [("model", study.get("model")), ("data", f"{study.get('data')} (split {study.get('split')})"),
             ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
             ("preset", f"{preset.get('name')}: {preset.get('description')}"),
-            ("training seeds", f"{', '.join(map(str, seeds))}: full, LoRA-all, both targeted runs and each of the "
-                               f"{n_sets} random layer sets trained once per seed"),
+            ("training seeds", f"{', '.join(map(str, seeds))}: "
+                               + ("full, " if preset.get("full_seeds", "all") == "all" else "")
+                               + f"LoRA-all, both targeted runs and each of the {n_sets} random layer sets trained "
+                                 "once per seed"
+                               + ("" if preset.get("full_seeds", "all") == "all" else
+                                  f"; the full fine-tune on seed {seeds[0] if seeds else '-'} only")),
             ("documents per stage", f"training {preset.get('train_docs') or 'all'} (validation: "
                                     f"{preset.get('val_docs')} held out), ROUGE evaluation {preset.get('eval_docs')} "
                                     f"x {len(seeds)} seeds per method, analysis {preset.get('analysis_docs')}, "
                                     f"attribution / ablation / patching {preset.get('causal_docs')} (first seed's "
-                                    f"full fine-tune); {preset.get('max_tokens')} tokens each"),
+                                    f"full fine-tune); {preset.get('max_tokens')} tokens each, generated summaries up to "
+                                    f"{preset.get('max_new_tokens')} tokens"),
             ("random layer sets", f"{n_sets}: {controls.get('layers')}, drawn outside the circuits' layers "
                                   f"{controls.get('excluded')}" if controls else "-"),
             ("wall time", f"{sum((manifest.get('wall_time_s') or {}).values()):.0f} s over "
@@ -414,7 +422,7 @@ def stopping_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
             continue
         best, steps = summary.get("best_step"), summary.get("steps")
         if summary.get("stopped_early"):
-            how = "stopped early (validation stopped improving)"
+            how = f"stopped on its own ({claims.stopping_rule(summary)})"
         elif not best:
             how = "never improved on its start"
         elif best == steps:

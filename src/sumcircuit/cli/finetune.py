@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--save-every", type=POSITIVE, help="checkpoint every N steps (default: at each evaluation)")
     opt.add_argument("--patience", type=NON_NEGATIVE,
                      help="stop after N evaluations without improvement; 0 = off (full 0, LoRA 3)")
+    opt.add_argument("--min-delta", type=NON_NEGATIVE_REAL, default=0.0,
+                     help="validation-loss decrease that counts as an improvement (default: %(default)s)")
     opt.add_argument("--weight-decay", type=NON_NEGATIVE_REAL, default=0.01, help="AdamW (default: %(default)s)")
     opt.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0, help="(default: %(default)s)")
     opt.add_argument("--scheduler", choices=("linear", "constant"), default="linear")
@@ -104,7 +106,7 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         layer_seed=args.layer_seed, rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout,
         lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
         max_steps=args.max_steps, eval_every=args.eval_every, save_every=args.save_every,
-        patience=args.patience, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        patience=args.patience, min_delta=args.min_delta, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         scheduler=args.scheduler, max_grad_norm=args.max_grad_norm or None, val_fraction=args.val_fraction,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision, track_every=args.track_every, track_docs=args.track_docs,

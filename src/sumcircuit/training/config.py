@@ -56,6 +56,9 @@ class FinetuneConfig:
     eval_every: int | None = None  # optimizer steps; None: once per epoch
     save_every: int | None = None  # optimizer steps; None: at every evaluation
     patience: int | None = None
+    # Validation-loss decrease (nats per summary token) that counts as an improvement, for both
+    # patience and the best checkpoint: without it, a run creeping down by 1e-4 never stops.
+    min_delta: float = 0.0
     weight_decay: float = 0.01
     warmup_steps: int = 0
     scheduler: str = "linear"  # linear | constant
@@ -82,6 +85,7 @@ class FinetuneConfig:
         checks = [(cfg.rank > 0, "--rank must be positive"), (cfg.grad_accum > 0, "--grad-accum must be positive"),
                   (cfg.batch_size > 0, "--batch-size must be positive"), (cfg.lr > 0, "--lr must be positive"),
                   (cfg.epochs > 0, "--epochs must be positive"), (cfg.patience >= 0, "--patience must be >= 0"),
+                  (cfg.min_delta >= 0, "--min-delta must be >= 0"),
                   (cfg.max_steps is None or cfg.max_steps > 0, "--max-steps must be positive"),
                   (cfg.eval_every is None or cfg.eval_every > 0, "--eval-every must be positive"),
                   (cfg.save_every is None or cfg.save_every > 0, "--save-every must be positive"),

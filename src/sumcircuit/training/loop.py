@@ -19,7 +19,10 @@ both LoRA methods share them. Not stated by the paper (our choices, all
 flags): alpha 16 (2 x rank), LoRA dropout 0.05, linear decay without warmup
 and gradient clipping at 1.0 (the Hugging Face Trainer defaults), no weight
 decay on 1-D parameters (biases, norms; also the Trainer's convention),
-patience counted in evaluations, one evaluation per epoch.
+patience counted in evaluations, one evaluation per epoch, and ``min_delta``
+(default 0): a validation loss counts as better only when it is lower than
+the best by more than that (the Keras rule), so the best checkpoint and the
+epochs to it mark where the loss stopped improving by a stated amount.
 
 Loss covers summary tokens only (the mask from :func:`sumcircuit.data.encode`)
 and is normalized by the summary tokens of the whole optimizer step, so
@@ -403,7 +406,7 @@ def _evaluate(run: _Run) -> dict[str, Any]:
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
                                        int(cfg.batch_size), run.accelerator.device)
     state.last_eval_step = state.step
-    improved = state.best_val_loss is None or val_loss < state.best_val_loss
+    improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
     if improved:
         state.best_val_loss, state.best_step, state.best_epoch = val_loss, state.step, run.epoch_float()
         state.bad_evals = 0
