@@ -335,6 +335,16 @@ def test_run_evaluate_errors(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -
         GenerationConfig(batch_size=0)
 
 
+def test_generation_past_the_context_is_refused_for_rope_models_too(tmp_path: Path,
+                                                                   tiny_model_dirs: dict[str, Path]) -> None:
+    """One position rule for every family: LLaMA tiny (RoPE, 1024 positions) is refused like GPT-2, not warned about."""
+    data = DataConfig(str(_write_data(tmp_path / "d.jsonl", 2)), max_tokens=200)
+    with pytest.raises(EvaluationError, match=r"the longest prompt plus --max-new-tokens \((\d+) tokens\) exceeds the "
+                                              r"model's 1024 positions; lower --max-tokens or --max-new-tokens"):
+        run_evaluate(str(tiny_model_dirs["llama"]), data, GenerationConfig(max_new_tokens=1000), tmp_path / "a")
+    assert not (tmp_path / "a" / "predictions.jsonl").exists()
+
+
 def test_cli_end_to_end(tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data = _write_data(tmp_path / "d.jsonl", 3)
     out = tmp_path / "cli"

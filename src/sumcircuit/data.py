@@ -544,11 +544,16 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str =
                    len(kept_doc) < len(doc_ids), summary_truncated)
 
 
-def check_context(tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> None:
-    """``--max-tokens`` must fit the model's learned positions (``load_model`` records them on the tokenizer)."""
+def check_context(tokenizer: PreTrainedTokenizerBase, max_tokens: int, what: str | None = None) -> None:
+    """Every sequence must fit the model's positions (``load_model`` records them on the tokenizer).
+
+    One rule for every family and command: past its learned positions GPT-2 fails inside torch, and
+    past its trained context a RoPE model still runs but gives numbers nobody should cite.
+    ``what`` names the length in the message (default: ``--max-tokens N``).
+    """
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < max_tokens:
-        raise DataError(f"--max-tokens {max_tokens} exceeds the model's {limit} positions")
+        raise DataError(f"{what or f'--max-tokens {max_tokens}'} exceeds the model's {limit} positions")
 
 
 def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig, *,

@@ -41,8 +41,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from sumcircuit import distributed as dist
 from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text, to_json_line
-from sumcircuit.data import DataConfig, Encoded, ExampleSet, collate, encode, load_examples, template_needs_summary
-from sumcircuit.errors import SumcircuitError
+from sumcircuit.data import (DataConfig, Encoded, ExampleSet, check_context, collate, encode, load_examples,
+                            template_needs_summary)
+from sumcircuit.errors import DataError, SumcircuitError
 from sumcircuit.models import LoadedModel, ensure_loaded, load_adapter
 from sumcircuit.options import (
     GENERATION_BATCH_SIZE,
@@ -280,16 +281,12 @@ def _adapter_provenance(adapter: str | Path | None) -> dict[str, Any] | None:
 
 
 def _check_positions(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: GenerationConfig) -> None:
-    config = loaded.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    """The longest prompt plus the generated tokens must fit the model's positions (the rule of ``data``)."""
     longest = max(len(e.input_ids) for e in encoded) + cfg.max_new_tokens
-    if not limit or longest <= limit:
-        return
-    message = (f"the longest prompt plus max_new_tokens is {longest} tokens but the model has "
-               f"{limit} positions; lower --max-tokens or --max-new-tokens")
-    if loaded.adapter.spec.positions == "learned":
-        raise EvaluationError(message)
-    logger.warning(message)
+    try:
+        check_context(loaded.tokenizer, longest, f"the longest prompt plus --max-new-tokens ({longest} tokens)")
+    except DataError as exc:
+        raise EvaluationError(f"{exc}; lower --max-tokens or --max-new-tokens") from None
 
 
 def _run_id(loaded: LoadedModel, adapter: dict[str, Any] | None, examples: ExampleSet,
