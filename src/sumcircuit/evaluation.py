@@ -41,8 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from sumcircuit import distributed as dist
 from sumcircuit.artifacts import append_jsonl, atomic_write_json, atomic_write_text, to_json_line
-from sumcircuit.data import (DataConfig, Encoded, ExampleSet, check_context, collate, encode, load_examples,
-                            template_needs_summary)
+from sumcircuit.data import DataConfig, Encoded, ExampleSet, check_context, collate, encode, load_examples, template_needs_summary
 from sumcircuit.errors import DataError, SumcircuitError
 from sumcircuit.models import LoadedModel, ensure_loaded, load_adapter
 from sumcircuit.options import (
