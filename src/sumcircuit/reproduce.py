@@ -110,15 +110,17 @@ PRESETS: dict[str, StudyPreset] = {
         description="the paper's hyper-parameters where one H200-class GPU allows in about 20 minutes: "
                     "3 training seeds, 5 random layer sets, bf16 autocast, 512-token inputs, full fine-tune "
                     "lr 3e-5 and LoRA rank 8 on q/v lr 5e-5 (batch 32 / 16), early stopping with patience 3 "
-                    "on a held-out slice; sized for the 1,000 training documents of ../shared/data/cnndm_gpt4",
+                    "(gains under 0.01 nats do not count, so a run creeping down under the decaying rate stops) "
+                    "on a held-out slice; sized for the 1,000 training documents of ../shared/data/cnndm_gpt4; "
+                    "not yet run on a GPU",
         train_docs=None, val_docs=64, eval_docs=100, analysis_docs=100, causal_docs=32, max_tokens=512,
         max_new_tokens=96,
         full=dict(lr=3e-5, batch_size=8, grad_accum=4, epochs=3, eval_every=10, save_every=10, patience=3,
-                  val_fraction=0.064, keep_checkpoints=1),
+                  min_delta=0.01, val_fraction=0.064, keep_checkpoints=1),
         lora=dict(lr=5e-5, batch_size=16, grad_accum=1, epochs=5, eval_every=20, save_every=20, patience=3,
-                  val_fraction=0.064, keep_checkpoints=1),
+                  min_delta=0.01, val_fraction=0.064, keep_checkpoints=1),
         targeted=dict(lr=5e-5, batch_size=16, grad_accum=1, epochs=5, eval_every=20, save_every=20, patience=3,
-                      val_fraction=0.064, keep_checkpoints=1),
+                      min_delta=0.01, val_fraction=0.064, keep_checkpoints=1),
         random_controls=20, eval_batch_size=32, seeds=(1, 2, 3), random_sets=5, mixed_precision="bf16"),
     "paper": StudyPreset(
         name="paper",
