@@ -134,9 +134,14 @@ def params_claim(targeted: int | None, lora_all: int | None) -> ClaimResult:
                        "fixed by the share of adapted layers (3 of 12 in GPT-2 gives 75%)")
 
 
+def _train_config(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The fine-tuning config a ``train_summary.json`` recorded in its provenance."""
+    return (summary.get("provenance") or {}).get("config") or {}
+
+
 def stopping_rule(summary: Mapping[str, Any]) -> str:
     """The early-stopping rule a run was trained under, in words (from its recorded config)."""
-    config = (summary.get("provenance") or {}).get("config") or {}
+    config = _train_config(summary)
     patience, delta, every = config.get("patience"), config.get("min_delta") or 0.0, config.get("eval_every")
     if not patience:
         return "no early stopping"
@@ -180,7 +185,7 @@ def epochs_claim(targeted: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Non
         return ClaimResult(claim, "fewer epochs", text, INCONCLUSIVE,
                            "; ".join(problems) + ": not converged, so epochs to converge are not measured")
     rule = f"; {stopping_rule(t_runs[0])}"
-    if ((t_runs[0].get("provenance") or {}).get("config") or {}).get("min_delta"):
+    if _train_config(t_runs[0]).get("min_delta"):
         rule += " (a run that gains less per step reaches that point sooner: fewer epochs is not faster learning)"
     diffs = [t - a for t, a in pairs]
     if all(abs(d) < 1e-9 for d in diffs):

@@ -100,30 +100,33 @@ class CrossMoments:
         x, y = x.float(), y.float()
         mx, my = x.mean(0), y.mean(0)
         xc, yc = x - mx, y - my
-        n_a = float(self.n[layer])
-        n = n_a + n_b
-        dx, dy = mx.double() - self.mean_x[layer], my.double() - self.mean_y[layer]
-        w, dxf, dyf = n_a * n_b / n, dx.float(), dy.float()
+        w, dx, dy = self._move_means(layer, n_b, mx.double(), my.double())
+        dxf, dyf = dx.float(), dy.float()
         # in place: the batch's centered products and the Chan correction, no d x d temporaries
         self.cxx[layer].addmm_(xc.T, xc).addr_(dxf, dxf, alpha=w)
         self.cyy[layer].addmm_(yc.T, yc).addr_(dyf, dyf, alpha=w)
         self.cxy[layer].addmm_(xc.T, yc).addr_(dxf, dyf, alpha=w)
-        self.mean_x[layer] += dx * (n_b / n)
-        self.mean_y[layer] += dy * (n_b / n)
-        self.n[layer] = n
 
-    def _merge_layer(self, layer: int, n_b: float, mx: Tensor, my: Tensor, cxx: Tensor, cyy: Tensor,
-                     cxy: Tensor) -> None:
+    def _move_means(self, layer: int, n_b: float, mx: Tensor, my: Tensor) -> tuple[float, Tensor, Tensor]:
+        """Chan et al.'s pairwise step for the means and count of ``layer``, given ``n_b`` new rows.
+
+        Returns the weight ``n_a n_b / n`` and the mean differences (new batch
+        minus old pool) that the caller's centered products need as correction.
+        """
         n_a = float(self.n[layer])
         n = n_a + n_b
         dx, dy = mx - self.mean_x[layer], my - self.mean_y[layer]
-        w = n_a * n_b / n
-        self.cxx[layer] += cxx + (w * torch.outer(dx, dx)).float()
-        self.cyy[layer] += cyy + (w * torch.outer(dy, dy)).float()
-        self.cxy[layer] += cxy + (w * torch.outer(dx, dy)).float()
         self.mean_x[layer] += dx * (n_b / n)
         self.mean_y[layer] += dy * (n_b / n)
         self.n[layer] = n
+        return n_a * n_b / n, dx, dy
+
+    def _merge_layer(self, layer: int, n_b: float, mx: Tensor, my: Tensor, cxx: Tensor, cyy: Tensor,
+                     cxy: Tensor) -> None:
+        w, dx, dy = self._move_means(layer, n_b, mx, my)
+        self.cxx[layer] += cxx + (w * torch.outer(dx, dx)).float()
+        self.cyy[layer] += cyy + (w * torch.outer(dy, dy)).float()
+        self.cxy[layer] += cxy + (w * torch.outer(dx, dy)).float()
 
     def merge(self, other: CrossMoments) -> CrossMoments:
         out = CrossMoments(*(getattr(self, f.name).clone() for f in fields(self)))

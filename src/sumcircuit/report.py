@@ -369,14 +369,13 @@ def study_header(manifest: Mapping[str, Any]) -> str:
     seeds = study.get("seeds") or []
     controls = manifest.get("random_controls") or {}
     n_sets = len(controls.get("layers") or [])
+    full_every_seed = preset.get("full_seeds", "all") == "all"
     rows = [("model", study.get("model")), ("data", f"{study.get('data')} (split {study.get('split')})"),
             ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
             ("preset", f"{preset.get('name')}: {preset.get('description')}"),
-            ("training seeds", f"{', '.join(map(str, seeds))}: "
-                               + ("full, " if preset.get("full_seeds", "all") == "all" else "")
-                               + f"LoRA-all, both targeted runs and each of the {n_sets} random layer sets trained "
-                                 "once per seed"
-                               + ("" if preset.get("full_seeds", "all") == "all" else
+            ("training seeds", f"{', '.join(map(str, seeds))}: {'full, ' if full_every_seed else ''}LoRA-all, both "
+                               f"targeted runs and each of the {n_sets} random layer sets trained once per seed"
+                               + ("" if full_every_seed else
                                   f"; the full fine-tune on seed {seeds[0] if seeds else '-'} only")),
             ("documents per stage", f"training {preset.get('train_docs') or 'all'} (validation: "
                                     f"{preset.get('val_docs')} held out), ROUGE evaluation {preset.get('eval_docs')} "

@@ -355,17 +355,17 @@ def run_study(cfg: StudyConfig, run_dir: str | Path) -> StudyResult:
     controls = {"layers": random_sets, "excluded": excluded, "draw_seed": seed0,
                 "outside_circuits": all(not set(s) & set(excluded) for s in random_sets)}
 
+    full_seeds = seeds if preset.full_seeds == "all" else seeds[:1]
     wanted = {layout.ZERO_SHOT, "analysis", "circuit", "attribution", "circuit_attribution", "ablate", "patch"}
     for seed in seeds:
-        wanted |= {layout.run_name(m, seed) for m in layout.METHODS if m != "full" or seed == seed0
-                   or preset.full_seeds == "all"}
+        wanted |= {layout.run_name(m, seed) for m in layout.METHODS if m != "full" or seed in full_seeds}
         wanted |= {layout.run_name(layout.random_method(k + 1), seed) for k in range(len(random_sets))}
     for stale in sorted(p.name for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if stale not in wanted:  # e.g. fewer --seeds or random sets than last time
             runner.retire(stale, "not part of this study")
 
     for seed in seeds:  # whole seeds first: an interrupted study holds complete seeds
-        if seed != seed0 and preset.full_seeds == "all":
+        if seed != seed0 and seed in full_seeds:  # the first seed's full fine-tune ran above
             train_and_evaluate(layout.run_name("full", seed), "full", preset.full, seed)
         train_and_evaluate(layout.run_name("lora_all", seed), "lora", preset.lora, seed)
         train_and_evaluate(layout.run_name("targeted", seed), "targeted-lora", preset.targeted, seed,
