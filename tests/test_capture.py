@@ -39,8 +39,9 @@ def _log(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.log(), 0.0)
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("kind", ["padding+window", "causal", "causal, cached keys"])
-def test_paired_attention_matches_explicit_softmax(kind: str) -> None:
+def test_paired_attention_matches_explicit_softmax(kind: str, kernel: str) -> None:
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, D = 2, 6, 2, 21, 8
     Tk = T + 4 if kind == "causal, cached keys" else T
@@ -54,7 +55,7 @@ def test_paired_attention_matches_explicit_softmax(kind: str) -> None:
         rows = slice(0, 15)  # rows of document 1 past 15 are padding
     else:
         mask = RowMask(None, causal=True)
-    out_b, out_t, got = paired_attention(base, tuned, mask, rows_per_tile=5)  # uneven tiles
+    out_b, out_t, got = paired_attention(base, tuned, mask, rows_per_tile=5, kernel=kernel)  # type: ignore[arg-type]
     (ref_b, p_b), (ref_t, p_t) = _explicit(base, allowed), _explicit(tuned, allowed)
     expected = {"entropy_base": -(p_b * _log(p_b)).sum(-1), "entropy_tuned": -(p_t * _log(p_t)).sum(-1),
                 "kl_base_tuned": (p_b * (_log(p_b) - _log(p_t))).sum(-1),
@@ -66,9 +67,11 @@ def test_paired_attention_matches_explicit_softmax(kind: str) -> None:
     assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ
 
 
-def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl() -> None:
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl(kernel: str) -> None:
     x = _inputs(torch.Generator().manual_seed(1), 1, 4, 4, 33, 33, 8, 0.35)
-    out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True), rows_per_tile=7)
+    out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True), rows_per_tile=7,
+                                          kernel=kernel)  # type: ignore[arg-type]
     assert torch.equal(out_b, out_t) and torch.equal(rows.entropy_base, rows.entropy_tuned)
     assert not rows.kl_base_tuned.any() and not rows.kl_tuned_base.any()
 
@@ -197,7 +200,7 @@ def test_an_error_in_the_base_models_pass_reaches_the_caller() -> None:
 def test_tiles_are_sized_for_the_device() -> None:
     cpu = torch.empty(8, 9, 1024, 64)
     meta = torch.empty(8, 9, 1024, 64, device="meta")  # stands in for an accelerator
-    assert tile_rows(cpu, 1024) == 8 and tile_rows(cpu[:1], 1024) == 64 and tile_rows(cpu, 1024, 7) == 7
+    assert tile_rows(cpu, 1024) == 16 and tile_rows(cpu[:1], 1024) == 128 and tile_rows(cpu, 1024, 7) == 7
     assert tile_rows(meta, 1024) == 256 * 2**20 // (8 * 9 * 1024 * 4)  # 910 rows: two tiles per layer
     assert tile_rows(torch.empty(1, 2, 8, 4, device="meta"), 8) >= 64
     # the accelerator path is the same code: shapes and dtypes through it on meta tensors

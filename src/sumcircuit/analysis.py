@@ -36,8 +36,10 @@ from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atom
 from sumcircuit.capture import PairRows, run_pair, unwrap
 from sumcircuit.data import DataConfig, Encoded, collate, encode_all, load_examples, template_needs_summary
 from sumcircuit.errors import SumcircuitError
+from sumcircuit.kernels import KernelMode, column_moments, squared_norms
 from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, neuron_change, ratio_ci
 from sumcircuit.models import LoadedModel, ensure_loaded
+from sumcircuit.options import KERNEL_MODES
 from sumcircuit.outputs import restart_output, writes_output
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result
@@ -103,6 +105,7 @@ class AnalysisConfig:
     n_bootstrap: int = 1000
     cka: bool = True  # costs 3 d x d products per layer and token batch
     rows_per_tile: int | None = None  # query rows per score tile; None: sized for the device (capture.tile_rows)
+    kernels: KernelMode = "auto"  # statistics kernels compiled by inductor (auto: on CPU) or eager (kernels.py)
     progress: bool = True
 
     def validate(self) -> None:
@@ -116,6 +119,8 @@ class AnalysisConfig:
             (0 < self.ci_level < 1, "CI level must be in (0, 1)"),
             (self.n_bootstrap >= 10, "n_bootstrap must be >= 10"),
             (self.rows_per_tile is None or self.rows_per_tile >= 1, "rows per tile must be >= 1"),
+            (self.kernels in KERNEL_MODES,
+             f"kernels must be one of {', '.join(KERNEL_MODES)}, got {self.kernels!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,7 +130,7 @@ class AnalysisConfig:
         """Fields that change the numbers (a resumed run must agree on them)."""
         skip = {"progress", "top_k", "neuron_threshold", "sign_flip_eps", "neuron_rank_by", "seed",
                 "ci_method", "ci_level", "n_bootstrap",  # these only change the final summary
-                "rows_per_tile"}  # float rounding at most
+                "rows_per_tile", "kernels"}  # float rounding at most
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -178,13 +183,14 @@ class AnalysisState:
     cross: CrossMoments | None = None
 
     @classmethod
-    def empty(cls, adapter: ArchitectureAdapter, with_cka: bool) -> AnalysisState:
+    def empty(cls, adapter: ArchitectureAdapter, with_cka: bool, device: torch.device | str = "cpu") -> AnalysisState:
+        """Zero sums; CKA's ``3 L d^2`` accumulators go straight to ``device`` (where the models are)."""
         L, H, N, d = adapter.n_layers, adapter.n_heads, adapter.n_neurons, adapter.hidden_size
         return cls(L, H, N, d, heads={s: Moments.zeros(L, H) for s in ROW_STATS},
                    actmag={m: Moments.zeros(L) for m in ("base", "tuned")},
                    neurons={m: Moments.zeros(L, N) for m in ("base", "tuned")},
                    neuron_abs_change=torch.zeros(L, N, dtype=torch.float64),
-                   cross=CrossMoments.zeros(L, d) if with_cka else None)
+                   cross=CrossMoments.zeros(L, d, device) if with_cka else None)
 
     @property
     def n_docs(self) -> int:
@@ -266,8 +272,8 @@ def load_state(path: str | Path) -> tuple[AnalysisState, dict[str, str]]:
 class _PairSink:
     """Capture sink for one batch: folds each layer of both models into ``state`` as it arrives."""
 
-    def __init__(self, state: AnalysisState, weights: Tensor) -> None:
-        self.state = state
+    def __init__(self, state: AnalysisState, weights: Tensor, kernels: KernelMode = "auto") -> None:
+        self.state, self.kernels = state, kernels
         self.weights = weights  # [B, T] bool: counted query positions
         self.row_doc = weights.nonzero()[:, 0]  # document of each counted token
         self.n_tokens = float(weights.sum())
@@ -298,15 +304,12 @@ class _PairSink:
         self._add_rows(layer, rows)
 
     def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None:
-        pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
-        for phase, rows in pair.items():
-            moments = self.state.neurons[phase]
-            # fp32 within a batch (pairwise summation), fp64 across batches. Not vector_norm(dim=0):
-            # a norm across rows is a strided reduction, 10x slower than square + sum(0) here.
-            moments.total[layer] += rows.sum(0).double().cpu()
-            moments.total_sq[layer] += rows.square().sum(0).double().cpu()
-        change = (pair["tuned"] - pair["base"]).abs_().sum(0)
-        self.state.neuron_abs_change[layer] += change.double().cpu()  # type: ignore[index]
+        # one fused pass over both models' rows (fp32 within 64-row chunks, fp64 beyond)
+        sums = column_moments(self._rows(base), self._rows(tuned), self.kernels).cpu()
+        for i, phase in enumerate(("base", "tuned")):
+            self.state.neurons[phase].total[layer] += sums[2 * i]
+            self.state.neurons[phase].total_sq[layer] += sums[2 * i + 1]
+        self.state.neuron_abs_change[layer] += sums[4]  # type: ignore[index]
 
     def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None:
         pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
@@ -358,12 +361,12 @@ def _accumulate(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter,
         idx = order[start:start + config.batch_size]
         batch = collate([encoded[i] for i in idx], pad_token_id, "right")
         weights = _region_weights(batch, config.region)
-        sink = _PairSink(state, weights.to(device_b))
+        sink = _PairSink(state, weights.to(device_b), config.kernels)
         # Padding is on the right: causal attention alone keeps every real token from seeing it,
         # and padded rows are never counted. Without a padding mask attention takes the causal
         # path (no additive mask per layer) and real tokens' numbers are exactly as with it.
         inputs = {"input_ids": batch["input_ids"].to(device_b), "use_cache": False}
-        run_pair(base, tuned, adapter, sink, inputs, config.rows_per_tile)
+        run_pair(base, tuned, adapter, sink, inputs, config.rows_per_tile, config.kernels)
         sink.finish()
         rows = torch.tensor(idx)
         for name, sums in sink.doc_sums.items():
@@ -403,20 +406,22 @@ def _effective_params(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def relative_weight_change(base: nn.Module, tuned: nn.Module) -> float:
+def relative_weight_change(base: nn.Module, tuned: nn.Module, kernel: KernelMode = "auto") -> float:
     """||W_tuned - W_base||_F / ||W_base||_F over all parameters of a module."""
     pb, pt = _effective_params(base), _effective_params(tuned)
     if pb.keys() != pt.keys() or any(pb[k].shape != pt[k].shape for k in pb):
         raise IncompatibleModelsError(f"parameters of {type(base).__name__} differ between the models")
-    num = sum(float(torch.linalg.vector_norm(pt[k].to(pb[k].device) - pb[k])) ** 2 for k in pb)
-    den = sum(float(torch.linalg.vector_norm(pb[k])) ** 2 for k in pb)
+    sums = [squared_norms(pt[k].to(pb[k].device), pb[k], kernel) for k in pb]
+    num, den = sum(n for n, _ in sums), sum(d for _, d in sums)
     return math.sqrt(num) / math.sqrt(den) if den > 0 else math.nan
 
 
-def weight_changes(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter) -> dict[str, Tensor]:
+def weight_changes(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter,
+                   kernel: KernelMode = "auto") -> dict[str, Tensor]:
     b, t = unwrap(base), unwrap(tuned)
-    attn = [relative_weight_change(adapter.attention(b, i), adapter.attention(t, i)) for i in range(adapter.n_layers)]
-    mlp = [relative_weight_change(adapter.mlp(b, i), adapter.mlp(t, i)) for i in range(adapter.n_layers)]
+    attn = [relative_weight_change(adapter.attention(b, i), adapter.attention(t, i), kernel)
+            for i in range(adapter.n_layers)]
+    mlp = [relative_weight_change(adapter.mlp(b, i), adapter.mlp(t, i), kernel) for i in range(adapter.n_layers)]
     return {"attn": torch.tensor(attn, dtype=torch.float64), "mlp": torch.tensor(mlp, dtype=torch.float64)}
 
 
@@ -587,13 +592,11 @@ def analyze_models(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapt
     adapter = adapter if adapter is not None else checked
     if not encoded:
         raise AnalysisError("no documents to analyze")
-    state = AnalysisState.empty(adapter, config.cka)
-    if state.cross is not None:
-        state.cross = CrossMoments.zeros(adapter.n_layers, adapter.hidden_size, _device_of(base))
+    state = AnalysisState.empty(adapter, config.cka, _device_of(base))
     bar = tqdm(total=len(encoded), desc="analyze", unit="doc", disable=not config.progress)
     with bar:
         _accumulate(base, tuned, adapter, encoded, config, pad_token_id, state, bar)
-    return finalize(state, config, weight_changes(base, tuned, adapter))
+    return finalize(state, config, weight_changes(base, tuned, adapter, config.kernels))
 
 
 def write_outputs(result: AnalysisResult, out_dir: str | Path, prov: dict[str, Any] | None = None) -> None:
@@ -668,9 +671,7 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
     with bar:
         for shards in dist.rounds(len(encoded) - done, config.shard_size):
             mine = shards[dist.rank()]
-            shard = AnalysisState.empty(adapter, config.cka)
-            if shard.cross is not None:
-                shard.cross = CrossMoments.zeros(adapter.n_layers, adapter.hidden_size, cross_device)
+            shard = AnalysisState.empty(adapter, config.cka, cross_device)
             _accumulate(base.model, tuned.model, adapter, encoded[done + mine.start:done + mine.stop], config,
                         pad_id, shard, bar if single else None)
             pooled = _to_cpu(shard) if single else _pool_round(shard)
@@ -683,7 +684,7 @@ def run_analysis(base_spec: str | LoadedModel, tuned_spec: str | LoadedModel, da
 
     def finish() -> AnalysisResult:
         assert state is not None  # rank 0
-        result = finalize(state, config, weight_changes(base.model, tuned.model, adapter))
+        result = finalize(state, config, weight_changes(base.model, tuned.model, adapter, config.kernels))
         prov = provenance(models=[base.provenance(), tuned.provenance()], data=examples.source.provenance(),
                           seed=config.seed, config=asdict(config), data_config=asdict(data_cfg),
                           template=data_cfg.template, n_docs=state.n_docs,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from sumcircuit.cli.common import NON_NEGATIVE_REAL, POSITIVE, add_data_options, add_runtime_options, data_config
+from sumcircuit.options import KERNEL_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "normal approximation (default: %(default)s)")
     group.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="bootstrap replicates (default: %(default)s)")
     group.add_argument("--no-cka", action="store_true", help="skip linear CKA (saves 3 d x d products per layer)")
+    group.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
+                       help="statistics kernels compiled by inductor (needs a C++ compiler; 2-4x faster on CPU) or "
+                            "run eagerly; auto: compiled on CPU, falling back to eager with a warning "
+                            "(default: %(default)s)")
     group.add_argument("--restart", action="store_true", help="ignore finished shards in --out and start over")
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     config = AnalysisConfig(region=args.region, batch_size=args.batch_size, top_k=args.top_k,
                             neuron_threshold=args.neuron_threshold, neuron_rank_by=args.rank_neurons_by,
                             shard_size=args.shard_size, seed=args.seed, ci_method=args.ci,
-                            n_bootstrap=args.n_bootstrap, cka=not args.no_cka)
+                            n_bootstrap=args.n_bootstrap, cka=not args.no_cka,
+                            kernels=args.kernels)
     result = run_analysis(args.base, args.tuned, data_config(args), config, args.out, device=args.device,
                           dtype=args.dtype, restart=args.restart, trust_remote_code=args.trust_remote_code)
     if result is None:  # not rank 0 of a multi-process run: rank 0 reports and writes

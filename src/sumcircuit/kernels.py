@@ -1,0 +1,165 @@
+"""The statistics kernels: written once, run eagerly or compiled by inductor.
+
+Why a compiled variant: in eager PyTorch every step of the tile statistics
+(two ``log_softmax``, two ``exp``, four products and four sums) streams the
+whole score tile through memory again. Inductor fuses them into one C++ loop
+per query row that keeps the row in cache; on the 2-core AVX-512 CPU this
+makes the step 2-4x faster (``benchmarks/analysis_speed.py``); the same holds
+for the per-neuron column sums. Compiling needs a C++ compiler; ``"auto"``
+falls back to the eager kernels, with one warning, where there is none.
+Accelerators run the eager kernels under ``"auto"`` (inductor's GPU path has
+not been checked against the references).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sumcircuit.errors import SumcircuitError
+from sumcircuit.options import KERNEL_MODES
+
+KernelMode = Literal["auto", "compiled", "eager"]  # the same strings as options.KERNEL_MODES
+TileKernel = Callable[[Tensor, Tensor], Tensor]
+
+logger = logging.getLogger(__name__)
+
+
+class KernelError(SumcircuitError):
+    """The compiled statistics kernels were asked for but cannot be built here."""
+
+
+def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> Tensor:
+    """Turn two masked score tiles ``[N, R, K]`` into probabilities in place; return ``dots`` ``[4, N, R]``.
+
+    ``dots`` holds ``sum p_b lp_b``, ``sum p_b lp_t``, ``sum p_t lp_t``,
+    ``sum p_t lp_b`` per row (``lp = log_softmax``, ``p = exp(lp)``: one
+    softmax per model). Masked keys carry a finite very negative score, so they
+    give ``p = 0`` and ``p * lp = 0`` (not ``nan``) in the cross terms. The
+    tiles are overwritten so that ``p @ V`` needs no second buffer.
+    """
+    lp_b = torch.log_softmax(scores_base, dim=-1)
+    lp_t = torch.log_softmax(scores_tuned, dim=-1)
+    p_b = torch.exp(lp_b, out=scores_base)
+    p_t = torch.exp(lp_t, out=scores_tuned)
+    return torch.stack([(p_b * lp_b).sum(-1), (p_b * lp_t).sum(-1), (p_t * lp_t).sum(-1), (p_t * lp_b).sum(-1)])
+
+
+CHUNK_ROWS = 64  # rows summed in fp32 before the fp64 sum: error ~1e-7 relative, like eager's pairwise sums
+WEIGHT_CHUNK = 4096  # weight elements per fp32 partial sum
+
+
+def column_sums_(base: Tensor, tuned: Tensor) -> Tensor:
+    """``[5, C, F]`` fp32 sums over the middle axis of ``[C, R, F]`` row chunks of both models.
+
+    Rows 0-4: ``sum b``, ``sum b^2``, ``sum t``, ``sum t^2``, ``sum |t - b|``.
+    """
+    return torch.stack([base.sum(1), (base * base).sum(1), tuned.sum(1), (tuned * tuned).sum(1),
+                        (tuned - base).abs().sum(1)])
+
+
+def difference_sums_(tuned: Tensor, base: Tensor) -> Tensor:
+    """``[2, C]`` fp32 per chunk of ``[C, R]``: ``sum (t - b)^2`` and ``sum b^2``."""
+    diff = tuned - base
+    return torch.stack([(diff * diff).sum(1), (base * base).sum(1)])
+
+
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+_UNAVAILABLE: str | None = None  # why compiling failed in this process, once it has
+
+
+def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    if fn.__name__ not in _COMPILED:
+        # dynamic: tiles change length with every causal row block; one graph serves them all
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn.__name__]
+
+
+def _unavailable(kernel: KernelMode) -> None:
+    message = (f"the compiled statistics kernels cannot be built here ({_UNAVAILABLE}); "
+               "use --kernels eager")
+    if kernel == "compiled":
+        raise KernelError(message)
+    logger.warning("%s; using the eager kernel, which is slower", message.split(";")[0])
+
+
+def _checked(fn: Callable[..., Tensor], kernel: KernelMode) -> Callable[..., Tensor]:
+    """``fn`` compiled, falling back (``auto``) or failing (``compiled``) where it cannot be built."""
+
+    def run(*tensors: Tensor) -> Tensor:
+        global _UNAVAILABLE
+        if _UNAVAILABLE is None:
+            try:
+                return _compiled(fn)(*tensors)
+            except Exception as exc:  # the eager kernel is the same math; anything else it raises again
+                if not _is_compile_failure(exc):
+                    raise
+                _UNAVAILABLE = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+                _unavailable(kernel)  # warns once (auto) or raises (compiled)
+        elif kernel == "compiled":
+            _unavailable(kernel)
+        return fn(*tensors)
+
+    return run
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    """Errors raised by dynamo or inductor (no compiler, no headers, no cache folder)."""
+    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, OSError)
+
+
+def _resolve(fn: Callable[..., Tensor], kernel: KernelMode, device: torch.device) -> Callable[..., Tensor]:
+    if kernel not in KERNEL_MODES:
+        raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
+    if kernel == "eager" or (kernel == "auto" and device.type != "cpu"):
+        return fn
+    return _checked(fn, kernel)
+
+
+def tile_kernel(kernel: KernelMode, device: torch.device) -> TileKernel:
+    """The statistics kernel that ``kernel`` means on ``device``."""
+    return _resolve(tile_stats_, kernel, device)
+
+
+def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> Tensor:
+    """``[5, F]`` fp64: per column ``sum b``, ``sum b^2``, ``sum t``, ``sum t^2``, ``sum |t - b|`` of ``[N, F]`` rows.
+
+    One pass over both inputs (the eager form writes three ``N x F``
+    temporaries); rows are summed in chunks of :data:`CHUNK_ROWS` in fp32,
+    then in fp64, so the rounding stays that of a pairwise sum.
+    """
+    n, f = base.shape
+    main = n - n % CHUNK_ROWS
+    sums = torch.zeros(5, f, dtype=torch.float64, device=base.device)
+    if main:
+        run = _resolve(column_sums_, kernel, base.device)
+        chunks = run(base[:main].reshape(-1, CHUNK_ROWS, f), tuned[:main].reshape(-1, CHUNK_ROWS, f))
+        sums += chunks.sum(1, dtype=torch.float64)
+    if main < n:
+        sums += column_sums_(base[None, main:], tuned[None, main:])[:, 0].double()
+    return sums
+
+
+def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> tuple[float, float]:
+    """``(||t - b||^2, ||b||^2)`` in fp64 for two same-shaped tensors, in one pass without an ``t - b`` copy.
+
+    Chunks of :data:`WEIGHT_CHUNK` elements are summed in fp32, the chunk sums in fp64.
+    """
+    t, b = tuned.reshape(-1), base.reshape(-1)
+    main = t.numel() - t.numel() % WEIGHT_CHUNK
+    sums = torch.zeros(2, dtype=torch.float64, device=t.device)
+    if main:
+        run = _resolve(difference_sums_, kernel, t.device)
+        sums += run(t[:main].view(-1, WEIGHT_CHUNK), b[:main].view(-1, WEIGHT_CHUNK)).sum(1, dtype=torch.float64)
+    if main < t.numel():
+        sums += difference_sums_(t[None, main:], b[None, main:])[:, 0].double()
+    return float(sums[0]), float(sums[1])
+
+
+def compiled_kernel_status() -> str | None:
+    """Why compiling the kernels failed in this process, or None if it has not failed."""
+    return _UNAVAILABLE

@@ -1,0 +1,128 @@
+"""The statistics kernels: compiled and eager agree with an independent float64 statement, and a
+missing C++ compiler falls back (auto) or fails in one line (compiled)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+from sumcircuit import kernels
+from sumcircuit.kernels import (
+    CHUNK_ROWS,
+    WEIGHT_CHUNK,
+    KernelError,
+    column_moments,
+    squared_norms,
+    tile_kernel,
+    tile_stats_,
+)
+
+
+def _reference(s_b: torch.Tensor, s_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p_b, p_t, dots) in float64 from the definitions, masked keys dropped explicitly."""
+    allowed = s_b > -1e30
+    lp_b = s_b.double().masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    lp_t = s_t.double().masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    p_b, p_t = lp_b.exp(), lp_t.exp()
+
+    def dot(p: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        return torch.where(allowed, p * lp, 0.0).sum(-1)
+
+    return p_b, p_t, torch.stack([dot(p_b, lp_b), dot(p_b, lp_t), dot(p_t, lp_t), dot(p_t, lp_b)])
+
+
+def _tiles(seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s_b = torch.randn(shape, generator=g) * 4
+    s_t = s_b + torch.randn(shape, generator=g)
+    future = torch.ones(shape[1], shape[2], dtype=torch.bool).triu_(shape[2] - shape[1] + 1)
+    finfo_min = torch.finfo(torch.float32).min
+    return s_b.masked_fill(future, finfo_min), s_t.masked_fill(future, finfo_min)
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("shape", [(3, 8, 40), (2, 13, 13), (1, 1, 1)])
+def test_kernel_matches_float64_reference(kernel: str, shape: tuple[int, int, int]) -> None:
+    s_b, s_t = _tiles(sum(shape), shape)
+    p_b_ref, p_t_ref, dots_ref = _reference(s_b, s_t)
+    dots = tile_kernel(kernel, torch.device("cpu"))(s_b, s_t)  # type: ignore[arg-type]
+    assert dots.shape == (4, shape[0], shape[1]) and dots.dtype == torch.float32
+    torch.testing.assert_close(dots.double(), dots_ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(s_b.double(), p_b_ref, atol=3e-7, rtol=0)  # overwritten in place (a few ulp of p <= 1)
+    torch.testing.assert_close(s_t.double(), p_t_ref, atol=3e-7, rtol=0)
+    assert kernels.compiled_kernel_status() is None  # the compiled kernel really ran here (CI has g++)
+
+
+def test_compiled_and_eager_kernels_agree_on_a_real_sized_tile() -> None:
+    s_b, s_t = _tiles(7, (12, 96, 700))
+    eager = tile_stats_(s_b.clone(), s_t.clone())
+    compiled = tile_kernel("compiled", torch.device("cpu"))(s_b, s_t)
+    torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=0)
+
+
+def test_auto_is_eager_off_the_cpu() -> None:
+    assert tile_kernel("auto", torch.device("meta")) is tile_stats_
+    assert tile_kernel("eager", torch.device("cpu")) is tile_stats_
+    with pytest.raises(KernelError, match="one of auto, compiled, eager"):
+        tile_kernel("fast", torch.device("cpu"))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A machine without a C++ compiler: a fresh compile (no cached artifacts) that cannot find g++."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_UNAVAILABLE", None)
+    with inductor_config.patch({"fx_graph_cache": False, "cpp.cxx": (None, "/nonexistent/g++")}):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("no_compiler")
+def test_auto_falls_back_to_eager_without_a_compiler(caplog: pytest.LogCaptureFixture) -> None:
+    s_b, s_t = _tiles(3, (2, 5, 9))
+    expected = tile_stats_(s_b.clone(), s_t.clone())
+    with caplog.at_level(logging.WARNING, logger="sumcircuit.kernels"):
+        got = tile_kernel("auto", torch.device("cpu"))(s_b, s_t)
+        again = tile_kernel("auto", torch.device("cpu"))(*_tiles(3, (2, 5, 9)))
+    assert torch.equal(got, expected) and torch.equal(again, expected)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sumcircuit.kernels"]
+    assert len(warnings) == 1 and "compiled statistics kernels cannot be built here" in warnings[0]
+    assert "InvalidCxxCompiler" in str(kernels.compiled_kernel_status())
+
+
+@pytest.mark.usefixtures("no_compiler")
+def test_compiled_without_a_compiler_is_a_one_line_error() -> None:
+    with pytest.raises(KernelError) as info:
+        tile_kernel("compiled", torch.device("cpu"))(*_tiles(3, (2, 5, 9)))
+    message = str(info.value)
+    assert "\n" not in message and "--kernels eager" in message and "compiler" in message
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("n_rows", [3 * CHUNK_ROWS + 17, CHUNK_ROWS, 5])  # a tail, whole chunks, only a tail
+def test_column_moments_match_float64_sums(kernel: str, n_rows: int) -> None:
+    g = torch.Generator().manual_seed(n_rows)
+    base = torch.randn(n_rows, 37, generator=g) * 2 + 3  # a large mean, as MLP inputs have
+    tuned = base + torch.randn(n_rows, 37, generator=g) * 0.1
+    b, t = base.double(), tuned.double()
+    expected = torch.stack([b.sum(0), (b * b).sum(0), t.sum(0), (t * t).sum(0), (t - b).abs().sum(0)])
+    got = column_moments(base, tuned, kernel)  # type: ignore[arg-type]
+    assert got.dtype == torch.float64 and got.shape == (5, 37)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)  # fp32 rounding of 64-row chunks
+    assert kernels.compiled_kernel_status() is None
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("shape", [(3 * WEIGHT_CHUNK + 5,), (64, 128), (7, 3)])  # a tail, whole chunks, only a tail
+def test_squared_norms_match_float64(kernel: str, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(shape, generator=g)
+    tuned = base + 1e-3 * torch.randn(shape, generator=g)  # a fine-tune moves weights by ~0.1%
+    diff, norm = squared_norms(tuned, base, kernel)  # type: ignore[arg-type]
+    assert diff == pytest.approx(float(((tuned.double() - base.double()) ** 2).sum()), rel=1e-6)
+    assert norm == pytest.approx(float((base.double() ** 2).sum()), rel=1e-6)
