@@ -49,19 +49,24 @@ def _tiles(seed: int, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.
 def test_kernel_matches_float64_reference(kernel: str, shape: tuple[int, int, int]) -> None:
     s_b, s_t = _tiles(sum(shape), shape)
     p_b_ref, p_t_ref, dots_ref = _reference(s_b, s_t)
-    dots = tile_kernel(kernel, torch.device("cpu"))(s_b, s_t)  # type: ignore[arg-type]
-    assert dots.shape == (4, shape[0], shape[1]) and dots.dtype == torch.float32
+    dots, z = tile_kernel(kernel, torch.device("cpu"))(s_b, s_t)  # type: ignore[arg-type]
+    assert dots.shape == (4, shape[0], shape[1]) and dots.dtype == torch.float32 and z.shape == (2, *shape[:2])
     torch.testing.assert_close(dots.double(), dots_ref, atol=2e-6, rtol=0)
-    torch.testing.assert_close(s_b.double(), p_b_ref, atol=3e-7, rtol=0)  # overwritten in place (a few ulp of p <= 1)
-    torch.testing.assert_close(s_t.double(), p_t_ref, atol=3e-7, rtol=0)
+    # the tiles now hold exp(s - max): divided by z they are the probabilities (a few ulp of p <= 1)
+    torch.testing.assert_close(s_b.double() / z[0, ..., None], p_b_ref, atol=3e-7, rtol=0)
+    torch.testing.assert_close(s_t.double() / z[1, ..., None], p_t_ref, atol=3e-7, rtol=0)
     assert kernels.compiled_kernel_status() is None  # the compiled kernel really ran here (CI has g++)
 
 
 def test_compiled_and_eager_kernels_agree_on_a_real_sized_tile() -> None:
     s_b, s_t = _tiles(7, (12, 96, 700))
-    eager = tile_stats_(s_b.clone(), s_t.clone())
-    compiled = tile_kernel("compiled", torch.device("cpu"))(s_b, s_t)
+    s_b[..., :3] += 60  # attention-sink-sized scores: no cancellation against the log-normalizer
+    s_t[..., :3] += 60
+    _, _, reference = _reference(s_b, s_t)
+    eager, _ = tile_stats_(s_b.clone(), s_t.clone())
+    compiled, _ = tile_kernel("compiled", torch.device("cpu"))(s_b, s_t)
     torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=0)
+    torch.testing.assert_close(compiled.double(), reference, atol=2e-6, rtol=0)
 
 
 def test_auto_is_eager_off_the_cpu() -> None:
@@ -85,10 +90,10 @@ def no_compiler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.mark.usefixtures("no_compiler")
 def test_auto_falls_back_to_eager_without_a_compiler(caplog: pytest.LogCaptureFixture) -> None:
     s_b, s_t = _tiles(3, (2, 5, 9))
-    expected = tile_stats_(s_b.clone(), s_t.clone())
+    expected, _ = tile_stats_(s_b.clone(), s_t.clone())
     with caplog.at_level(logging.WARNING, logger="sumcircuit.kernels"):
-        got = tile_kernel("auto", torch.device("cpu"))(s_b, s_t)
-        again = tile_kernel("auto", torch.device("cpu"))(*_tiles(3, (2, 5, 9)))
+        got, _ = tile_kernel("auto", torch.device("cpu"))(s_b, s_t)
+        again, _ = tile_kernel("auto", torch.device("cpu"))(*_tiles(3, (2, 5, 9)))
     assert torch.equal(got, expected) and torch.equal(again, expected)
     warnings = [r.getMessage() for r in caplog.records if r.name == "sumcircuit.kernels"]
     assert len(warnings) == 1 and "compiled statistics kernels cannot be built here" in warnings[0]

@@ -5,10 +5,10 @@ replaces SDPA while a capture runs. The base model's forward pass runs in a
 greenlet and the tuned model's in the caller's; they take turns, so at
 every layer the tuned model's attention call sees both models' post-RoPE
 query, key and value. One pass over tiles of query rows then gives, per model,
-``lp = log_softmax(s)`` and ``p = exp(lp)`` once, and from them::
+``d = s - max(s)``, ``e = exp(d)`` and ``z = sum e`` once, and from them::
 
-    output   = p @ V                                  (the layer's attention output)
-    H(p)     = -sum_j p_j lp_j
+    output   = (e @ V) / z                            (the layer's attention output)
+    H(p)     = log z - sum_j e_j d_j / z              (p = e / z, lp = d - log z)
     KL(p||r) =  sum_j p_j lp_j - sum_j p_j lr_j       (r: the other model's row, same keys)
 
 No ``[T, T]`` matrix exists (a tile is ``rows x T``), no softmax is computed
@@ -179,9 +179,9 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     """Both models' attention outputs ``[B, T, Hq, Dv]`` and their row statistics, one softmax each.
 
     Query positions go in tiles (:func:`tile_rows`). Per tile each model's
-    scores ``s`` give ``lp = log_softmax(s)`` and ``p = exp(lp)`` once
+    scores ``s`` give ``e = exp(s - max s)`` and its row sum ``z`` once
     (:func:`sumcircuit.kernels.tile_stats_`, compiled or eager as ``kernel``
-    says); the output is ``p @ V``, entropy ``-sum p lp`` and
+    says); the output is ``(e @ V) / z``, entropy ``-sum p lp`` and
     ``KL(base||tuned) = sum p_b (lp_b - lp_t)``, all from the same tiles: no
     ``T x T`` matrix, no second softmax. Statistics are fp32 whatever the
     model dtype; outputs are cast back to it.
@@ -209,13 +209,13 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     for r0 in range(0, t_q, step):
         rows = slice(r0, min(t_q, r0 + step))
         kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
-        p_b, p_t = (_scores(q, k, rows, kv_end, n_rep, mask, b, future, buf)
+        e_b, e_t = (_scores(q, k, rows, kv_end, n_rep, mask, b, future, buf)
                     for q, k, buf in zip(queries, keys, buffers))
         flat = slice(rows.start * n_rep, rows.stop * n_rep)
-        dots[:, :, flat] = stats(p_b, p_t)  # the score tiles now hold probabilities
-        tile_out = out_buffer[:p_b.shape[0] * p_b.shape[1] * d_v].view(p_b.shape[0], p_b.shape[1], d_v)
-        for i, p in enumerate((p_b, p_t)):
-            outs[i, :, flat] = torch.bmm(p, values[i][:, :kv_end], out=tile_out)
+        dots[:, :, flat], z = stats(e_b, e_t)  # the score tiles now hold exp(s - max), z their row sums
+        tile_out = out_buffer[:e_b.shape[0] * e_b.shape[1] * d_v].view(e_b.shape[0], e_b.shape[1], d_v)
+        for i, e in enumerate((e_b, e_t)):
+            torch.div(torch.bmm(e, values[i][:, :kv_end], out=tile_out), z[i, ..., None], out=outs[i, :, flat])
     out = _ungrouped(outs, b, h_kv, t_q)  # [2, B, T, H, Dv]
     rows_stats = _ungrouped(dots[..., None], b, h_kv, t_q)[..., 0].transpose(-1, -2)  # [4, B, H, T]
     self_b, cross_b, self_t, cross_t = rows_stats.unbind(0)

@@ -1,9 +1,8 @@
 """The statistics kernels: written once, run eagerly or compiled by inductor.
 
 Why a compiled variant: in eager PyTorch every step of the tile statistics
-(two ``log_softmax``, two ``exp``, four products and four sums) streams the
-whole score tile through memory again. Inductor fuses them into one C++ loop
-per query row that keeps the row in cache; on the 2-core AVX-512 CPU this
+(max, exp, four products and sums per model) streams the whole score tile
+through memory again. Inductor fuses them into two passes over the tile; on the 2-core AVX-512 CPU this
 makes the step 2-4x faster (``benchmarks/analysis_speed.py``); the same holds
 for the per-neuron column sums. Compiling needs a C++ compiler; ``"auto"``
 falls back to the eager kernels, with one warning, where there is none.
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -24,7 +23,8 @@ from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import KERNEL_MODES
 
 KernelMode = Literal["auto", "compiled", "eager"]  # the same strings as options.KERNEL_MODES
-TileKernel = Callable[[Tensor, Tensor], Tensor]
+TileKernel = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,27 @@ class KernelError(SumcircuitError):
     """The compiled statistics kernels were asked for but cannot be built here."""
 
 
-def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> Tensor:
-    """Turn two masked score tiles ``[N, R, K]`` into probabilities in place; return ``dots`` ``[4, N, R]``.
+def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of two masked score tiles ``[N, R, K]``; the tiles are overwritten with ``exp(s - max)``.
 
-    ``dots`` holds ``sum p_b lp_b``, ``sum p_b lp_t``, ``sum p_t lp_t``,
-    ``sum p_t lp_b`` per row (``lp = log_softmax``, ``p = exp(lp)``: one
-    softmax per model). Masked keys carry a finite very negative score, so they
-    give ``p = 0`` and ``p * lp = 0`` (not ``nan``) in the cross terms. The
-    tiles are overwritten so that ``p @ V`` needs no second buffer.
+    Returns ``dots`` ``[4, N, R]``: ``sum p_b lp_b``, ``sum p_b lp_t``,
+    ``sum p_t lp_t``, ``sum p_t lp_b`` (``p = softmax(s)``, ``lp = log p``),
+    and the normalizers ``z`` ``[2, N, R]`` (base, tuned). Written as
+    ``lp = d - log z`` with ``d = s - max(s) <= 0``, so ``sum p lp = sum e d / z - log z``
+    with ``e = exp(d)``: one ``exp`` per score, and no cancellation between
+    large scores and a large log-normalizer. The caller divides ``e @ V`` by
+    ``z`` (a ``[R, Dv]`` division instead of an ``[R, K]`` one). Masked keys
+    carry a finite very negative score, so ``e = 0`` and ``e * d = 0`` there.
     """
-    lp_b = torch.log_softmax(scores_base, dim=-1)
-    lp_t = torch.log_softmax(scores_tuned, dim=-1)
-    p_b = torch.exp(lp_b, out=scores_base)
-    p_t = torch.exp(lp_t, out=scores_tuned)
-    return torch.stack([(p_b * lp_b).sum(-1), (p_b * lp_t).sum(-1), (p_t * lp_t).sum(-1), (p_t * lp_b).sum(-1)])
+    d_b = scores_base - scores_base.amax(-1, keepdim=True)
+    d_t = scores_tuned - scores_tuned.amax(-1, keepdim=True)
+    e_b = torch.exp(d_b, out=scores_base)
+    e_t = torch.exp(d_t, out=scores_tuned)
+    z_b, z_t = e_b.sum(-1), e_t.sum(-1)
+    log_b, log_t = z_b.log(), z_t.log()
+    dots = torch.stack([(e_b * d_b).sum(-1) / z_b - log_b, (e_b * d_t).sum(-1) / z_b - log_t,
+                        (e_t * d_t).sum(-1) / z_t - log_t, (e_t * d_b).sum(-1) / z_t - log_b])
+    return dots, torch.stack([z_b, z_t])
 
 
 CHUNK_ROWS = 64  # rows summed in fp32 before the fp64 sum: error ~1e-7 relative, like eager's pairwise sums
@@ -68,15 +75,15 @@ def difference_sums_(tuned: Tensor, base: Tensor) -> Tensor:
     return torch.stack([(diff * diff).sum(1), (base * base).sum(1)])
 
 
-_COMPILED: dict[str, Callable[..., Tensor]] = {}
+_COMPILED: dict[str, Callable[..., Any]] = {}
 _UNAVAILABLE: str | None = None  # why compiling failed in this process, once it has
 
 
-def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def _compiled(fn: Fn) -> Fn:
     if fn.__name__ not in _COMPILED:
         # dynamic: tiles change length with every causal row block; one graph serves them all
         _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _COMPILED[fn.__name__]
+    return cast(Fn, _COMPILED[fn.__name__])
 
 
 def _unavailable(kernel: KernelMode) -> None:
@@ -87,10 +94,10 @@ def _unavailable(kernel: KernelMode) -> None:
     logger.warning("%s; using the eager kernel, which is slower", message.split(";")[0])
 
 
-def _checked(fn: Callable[..., Tensor], kernel: KernelMode) -> Callable[..., Tensor]:
+def _checked(fn: Fn, kernel: KernelMode) -> Fn:
     """``fn`` compiled, falling back (``auto``) or failing (``compiled``) where it cannot be built."""
 
-    def run(*tensors: Tensor) -> Tensor:
+    def run(*tensors: Tensor) -> Any:
         global _UNAVAILABLE
         if _UNAVAILABLE is None:
             try:
@@ -104,7 +111,7 @@ def _checked(fn: Callable[..., Tensor], kernel: KernelMode) -> Callable[..., Ten
             _unavailable(kernel)
         return fn(*tensors)
 
-    return run
+    return cast(Fn, run)
 
 
 def _is_compile_failure(exc: Exception) -> bool:
@@ -112,7 +119,7 @@ def _is_compile_failure(exc: Exception) -> bool:
     return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, OSError)
 
 
-def _resolve(fn: Callable[..., Tensor], kernel: KernelMode, device: torch.device) -> Callable[..., Tensor]:
+def _resolve(fn: Fn, kernel: KernelMode, device: torch.device) -> Fn:
     if kernel not in KERNEL_MODES:
         raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
     if kernel == "eager" or (kernel == "auto" and device.type != "cpu"):
