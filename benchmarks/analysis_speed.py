@@ -5,8 +5,10 @@ In one process, on the same documents, for a random GPT-2-small-shaped pair
 model vs a copy with 1e-3 relative noise), at each length T:
 
   floor          two plain SDPA forward passes of the model bodies (no LM head), no statistics
-  sumcircuit     sumcircuit.analysis.analyze_models (every statistic, CKA included)
+  sumcircuit     sumcircuit.analysis.analyze_models (every statistic, CKA included), statistics
+                 kernels compiled by inductor (the default on CPU)
   no CKA         the same without linear CKA
+  eager kernels  sumcircuit with --kernels eager (the fallback where no C++ compiler is found)
   eager maps     HF eager attention with output_attentions=True for both models, then the
                  per-head entropy, KL (both directions) and residual norms from the returned maps
   TransformerLens  TransformerLens 4: TransformerBridge booted on the same in-memory models,
@@ -112,11 +114,11 @@ def floor(base, tuned, batches) -> None:  # type: ignore[no-untyped-def]
             body(tuned)(input_ids=ids, use_cache=False)
 
 
-def analysis(base, tuned, encoded, cka: bool = True) -> None:  # type: ignore[no-untyped-def]
+def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto") -> None:  # type: ignore[no-untyped-def]
     from sumcircuit.adapters import ArchitectureAdapter
     from sumcircuit.analysis import AnalysisConfig, analyze_models
 
-    cfg = AnalysisConfig(batch_size=1, progress=False, cka=cka, n_bootstrap=200)
+    cfg = AnalysisConfig(batch_size=1, progress=False, cka=cka, n_bootstrap=200, kernels=kernels)
     analyze_models(base, tuned, ArchitectureAdapter.for_model(base), encoded, cfg, pad_token_id=0)
 
 
@@ -218,7 +220,9 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
 
     warm_ids = documents(tokenizer, 64, 1)[0]
     floor(base, tuned, [torch.tensor([warm_ids])])
-    analysis(base, tuned, [Encoded("w", warm_ids, [-100] * 64, (0, 64), (64, 64), 64, False, False)])
+    warm = [Encoded("w", warm_ids, [-100] * 64, (0, 64), (64, 64), 64, False, False)]
+    analysis(base, tuned, warm)  # compiles the statistics kernels (dynamic shapes: once for every length)
+    analysis(base, tuned, warm, kernels="eager")
     gc.collect()
     models_rss = _rss()  # the pair resident, before any TransformerLens copy
     bridges = lens_bridges(base, tuned, tokenizer)
@@ -233,6 +237,7 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
             "floor: 2x SDPA body": partial(floor, base, tuned, batches),
             "sumcircuit analyze": partial(analysis, base, tuned, encoded),
             "sumcircuit, no CKA": partial(analysis, base, tuned, encoded, cka=False),
+            "sumcircuit, eager kernels": partial(analysis, base, tuned, encoded, kernels="eager"),
             "eager maps + stats": partial(eager, base, tuned, batches),
         }
         if not isinstance(bridges, str):
