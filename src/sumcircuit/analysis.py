@@ -473,15 +473,11 @@ def finalize(state: AnalysisState, config: AnalysisConfig, weights: dict[str, Te
     means = {s: sums[s].sum(0) / n_total for s in HEAD_STATS}
     ci = {s: ratio_ci(sums[s], tokens, config.ci_method, config.ci_level, config.n_bootstrap, config.seed)
           for s in HEAD_STATS}
-    heads = []
-    for layer in range(L):
-        for head in range(H):
-            row: dict[str, Any] = {"layer": layer, "head": head, "rows": int(n_total)}
-            for s in HEAD_STATS:
-                row[s] = float(means[s][layer, head])
-                row[f"{s}_ci_low"] = float(ci[s][0][layer, head])
-                row[f"{s}_ci_high"] = float(ci[s][1][layer, head])
-            heads.append(row)
+    columns = {}  # one tolist() per column: a float() per cell costs ~5 us, 4,000 cells for 270 heads
+    for s in HEAD_STATS:
+        columns.update({s: means[s].tolist(), f"{s}_ci_low": ci[s][0].tolist(), f"{s}_ci_high": ci[s][1].tolist()})
+    heads = [{"layer": layer, "head": head, "rows": int(n_total), **{k: float(v[layer][head]) for k, v in columns.items()}}
+             for layer in range(L) for head in range(H)]
 
     change = neuron_change(state.neurons["base"], state.neurons["tuned"], state.neuron_abs_change,  # type: ignore[arg-type]
                            config.neuron_threshold, config.sign_flip_eps)

@@ -99,13 +99,18 @@ class CrossMoments:
             return
         x, y = x.float(), y.float()
         mx, my = x.mean(0), y.mean(0)
-        xc, yc = x - mx, y - my
         w, dx, dy = self._move_means(layer, n_b, mx.double(), my.double())
-        dxf, dyf = dx.float(), dy.float()
-        # in place: the batch's centered products and the Chan correction, no d x d temporaries
-        self.cxx[layer].addmm_(xc.T, xc).addr_(dxf, dxf, alpha=w)
-        self.cyy[layer].addmm_(yc.T, yc).addr_(dyf, dyf, alpha=w)
-        self.cxy[layer].addmm_(xc.T, yc).addr_(dxf, dyf, alpha=w)
+        # The batch centered on its own mean, plus one row sqrt(w) * (batch mean - pool mean): one
+        # GEMM then adds both the centered products and Chan's correction w dx dx^T, in place,
+        # with no d x d temporary and no separate rank-1 pass over the d x d accumulator.
+        xc = torch.empty(n_b + 1, x.shape[1], device=x.device)
+        yc = torch.empty(n_b + 1, y.shape[1], device=y.device)
+        torch.sub(x, mx, out=xc[:n_b])
+        torch.sub(y, my, out=yc[:n_b])
+        xc[n_b], yc[n_b] = dx * math.sqrt(w), dy * math.sqrt(w)
+        self.cxx[layer].addmm_(xc.T, xc)
+        self.cyy[layer].addmm_(yc.T, yc)
+        self.cxy[layer].addmm_(xc.T, yc)
 
     def _move_means(self, layer: int, n_b: float, mx: Tensor, my: Tensor) -> tuple[float, Tensor, Tensor]:
         """Chan et al.'s pairwise step for the means and count of ``layer``, given ``n_b`` new rows.
