@@ -60,7 +60,7 @@ CHUNK_ROWS = 64  # rows summed in fp32 before the fp64 sum: error ~1e-7 relative
 WEIGHT_CHUNK = 4096  # weight elements per fp32 partial sum
 
 
-def column_sums_(base: Tensor, tuned: Tensor, dim: int) -> Tensor:
+def column_sums(base: Tensor, tuned: Tensor, dim: int) -> Tensor:
     """Sums over ``dim`` (the rows) of both models' activations: ``[5, ...]`` fp32.
 
     Rows 0-4: ``sum b``, ``sum b^2``, ``sum t``, ``sum t^2``, ``sum |t - b|``.
@@ -71,7 +71,7 @@ def column_sums_(base: Tensor, tuned: Tensor, dim: int) -> Tensor:
                         (tuned - base).abs().sum(dim)])
 
 
-def difference_sums_(tuned: Tensor, base: Tensor) -> Tensor:
+def difference_sums(tuned: Tensor, base: Tensor) -> Tensor:
     """``[2, C]`` fp32 per chunk of ``[C, R]``: ``sum (t - b)^2`` and ``sum b^2``."""
     diff = tuned - base
     return torch.stack([(diff * diff).sum(1), (base * base).sum(1)])
@@ -141,9 +141,9 @@ def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> 
     temporaries), rows summed in chunks of :data:`CHUNK_ROWS` in fp32, then
     in fp64, so the rounding stays that of a pairwise sum.
     """
-    run = _resolve(column_sums_, kernel, base.device)
-    if run is column_sums_:  # eager: torch's pairwise sums are as accurate without chunks
-        return column_sums_(base, tuned, 0).double()
+    run = _resolve(column_sums, kernel, base.device)
+    if run is column_sums:  # eager: torch's pairwise sums are as accurate without chunks
+        return column_sums(base, tuned, 0).double()
     n, f = base.shape
     main = n - n % CHUNK_ROWS
     sums = torch.zeros(5, f, dtype=torch.float64, device=base.device)
@@ -151,7 +151,7 @@ def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> 
         chunks = run(base[:main].reshape(-1, CHUNK_ROWS, f), tuned[:main].reshape(-1, CHUNK_ROWS, f), 1)
         sums += chunks.sum(1, dtype=torch.float64)
     if main < n:
-        sums += column_sums_(base[main:], tuned[main:], 0).double()
+        sums += column_sums(base[main:], tuned[main:], 0).double()
     return sums
 
 
@@ -161,8 +161,8 @@ def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> t
     Compiled, chunks of :data:`WEIGHT_CHUNK` elements are summed in fp32 and
     the chunk sums in fp64; eagerly, torch's norm kernel does it.
     """
-    run = _resolve(difference_sums_, kernel, tuned.device)
-    if run is difference_sums_:  # eager: torch's own norm kernel beats chunked sums 4x
+    run = _resolve(difference_sums, kernel, tuned.device)
+    if run is difference_sums:  # eager: torch's own norm kernel beats chunked sums 4x
         return float(torch.linalg.vector_norm(tuned - base)) ** 2, float(torch.linalg.vector_norm(base)) ** 2
     t, b = tuned.reshape(-1), base.reshape(-1)
     main = t.numel() - t.numel() % WEIGHT_CHUNK
@@ -170,7 +170,7 @@ def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> t
     if main:
         sums += run(t[:main].view(-1, WEIGHT_CHUNK), b[:main].view(-1, WEIGHT_CHUNK)).sum(1, dtype=torch.float64)
     if main < t.numel():
-        sums += difference_sums_(t[None, main:], b[None, main:])[:, 0].double()
+        sums += difference_sums(t[None, main:], b[None, main:])[:, 0].double()
     return float(sums[0]), float(sums[1])
 
 
