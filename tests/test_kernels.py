@@ -109,7 +109,7 @@ def test_compiled_without_a_compiler_is_a_one_line_error() -> None:
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "eager"])
-@pytest.mark.parametrize("n_rows", [3 * CHUNK_ROWS + 17, CHUNK_ROWS, 5])  # a tail, whole chunks, only a tail
+@pytest.mark.parametrize("n_rows", [3 * CHUNK_ROWS + 17, CHUNK_ROWS, 5, 0])  # a tail, whole chunks, only a tail, none
 def test_column_moments_match_float64_sums(kernel: str, n_rows: int) -> None:
     g = torch.Generator().manual_seed(n_rows)
     base = torch.randn(n_rows, 37, generator=g) * 2 + 3  # a large mean, as MLP inputs have

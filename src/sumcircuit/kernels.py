@@ -144,15 +144,7 @@ def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> 
     run = _resolve(column_sums, kernel, base.device)
     if run is column_sums:  # eager: torch's pairwise sums are as accurate without chunks
         return column_sums(base, tuned, 0).double()
-    n, f = base.shape
-    main = n - n % CHUNK_ROWS
-    sums = torch.zeros(5, f, dtype=torch.float64, device=base.device)
-    if main:
-        chunks = run(base[:main].reshape(-1, CHUNK_ROWS, f), tuned[:main].reshape(-1, CHUNK_ROWS, f), 1)
-        sums += chunks.sum(1, dtype=torch.float64)
-    if main < n:
-        sums += column_sums(base[main:], tuned[main:], 0).double()
-    return sums
+    return _chunk_sums(run, column_sums, base, tuned, CHUNK_ROWS, 1)
 
 
 def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> tuple[float, float]:
@@ -164,14 +156,23 @@ def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> t
     run = _resolve(difference_sums, kernel, tuned.device)
     if run is difference_sums:  # eager: torch's own norm kernel beats chunked sums 4x
         return float(torch.linalg.vector_norm(tuned - base)) ** 2, float(torch.linalg.vector_norm(base)) ** 2
-    t, b = tuned.reshape(-1), base.reshape(-1)
-    main = t.numel() - t.numel() % WEIGHT_CHUNK
-    sums = torch.zeros(2, dtype=torch.float64, device=t.device)
-    if main:
-        sums += run(t[:main].view(-1, WEIGHT_CHUNK), b[:main].view(-1, WEIGHT_CHUNK)).sum(1, dtype=torch.float64)
-    if main < t.numel():
-        sums += difference_sums(t[None, main:], b[None, main:])[:, 0].double()
+    sums = _chunk_sums(run, difference_sums, tuned.reshape(-1), base.reshape(-1), WEIGHT_CHUNK)
     return float(sums[0]), float(sums[1])
+
+
+def _chunk_sums(run: Callable[..., Tensor], eager: Callable[..., Tensor], a: Tensor, b: Tensor, chunk: int,
+                *args: int) -> Tensor:
+    """fp64 total of ``run`` (fp32 sums over axis 1) on ``chunk``-row pieces of ``a``, ``b``.
+
+    The rows past the last whole piece go through ``eager`` as one short piece
+    (possibly empty, which gives the zeros of the right shape).
+    """
+    main = a.shape[0] - a.shape[0] % chunk
+    total = eager(a[None, main:], b[None, main:], *args).sum(1, dtype=torch.float64)
+    if main:
+        pieces = (x[:main].reshape(-1, chunk, *x.shape[1:]) for x in (a, b))
+        total += run(*pieces, *args).sum(1, dtype=torch.float64)
+    return total
 
 
 def compiled_kernel_status() -> str | None:
