@@ -6,7 +6,7 @@ model vs a copy with 1e-3 relative noise), at each length T:
 
   floor          two plain SDPA forward passes of the model bodies (no LM head), no statistics
   sumcircuit     sumcircuit.analysis.analyze_models (every statistic, CKA included), statistics
-                 kernels compiled by inductor (the default on CPU)
+                 kernels compiled in C++ (the default on CPU)
   no CKA         the same without linear CKA
   eager kernels  sumcircuit with --kernels eager (the fallback where no C++ compiler is found)
   eager maps     HF eager attention with output_attentions=True for both models, then the
@@ -221,7 +221,7 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
     warm_ids = documents(tokenizer, 64, 1)[0]
     floor(base, tuned, [torch.tensor([warm_ids])])
     warm = [Encoded("w", warm_ids, [-100] * 64, (0, 64), (64, 64), 64, False, False)]
-    analysis(base, tuned, warm)  # compiles the statistics kernels (dynamic shapes: once for every length)
+    analysis(base, tuned, warm)  # builds (or loads) the compiled statistics kernels
     analysis(base, tuned, warm, kernels="eager")
     gc.collect()
     models_rss = _rss()  # the pair resident, before any TransformerLens copy

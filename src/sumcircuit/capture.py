@@ -107,8 +107,13 @@ def _grouped(x: Tensor, n_kv: int, scale: float | None = None) -> Tensor:
     are never repeated, and a tile of positions is a contiguous slice.
     """
     b, h, t, d = x.shape
-    x = x.float() if scale is None else x.float() * scale
-    return x.view(b, n_kv, h // n_kv, t, d).transpose(2, 3).reshape(b * n_kv, t * (h // n_kv), d)
+    grouped = torch.empty(b, n_kv, t, h // n_kv, d, dtype=torch.float32, device=x.device)
+    source = x.float().view(b, n_kv, h // n_kv, t, d).transpose(2, 3)  # fp32 models: no copy yet
+    if scale is None:
+        grouped.copy_(source)
+    else:  # scaled while regrouped: one pass
+        torch.mul(source, scale, out=grouped)
+    return grouped.view(b * n_kv, t * (h // n_kv), d)
 
 
 def _ungrouped(x: Tensor, b: int, n_kv: int, t: int) -> Tensor:
@@ -119,19 +124,18 @@ def _ungrouped(x: Tensor, b: int, n_kv: int, t: int) -> Tensor:
 
 
 def _scores(q: Tensor, k_t: Tensor, rows: slice, kv_end: int, n_rep: int, mask: RowMask, batch: int,
-            future: Tensor, buffer: Tensor) -> Tensor:
-    """The masked score tile ``[B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``, written into ``buffer``.
+            buffer: Tensor) -> Tensor:
+    """The score tile ``[B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``, written into ``buffer``.
 
-    ``future`` is the causal block ``[tile, 1, tile]`` (True above the diagonal).
-    ``buffer`` is flat and reused by every tile of the layer: a fresh tile per
-    step would be fresh pages for the allocator to fault in.
+    An additive mask is added here; the causal limit is the tile kernel's
+    (it skips the keys past it). ``buffer`` is flat and reused by every tile
+    of the layer: a fresh tile per step would be fresh pages for the
+    allocator to fault in.
     """
     c = rows.stop - rows.start
     scores = buffer[:q.shape[0] * c * n_rep * kv_end].view(q.shape[0], c * n_rep, kv_end)
     torch.bmm(q[:, rows.start * n_rep:rows.stop * n_rep], k_t[:, :, :kv_end], out=scores)
-    if mask.causal:  # only the diagonal block (the last c keys) holds keys after the row
-        scores.view(-1, c, n_rep, kv_end)[..., kv_end - c:].masked_fill_(future[:c, :, :c], _NEG)
-    elif mask.additive is not None:
+    if mask.additive is not None:
         add = mask.additive[:, :, rows, :kv_end]  # [B or 1, 1, c, kv]
         scores.view(batch, -1, c, n_rep, kv_end).add_(add[..., None, :])
     return scores
@@ -180,8 +184,8 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
 
     Query positions go in tiles (:func:`tile_rows`). Per tile each model's
     scores ``s`` give ``e = exp(s - max s)`` and its row sum ``z`` once
-    (:func:`sumcircuit.kernels.tile_stats_`, compiled or eager as ``kernel``
-    says); the output is ``(e @ V) / z``, entropy ``-sum p lp`` and
+    (:func:`sumcircuit.kernels.tile_kernel`: C++ or eager as ``kernel``
+    says, the causal limit applied there); the output is ``(e @ V) / z``, entropy ``-sum p lp`` and
     ``KL(base||tuned) = sum p_b (lp_b - lp_t)``, all from the same tiles: no
     ``T x T`` matrix, no second softmax. Statistics are fp32 whatever the
     model dtype; outputs are cast back to it.
@@ -196,32 +200,34 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     stats = tile_kernel(kernel, device)
     work = workspace if workspace is not None else Workspace()
     queries = [_grouped(x.query, h_kv, x.scale) for x in (base, tuned)]
-    # [B*Hkv, D, Tk] laid out contiguously: a GEMM reads it ~1.4x faster than the transposed view
-    keys = [x.key.float().flatten(0, 1).transpose(1, 2).contiguous() for x in (base, tuned)]
+    # [B*Hkv, D, Tk] laid out contiguously (one copy): a GEMM reads it ~1.4x faster than the transposed view
+    keys = [torch.empty(b, h_kv, x.key.shape[-1], t_k, device=device).copy_(x.key.transpose(2, 3)).flatten(0, 1)
+            for x in (base, tuned)]
     values = [x.value.float().flatten(0, 1) for x in (base, tuned)]  # [B*Hkv, Tk, Dv]
-    outs = torch.empty(2, n, t_q * n_rep, d_v, device=device)
+    outs = torch.empty(2, b, t_q, h_q, d_v, device=device)  # each model's output in its final layout
     dots = torch.empty(4, n, t_q * n_rep, device=device)
     step = tile_rows(base.query, t_k, rows_per_tile)
-    future = torch.ones(step, step, dtype=torch.bool, device=device).triu_(1)[:, None]
     tile_numel = n * min(step, t_q) * n_rep
     buffers = [work.get(f"scores{i}", tile_numel * t_k, device) for i in range(2)]
     out_buffer = work.get("out", tile_numel * d_v, device)
     for r0 in range(0, t_q, step):
         rows = slice(r0, min(t_q, r0 + step))
         kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
-        e_b, e_t = (_scores(q, k, rows, kv_end, n_rep, mask, b, future, buf)
-                    for q, k, buf in zip(queries, keys, buffers))
+        e_b, e_t = (_scores(q, k, rows, kv_end, n_rep, mask, b, buf) for q, k, buf in zip(queries, keys, buffers))
         flat = slice(rows.start * n_rep, rows.stop * n_rep)
-        dots[:, :, flat], z = stats(e_b, e_t)  # the score tiles now hold exp(s - max), z their row sums
-        tile_out = out_buffer[:e_b.shape[0] * e_b.shape[1] * d_v].view(e_b.shape[0], e_b.shape[1], d_v)
-        for i, e in enumerate((e_b, e_t)):
-            torch.div(torch.bmm(e, values[i][:, :kv_end], out=tile_out), z[i, ..., None], out=outs[i, :, flat])
-    out = _ungrouped(outs, b, h_kv, t_q)  # [2, B, T, H, Dv]
+        causal_from = rows.start + offset if mask.causal else None  # row i sees keys <= causal_from + i // n_rep
+        dots[:, :, flat], z = stats(e_b, e_t, causal_from, n_rep)  # tiles now hold exp(s - max), z their row sums
+        c = rows.stop - rows.start
+        tile_out = out_buffer[:n * c * n_rep * d_v].view(n, c * n_rep, d_v)
+        for i, e in enumerate((e_b, e_t)):  # (e @ V) / z, divided while moved to [B, c, H, Dv]: one pass
+            grouped = torch.bmm(e, values[i][:, :kv_end], out=tile_out).view(b, h_kv, c, n_rep, d_v)
+            torch.div(grouped.transpose(1, 2), z[i].view(b, h_kv, c, n_rep, 1).transpose(1, 2),
+                      out=outs[i, :, rows].view(b, c, h_kv, n_rep, d_v))
     rows_stats = _ungrouped(dots[..., None], b, h_kv, t_q)[..., 0].transpose(-1, -2)  # [4, B, H, T]
     self_b, cross_b, self_t, cross_t = rows_stats.unbind(0)
     # Like terms first: a model compared with itself gives exactly 0.
     pair = PairRows(torch.stack([-self_b, -self_t, self_b - cross_b, self_t - cross_t]))
-    return out[0].to(base.query.dtype), out[1].to(tuned.query.dtype), pair
+    return outs[0].to(base.query.dtype), outs[1].to(tuned.query.dtype), pair
 
 
 # ---------------------------------------------------------------- the two models in lockstep

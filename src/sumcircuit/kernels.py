@@ -1,20 +1,28 @@
-"""The statistics kernels: written once, run eagerly or compiled by inductor.
+"""The statistics kernels: stated once in torch (the eager kernels), and compiled for this CPU.
 
-Why a compiled variant: in eager PyTorch every step of the tile statistics
-(max, exp, four products and sums per model) streams the whole score tile
-through memory again. Inductor fuses them into two passes over the tile; on the 2-core AVX-512 CPU this
-makes the step 2-4x faster (``benchmarks/analysis_speed.py``); the same holds
-for the per-neuron column sums. Compiling needs a C++ compiler; ``"auto"``
-falls back to the eager kernels, with one warning, where there is none.
-Accelerators run the eager kernels under ``"auto"`` (inductor's GPU path has
-not been checked against the references).
+Why compiled kernels: in eager PyTorch every step of the tile statistics (max,
+exp, four products and sums per model) streams the whole score tile through
+memory again, and the per-neuron column sums write ``N x F`` temporaries.
+Compiled, each is one pass: a small C++ module (``csrc/statistics.cpp``) built
+once per machine by ``torch.utils.cpp_extension`` for the vector ISA torch
+itself uses here, with ATen's vectorized ``exp``. The tile kernel reads each
+row of both tiles while it sits in L1 and applies the causal limit itself;
+inductor's fusion of the same torch code made five passes over the tile and
+was 2-3x slower (``benchmarks/analysis_speed.md``).
+
+Building needs a C++ compiler; ``"auto"`` falls back to the eager kernels, with
+one warning, where there is none, and ``"compiled"`` fails in one line.
+Accelerators run the eager kernels under ``"auto"`` (the C++ module is CPU code).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, cast
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,15 +31,27 @@ from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import KERNEL_MODES
 
 KernelMode = Literal["auto", "compiled", "eager"]  # the same strings as options.KERNEL_MODES
-TileKernel = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-Fn = TypeVar("Fn", bound=Callable[..., Any])
+TileKernel = Callable[[Tensor, Tensor, "int | None", int], tuple[Tensor, Tensor]]
 
 logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 64  # rows summed in fp32 before the fp64 sum: error ~1e-7 relative, like eager's pairwise sums
+WEIGHT_CHUNK = 4096  # weight elements per fp32 partial sum
+_SOURCE = Path(__file__).with_name("csrc") / "statistics.cpp"
+# ATen's vector ISA that torch itself runs here (torch.backends.cpu.get_cpu_capability) -> compiler flags
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"),
+    "AVX2": ("-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"),
+}
+_NATIVE: dict[str, Any] = {}  # "module": the built C++ module, once per process
+_UNAVAILABLE: str | None = None  # why building it failed in this process, once it has
 
 
 class KernelError(SumcircuitError):
     """The compiled statistics kernels were asked for but cannot be built here."""
 
+
+# ---------------------------------------------------------------- the eager statements
 
 def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row statistics of two masked score tiles ``[N, R, K]``; the tiles are overwritten with ``exp(s - max)``.
@@ -56,82 +76,100 @@ def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tens
     return dots, torch.stack([z_b, z_t])
 
 
-CHUNK_ROWS = 64  # rows summed in fp32 before the fp64 sum: error ~1e-7 relative, like eager's pairwise sums
-WEIGHT_CHUNK = 4096  # weight elements per fp32 partial sum
+def causal_tile_stats_(scores_base: Tensor, scores_tuned: Tensor, causal_from: int | None,
+                       n_rep: int) -> tuple[Tensor, Tensor]:
+    """:func:`tile_stats_` after the causal limit: row ``r`` sees keys ``[0, causal_from + r // n_rep]``.
 
-
-def column_sums(base: Tensor, tuned: Tensor, dim: int) -> Tensor:
-    """Sums over ``dim`` (the rows) of both models' activations: ``[5, ...]`` fp32.
-
-    Rows 0-4: ``sum b``, ``sum b^2``, ``sum t``, ``sum t^2``, ``sum |t - b|``.
-    Compiled it runs over ``[C, R, F]`` row chunks (``dim=1``); eagerly over
-    ``[N, F]`` (``dim=0``), where torch's own reduction is 3x faster than over a middle axis.
+    ``causal_from=None``: the tiles are already masked. Rows are ordered
+    (position, head of the group), ``n_rep`` heads per position; this is the
+    eager statement of what the compiled kernel does in its row loop.
     """
-    return torch.stack([base.sum(dim), (base * base).sum(dim), tuned.sum(dim), (tuned * tuned).sum(dim),
-                        (tuned - base).abs().sum(dim)])
+    if causal_from is not None:
+        rows, keys = scores_base.shape[-2:]
+        limit = causal_from + torch.arange(rows, device=scores_base.device) // n_rep
+        future = torch.arange(keys, device=scores_base.device) > limit[:, None]
+        for scores in (scores_base, scores_tuned):
+            scores.masked_fill_(future, torch.finfo(torch.float32).min)
+    return tile_stats_(scores_base, scores_tuned)
 
 
-def difference_sums(tuned: Tensor, base: Tensor) -> Tensor:
-    """``[2, C]`` fp32 per chunk of ``[C, R]``: ``sum (t - b)^2`` and ``sum b^2``."""
-    diff = tuned - base
-    return torch.stack([(diff * diff).sum(1), (base * base).sum(1)])
+def column_moments_eager(base: Tensor, tuned: Tensor) -> Tensor:
+    """``[5, F]`` fp64 column sums of ``b``, ``b^2``, ``t``, ``t^2``, ``|t - b|`` over ``[N, F]`` rows (torch's pairwise sums)."""
+    sums = torch.stack([base.sum(0), (base * base).sum(0), tuned.sum(0), (tuned * tuned).sum(0),
+                        (tuned - base).abs().sum(0)])
+    return sums.double()
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
-_UNAVAILABLE: str | None = None  # why compiling failed in this process, once it has
+def squared_norms_eager(tuned: Tensor, base: Tensor) -> tuple[float, float]:
+    """``(||t - b||^2, ||b||^2)`` by torch's norm kernel."""
+    return float(torch.linalg.vector_norm(tuned - base)) ** 2, float(torch.linalg.vector_norm(base)) ** 2
 
 
-def _compiled(fn: Fn) -> Fn:
-    if fn.__name__ not in _COMPILED:
-        # dynamic: tiles change length with every causal row block; one graph serves them all
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return cast(Fn, _COMPILED[fn.__name__])
+# ---------------------------------------------------------------- choosing and building
+
+def _build_native() -> Any:
+    """The C++ module, built for this CPU's vector ISA (cached on disk by ``cpp_extension``)."""
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if shutil.which("ninja") is None:  # the pip wheel's binary, when the venv's bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    name = "sumcircuit_statistics_" + "".join(c if c.isalnum() else "_" for c in capability.lower())
+    return cpp_extension.load(name=name, sources=[str(_SOURCE)], verbose=False,
+                              extra_cflags=["-O3", *_ISA_FLAGS.get(capability, ())])
 
 
 def _unavailable(kernel: KernelMode) -> None:
-    message = (f"the compiled statistics kernels cannot be built here ({_UNAVAILABLE}); "
+    message = (f"the compiled statistics kernels cannot be built here (they need a C++ compiler; {_UNAVAILABLE}); "
                "use --kernels eager")
     if kernel == "compiled":
         raise KernelError(message)
-    logger.warning("%s; using the eager kernel, which is slower", message.split(";")[0])
+    logger.warning("%s; using the eager kernels, which are slower", message.split(";")[0])
 
 
-def _checked(fn: Fn, kernel: KernelMode) -> Fn:
-    """``fn`` compiled, falling back (``auto``) or failing (``compiled``) where it cannot be built."""
+def _native(kernel: KernelMode, device: torch.device) -> Any:
+    """The C++ module if ``kernel`` asks for it on ``device`` and it builds; else None (the eager kernels).
 
-    def run(*tensors: Tensor) -> Any:
-        global _UNAVAILABLE
-        if _UNAVAILABLE is None:
-            try:
-                return _compiled(fn)(*tensors)
-            except Exception as exc:  # the eager kernel is the same math; anything else it raises again
-                if not _is_compile_failure(exc):
-                    raise
-                _UNAVAILABLE = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
-                _unavailable(kernel)  # warns once (auto) or raises (compiled)
-        elif kernel == "compiled":
-            _unavailable(kernel)
-        return fn(*tensors)
-
-    return cast(Fn, run)
-
-
-def _is_compile_failure(exc: Exception) -> bool:
-    """Errors raised by dynamo or inductor (no compiler, no headers, no cache folder)."""
-    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or isinstance(exc, OSError)
-
-
-def _resolve(fn: Fn, kernel: KernelMode, device: torch.device) -> Fn:
+    A failed build warns once (``auto``) or raises :class:`KernelError` every time (``compiled``).
+    """
+    global _UNAVAILABLE
     if kernel not in KERNEL_MODES:
         raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
     if kernel == "eager" or (kernel == "auto" and device.type != "cpu"):
-        return fn
-    return _checked(fn, kernel)
+        return None
+    if "module" not in _NATIVE and _UNAVAILABLE is None:
+        try:
+            _NATIVE["module"] = _build_native()
+        except Exception as exc:  # no compiler, headers or ninja: the eager kernels are the same math
+            _UNAVAILABLE = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            _unavailable(kernel)
+    if "module" not in _NATIVE and kernel == "compiled":
+        _unavailable(kernel)
+    return _NATIVE.get("module")
 
+
+def compiled_kernel_status() -> str | None:
+    """Why building the compiled kernels failed in this process, or None if it has not failed."""
+    return _UNAVAILABLE
+
+
+# ---------------------------------------------------------------- the kernels
 
 def tile_kernel(kernel: KernelMode, device: torch.device) -> TileKernel:
-    """The statistics kernel that ``kernel`` means on ``device``."""
-    return _resolve(tile_stats_, kernel, device)
+    """The tile statistics kernel that ``kernel`` means on ``device``: C++, or :func:`causal_tile_stats_`."""
+    native = _native(kernel, device)
+    if native is None:
+        return causal_tile_stats_
+    run = native.tile_stats
+
+    def compiled(scores_base: Tensor, scores_tuned: Tensor, causal_from: int | None,
+                 n_rep: int) -> tuple[Tensor, Tensor]:
+        dots, z = run(scores_base, scores_tuned, -1 if causal_from is None else causal_from, n_rep)
+        return dots, z
+
+    return compiled
 
 
 def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> Tensor:
@@ -141,10 +179,10 @@ def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> 
     temporaries), rows summed in chunks of :data:`CHUNK_ROWS` in fp32, then
     in fp64, so the rounding stays that of a pairwise sum.
     """
-    run = _resolve(column_sums, kernel, base.device)
-    if run is column_sums:  # eager: torch's pairwise sums are as accurate without chunks
-        return column_sums(base, tuned, 0).double()
-    return _chunk_sums(run, column_sums, base, tuned, CHUNK_ROWS, 1)
+    native = _native(kernel, base.device)
+    if native is None:
+        return column_moments_eager(base, tuned)
+    return native.column_moments(base.float().contiguous(), tuned.float().contiguous(), CHUNK_ROWS)
 
 
 def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> tuple[float, float]:
@@ -153,28 +191,8 @@ def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> t
     Compiled, chunks of :data:`WEIGHT_CHUNK` elements are summed in fp32 and
     the chunk sums in fp64; eagerly, torch's norm kernel does it.
     """
-    run = _resolve(difference_sums, kernel, tuned.device)
-    if run is difference_sums:  # eager: torch's own norm kernel beats chunked sums 4x
-        return float(torch.linalg.vector_norm(tuned - base)) ** 2, float(torch.linalg.vector_norm(base)) ** 2
-    sums = _chunk_sums(run, difference_sums, tuned.reshape(-1), base.reshape(-1), WEIGHT_CHUNK)
+    native = _native(kernel, tuned.device)
+    if native is None:
+        return squared_norms_eager(tuned, base)
+    sums = native.squared_norms(tuned.float().contiguous(), base.float().contiguous(), WEIGHT_CHUNK)
     return float(sums[0]), float(sums[1])
-
-
-def _chunk_sums(run: Callable[..., Tensor], eager: Callable[..., Tensor], a: Tensor, b: Tensor, chunk: int,
-                *args: int) -> Tensor:
-    """fp64 total of ``run`` (fp32 sums over axis 1) on ``chunk``-row pieces of ``a``, ``b``.
-
-    The rows past the last whole piece go through ``eager`` as one short piece
-    (possibly empty, which gives the zeros of the right shape).
-    """
-    main = a.shape[0] - a.shape[0] % chunk
-    total = eager(a[None, main:], b[None, main:], *args).sum(1, dtype=torch.float64)
-    if main:
-        pieces = (x[:main].reshape(-1, chunk, *x.shape[1:]) for x in (a, b))
-        total += run(*pieces, *args).sum(1, dtype=torch.float64)
-    return total
-
-
-def compiled_kernel_status() -> str | None:
-    """Why compiling the kernels failed in this process, or None if it has not failed."""
-    return _UNAVAILABLE

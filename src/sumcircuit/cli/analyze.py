@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--n-bootstrap", type=POSITIVE, default=1000, help="bootstrap replicates (default: %(default)s)")
     group.add_argument("--no-cka", action="store_true", help="skip linear CKA (saves 3 d x d products per layer)")
     group.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
-                       help="statistics kernels compiled by inductor (needs a C++ compiler; 2-4x faster on CPU) or "
-                            "run eagerly; auto: compiled on CPU, falling back to eager with a warning "
+                       help="statistics kernels compiled in C++ for this CPU (needs a C++ compiler, built once; "
+                            "2-4x faster) or run eagerly; auto: compiled on CPU, falling back to eager with a warning "
                             "(default: %(default)s)")
     group.add_argument("--restart", action="store_true", help="ignore finished shards in --out and start over")
     add_runtime_options(parser)
