@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -124,30 +125,33 @@ at::Tensor column_moments(at::Tensor base, at::Tensor tuned, int64_t chunk) {
   const float* pb = base.data_ptr<float>();
   const float* pt = tuned.data_ptr<float>();
   double* po = out.data_ptr<double>();
-  at::parallel_for(0, (f + w - 1) / w, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t c0 = block * w, width = std::min(w, f - c0);
-      double total[5][Vec::size()] = {};
-      for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-        Vec sb(0.f), sbb(0.f), st(0.f), stt(0.f), sd(0.f);
-        for (int64_t r = r0; r < std::min(n, r0 + chunk); ++r) {
-          const Vec b = Vec::loadu(pb + r * f + c0, width), t = Vec::loadu(pt + r * f + c0, width);
-          sb = sb + b;
-          sbb = at::vec::fmadd(b, b, sbb);
-          st = st + t;
-          stt = at::vec::fmadd(t, t, stt);
-          sd = sd + (t - b).abs();
-        }
-        const Vec* parts[5] = {&sb, &sbb, &st, &stt, &sd};
-        for (int k = 0; k < 5; ++k) {
-          float lanes[Vec::size()];
-          parts[k]->store(lanes);
-          for (int64_t i = 0; i < width; ++i) total[k][i] += lanes[i];
+  // Each thread owns a range of columns and walks the rows in order (contiguous reads); its fp32
+  // chunk sums and fp64 totals for that range stay in L1. Per column the order of additions is
+  // fixed (rows in order, chunk by chunk), whatever the number of threads.
+  at::parallel_for(0, (f + w - 1) / w, 8, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * w, c1 = std::min(f, end * w), width = c1 - c0;
+    std::vector<float> part(5 * width);
+    std::vector<double> total(5 * width, 0.0);
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      std::fill(part.begin(), part.end(), 0.f);
+      for (int64_t r = r0; r < std::min(n, r0 + chunk); ++r) {
+        const float* rb = pb + r * f + c0;
+        const float* rt = pt + r * f + c0;
+        for (int64_t j = 0; j < width; j += w) {
+          const int64_t m = std::min(w, width - j);
+          const Vec b = Vec::loadu(rb + j, m), t = Vec::loadu(rt + j, m);
+          float* acc = part.data() + j;
+          (Vec::loadu(acc, m) + b).store(acc, m);
+          at::vec::fmadd(b, b, Vec::loadu(acc + width, m)).store(acc + width, m);
+          (Vec::loadu(acc + 2 * width, m) + t).store(acc + 2 * width, m);
+          at::vec::fmadd(t, t, Vec::loadu(acc + 3 * width, m)).store(acc + 3 * width, m);
+          (Vec::loadu(acc + 4 * width, m) + (t - b).abs()).store(acc + 4 * width, m);
         }
       }
-      for (int k = 0; k < 5; ++k)
-        for (int64_t i = 0; i < width; ++i) po[k * f + c0 + i] = total[k][i];
+      for (int64_t i = 0; i < 5 * width; ++i) total[i] += part[i];
     }
+    for (int k = 0; k < 5; ++k)
+      std::copy(total.begin() + k * width, total.begin() + (k + 1) * width, po + k * f + c0);
   });
   return out;
 }
