@@ -100,24 +100,23 @@ class PairRows:
         raise AttributeError(name)
 
 
-def _grouped(x: Tensor, n_kv: int, scale: float | None = None) -> Tensor:
-    """``[B, H, T, D]`` -> fp32 ``[B*Hkv, T*n_rep, D]``, rows ordered (position, head of the group).
+def _grouped_pair(base: Tensor, tuned: Tensor, n_kv: int, scales: tuple[float, float]) -> Tensor:
+    """Both models' ``[B, H, T, D]`` queries -> fp32 ``[2*B*Hkv, T*n_rep, D]``, scaled; rows (position, head of the group).
 
     Query heads that share a key head become one matrix, so grouped-query keys
-    are never repeated, and a tile of positions is a contiguous slice.
+    are never repeated, and a tile of positions is a contiguous slice. Both
+    models go in one batch: one GEMM call for both keeps 2 cores busy where
+    ``B*Hkv`` alone is odd (3 KV heads: 1.4x faster).
     """
-    b, h, t, d = x.shape
-    grouped = torch.empty(b, n_kv, t, h // n_kv, d, dtype=torch.float32, device=x.device)
-    source = x.float().view(b, n_kv, h // n_kv, t, d).transpose(2, 3)  # fp32 models: no copy yet
-    if scale is None:
-        grouped.copy_(source)
-    else:  # scaled while regrouped: one pass
-        torch.mul(source, scale, out=grouped)
-    return grouped.view(b * n_kv, t * (h // n_kv), d)
+    b, h, t, d = base.shape
+    grouped = torch.empty(2, b, n_kv, t, h // n_kv, d, dtype=torch.float32, device=base.device)
+    for i, (x, scale) in enumerate(zip((base, tuned), scales)):  # scaled while regrouped: one pass
+        torch.mul(x.float().view(b, n_kv, h // n_kv, t, d).transpose(2, 3), scale, out=grouped[i])
+    return grouped.view(2 * b * n_kv, t * (h // n_kv), d)
 
 
 def _ungrouped(x: Tensor, b: int, n_kv: int, t: int) -> Tensor:
-    """Inverse of :func:`_grouped` for rows ``[..., B*Hkv, T*n_rep, F]`` -> ``[..., B, T, H, F]``."""
+    """Rows ``[..., B*Hkv, T*n_rep, F]`` -> ``[..., B, T, H, F]`` (the inverse of the grouping)."""
     lead = x.shape[:-3]
     x = x.reshape(*lead, b, n_kv, t, -1, x.shape[-1])  # [..., B, Hkv, T, n_rep, F]
     return x.movedim(-4, -3).flatten(-3, -2)  # [..., B, T, Hkv, n_rep, F] -> [..., B, T, H, F]
@@ -125,7 +124,7 @@ def _ungrouped(x: Tensor, b: int, n_kv: int, t: int) -> Tensor:
 
 def _scores(q: Tensor, k_t: Tensor, rows: slice, kv_end: int, n_rep: int, mask: RowMask, batch: int,
             buffer: Tensor) -> Tensor:
-    """The score tile ``[B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``, written into ``buffer``.
+    """Both models' score tiles ``[2, B*Hkv, c*n_rep, kv_end]`` of query positions ``rows``, in ``buffer``.
 
     An additive mask is added here; the causal limit is the tile kernel's
     (it skips the keys past it). ``buffer`` is flat and reused by every tile
@@ -137,8 +136,8 @@ def _scores(q: Tensor, k_t: Tensor, rows: slice, kv_end: int, n_rep: int, mask: 
     torch.bmm(q[:, rows.start * n_rep:rows.stop * n_rep], k_t[:, :, :kv_end], out=scores)
     if mask.additive is not None:
         add = mask.additive[:, :, rows, :kv_end]  # [B or 1, 1, c, kv]
-        scores.view(batch, -1, c, n_rep, kv_end).add_(add[..., None, :])
-    return scores
+        scores.view(2, batch, -1, c, n_rep, kv_end).add_(add[..., None, :])
+    return scores.view(2, -1, c * n_rep, kv_end)
 
 
 _CPU_TILE_SCORE_ROWS = 1152  # batch x heads x positions per tile; measured on AVX-512 with the compiled kernel
@@ -199,30 +198,33 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     device, d_v, n = base.query.device, base.value.shape[-1], b * h_kv
     stats = tile_kernel(kernel, device)
     work = workspace if workspace is not None else Workspace()
-    queries = [_grouped(x.query, h_kv, x.scale) for x in (base, tuned)]
-    # [B*Hkv, D, Tk] laid out contiguously (one copy): a GEMM reads it ~1.4x faster than the transposed view
-    keys = [torch.empty(b, h_kv, x.key.shape[-1], t_k, device=device).copy_(x.key.transpose(2, 3)).flatten(0, 1)
-            for x in (base, tuned)]
-    values = [x.value.float().flatten(0, 1) for x in (base, tuned)]  # [B*Hkv, Tk, Dv]
+    queries = _grouped_pair(base.query, tuned.query, h_kv, (base.scale, tuned.scale))
+    # [2*B*Hkv, D, Tk] laid out contiguously (one copy): a GEMM reads it ~1.4x faster than the transposed view
+    keys = torch.empty(2, b, h_kv, base.key.shape[-1], t_k, device=device)
+    values = torch.empty(2, b, h_kv, t_k, d_v, device=device)
+    for i, x in enumerate((base, tuned)):
+        keys[i].copy_(x.key.transpose(2, 3))
+        values[i].copy_(x.value)
+    keys, values = keys.flatten(0, 2), values.flatten(0, 2)
     outs = torch.empty(2, b, t_q, h_q, d_v, device=device)  # each model's output in its final layout
     dots = torch.empty(4, n, t_q * n_rep, device=device)
     step = tile_rows(base.query, t_k, rows_per_tile)
-    tile_numel = n * min(step, t_q) * n_rep
-    buffers = [work.get(f"scores{i}", tile_numel * t_k, device) for i in range(2)]
+    tile_numel = 2 * n * min(step, t_q) * n_rep
+    scores_buffer = work.get("scores", tile_numel * t_k, device)
     out_buffer = work.get("out", tile_numel * d_v, device)
     for r0 in range(0, t_q, step):
         rows = slice(r0, min(t_q, r0 + step))
-        kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
-        e_b, e_t = (_scores(q, k, rows, kv_end, n_rep, mask, b, buf) for q, k, buf in zip(queries, keys, buffers))
-        flat = slice(rows.start * n_rep, rows.stop * n_rep)
-        causal_from = rows.start + offset if mask.causal else None  # row i sees keys <= causal_from + i // n_rep
-        dots[:, :, flat], z = stats(e_b, e_t, causal_from, n_rep)  # tiles now hold exp(s - max), z their row sums
         c = rows.stop - rows.start
-        tile_out = out_buffer[:n * c * n_rep * d_v].view(n, c * n_rep, d_v)
-        for i, e in enumerate((e_b, e_t)):  # (e @ V) / z, divided while moved to [B, c, H, Dv]: one pass
-            grouped = torch.bmm(e, values[i][:, :kv_end], out=tile_out).view(b, h_kv, c, n_rep, d_v)
-            torch.div(grouped.transpose(1, 2), z[i].view(b, h_kv, c, n_rep, 1).transpose(1, 2),
-                      out=outs[i, :, rows].view(b, c, h_kv, n_rep, d_v))
+        kv_end = min(t_k, rows.stop + offset) if mask.causal else t_k
+        scores = _scores(queries, keys, rows, kv_end, n_rep, mask, b, scores_buffer)
+        causal_from = rows.start + offset if mask.causal else None  # row i sees keys <= causal_from + i // n_rep
+        # the tiles now hold exp(s - max), z their row sums
+        dots[:, :, rows.start * n_rep:rows.stop * n_rep], z = stats(scores[0], scores[1], causal_from, n_rep)
+        tile_out = out_buffer[:2 * n * c * n_rep * d_v].view(2 * n, c * n_rep, d_v)
+        grouped = torch.bmm(scores.flatten(0, 1), values[:, :kv_end], out=tile_out).view(2, b, h_kv, c, n_rep, d_v)
+        # (e @ V) / z, divided while moved to [B, c, H, Dv]: one pass
+        torch.div(grouped.transpose(2, 3), z.view(2, b, h_kv, c, n_rep, 1).transpose(2, 3),
+                  out=outs[:, :, rows].view(2, b, c, h_kv, n_rep, d_v))
     rows_stats = _ungrouped(dots[..., None], b, h_kv, t_q)[..., 0].transpose(-1, -2)  # [4, B, H, T]
     self_b, cross_b, self_t, cross_t = rows_stats.unbind(0)
     # Like terms first: a model compared with itself gives exactly 0.
