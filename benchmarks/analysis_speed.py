@@ -24,7 +24,7 @@ the process's peak with the pair of models resident: the models' own RSS plus th
 method's peak above the RSS before its call (so TransformerLens's copies of the
 models, made once before the rounds, count against nobody). Usage:
 
-    python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024]
+    python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024] [--batch-size 1]
 
 `make bench` runs it in `.venv-tl`, an overlay of `.venv` with TransformerLens installed.
 """
@@ -114,11 +114,11 @@ def floor(base, tuned, batches) -> None:  # type: ignore[no-untyped-def]
             body(tuned)(input_ids=ids, use_cache=False)
 
 
-def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto") -> None:  # type: ignore[no-untyped-def]
+def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto", batch_size: int = 1) -> None:  # type: ignore[no-untyped-def]
     from sumcircuit.adapters import ArchitectureAdapter
     from sumcircuit.analysis import AnalysisConfig, analyze_models
 
-    cfg = AnalysisConfig(batch_size=1, progress=False, cka=cka, n_bootstrap=200, kernels=kernels)
+    cfg = AnalysisConfig(batch_size=batch_size, progress=False, cka=cka, n_bootstrap=200, kernels=kernels)
     analyze_models(base, tuned, ArchitectureAdapter.for_model(base), encoded, cfg, pad_token_id=0)
 
 
@@ -215,7 +215,7 @@ def smollm2_pair():  # type: ignore[no-untyped-def]
 
 
 def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int, rounds: int,  # type: ignore[no-untyped-def]
-             rows: list[dict]) -> None:
+             rows: list[dict], batch_size: int = 1) -> None:
     from sumcircuit.data import Encoded
 
     warm_ids = documents(tokenizer, 64, 1)[0]
@@ -230,14 +230,15 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
         lens(bridges, [torch.tensor([warm_ids])])
     for length in lengths:
         docs = documents(tokenizer, length, n_docs)
-        batches = [torch.tensor([d]) for d in docs]
+        batches = [torch.tensor(docs[i:i + batch_size]) for i in range(0, len(docs), batch_size)]
         encoded = [Encoded(f"d{i}", d, [-100] * len(d), (0, len(d)), (len(d), len(d)), len(d), False, False)
                    for i, d in enumerate(docs)]
         methods: dict[str, Callable[[], object]] = {
             "floor: 2x SDPA body": partial(floor, base, tuned, batches),
-            "sumcircuit analyze": partial(analysis, base, tuned, encoded),
-            "sumcircuit, no CKA": partial(analysis, base, tuned, encoded, cka=False),
-            "sumcircuit, eager kernels": partial(analysis, base, tuned, encoded, kernels="eager"),
+            "sumcircuit analyze": partial(analysis, base, tuned, encoded, batch_size=batch_size),
+            "sumcircuit, no CKA": partial(analysis, base, tuned, encoded, cka=False, batch_size=batch_size),
+            "sumcircuit, eager kernels": partial(analysis, base, tuned, encoded, kernels="eager",
+                                                 batch_size=batch_size),
             "eager maps + stats": partial(eager, base, tuned, batches),
         }
         if not isinstance(bridges, str):
@@ -276,6 +277,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--docs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1, help="documents per forward pass, for every method")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--skip-real", action="store_true", help="only the GPT-2-shaped pair")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -285,17 +287,18 @@ def main() -> None:
 
     tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32, {args.docs} documents per "
-          f"length, batch size 1, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
+          f"length, batch size {args.batch_size}, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
     print("| pair | T | method | s/doc (median) | time vs floor | peak RSS vs floor |\n|---|---|---|---|---|---|",
           flush=True)
     rows: list[dict] = []
     base, tuned = gpt2_pair(max(args.lengths))
-    run_pair("gpt2-small-shaped", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows)
+    run_pair("gpt2-small-shaped", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size)
     del base, tuned
     gc.collect()
     if not args.skip_real:
         base, tuned = smollm2_pair()
-        run_pair("smollm2-135m-instruct", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows)
+        run_pair("smollm2-135m-instruct", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows,
+                 args.batch_size)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

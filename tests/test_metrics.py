@@ -32,11 +32,12 @@ def _numpy_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.linalg.norm(b.T @ a) ** 2 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
 
 
-def test_cka_streaming_matches_direct_even_with_large_mean() -> None:
+@pytest.mark.parametrize("dim", [16, 70])  # d x d below and above one 4,096-element chunk of the norm sums
+def test_cka_streaming_matches_direct_even_with_large_mean(dim: int) -> None:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(900, 16, generator=g) + 300.0  # residual streams have large means
-    y = 0.5 * x + torch.randn(900, 16, generator=g)
-    acc = CrossMoments.zeros(1, 16)
+    x = torch.randn(900, dim, generator=g) + 300.0  # residual streams have large means
+    y = 0.5 * x + torch.randn(900, dim, generator=g)
+    acc = CrossMoments.zeros(1, dim)
     for start in range(0, 900, 128):
         acc.add(0, x[start:start + 128], y[start:start + 128])
     assert float(acc.cka()[0]) == pytest.approx(_numpy_cka(x, y), abs=1e-5)
