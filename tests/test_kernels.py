@@ -103,6 +103,8 @@ def test_auto_is_eager_off_the_cpu() -> None:
     assert tile_kernel("eager", torch.device("cpu")) is causal_tile_stats_
     with pytest.raises(KernelError, match="one of auto, compiled, eager"):
         tile_kernel("fast", torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(KernelError, match="CPU code; on meta use --kernels auto or eager"):
+        tile_kernel("compiled", torch.device("meta"))  # the C++ kernels never see accelerator memory
 
 
 @pytest.fixture

@@ -132,12 +132,15 @@ def _unavailable(kernel: KernelMode) -> None:
 def _native(kernel: KernelMode, device: torch.device) -> Any:
     """The C++ module if ``kernel`` asks for it on ``device`` and it builds; else None (the eager kernels).
 
-    A failed build warns once (``auto``) or raises :class:`KernelError` every time (``compiled``).
+    A failed build warns once (``auto``) or raises :class:`KernelError` every time (``compiled``);
+    so does ``compiled`` off the CPU.
     """
     global _UNAVAILABLE
     if kernel not in KERNEL_MODES:
         raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
-    if kernel == "eager" or (kernel == "auto" and device.type != "cpu"):
+    if kernel == "compiled" and device.type != "cpu":
+        raise KernelError(f"the compiled statistics kernels are CPU code; on {device.type} use --kernels auto or eager")
+    if kernel == "eager" or device.type != "cpu":
         return None
     if "module" not in _NATIVE and _UNAVAILABLE is None:
         try:

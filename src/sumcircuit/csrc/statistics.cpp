@@ -87,6 +87,7 @@ std::vector<at::Tensor> tile_stats(at::Tensor scores_base, at::Tensor scores_tun
                                    int64_t n_rep) {
   TORCH_CHECK(scores_base.sizes() == scores_tuned.sizes() && scores_base.dim() == 3, "tiles must be [N, R, K] alike");
   TORCH_CHECK(scores_base.scalar_type() == at::kFloat && scores_tuned.scalar_type() == at::kFloat, "tiles must be fp32");
+  TORCH_CHECK(scores_base.is_cpu() && scores_tuned.is_cpu(), "tiles must be on the CPU");
   TORCH_CHECK(scores_base.is_contiguous() && scores_tuned.is_contiguous(), "tiles must be contiguous");
   TORCH_CHECK(n_rep > 0, "n_rep must be positive");
   const int64_t groups = scores_base.size(0), rows = scores_base.size(1), keys = scores_base.size(2);
@@ -119,6 +120,7 @@ std::vector<at::Tensor> tile_stats(at::Tensor scores_base, at::Tensor scores_tun
 at::Tensor column_moments(at::Tensor base, at::Tensor tuned, int64_t chunk) {
   TORCH_CHECK(base.sizes() == tuned.sizes() && base.dim() == 2, "inputs must be [N, F] alike");
   TORCH_CHECK(base.scalar_type() == at::kFloat && tuned.scalar_type() == at::kFloat, "inputs must be fp32");
+  TORCH_CHECK(base.is_cpu() && tuned.is_cpu(), "inputs must be on the CPU");
   TORCH_CHECK(base.is_contiguous() && tuned.is_contiguous() && chunk > 0, "inputs must be contiguous");
   const int64_t n = base.size(0), f = base.size(1), w = Vec::size();
   auto out = at::zeros({5, f}, base.options().dtype(at::kDouble));
@@ -161,6 +163,7 @@ at::Tensor column_moments(at::Tensor base, at::Tensor tuned, int64_t chunk) {
 at::Tensor squared_norms(at::Tensor tuned, at::Tensor base, int64_t chunk) {
   TORCH_CHECK(base.sizes() == tuned.sizes(), "inputs must have one size");
   TORCH_CHECK(base.scalar_type() == at::kFloat && tuned.scalar_type() == at::kFloat, "inputs must be fp32");
+  TORCH_CHECK(base.is_cpu() && tuned.is_cpu(), "inputs must be on the CPU");
   TORCH_CHECK(base.is_contiguous() && tuned.is_contiguous() && chunk > 0, "inputs must be contiguous");
   const int64_t n = base.numel(), w = Vec::size(), chunks = (n + chunk - 1) / chunk;
   auto partial = at::empty({chunks, 2}, base.options().dtype(at::kDouble));
