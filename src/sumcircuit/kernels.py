@@ -117,8 +117,11 @@ def _build_native() -> Any:
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     name = "sumcircuit_statistics_" + "".join(c if c.isalnum() else "_" for c in capability.lower())
+    # -fopenmp: at::parallel_for is OpenMP inline code, serial without it; the library it links is the
+    # libgomp.so.1 torch has already loaded, so both share one thread team
     return cpp_extension.load(name=name, sources=[str(_SOURCE)], verbose=False,
-                              extra_cflags=["-O3", *_ISA_FLAGS.get(capability, ())])
+                              extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, ())],
+                              extra_ldflags=["-fopenmp"])
 
 
 def _unavailable(kernel: KernelMode) -> None:
