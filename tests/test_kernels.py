@@ -98,6 +98,17 @@ def test_compiled_and_eager_kernels_agree_on_a_real_sized_tile() -> None:
     torch.testing.assert_close(s_b, eager_b, atol=1e-7, rtol=1e-6)  # exp(s - max) as torch.exp gives it
 
 
+def test_compiled_kernels_use_torchs_threads() -> None:
+    """Built without -fopenmp, at::parallel_for runs serially: the kernels were silently single-threaded."""
+    tile_kernel("compiled", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kernels._NATIVE["module"].parallel_threads(64) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_is_eager_off_the_cpu() -> None:
     assert tile_kernel("auto", torch.device("meta")) is causal_tile_stats_
     assert tile_kernel("eager", torch.device("cpu")) is causal_tile_stats_

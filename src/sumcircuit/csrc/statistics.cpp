@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -187,7 +188,19 @@ at::Tensor squared_norms(at::Tensor tuned, at::Tensor base, int64_t chunk) {
   return partial.sum(0);
 }
 
+// How many threads at::parallel_for used over `n` items: 1 if the module was built without OpenMP.
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    int64_t mine = at::get_thread_num() + 1, seen = most.load();
+    while (mine > seen && !most.compare_exchange_weak(seen, mine)) {
+    }
+  });
+  return most.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for used (a build check)");
   m.def("tile_stats", &tile_stats, "Row statistics of two score tiles; the tiles become exp(s - max s)");
   m.def("column_moments", &column_moments, "Column sums of b, b^2, t, t^2, |t - b| in fp64");
   m.def("squared_norms", &squared_norms, "sum (t - b)^2 and sum b^2 in fp64");
