@@ -140,6 +140,7 @@ def test_auto_falls_back_to_eager_without_a_compiler(caplog: pytest.LogCaptureFi
     torch.testing.assert_close(moments, kernels.column_moments_eager(s_b, s_t))
     warnings = [r.getMessage() for r in caplog.records if r.name == "sumcircuit.kernels"]
     assert len(warnings) == 1 and "compiled statistics kernels cannot be built here" in warnings[0]
+    assert "/nonexistent/g++" in warnings[0] and "\n" not in warnings[0]  # why, in one line
     assert "/nonexistent/g++" in str(kernels.compiled_kernel_status())
 
 

@@ -125,11 +125,10 @@ def _build_native() -> Any:
 
 
 def _unavailable(kernel: KernelMode) -> None:
-    message = (f"the compiled statistics kernels cannot be built here (they need a C++ compiler; {_UNAVAILABLE}); "
-               "use --kernels eager")
+    reason = f"the compiled statistics kernels cannot be built here (they need a C++ compiler: {_UNAVAILABLE})"
     if kernel == "compiled":
-        raise KernelError(message)
-    logger.warning("%s; using the eager kernels, which are slower", message.split(";")[0])
+        raise KernelError(f"{reason}; use --kernels eager")
+    logger.warning("%s; using the eager kernels, which are slower", reason)
 
 
 def _native(kernel: KernelMode, device: torch.device) -> Any:
