@@ -37,6 +37,15 @@ float horizontal_sum(const Vec& v) {
   return total;
 }
 
+// Two tensors a kernel walks side by side through raw pointers: one shape (of `dims` dimensions,
+// any if negative), fp32, on the CPU, contiguous.
+void check_pair(const at::Tensor& a, const at::Tensor& b, int64_t dims, const char* what) {
+  TORCH_CHECK(a.sizes() == b.sizes() && (dims < 0 || a.dim() == dims), what, " must have one shape");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, what, " must be fp32");
+  TORCH_CHECK(a.is_cpu() && b.is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), what, " must be contiguous");
+}
+
 // One row of both models: b and t become exp(s - max s) on [0, n) and 0 on [n, k);
 // out gets z_b, z_t, sum e_b d_b, sum e_b d_t, sum e_t d_t, sum e_t d_b (d = s - max s).
 void row_stats(float* b, float* t, int64_t n, int64_t k, float out[6]) {
@@ -86,10 +95,7 @@ void row_stats(float* b, float* t, int64_t n, int64_t k, float out[6]) {
 // Returns dots [4, N, R] (sum p_b lp_b, sum p_b lp_t, sum p_t lp_t, sum p_t lp_b) and z [2, N, R].
 std::vector<at::Tensor> tile_stats(at::Tensor scores_base, at::Tensor scores_tuned, int64_t causal_from,
                                    int64_t n_rep) {
-  TORCH_CHECK(scores_base.sizes() == scores_tuned.sizes() && scores_base.dim() == 3, "tiles must be [N, R, K] alike");
-  TORCH_CHECK(scores_base.scalar_type() == at::kFloat && scores_tuned.scalar_type() == at::kFloat, "tiles must be fp32");
-  TORCH_CHECK(scores_base.is_cpu() && scores_tuned.is_cpu(), "tiles must be on the CPU");
-  TORCH_CHECK(scores_base.is_contiguous() && scores_tuned.is_contiguous(), "tiles must be contiguous");
+  check_pair(scores_base, scores_tuned, 3, "score tiles [N, R, K]");
   TORCH_CHECK(n_rep > 0, "n_rep must be positive");
   const int64_t groups = scores_base.size(0), rows = scores_base.size(1), keys = scores_base.size(2);
   const int64_t total = groups * rows;
@@ -119,10 +125,8 @@ std::vector<at::Tensor> tile_stats(at::Tensor scores_base, at::Tensor scores_tun
 // base, tuned: contiguous fp32 [N, F]. Returns [5, F] fp64 column sums of b, b^2, t, t^2, |t - b|,
 // fp32 within chunks of `chunk` rows.
 at::Tensor column_moments(at::Tensor base, at::Tensor tuned, int64_t chunk) {
-  TORCH_CHECK(base.sizes() == tuned.sizes() && base.dim() == 2, "inputs must be [N, F] alike");
-  TORCH_CHECK(base.scalar_type() == at::kFloat && tuned.scalar_type() == at::kFloat, "inputs must be fp32");
-  TORCH_CHECK(base.is_cpu() && tuned.is_cpu(), "inputs must be on the CPU");
-  TORCH_CHECK(base.is_contiguous() && tuned.is_contiguous() && chunk > 0, "inputs must be contiguous");
+  check_pair(base, tuned, 2, "activations [N, F]");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t n = base.size(0), f = base.size(1), w = Vec::size();
   auto out = at::zeros({5, f}, base.options().dtype(at::kDouble));
   const float* pb = base.data_ptr<float>();
@@ -162,10 +166,8 @@ at::Tensor column_moments(at::Tensor base, at::Tensor tuned, int64_t chunk) {
 // tuned, base: contiguous fp32 of one size. Returns [2] fp64: sum (t - b)^2 and sum b^2,
 // fp32 within chunks of `chunk` elements.
 at::Tensor squared_norms(at::Tensor tuned, at::Tensor base, int64_t chunk) {
-  TORCH_CHECK(base.sizes() == tuned.sizes(), "inputs must have one size");
-  TORCH_CHECK(base.scalar_type() == at::kFloat && tuned.scalar_type() == at::kFloat, "inputs must be fp32");
-  TORCH_CHECK(base.is_cpu() && tuned.is_cpu(), "inputs must be on the CPU");
-  TORCH_CHECK(base.is_contiguous() && tuned.is_contiguous() && chunk > 0, "inputs must be contiguous");
+  check_pair(tuned, base, -1, "weights");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
   const int64_t n = base.numel(), w = Vec::size(), chunks = (n + chunk - 1) / chunk;
   auto partial = at::empty({chunks, 2}, base.options().dtype(at::kDouble));
   const float* pb = base.data_ptr<float>();
