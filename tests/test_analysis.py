@@ -96,12 +96,13 @@ def _hooked_activations(model, adapter, batch):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------- exactness
 
-@pytest.mark.parametrize("rows_per_tile", [64, 5])
-def test_head_stats_match_eager_on_padded_batches(family: str, docs, rows_per_tile: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("kernels", "rows_per_tile"), [("auto", 64), ("auto", 5), ("fused", None)])
+def test_head_stats_match_eager_on_padded_batches(family: str, docs, kernels: str,  # type: ignore[no-untyped-def]
+                                                  rows_per_tile: int | None) -> None:
     base, tuned = make_tiny_model(family, 0), make_tiny_model(family, 1)
     adapter = ArchitectureAdapter.for_model(base)
-    result = analyze_models(base, tuned, adapter, docs, AnalysisConfig(batch_size=3, rows_per_tile=rows_per_tile,
-                                                                       **FAST), pad_token_id=0)
+    config = AnalysisConfig(batch_size=3, rows_per_tile=rows_per_tile, kernels=kernels, **FAST)  # type: ignore[arg-type]
+    result = analyze_models(base, tuned, adapter, docs, config, pad_token_id=0)
     ref, ref_doc = _reference_head_stats(base, tuned, docs)
     for stat, values in ref.items():
         torch.testing.assert_close(result.head_table(stat).double(), values, atol=1e-5, rtol=0)
@@ -160,9 +161,11 @@ def test_activation_stats_match_direct_computation(docs) -> None:  # type: ignor
     assert result.layers[1]["weight_change_attn"] == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_model_against_itself_is_exactly_unchanged(family: str, docs) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kernels", ["auto", "fused"])
+def test_model_against_itself_is_exactly_unchanged(family: str, docs, kernels: str) -> None:  # type: ignore[no-untyped-def]
     model = make_tiny_model(family, 0)
-    result = analyze_models(model, model, None, docs, AnalysisConfig(**FAST), pad_token_id=0)
+    result = analyze_models(model, model, None, docs, AnalysisConfig(kernels=kernels, **FAST),  # type: ignore[arg-type]
+                            pad_token_id=0)
     for stat in ("kl_base_tuned", "kl_tuned_base", "entropy_delta"):
         assert float(result.head_table(stat).abs().max()) == 0.0
     for row in result.layers:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
+from sumcircuit import capture, kernels
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.capture import (
     ATTN_IMPLEMENTATION,
@@ -17,6 +20,7 @@ from sumcircuit.capture import (
     run_pair,
     tile_rows,
 )
+from sumcircuit.kernels import KernelError
 
 from helpers import make_tiny_model
 
@@ -39,7 +43,7 @@ def _log(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.log(), 0.0)
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", ["compiled", "eager", "fused"])
 @pytest.mark.parametrize("kind", ["padding+window", "causal", "causal, cached keys"])
 def test_paired_attention_matches_explicit_softmax(kind: str, kernel: str) -> None:
     g = torch.Generator().manual_seed(0)
@@ -67,7 +71,7 @@ def test_paired_attention_matches_explicit_softmax(kind: str, kernel: str) -> No
     assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", ["compiled", "eager", "fused"])
 def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl(kernel: str) -> None:
     x = _inputs(torch.Generator().manual_seed(1), 1, 4, 4, 33, 33, 8, 0.35)
     out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True), rows_per_tile=7,
@@ -76,10 +80,35 @@ def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl(kernel: str)
     assert not rows.kl_base_tuned.any() and not rows.kl_tuned_base.any()
 
 
-def test_paired_attention_keeps_the_model_dtype_with_fp32_statistics() -> None:
+def test_auto_falls_back_to_the_tiles_when_the_fused_kernel_fails(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """On CUDA, auto means fused; a kernel that refuses the shape costs one warning, not the run."""
+    monkeypatch.setattr(kernels, "_FUSED_FAILED", {})
+    monkeypatch.setattr(capture, "attention_path",
+                        lambda kernel, device: kernels.attention_path(kernel, torch.device("cuda")))
+
+    def refuse(*args: object) -> None:
+        raise KernelError("the fused attention kernel failed on cuda (No available kernel); use --kernels eager")
+
+    monkeypatch.setattr(capture, "attention_lse", refuse)
+    x, y = (_inputs(torch.Generator().manual_seed(s), 1, 4, 2, 16, 16, 8, 0.35) for s in (3, 4))
+    mask = RowMask(None, causal=True)
+    _, _, expected = paired_attention(x, y, mask, kernel="eager")
+    with caplog.at_level(logging.WARNING, logger="sumcircuit.kernels"):
+        for _ in range(2):
+            _, _, got = paired_attention(x, y, mask, kernel="auto")
+            torch.testing.assert_close(got.values, expected.values, atol=1e-6, rtol=0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sumcircuit.kernels"]
+    assert len(warnings) == 1 and "No available kernel" in warnings[0]
+    with pytest.raises(KernelError, match="--kernels eager"):
+        paired_attention(x, y, mask, kernel="fused")  # asked for by name: an error
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fused"])
+def test_paired_attention_keeps_the_model_dtype_with_fp32_statistics(kernel: str) -> None:
     x = _inputs(torch.Generator().manual_seed(2), 1, 4, 2, 16, 16, 8, 0.35)
     half = AttentionInputs(x.query.bfloat16(), x.key.bfloat16(), x.value.bfloat16(), x.scale)
-    out_b, _, rows = paired_attention(half, half, RowMask(None, causal=True))
+    out_b, _, rows = paired_attention(half, half, RowMask(None, causal=True), kernel=kernel)  # type: ignore[arg-type]
     assert out_b.dtype == torch.bfloat16 and rows.entropy_base.dtype == torch.float32
 
 

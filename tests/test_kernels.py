@@ -6,15 +6,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sumcircuit import kernels
 from sumcircuit.kernels import (
     CHUNK_ROWS,
+    LSE_REFERENCE_ROWS,
+    MASKED,
     WEIGHT_CHUNK,
     KernelError,
+    attention_lse,
+    attention_lse_efficient,
+    attention_path,
     causal_tile_stats_,
     column_moments,
     squared_norms,
@@ -112,7 +119,7 @@ def test_compiled_kernels_use_torchs_threads() -> None:
 def test_auto_is_eager_off_the_cpu() -> None:
     assert tile_kernel("auto", torch.device("meta")) is causal_tile_stats_
     assert tile_kernel("eager", torch.device("cpu")) is causal_tile_stats_
-    with pytest.raises(KernelError, match="one of auto, compiled, eager"):
+    with pytest.raises(KernelError, match="one of auto, compiled, eager, fused"):
         tile_kernel("fast", torch.device("cpu"))  # type: ignore[arg-type]
     with pytest.raises(KernelError, match="CPU code; on meta use --kernels auto or eager"):
         tile_kernel("compiled", torch.device("meta"))  # the C++ kernels never see accelerator memory
@@ -176,3 +183,90 @@ def test_squared_norms_match_float64(kernel: str, shape: tuple[int, ...]) -> Non
     diff, norm = squared_norms(tuned, base, kernel)  # type: ignore[arg-type]
     assert diff == pytest.approx(float(((tuned.double() - base.double()) ** 2).sum()), rel=1e-6)
     assert norm == pytest.approx(float((base.double() ** 2).sum()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the fused path's attention call
+
+def _lse_inputs(t_q: int, t_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(t_q * 1000 + t_k)
+    return (torch.randn(2, 3, t_q, 8, generator=g) * 2, torch.randn(2, 3, t_k, 8, generator=g),
+            torch.randn(2, 3, t_k, 24, generator=g))  # values wider than keys, as [V | K | K' - K]
+
+
+@pytest.mark.parametrize(("t_q", "t_k", "kind"), [(37, 37, "causal"), (LSE_REFERENCE_ROWS + 9, LSE_REFERENCE_ROWS + 9,
+                                                  "causal"), (21, 30, "causal"), (21, 21, "bias")])
+def test_attention_lse_matches_float64(t_q: int, t_k: int, kind: str) -> None:
+    """Off CUDA, attention_lse is the explicit statement: output and log-sum-exp against float64."""
+    q, k, v = _lse_inputs(t_q, t_k)
+    allowed = torch.arange(t_k)[None, :] <= torch.arange(t_q)[:, None] + (t_k - t_q)
+    bias = None
+    if kind == "bias":  # a window of 5 and document 1 padded from key 15 on
+        allowed = allowed & (torch.arange(t_k)[None, :] > torch.arange(t_q)[:, None] - 5)
+        allowed = allowed[None, None].repeat(2, 1, 1, 1)
+        allowed[1, :, :, 15:] = False
+        allowed[1, :, 15:] = True  # rows past the padding see everything (they are never counted)
+        bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out, lse = attention_lse(q, k, v, bias, kind == "causal")
+    scores = (q.double() @ k.double().transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.double(), scores.softmax(-1) @ v.double(), atol=1e-5, rtol=0)
+
+
+class _Calls(TorchDispatchMode):
+    """Records the efficient-attention calls; ``fail`` makes them raise as a kernel that refuses a shape."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.calls: list[dict[str, Any]] = []
+        self.fail = fail
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._scaled_dot_product_efficient_attention.default:
+            named = {a.name: a.default_value for a in func._schema.arguments}  # arguments left at their defaults
+            named.update(zip(named, args), **(kwargs or {}))  # arrive dropped
+            self.calls.append(named)
+            if self.fail:
+                raise RuntimeError("No available kernel. Aborting execution.\nmore lines")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("t_q", "t_k", "with_bias"), [(37, 37, False), (37, 37, True), (21, 30, False)])
+def test_efficient_kernel_call_is_well_formed(t_q: int, t_k: int, with_bias: bool) -> None:
+    """The CUDA call, on meta tensors: dense 8-aligned bias rows, no softmax scale, log-sum-exp cut to Tq."""
+    q, k, v = (x.to("meta") for x in _lse_inputs(t_q, t_k))
+    bias = torch.zeros(2, 1, t_q, t_k, device="meta") if with_bias else None
+    with _Calls() as calls:
+        out, lse = attention_lse_efficient(q, k, v, bias, causal=True)
+    assert out.shape == (2, 3, t_q, 24) and lse.shape == (2, 3, t_q)
+    call = calls.calls[0]
+    passed, causal = call["attn_bias"], call["is_causal"]
+    assert call["compute_log_sumexp"] is True and call["dropout_p"] == 0.0 and call["scale"] == 1.0
+    if t_q == t_k and not with_bias:
+        assert passed is None and causal is True  # the kernel's own (top-left) causal mask
+    else:  # cached keys: the causal limit goes into the bias, the kernel's top-left one would be wrong
+        assert causal is (t_q == t_k) and passed.shape == (2, 3, t_q, t_k)
+        assert passed.stride(-1) == 1 and passed.stride(-2) % 8 == 0 and passed.stride(1) == 0
+
+
+def test_efficient_kernel_values_and_causal_bias() -> None:
+    """The bias handed to the kernel, computed (CPU tensors through the same code up to the call)."""
+    q, k, v = _lse_inputs(4, 6)
+    with _Calls(fail=True) as calls, pytest.raises(KernelError) as info:
+        attention_lse_efficient(q, k, v, None, causal=True)
+    bias = calls.calls[0]["attn_bias"]
+    expected = torch.zeros(4, 6).masked_fill(torch.arange(6)[None, :] > torch.arange(2, 6)[:, None], MASKED)
+    assert torch.equal(bias[0, 0], expected) and torch.equal(bias[1, 2], expected)
+    message = str(info.value)  # a kernel refusing the shape: one line, the way out named
+    assert "\n" not in message and "No available kernel" in message and "--kernels eager" in message
+
+
+def test_attention_path_by_mode_and_device(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kernels, "_FUSED_FAILED", {})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_path("auto", cpu) == "tiles" and attention_path("auto", cuda) == "fused"
+    assert attention_path("fused", cpu) == "fused" and attention_path("eager", cuda) == "tiles"
+    with caplog.at_level(logging.WARNING, logger="sumcircuit.kernels"):
+        for _ in range(2):
+            kernels.fused_failed(KernelError("the fused attention kernel failed on cuda (x); use --kernels eager"))
+    assert len([r for r in caplog.records if r.name == "sumcircuit.kernels"]) == 1
+    assert attention_path("auto", cuda) == "tiles" and attention_path("fused", cuda) == "fused"

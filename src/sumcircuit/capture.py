@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.kernels import KernelMode, tile_kernel
+from sumcircuit.kernels import KernelError, KernelMode, attention_lse, attention_path, fused_failed, tile_kernel
 
 ATTN_IMPLEMENTATION = "sumcircuit_stats"
 _NEG = torch.finfo(torch.float32).min
@@ -176,6 +176,48 @@ class Workspace:
         return buf
 
 
+def _expanded(x: Tensor, n_rep: int) -> Tensor:
+    """``[B, Hkv, T, F]`` -> ``[B, Hkv * n_rep, T, F]``: each key head once per query head of its group."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def fused_paired_attention(base: AttentionInputs, tuned: AttentionInputs,
+                           mask: RowMask) -> tuple[Tensor, Tensor, PairRows]:
+    """:func:`paired_attention` from one fused attention call per model (:func:`sumcircuit.kernels.attention_lse`).
+
+    Model ``m``'s call attends with its own scores over the values
+    ``[V_m | K_m | K_o - K_m]`` (``o``: the other model) and returns
+    ``O = [P V_m | A | D]`` and ``lse_m``. With scaled queries ``q``
+    (``s = q . k``), ``sum p_m s_m = q_m . A``, so::
+
+        H(p_m)       = lse_m - q_m . A
+        KL(p_m||p_o) = (q_m - q_o) . A - q_o . D + lse_o - lse_m
+
+    All terms are differences of like quantities: a model compared with
+    itself gives ``q_m - q_o = 0`` and ``D = P 0 = 0`` exactly, so KL is
+    exactly 0. Masked keys carry a finite very negative bias and ``p = 0``
+    there, so no bias term enters ``sum p s``.
+    """
+    d, d_v = base.query.shape[-1], base.value.shape[-1]
+    n_rep = base.query.shape[1] // base.key.shape[1]
+    queries = [x.query.float() * x.scale for x in (base, tuned)]
+    keys = [x.key.float() for x in (base, tuned)]
+    outs, self_keys, key_diffs, lse = [], [], [], []
+    for m, x in enumerate((base, tuned)):
+        values = torch.cat([x.value.float(), keys[m], keys[1 - m] - keys[m]], dim=-1)
+        out, lse_m = attention_lse(queries[m], _expanded(keys[m], n_rep), _expanded(values, n_rep),
+                                   mask.additive, mask.causal)
+        outs.append(out[..., :d_v].transpose(1, 2).to(x.query.dtype))  # [B, T, H, Dv], the model's layout
+        self_keys.append(out[..., d_v:d_v + d])
+        key_diffs.append(out[..., d_v + d:])
+        lse.append(lse_m)
+    q, a, diff = queries, self_keys, key_diffs
+    rows = [lse[m] - (q[m] * a[m]).sum(-1) for m in (0, 1)]  # entropies
+    rows += [((q[m] - q[1 - m]) * a[m]).sum(-1) - (q[1 - m] * diff[m]).sum(-1) + (lse[1 - m] - lse[m])
+             for m in (0, 1)]  # KL(base||tuned), KL(tuned||base)
+    return outs[0], outs[1], PairRows(torch.stack(rows))
+
+
 def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMask,
                      rows_per_tile: int | None = None, kernel: KernelMode = "auto",
                      workspace: Workspace | None = None) -> tuple[Tensor, Tensor, PairRows]:
@@ -192,6 +234,13 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     if base.query.shape != tuned.query.shape or base.key.shape != tuned.key.shape:
         raise CaptureError(f"the models' attention shapes differ ({tuple(base.query.shape)} vs "
                            f"{tuple(tuned.query.shape)}): statistics need matching heads")
+    if attention_path(kernel, base.query.device) == "fused":
+        try:
+            return fused_paired_attention(base, tuned, mask)
+        except KernelError as exc:
+            if kernel != "auto":
+                raise
+            fused_failed(exc)
     b, h_q, t_q, _ = base.query.shape
     h_kv, t_k = base.key.shape[1], base.key.shape[2]
     n_rep, offset = h_q // h_kv, t_k - t_q  # query position i is key position i + offset

@@ -12,7 +12,13 @@ was 2-3x slower (``benchmarks/analysis_speed.md``).
 
 Building needs a C++ compiler; ``"auto"`` falls back to the eager kernels, with
 one warning, where there is none, and ``"compiled"`` fails in one line.
-Accelerators run the eager kernels under ``"auto"`` (the C++ module is CPU code).
+
+``"fused"`` (what ``"auto"`` means on CUDA) takes the attention statistics from
+the attention kernel itself: one call per model returns the output and the
+log-sum-exp (:func:`attention_lse`; PyTorch's memory-efficient kernel on CUDA,
+its explicit statement elsewhere), with the keys appended to the values, so
+``p @ K`` gives ``sum p s`` without the score matrix ever being written out.
+The per-neuron sums and norms are the eager ones there.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from torch import Tensor
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import KERNEL_MODES
 
-KernelMode = Literal["auto", "compiled", "eager"]  # the same strings as options.KERNEL_MODES
+KernelMode = Literal["auto", "compiled", "eager", "fused"]  # the same strings as options.KERNEL_MODES
+AttentionPath = Literal["tiles", "fused"]
 TileKernel = Callable[[Tensor, Tensor, "int | None", int], tuple[Tensor, Tensor]]
 
 logger = logging.getLogger(__name__)
@@ -43,8 +50,11 @@ _ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"),
     "AVX2": ("-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"),
 }
+LSE_REFERENCE_ROWS = 256  # query rows per explicit score chunk in attention_lse_reference
+MASKED = -1e30  # an additive mask's "never": finite after any scaling a kernel applies, and exp() of it is 0
 _NATIVE: dict[str, Any] = {}  # "module": the built C++ module, once per process
 _UNAVAILABLE: str | None = None  # why building it failed in this process, once it has
+_FUSED_FAILED: dict[str, str] = {}  # "reason": why the fused attention kernel failed in this process
 
 
 class KernelError(SumcircuitError):
@@ -142,7 +152,7 @@ def _native(kernel: KernelMode, device: torch.device) -> Any:
         raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
     if kernel == "compiled" and device.type != "cpu":
         raise KernelError(f"the compiled statistics kernels are CPU code; on {device.type} use --kernels auto or eager")
-    if kernel == "eager" or device.type != "cpu":
+    if kernel in ("eager", "fused") or device.type != "cpu":
         return None
     if "module" not in _NATIVE and _UNAVAILABLE is None:
         try:
@@ -161,6 +171,97 @@ def compiled_kernel_status() -> str | None:
 
 
 # ---------------------------------------------------------------- the kernels
+
+def attention_path(kernel: KernelMode, device: torch.device) -> AttentionPath:
+    """How ``kernel`` computes attention statistics on ``device``: score tiles, or the fused kernel's LSE.
+
+    ``auto`` means fused on CUDA until the fused kernel has failed there (:func:`fused_failed`).
+    """
+    if kernel not in KERNEL_MODES:
+        raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
+    if kernel == "fused" or (kernel == "auto" and device.type == "cuda" and not _FUSED_FAILED):
+        return "fused"
+    return "tiles"
+
+
+def fused_failed(error: KernelError) -> None:
+    """Under ``auto``: warn once and use the score tiles from now on in this process."""
+    if not _FUSED_FAILED:
+        _FUSED_FAILED["reason"] = str(error)
+        logger.warning("%s; using the score tiles, which are exact too", error)
+
+
+def attention_lse_reference(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None,
+                            causal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`attention_lse` stated with explicit scores, :data:`LSE_REFERENCE_ROWS` query rows at a time.
+
+    ``causal``: query ``i`` sees keys up to ``i + Tk - Tq``. This is what
+    :func:`attention_lse` runs off CUDA, so the fused statistics path is the
+    same code on a CPU, down to this one call.
+    """
+    b, h, t_q, _ = query.shape
+    t_k = key.shape[2]
+    out = query.new_empty(b, h, t_q, value.shape[-1])
+    lse = query.new_empty(b, h, t_q)
+    for r0 in range(0, t_q, LSE_REFERENCE_ROWS):
+        rows = slice(r0, min(t_q, r0 + LSE_REFERENCE_ROWS))
+        scores = torch.matmul(query[:, :, rows], key.transpose(-1, -2))
+        if bias is not None:
+            scores = scores + bias[..., rows, :]
+        if causal:
+            limit = torch.arange(rows.start, rows.stop, device=query.device)[:, None] + (t_k - t_q)
+            scores.masked_fill_(torch.arange(t_k, device=query.device) > limit, float("-inf"))
+        lse[:, :, rows] = torch.logsumexp(scores, -1)
+        out[:, :, rows] = torch.matmul(torch.exp(scores - lse[:, :, rows, None]), value)
+    return out, lse
+
+
+def attention_lse_efficient(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None,
+                            causal: bool) -> tuple[Tensor, Tensor]:
+    """:func:`attention_lse` by PyTorch's memory-efficient attention kernel (CUDA; fp32 in, fp32 out).
+
+    The kernel takes a value width other than the key width, and an additive
+    bias whose rows are dense and 8-element aligned: the bias is copied into
+    such a buffer, broadcast over heads. Its own causal mask is aligned
+    top-left, so with cached keys (``Tq < Tk``) the causal limit goes into the bias.
+    """
+    b, h, t_q, _ = query.shape
+    t_k = key.shape[2]
+    if causal and t_q != t_k:
+        limit = torch.arange(t_k - t_q, t_k, device=query.device)[:, None]
+        future = torch.zeros(1, 1, t_q, t_k, device=query.device).masked_fill_(
+            torch.arange(t_k, device=query.device) > limit, MASKED)
+        bias, causal = (future if bias is None else bias + future), False
+    if bias is not None:
+        aligned = torch.empty(*bias.shape[:-1], -(-t_k // 8) * 8, dtype=torch.float32, device=bias.device)
+        aligned = aligned[..., :t_k]
+        torch.clamp(bias, min=MASKED, out=aligned)
+        bias = aligned.expand(b, h, t_q, t_k)
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, causal,
+                                                                           scale=1.0)[:2]
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:  # a shape or device this build's kernel does not take
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise KernelError(f"the fused attention kernel failed on {query.device.type} ({first}); "
+                          "use --kernels eager") from exc
+    return out, lse[..., :t_q]  # the kernel pads the log-sum-exp to a multiple of 32 rows
+
+
+def attention_lse(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None,
+                  causal: bool) -> tuple[Tensor, Tensor]:
+    """``softmax(q k^T + bias) @ v`` ``[B, H, Tq, Dv]`` and its log-sum-exp ``[B, H, Tq]``, fp32, scale 1.
+
+    Queries come scaled. ``bias``: additive, ``[B or 1, 1, Tq, Tk]`` (0 or very
+    negative); ``causal``: query ``i`` sees keys up to ``i + Tk - Tq``. On
+    CUDA one fused kernel call (no score matrix in memory); elsewhere
+    :func:`attention_lse_reference`.
+    """
+    if query.device.type == "cuda":
+        return attention_lse_efficient(query, key, value, bias, causal)
+    return attention_lse_reference(query, key, value, bias, causal)
+
 
 def tile_kernel(kernel: KernelMode, device: torch.device) -> TileKernel:
     """The tile statistics kernel that ``kernel`` means on ``device``: C++, or :func:`causal_tile_stats_`."""

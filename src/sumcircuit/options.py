@@ -22,7 +22,7 @@ ATTRIBUTION_METHODS = ("linear", "ig")
 STUDY_PRESETS = ("quick", "cpu", "gpu", "paper")
 FINETUNE_METHODS = ("full", "lora", "targeted-lora")
 ADAPT_UNITS = ("layer", "head")
-KERNEL_MODES = ("auto", "compiled", "eager")  # sumcircuit.kernels.KernelMode
+KERNEL_MODES = ("auto", "compiled", "eager", "fused")  # sumcircuit.kernels.KernelMode
 
 GENERATION_MAX_NEW_TOKENS = 128
 GENERATION_NUM_BEAMS = 1
