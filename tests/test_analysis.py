@@ -248,10 +248,10 @@ def test_cli_end_to_end(tmp_path: Path, tiny_tokenizer, capsys) -> None:  # type
     assert "documents" in capsys.readouterr().out
 
 
-def test_cli_kernelss_agree(tmp_path: Path, tiny_tokenizer, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_kernels_agree(tmp_path: Path, tiny_tokenizer, capsys) -> None:  # type: ignore[no-untyped-def]
     base, tuned = _tiny_pair(tmp_path, tiny_tokenizer)
     heads = {}
-    for kernel in ("compiled", "eager"):
+    for kernel in ("compiled", "eager", "fused"):
         out = tmp_path / kernel
         code = main(["analyze", "--base", base, "--tuned", tuned, "--data", VAL, "--n-docs", "3", "--max-tokens", "40",
                      "--kernels", kernel, "--n-bootstrap", "10", "--out", str(out)])
@@ -259,9 +259,10 @@ def test_cli_kernelss_agree(tmp_path: Path, tiny_tokenizer, capsys) -> None:  # 
         heads[kernel] = _csv(out / "heads.csv")
         config = json.loads((out / "summary.json").read_text())["provenance"]["config"]
         assert config["kernels"] == kernel
-    for a, b in zip(heads["compiled"], heads["eager"], strict=True):
-        for name in ("entropy_base", "entropy_tuned", "kl_base_tuned", "kl_tuned_base"):
-            assert abs(float(a[name]) - float(b[name])) < 1e-5, (name, a[name], b[name])
+    for other in ("eager", "fused"):
+        for a, b in zip(heads["compiled"], heads[other], strict=True):
+            for name in ("entropy_base", "entropy_tuned", "kl_base_tuned", "kl_tuned_base"):
+                assert abs(float(a[name]) - float(b[name])) < 1e-5, (other, name, a[name], b[name])
 
 
 def test_resume_after_interruption_gives_the_same_results(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -105,7 +105,7 @@ class AnalysisConfig:
     n_bootstrap: int = 1000
     cka: bool = True  # costs 3 d x d products per layer and token batch
     rows_per_tile: int | None = None  # query rows per score tile; None: sized for the device (capture.tile_rows)
-    kernels: KernelMode = "auto"  # statistics kernels compiled in C++ (auto: on CPU) or eager (kernels.py)
+    kernels: KernelMode = "auto"  # C++ (auto on CPU), eager, or fused attention with log-sum-exp (auto on CUDA)
     progress: bool = True
 
     def validate(self) -> None:

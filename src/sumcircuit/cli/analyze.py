@@ -45,8 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--no-cka", action="store_true", help="skip linear CKA (saves 3 d x d products per layer)")
     group.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
                        help="statistics kernels compiled in C++ for this CPU (needs a C++ compiler, built once; "
-                            "2-4x faster) or run eagerly; auto: compiled on CPU, falling back to eager with a warning "
-                            "(default: %(default)s)")
+                            "2-4x faster), run eagerly, or fused: from one attention call per model returning the "
+                            "log-sum-exp (CUDA's memory-efficient kernel; elsewhere its explicit statement, slower); "
+                            "auto: compiled on CPU (eager without a compiler), fused on CUDA (default: %(default)s)")
     group.add_argument("--restart", action="store_true", help="ignore finished shards in --out and start over")
     add_runtime_options(parser)
     parser.set_defaults(handler=run)
