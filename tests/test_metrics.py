@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from sumcircuit.metrics import CrossMoments, Moments, bootstrap_ratio_samples, linear_cka, neuron_change, ratio_ci
+from sumcircuit import metrics
+from sumcircuit.metrics import (
+    CrossMoments,
+    Moments,
+    add_gram_upper,
+    bootstrap_ratio_samples,
+    linear_cka,
+    neuron_change,
+    ratio_ci,
+    symmetric,
+)
 
 
 def _moments(x: torch.Tensor) -> Moments:
@@ -32,7 +42,7 @@ def _numpy_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(np.linalg.norm(b.T @ a) ** 2 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
 
 
-@pytest.mark.parametrize("dim", [16, 70])  # d x d below and above one 4,096-element chunk of the norm sums
+@pytest.mark.parametrize("dim", [16, 70, 300])  # below and above one 4,096-element chunk; two product panels
 def test_cka_streaming_matches_direct_even_with_large_mean(dim: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(900, dim, generator=g) + 300.0  # residual streams have large means
@@ -45,7 +55,19 @@ def test_cka_streaming_matches_direct_even_with_large_mean(dim: int) -> None:
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_cka_merge_equals_one_pass() -> None:
+@pytest.mark.parametrize("panel", [1, 16, 24, 70, 100])
+def test_upper_gram_panels_match_the_full_product(panel: int) -> None:
+    z = torch.randn(50, 70, generator=torch.Generator().manual_seed(panel), dtype=torch.float64)
+    acc = torch.full((70, 70), 2.0, dtype=torch.float64)
+    add_gram_upper(acc, z, panel)
+    full = z.T @ z + 2.0
+    torch.testing.assert_close(torch.triu(acc), torch.triu(full))
+    torch.testing.assert_close(symmetric(acc), full)
+
+
+@pytest.mark.parametrize("panel", [3, 256])  # 3: the matrices' lower triangles hold stale values throughout
+def test_cka_merge_equals_one_pass(monkeypatch: pytest.MonkeyPatch, panel: int) -> None:
+    monkeypatch.setattr(metrics, "GRAM_PANEL", panel)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(400, 8, generator=g), torch.randn(400, 8, generator=g)
     one = CrossMoments.zeros(2, 8)
