@@ -22,9 +22,14 @@ median ratio and its min-max over rounds.
 Peak RSS is sampled every 2 ms by a thread while a method runs. It is reported as
 the process's peak with the pair of models resident: the models' own RSS plus the
 method's peak above the RSS before its call (so TransformerLens's copies of the
-models, made once before the rounds, count against nobody). Usage:
+models, made once before the rounds, count against nobody). With ``--device cuda``
+the same is done with the GPU's allocated memory (``torch.cuda.max_memory_allocated``)
+and every method is timed up to ``torch.cuda.synchronize``; sumcircuit's default
+there is the fused path (``--kernels auto`` = fused on CUDA), and "eager kernels"
+is the score-tile path. Usage:
 
     python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024] [--batch-size 1]
+        [--device cpu|cuda]
 
 `make bench` runs it in `.venv-tl`, an overlay of `.venv` with TransformerLens installed.
 """
@@ -53,14 +58,34 @@ DATA = REPO.parent / "shared" / "data" / "cnndm_gpt4" / "train.jsonl.gz"
 
 # ---------------------------------------------------------------- measuring
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _resident() -> int:
+    """Bytes held now: the process's RSS, or the GPU's allocated memory."""
+    return torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else _rss()
+
+
+def _measure_cuda(fn: Callable[[], object]) -> tuple[float, int]:
+    torch.cuda.synchronize(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(DEVICE)
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated(DEVICE) - before
+
+
 def measure(fn: Callable[[], object]) -> tuple[float, int]:
     """(seconds, peak RSS above the RSS before the call, in bytes) of one call."""
     gc.collect()
+    if DEVICE.type == "cuda":
+        return _measure_cuda(fn)
     before = _rss()
     peak = [before]
     stop = threading.Event()
@@ -168,7 +193,7 @@ def lens_bridges(base, tuned, tokenizer) -> tuple[object, object] | str:  # type
     version = getattr(transformer_lens, "__version__", "")
     try:
         bridges = tuple(TransformerBridge.boot_transformers(m.name_or_path or "local", hf_model=copy.deepcopy(m),
-                                                            tokenizer=tokenizer, device="cpu")
+                                                            tokenizer=tokenizer, device=str(DEVICE))
                         for m in (base, tuned))
     except Exception as exc:  # noqa: BLE001 - report why, keep the rest of the benchmark
         return f"skipped: TransformerLens {version} could not boot the pair: {type(exc).__name__}: {exc}"[:300]
@@ -199,18 +224,18 @@ def gpt2_pair(max_len: int):  # type: ignore[no-untyped-def]
     base = GPT2LMHeadModel(cfg).eval()
     torch.manual_seed(1)
     tuned = GPT2LMHeadModel(cfg).eval()
-    return base, tuned
+    return base.to(DEVICE), tuned.to(DEVICE)
 
 
 def smollm2_pair():  # type: ignore[no-untyped-def]
     from sumcircuit.models import load_model
 
     loaded = load_model("smollm2-135m-instruct")
-    tuned = copy.deepcopy(loaded.model)
+    tuned = copy.deepcopy(loaded.model.to(DEVICE))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tuned.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 1e-3 * p.abs().mean())
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 1e-3 * p.abs().mean())
     return loaded.model, tuned
 
 
@@ -219,18 +244,18 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
     from sumcircuit.data import Encoded
 
     warm_ids = documents(tokenizer, 64, 1)[0]
-    floor(base, tuned, [torch.tensor([warm_ids])])
+    floor(base, tuned, [torch.tensor([warm_ids], device=DEVICE)])
     warm = [Encoded("w", warm_ids, [-100] * 64, (0, 64), (64, 64), 64, False, False)]
     analysis(base, tuned, warm)  # builds (or loads) the compiled statistics kernels
     analysis(base, tuned, warm, kernels="eager")
     gc.collect()
-    models_rss = _rss()  # the pair resident, before any TransformerLens copy
+    models_rss = _resident()  # the pair resident, before any TransformerLens copy
     bridges = lens_bridges(base, tuned, tokenizer)
     if not isinstance(bridges, str):
-        lens(bridges, [torch.tensor([warm_ids])])
+        lens(bridges, [torch.tensor([warm_ids], device=DEVICE)])
     for length in lengths:
         docs = documents(tokenizer, length, n_docs)
-        batches = [torch.tensor(docs[i:i + batch_size]) for i in range(0, len(docs), batch_size)]
+        batches = [torch.tensor(docs[i:i + batch_size], device=DEVICE) for i in range(0, len(docs), batch_size)]
         encoded = [Encoded(f"d{i}", d, [-100] * len(d), (0, len(d)), (len(d), len(d)), len(d), False, False)
                    for i, d in enumerate(docs)]
         methods: dict[str, Callable[[], object]] = {
@@ -281,12 +306,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--skip-real", action="store_true", help="only the GPT-2-shaped pair")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory then is the GPU's allocated memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     from sumcircuit.models import load_model
 
     tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32, {args.docs} documents per "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {DEVICE}, fp32, {args.docs} documents per "
           f"length, batch size {args.batch_size}, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
     print("| pair | T | method | s/doc (median) | time vs floor | peak RSS vs floor |\n|---|---|---|---|---|---|",
           flush=True)
