@@ -13,7 +13,9 @@ query, key and value. One pass over tiles of query rows then gives, per model,
 
 No ``[T, T]`` matrix exists (a tile is ``rows x T``), no softmax is computed
 twice, and nothing is kept across layers: the base's neuron inputs and block
-outputs (forward hooks) wait one layer for their tuned partners.
+outputs (forward hooks) wait one layer for their tuned partners. On CUDA the
+same statistics come from one fused attention call per model that returns the
+log-sum-exp (:func:`fused_paired_attention`), and no tile is written out at all.
 """
 
 from __future__ import annotations
@@ -229,7 +231,10 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
     says, the causal limit applied there); the output is ``(e @ V) / z``, entropy ``-sum p lp`` and
     ``KL(base||tuned) = sum p_b (lp_b - lp_t)``, all from the same tiles: no
     ``T x T`` matrix, no second softmax. Statistics are fp32 whatever the
-    model dtype; outputs are cast back to it.
+    model dtype; outputs are cast back to it. Where ``kernel`` means the fused
+    path (:func:`sumcircuit.kernels.attention_path`) it is
+    :func:`fused_paired_attention` instead; under ``auto`` a kernel that refuses
+    the shape warns once and the tiles take over.
     """
     if base.query.shape != tuned.query.shape or base.key.shape != tuned.key.shape:
         raise CaptureError(f"the models' attention shapes differ ({tuple(base.query.shape)} vs "

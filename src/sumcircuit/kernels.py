@@ -224,6 +224,8 @@ def attention_lse_efficient(query: Tensor, key: Tensor, value: Tensor, bias: Ten
     bias whose rows are dense and 8-element aligned: the bias is copied into
     such a buffer, broadcast over heads. Its own causal mask is aligned
     top-left, so with cached keys (``Tq < Tk``) the causal limit goes into the bias.
+    fp32 runs as 3xTF32 on tensor cores from Ampere on (CUTLASS's
+    ``OpMultiplyAddFastF32``): fp32 accuracy, not TF32's.
     """
     b, h, t_q, _ = query.shape
     t_k = key.shape[2]

@@ -202,9 +202,13 @@ class CrossMoments:
 
     def cka(self) -> Tensor:
         """Linear CKA per layer: ||C_xy||_F^2 / (||C_xx||_F ||C_yy||_F) (Kornblith et al. 2019)."""
-        # cxx and cyy made whole, not their triangles' norms doubled: summed over the same chunks as cxy,
-        # their rounding errors largely cancel in the ratio (1 - CKA is ~1e-5 for a light fine-tune)
-        return _sq_norms(self.cxy) / (_sq_norms(symmetric(self.cxx)).sqrt() * _sq_norms(symmetric(self.cyy)).sqrt())
+        # cxx and cyy made whole (a layer at a time: one d x d copy), not their triangles' norms doubled:
+        # summed over the same chunks as cxy, their rounding errors largely cancel in the ratio
+        # (1 - CKA is ~1e-5 for a light fine-tune; the doubled triangles were 2-3x further from fp64)
+        def whole(m: Tensor) -> Tensor:
+            return torch.cat([_sq_norms(symmetric(m[i:i + 1])) for i in range(m.shape[0])])
+
+        return _sq_norms(self.cxy) / (whole(self.cxx).sqrt() * whole(self.cyy).sqrt())
 
     def state(self, prefix: str) -> dict[str, Tensor]:
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
