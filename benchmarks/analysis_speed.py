@@ -17,7 +17,8 @@ model vs a copy with 1e-3 relative noise), at each length T:
 Each method runs ``--rounds`` times in interleaved rounds (A B C D E A B C D E
 ...), so a busy spell on a shared machine hits every method alike. Each ratio is
 taken within its round (method / floor of the same round); the table gives the
-median ratio and its min-max over rounds.
+median ratio and its min-max over rounds, for wall time and for the process's CPU
+time (which leaves out the time other tenants of a shared host take the cores).
 
 Peak RSS is sampled every 2 ms by a thread while a method runs. It is reported as
 the process's peak with the pair of models resident: the models' own RSS plus the
@@ -71,18 +72,23 @@ def _resident() -> int:
     return torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else _rss()
 
 
-def _measure_cuda(fn: Callable[[], object]) -> tuple[float, int]:
+def _measure_cuda(fn: Callable[[], object]) -> tuple[float, float, int]:
     torch.cuda.synchronize(DEVICE)
     before = torch.cuda.memory_allocated(DEVICE)
     torch.cuda.reset_peak_memory_stats(DEVICE)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     torch.cuda.synchronize(DEVICE)
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated(DEVICE) - before
+    return (time.perf_counter() - start, time.process_time() - cpu,
+            torch.cuda.max_memory_allocated(DEVICE) - before)
 
 
-def measure(fn: Callable[[], object]) -> tuple[float, int]:
-    """(seconds, peak RSS above the RSS before the call, in bytes) of one call."""
+def measure(fn: Callable[[], object]) -> tuple[float, float, int]:
+    """(seconds, CPU seconds of the process, peak RSS above the RSS before the call in bytes) of one call.
+
+    CPU time leaves out the time a shared host's other tenants take the cores away (steal), which
+    wall time does not; OpenMP's spinning threads count in both, for every method alike.
+    """
     gc.collect()
     if DEVICE.type == "cuda":
         return _measure_cuda(fn)
@@ -97,14 +103,14 @@ def measure(fn: Callable[[], object]) -> tuple[float, int]:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         fn()
     finally:
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu
         stop.set()
         thread.join()
-    return elapsed, max(peak[0], _rss()) - before
+    return elapsed, cpu_elapsed, max(peak[0], _rss()) - before
 
 
 @dataclass
@@ -113,6 +119,7 @@ class Timings:
 
     seconds: list[float] = field(default_factory=list)
     extra: list[int] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- statistics from full maps
@@ -271,17 +278,20 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
         timings = {label: Timings() for label in methods}
         for _ in range(rounds):
             for label, fn in methods.items():
-                seconds, extra = measure(fn)
+                seconds, cpu, extra = measure(fn)
+                timings[label].cpu.append(cpu)
                 timings[label].seconds.append(seconds)
                 timings[label].extra.append(extra)
         floor_t = timings["floor: 2x SDPA body"]
         for label, t in timings.items():
             time_x = [s / f for s, f in zip(t.seconds, floor_t.seconds)]
             rss_x = [(models_rss + e) / (models_rss + f) for e, f in zip(t.extra, floor_t.extra)]
+            cpu_x = [c / f for c, f in zip(t.cpu, floor_t.cpu)]
             rows.append({"model": name, "T": length, "method": label, "rounds": rounds,
                          "s_per_doc": statistics.median(t.seconds) / n_docs,
                          "peak_gb": (models_rss + statistics.median(t.extra)) / 1e9,
                          "time_x": statistics.median(time_x), "time_min": min(time_x), "time_max": max(time_x),
+                         "cpu_x": statistics.median(cpu_x), "cpu_min": min(cpu_x), "cpu_max": max(cpu_x),
                          "rss_x": statistics.median(rss_x), "rss_min": min(rss_x), "rss_max": max(rss_x)})
             print(_fmt(rows[-1]), flush=True)
         if isinstance(bridges, str):
@@ -292,8 +302,9 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
 def _fmt(row: dict) -> str:
     head = f"| {row['model']} | {row['T']} | {row['method']} |"
     if "skip" in row:
-        return f"{head} {row['skip']} | | |"
+        return f"{head} {row['skip']} | | | |"
     return (f"{head} {row['s_per_doc']:.2f} | {row['time_x']:.2f}x ({row['time_min']:.2f}-{row['time_max']:.2f}) "
+            f"| {row['cpu_x']:.2f}x ({row['cpu_min']:.2f}-{row['cpu_max']:.2f}) "
             f"| {row['peak_gb']:.2f} GB, {row['rss_x']:.2f}x ({row['rss_min']:.2f}-{row['rss_max']:.2f}) |")
 
 
@@ -316,7 +327,8 @@ def main() -> None:
     tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {DEVICE}, fp32, {args.docs} documents per "
           f"length, batch size {args.batch_size}, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
-    print("| pair | T | method | s/doc (median) | time vs floor | peak RSS vs floor |\n|---|---|---|---|---|---|",
+    print("| pair | T | method | s/doc (median) | time vs floor | CPU time vs floor | peak RSS vs floor |\n"
+          "|---|---|---|---|---|---|---|",
           flush=True)
     rows: list[dict] = []
     base, tuned = gpt2_pair(max(args.lengths))
