@@ -61,6 +61,22 @@ class KernelError(SumcircuitError):
     """The compiled statistics kernels were asked for but cannot be built here."""
 
 
+def _check_mode(kernel: KernelMode) -> None:
+    if kernel not in KERNEL_MODES:
+        raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def _future_keys(first: int, rows: int, keys: int, n_rep: int, device: torch.device) -> Tensor:
+    """``[rows, keys]``: True where row ``r`` (position ``first + r // n_rep``) must not see key ``j``."""
+    limit = first + torch.arange(rows, device=device) // n_rep
+    return torch.arange(keys, device=device) > limit[:, None]
+
+
 # ---------------------------------------------------------------- the eager statements
 
 def tile_stats_(scores_base: Tensor, scores_tuned: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,8 +112,7 @@ def causal_tile_stats_(scores_base: Tensor, scores_tuned: Tensor, causal_from: i
     """
     if causal_from is not None:
         rows, keys = scores_base.shape[-2:]
-        limit = causal_from + torch.arange(rows, device=scores_base.device) // n_rep
-        future = torch.arange(keys, device=scores_base.device) > limit[:, None]
+        future = _future_keys(causal_from, rows, keys, n_rep, scores_base.device)
         for scores in (scores_base, scores_tuned):
             scores.masked_fill_(future, torch.finfo(torch.float32).min)
     return tile_stats_(scores_base, scores_tuned)
@@ -148,8 +163,7 @@ def _native(kernel: KernelMode, device: torch.device) -> Any:
     so does ``compiled`` off the CPU.
     """
     global _UNAVAILABLE
-    if kernel not in KERNEL_MODES:
-        raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
+    _check_mode(kernel)
     if kernel == "compiled" and device.type != "cpu":
         raise KernelError(f"the compiled statistics kernels are CPU code; on {device.type} use --kernels auto or eager")
     if kernel in ("eager", "fused") or device.type != "cpu":
@@ -158,7 +172,7 @@ def _native(kernel: KernelMode, device: torch.device) -> Any:
         try:
             _NATIVE["module"] = _build_native()
         except Exception as exc:  # no compiler, headers or ninja: the eager kernels are the same math
-            _UNAVAILABLE = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+            _UNAVAILABLE = f"{type(exc).__name__}: {_first_line(exc)}"
             _unavailable(kernel)
     if "module" not in _NATIVE and kernel == "compiled":
         _unavailable(kernel)
@@ -177,8 +191,7 @@ def attention_path(kernel: KernelMode, device: torch.device) -> AttentionPath:
 
     ``auto`` means fused on CUDA until the fused kernel has failed there (:func:`fused_failed`).
     """
-    if kernel not in KERNEL_MODES:
-        raise KernelError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {kernel!r}")
+    _check_mode(kernel)
     if kernel == "fused" or (kernel == "auto" and device.type == "cuda" and not _FUSED_FAILED):
         return "fused"
     return "tiles"
@@ -209,8 +222,8 @@ def attention_lse_reference(query: Tensor, key: Tensor, value: Tensor, bias: Ten
         if bias is not None:
             scores = scores + bias[..., rows, :]
         if causal:
-            limit = torch.arange(rows.start, rows.stop, device=query.device)[:, None] + (t_k - t_q)
-            scores.masked_fill_(torch.arange(t_k, device=query.device) > limit, float("-inf"))
+            future = _future_keys(rows.start + t_k - t_q, rows.stop - rows.start, t_k, 1, query.device)
+            scores.masked_fill_(future, float("-inf"))
         lse[:, :, rows] = torch.logsumexp(scores, -1)
         out[:, :, rows] = torch.matmul(torch.exp(scores - lse[:, :, rows, None]), value)
     return out, lse
@@ -230,9 +243,8 @@ def attention_lse_efficient(query: Tensor, key: Tensor, value: Tensor, bias: Ten
     b, h, t_q, _ = query.shape
     t_k = key.shape[2]
     if causal and t_q != t_k:
-        limit = torch.arange(t_k - t_q, t_k, device=query.device)[:, None]
         future = torch.zeros(1, 1, t_q, t_k, device=query.device).masked_fill_(
-            torch.arange(t_k, device=query.device) > limit, MASKED)
+            _future_keys(t_k - t_q, t_q, t_k, 1, query.device), MASKED)
         bias, causal = (future if bias is None else bias + future), False
     if bias is not None:
         aligned = torch.empty(*bias.shape[:-1], -(-t_k // 8) * 8, dtype=torch.float32, device=bias.device)
@@ -245,8 +257,7 @@ def attention_lse_efficient(query: Tensor, key: Tensor, value: Tensor, bias: Ten
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as exc:  # a shape or device this build's kernel does not take
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise KernelError(f"the fused attention kernel failed on {query.device.type} ({first}); "
+        raise KernelError(f"the fused attention kernel failed on {query.device.type} ({_first_line(exc)}); "
                           "use --kernels eager") from exc
     return out, lse[..., :t_q]  # the kernel pads the log-sum-exp to a multiple of 32 rows
 
