@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean chromium
+.PHONY: setup demo test bench gpu-check clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ $(TL_VENV)/.installed: $(VENV)/.installed
 
 bench: $(TL_VENV)/.installed
 	$(TL_VENV)/bin/python benchmarks/analysis_speed.py
+
+# On a CUDA machine: the exactness tests on the GPU, then the timings with the fused path (no GGUF or
+# ../shared needed there; `make gpu-check PY=python3` uses an environment that already has the dependencies)
+gpu-check:
+	$(PY) -m pytest -q tests/test_cuda.py
+	$(PY) benchmarks/analysis_speed.py --device cuda --threads 16 --shapes-only --docs 8 --rounds 5 \
+	  --lengths 512 1024 2048
 
 clean:
 	rm -rf $(VENV) $(TL_VENV) runs

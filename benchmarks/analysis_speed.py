@@ -27,10 +27,18 @@ models, made once before the rounds, count against nobody). With ``--device cuda
 the same is done with the GPU's allocated memory (``torch.cuda.max_memory_allocated``)
 and every method is timed up to ``torch.cuda.synchronize``; sumcircuit's default
 there is the fused path (``--kernels auto`` = fused on CUDA), and "eager kernels"
-is the score-tile path. Usage:
+is the score-tile path. ``--dtype bfloat16`` runs the models in bf16 (statistics stay fp32).
+``--shapes-only`` needs neither the GGUF nor ``../shared`` (a bare GPU machine): random
+token ids, and a random LLaMA pair of smollm2's shape in place of the real model. Usage:
 
     python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024] [--batch-size 1]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--skip-real | --shapes-only]
+
+On a GPU machine, the exactness tests first, then the timings:
+
+    python -m pytest -q tests/test_cuda.py
+    python benchmarks/analysis_speed.py --device cuda --threads 16 --shapes-only --docs 8 --rounds 5 \
+        --lengths 512 1024 2048
 
 `make bench` runs it in `.venv-tl`, an overlay of `.venv` with TransformerLens installed.
 """
@@ -60,6 +68,11 @@ DATA = REPO.parent / "shared" / "data" / "cnndm_gpt4" / "train.jsonl.gz"
 # ---------------------------------------------------------------- measuring
 
 DEVICE = torch.device("cpu")  # --device
+DTYPE = torch.float32  # --dtype
+# smollm2-135m-instruct's shape, for --shapes-only (timings depend on shapes, not on weights)
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                     rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def _rss() -> int:
@@ -210,7 +223,13 @@ def lens_bridges(base, tuned, tokenizer) -> tuple[object, object] | str:  # type
 # ---------------------------------------------------------------- setup
 
 def documents(tokenizer, length: int, n_docs: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """The first ``n_docs`` training articles with at least ``length`` tokens, cut to ``length``."""
+    """The first ``n_docs`` training articles with at least ``length`` tokens, cut to ``length``.
+
+    Without a tokenizer (``--shapes-only``): random ids below smollm2's vocabulary size (both pairs take them).
+    """
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(length)
+        return torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (n_docs, length), generator=gen).tolist()
     out = []
     with gzip.open(DATA, "rt", encoding="utf-8") as fh:
         for line in fh:
@@ -231,19 +250,31 @@ def gpt2_pair(max_len: int):  # type: ignore[no-untyped-def]
     base = GPT2LMHeadModel(cfg).eval()
     torch.manual_seed(1)
     tuned = GPT2LMHeadModel(cfg).eval()
-    return base.to(DEVICE), tuned.to(DEVICE)
+    return base.to(DEVICE, DTYPE), tuned.to(DEVICE, DTYPE)
 
 
-def smollm2_pair():  # type: ignore[no-untyped-def]
-    from sumcircuit.models import load_model
-
-    loaded = load_model("smollm2-135m-instruct")
-    tuned = copy.deepcopy(loaded.model.to(DEVICE))
+def _perturbed(model):  # type: ignore[no-untyped-def]
+    """A copy with 1e-3 relative noise on every weight: the "tuned" model of a pair."""
+    tuned = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tuned.parameters():
-            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 1e-3 * p.abs().mean())
-    return loaded.model, tuned
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 1e-3 * p.abs().mean())
+    return tuned
+
+
+def smollm2_pair(shapes_only: bool = False):  # type: ignore[no-untyped-def]
+    """The real model and a perturbed copy; with ``shapes_only`` a random LLaMA model of its shape."""
+    if shapes_only:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, attn_implementation="sdpa")).eval().to(DEVICE, DTYPE)
+    else:
+        from sumcircuit.models import load_model
+
+        base = load_model("smollm2-135m-instruct").model.to(DEVICE, DTYPE)
+    return base, _perturbed(base)
 
 
 def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int, rounds: int,  # type: ignore[no-untyped-def]
@@ -316,17 +347,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="documents per forward pass, for every method")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--skip-real", action="store_true", help="only the GPT-2-shaped pair")
+    parser.add_argument("--shapes-only", action="store_true",
+                        help="needs neither the GGUF nor ../shared: random token ids, and a random LLaMA pair of "
+                             "smollm2's shape in place of the real model (for a bare GPU machine)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory then is the GPU's allocated memory)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the models' dtype (statistics are fp32 whatever it is)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = torch.device(args.device)
-    from sumcircuit.models import load_model
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    tokenizer = None
+    if not args.shapes_only:
+        from sumcircuit.models import load_model
 
-    tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {DEVICE}, fp32, {args.docs} documents per "
-          f"length, batch size {args.batch_size}, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
+        tokenizer = load_model("smollm2-135m-instruct").tokenizer  # real token ids for both pairs
+    device = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else str(DEVICE)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {args.dtype}, {args.docs} "
+          f"documents per length ({'random ids' if tokenizer is None else 'CNN/DailyMail articles'}), batch size "
+          f"{args.batch_size}, {args.rounds} interleaved rounds; ratios to the floor: median (min-max)")
     print("| pair | T | method | s/doc (median) | time vs floor | CPU time vs floor | peak RSS vs floor |\n"
           "|---|---|---|---|---|---|---|",
           flush=True)
@@ -336,9 +376,9 @@ def main() -> None:
     del base, tuned
     gc.collect()
     if not args.skip_real:
-        base, tuned = smollm2_pair()
-        run_pair("smollm2-135m-instruct", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows,
-                 args.batch_size)
+        base, tuned = smollm2_pair(args.shapes_only)
+        name = "smollm2-135m-shaped (random)" if args.shapes_only else "smollm2-135m-instruct"
+        run_pair(name, base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from sumcircuit.capture import AttentionInputs, PairRows, RowMask, row_mask
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CNNDM = SHARED_DATA / "cnndm_gpt4"
@@ -82,3 +84,66 @@ def save_tiny(family: str, folder: Path, tokenizer: PreTrainedTokenizerFast, see
     return folder
 
 
+
+
+# ---------------------------------------------------------------- attention references
+
+def random_attention_inputs(g: torch.Generator, B: int, Hq: int, Hkv: int, T: int, Tk: int, D: int,
+                            scale: float) -> AttentionInputs:
+    """Queries, keys and values of one attention call (CPU); queries doubled so the rows are peaked."""
+    return AttentionInputs(torch.randn(B, Hq, T, D, generator=g) * 2, torch.randn(B, Hkv, Tk, D, generator=g),
+                           torch.randn(B, Hkv, Tk, D, generator=g), scale)
+
+
+def explicit_attention(x: AttentionInputs, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, T, Hq, D], probabilities [B, Hq, T, Tk]) in float64 on the CPU, key heads repeated."""
+    n_rep = x.query.shape[1] // x.key.shape[1]
+    k, v = (t.cpu().double().repeat_interleave(n_rep, dim=1) for t in (x.key, x.value))
+    scores = (x.query.cpu().double() @ k.transpose(-1, -2)) * x.scale
+    probs = scores.masked_fill(~allowed.cpu(), float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2), probs
+
+
+def log0(p: torch.Tensor) -> torch.Tensor:
+    """log p with 0 where p = 0 (so 0 log 0 = 0)."""
+    return torch.where(p > 0, p.log(), 0.0)
+
+
+ATTENTION_CASES = ["padding+window", "causal", "causal, cached keys"]
+
+
+def attention_case(kind: str, device: torch.device, head_dim: int = 8
+                   ) -> tuple[AttentionInputs, AttentionInputs, torch.Tensor, RowMask, slice]:
+    """Two models' inputs (6 query, 2 key heads), the keys each row may see, the mask, the rows that count.
+
+    ``padding+window``: document 1 right-padded from 15, a window of 6;
+    ``causal, cached keys``: 4 keys before the first query.
+    """
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T = 2, 6, 2, 21
+    Tk = T + 4 if kind == "causal, cached keys" else T
+    base, tuned = (random_attention_inputs(g, B, Hq, Hkv, T, Tk, head_dim, s / head_dim ** 0.5) for s in (1.1, 0.85))
+    allowed = (torch.arange(Tk)[None, :] <= torch.arange(T)[:, None] + (Tk - T))[None, None].repeat(B, 1, 1, 1)
+    rows, mask = slice(0, T), RowMask(None, causal=True)
+    if kind == "padding+window":
+        allowed[1, :, :, 15:] = False  # right padding in document 1
+        allowed &= (torch.arange(T)[None, :] > torch.arange(T)[:, None] - 6)  # window 6
+        mask = row_mask(allowed, T, T, None, device)
+        rows = slice(0, 15)  # rows of document 1 past 15 are padding
+    on = [AttentionInputs(x.query.to(device), x.key.to(device), x.value.to(device), x.scale) for x in (base, tuned)]
+    return on[0], on[1], allowed, mask, rows
+
+
+def assert_matches_explicit(base: AttentionInputs, tuned: AttentionInputs, allowed: torch.Tensor, rows: slice,
+                            out_b: torch.Tensor, out_t: torch.Tensor, got: PairRows, atol: float = 1e-5) -> None:
+    """Both outputs and all four row statistics against float64 softmax, on the rows that count."""
+    (ref_b, p_b), (ref_t, p_t) = explicit_attention(base, allowed), explicit_attention(tuned, allowed)
+    expected = {"entropy_base": -(p_b * log0(p_b)).sum(-1), "entropy_tuned": -(p_t * log0(p_t)).sum(-1),
+                "kl_base_tuned": (p_b * (log0(p_b) - log0(p_t))).sum(-1),
+                "kl_tuned_base": (p_t * (log0(p_t) - log0(p_b))).sum(-1)}
+    torch.testing.assert_close(out_b[:, rows].cpu().double(), ref_b[:, rows], atol=atol, rtol=0)
+    torch.testing.assert_close(out_t[:, rows].cpu().double(), ref_t[:, rows], atol=atol, rtol=0)
+    for name, ref in expected.items():
+        assert getattr(got, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(got, name)[..., rows].cpu().double(), ref[..., rows], atol=1e-5, rtol=0)
+    assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ

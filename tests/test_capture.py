@@ -22,58 +22,20 @@ from sumcircuit.capture import (
 )
 from sumcircuit.kernels import KernelError
 
-from helpers import make_tiny_model
-
-
-def _explicit(x: AttentionInputs, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output [B, T, Hq, D], probabilities [B, Hq, T, Tk]) in float64 with repeated key heads."""
-    n_rep = x.query.shape[1] // x.key.shape[1]
-    k, v = (t.double().repeat_interleave(n_rep, dim=1) for t in (x.key, x.value))
-    scores = (x.query.double() @ k.transpose(-1, -2)) * x.scale
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return (probs @ v).transpose(1, 2), probs
-
-
-def _inputs(g: torch.Generator, B: int, Hq: int, Hkv: int, T: int, Tk: int, D: int, scale: float) -> AttentionInputs:
-    return AttentionInputs(torch.randn(B, Hq, T, D, generator=g) * 2, torch.randn(B, Hkv, Tk, D, generator=g),
-                           torch.randn(B, Hkv, Tk, D, generator=g), scale)
-
-
-def _log(p: torch.Tensor) -> torch.Tensor:
-    return torch.where(p > 0, p.log(), 0.0)
+from helpers import ATTENTION_CASES, assert_matches_explicit, attention_case, make_tiny_model, random_attention_inputs
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "eager", "fused"])
-@pytest.mark.parametrize("kind", ["padding+window", "causal", "causal, cached keys"])
+@pytest.mark.parametrize("kind", ATTENTION_CASES)
 def test_paired_attention_matches_explicit_softmax(kind: str, kernel: str) -> None:
-    g = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, T, D = 2, 6, 2, 21, 8
-    Tk = T + 4 if kind == "causal, cached keys" else T
-    base, tuned = _inputs(g, B, Hq, Hkv, T, Tk, D, 0.4), _inputs(g, B, Hq, Hkv, T, Tk, D, 0.3)
-    allowed = (torch.arange(Tk)[None, :] <= torch.arange(T)[:, None] + (Tk - T))[None, None].repeat(B, 1, 1, 1)
-    rows = slice(0, T)
-    if kind == "padding+window":
-        allowed[1, :, :, 15:] = False  # right padding in document 1
-        allowed &= (torch.arange(T)[None, :] > torch.arange(T)[:, None] - 6)  # window 6
-        mask = row_mask(allowed, T, T, None, torch.device("cpu"))
-        rows = slice(0, 15)  # rows of document 1 past 15 are padding
-    else:
-        mask = RowMask(None, causal=True)
-    out_b, out_t, got = paired_attention(base, tuned, mask, rows_per_tile=5, kernel=kernel)  # type: ignore[arg-type]
-    (ref_b, p_b), (ref_t, p_t) = _explicit(base, allowed), _explicit(tuned, allowed)
-    expected = {"entropy_base": -(p_b * _log(p_b)).sum(-1), "entropy_tuned": -(p_t * _log(p_t)).sum(-1),
-                "kl_base_tuned": (p_b * (_log(p_b) - _log(p_t))).sum(-1),
-                "kl_tuned_base": (p_t * (_log(p_t) - _log(p_b))).sum(-1)}
-    torch.testing.assert_close(out_b[:, rows].double(), ref_b[:, rows], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out_t[:, rows].double(), ref_t[:, rows], atol=1e-5, rtol=0)
-    for name, ref in expected.items():
-        torch.testing.assert_close(getattr(got, name)[..., rows].double(), ref[..., rows], atol=1e-5, rtol=0)
-    assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ
+    base, tuned, allowed, mask, rows = attention_case(kind, torch.device("cpu"))
+    outputs = paired_attention(base, tuned, mask, rows_per_tile=5, kernel=kernel)  # type: ignore[arg-type]
+    assert_matches_explicit(base, tuned, allowed, rows, *outputs)
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "eager", "fused"])
 def test_paired_attention_of_a_model_with_itself_is_exactly_zero_kl(kernel: str) -> None:
-    x = _inputs(torch.Generator().manual_seed(1), 1, 4, 4, 33, 33, 8, 0.35)
+    x = random_attention_inputs(torch.Generator().manual_seed(1), 1, 4, 4, 33, 33, 8, 0.35)
     out_b, out_t, rows = paired_attention(x, x, RowMask(None, causal=True), rows_per_tile=7,
                                           kernel=kernel)  # type: ignore[arg-type]
     assert torch.equal(out_b, out_t) and torch.equal(rows.entropy_base, rows.entropy_tuned)
@@ -91,7 +53,7 @@ def test_auto_falls_back_to_the_tiles_when_the_fused_kernel_fails(monkeypatch: p
         raise KernelError("the fused attention kernel failed on cuda (No available kernel); use --kernels eager")
 
     monkeypatch.setattr(capture, "attention_lse", refuse)
-    x, y = (_inputs(torch.Generator().manual_seed(s), 1, 4, 2, 16, 16, 8, 0.35) for s in (3, 4))
+    x, y = (random_attention_inputs(torch.Generator().manual_seed(s), 1, 4, 2, 16, 16, 8, 0.35) for s in (3, 4))
     mask = RowMask(None, causal=True)
     _, _, expected = paired_attention(x, y, mask, kernel="eager")
     with caplog.at_level(logging.WARNING, logger="sumcircuit.kernels"):
@@ -106,7 +68,7 @@ def test_auto_falls_back_to_the_tiles_when_the_fused_kernel_fails(monkeypatch: p
 
 @pytest.mark.parametrize("kernel", ["auto", "fused"])
 def test_paired_attention_keeps_the_model_dtype_with_fp32_statistics(kernel: str) -> None:
-    x = _inputs(torch.Generator().manual_seed(2), 1, 4, 2, 16, 16, 8, 0.35)
+    x = random_attention_inputs(torch.Generator().manual_seed(2), 1, 4, 2, 16, 16, 8, 0.35)
     half = AttentionInputs(x.query.bfloat16(), x.key.bfloat16(), x.value.bfloat16(), x.scale)
     out_b, _, rows = paired_attention(half, half, RowMask(None, causal=True), kernel=kernel)  # type: ignore[arg-type]
     assert out_b.dtype == torch.bfloat16 and rows.entropy_base.dtype == torch.float32
