@@ -270,7 +270,12 @@ def load_state(path: str | Path) -> tuple[AnalysisState, dict[str, str]]:
 # ---------------------------------------------------------------- one batch
 
 class _PairSink:
-    """Capture sink for one batch: folds each layer of both models into ``state`` as it arrives."""
+    """Capture sink for one batch: folds each layer of both models into the batch's sums as it arrives.
+
+    The sums stay on the models' device until :meth:`finish` adds them to
+    ``state`` in one go: a host copy inside the layer loop would make an
+    accelerator wait for the host at every layer.
+    """
 
     def __init__(self, state: AnalysisState, weights: Tensor, kernels: KernelMode = "auto") -> None:
         self.state, self.kernels = state, kernels
@@ -278,20 +283,24 @@ class _PairSink:
         self.row_doc = weights.nonzero()[:, 0]  # document of each counted token
         self.n_tokens = float(weights.sum())
         self.all_counted = bool(weights.all())
-        B, L, H = weights.shape[0], state.n_layers, state.n_heads
-        self.doc_sums = {s: torch.zeros(B, L, H, dtype=torch.float64) for s in ROW_STATS}
-        self.doc_sums.update({f"actmag_{m}": torch.zeros(B, L, dtype=torch.float64) for m in ("base", "tuned")})
+        B, L, H, N = weights.shape[0], state.n_layers, state.n_heads, state.n_neurons
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=weights.device)
+
+        self.doc_sums = {s: zeros(B, L, H) for s in ROW_STATS}
+        self.doc_sums.update({f"actmag_{m}": zeros(B, L) for m in ("base", "tuned")})
+        self.squares = {name: zeros(*sums.shape[1:]) for name, sums in self.doc_sums.items()}
+        self.neuron_sums = zeros(L, 5, N)  # column_moments per layer
 
     def _add_rows(self, layer: int, rows: PairRows) -> None:
-        """Fold per-row values [S, B, H, T] into per-document sums and row moments, all S at once."""
+        """Fold per-row values [S, B, H, T] into per-document sums and sums of squares, all S at once."""
         masked = torch.where(self.weights[None, :, None, :], rows.values,
                              torch.zeros((), dtype=rows.values.dtype, device=rows.values.device))
-        per_doc = masked.sum(-1, dtype=torch.float64).cpu()  # [S, B, H]
-        squares = masked.square().sum((1, 3), dtype=torch.float64).cpu()  # [S, H]
+        per_doc = masked.sum(-1, dtype=torch.float64)  # [S, B, H]
+        squares = masked.square().sum((1, 3), dtype=torch.float64)  # [S, H]
         for i, name in enumerate(PairRows.NAMES):
             self.doc_sums[name][:, layer] = per_doc[i]
-            self.state.heads[name].total[layer] += per_doc[i].sum(0)
-            self.state.heads[name].total_sq[layer] += squares[i]
+            self.squares[name][layer] = squares[i]
 
     def _rows(self, values: Tensor) -> Tensor:
         """[B, T, F] -> [n, F] at counted tokens (a view when every token counts)."""
@@ -305,30 +314,29 @@ class _PairSink:
 
     def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None:
         # one fused pass over both models' rows (fp32 within 64-row chunks, fp64 beyond)
-        sums = column_moments(self._rows(base), self._rows(tuned), self.kernels).cpu()
-        for i, phase in enumerate(("base", "tuned")):
-            self.state.neurons[phase].total[layer] += sums[2 * i]
-            self.state.neurons[phase].total_sq[layer] += sums[2 * i + 1]
-        self.state.neuron_abs_change[layer] += sums[4]  # type: ignore[index]
+        self.neuron_sums[layer] = column_moments(self._rows(base), self._rows(tuned), self.kernels)
 
     def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None:
         pair = {"base": self._rows(base), "tuned": self._rows(tuned)}
         for phase, rows in pair.items():
-            norms = rows.norm(dim=-1)
-            per_doc = torch.zeros(self.weights.shape[0], dtype=torch.float64, device=rows.device)
-            per_doc.index_add_(0, self.row_doc, norms.double())
-            self.doc_sums[f"actmag_{phase}"][:, layer] = per_doc.cpu()
-            m = self.state.actmag[phase]
-            m.total[layer] += per_doc.sum().cpu()
-            m.total_sq[layer] += norms.double().square().sum().cpu()
+            norms = rows.norm(dim=-1).double()
+            self.doc_sums[f"actmag_{phase}"][:, layer].index_add_(0, self.row_doc, norms)
+            self.squares[f"actmag_{phase}"][layer] = norms.square().sum()
         if self.state.cross is not None:
             self.state.cross.add(layer, pair["base"], pair["tuned"])
 
     def finish(self) -> None:
-        """Counts are per batch: add them once, after the batch."""
-        for group in (self.state.heads, self.state.actmag, self.state.neurons):
-            for m in group.values():
-                m.count += self.n_tokens
+        """Add the batch to ``state`` (its sums come to the host here, once); counts are per batch."""
+        self.doc_sums = {name: sums.cpu() for name, sums in self.doc_sums.items()}
+        squares = {name: sq.cpu() for name, sq in self.squares.items()}
+        for name in ROW_STATS:
+            self.state.heads[name].add(self.n_tokens, self.doc_sums[name].sum(0), squares[name])
+        neurons = self.neuron_sums.cpu()
+        for i, phase in enumerate(("base", "tuned")):
+            self.state.actmag[phase].add(self.n_tokens, self.doc_sums[f"actmag_{phase}"].sum(0),
+                                         squares[f"actmag_{phase}"])
+            self.state.neurons[phase].add(self.n_tokens, neurons[:, 2 * i], neurons[:, 2 * i + 1])
+        self.state.neuron_abs_change += neurons[:, 4]  # type: ignore[operator]
 
 
 def _region_weights(batch: dict[str, Tensor], region: str) -> Tensor:

@@ -114,7 +114,7 @@ class CrossMoments:
     (:func:`add_gram_upper`); their lower triangles mean nothing.
     """
 
-    n: Tensor  # [L]
+    n: Tensor  # [L], on the host
     mean_x: Tensor  # [L, d]
     mean_y: Tensor  # [L, d]
     cxx: Tensor  # [L, d, d]
@@ -125,7 +125,8 @@ class CrossMoments:
     def zeros(cls, n_layers: int, dim: int, device: torch.device | str = "cpu") -> CrossMoments:
         vec = lambda: torch.zeros(n_layers, dim, dtype=_F64, device=device)  # noqa: E731
         mat = lambda: torch.zeros(n_layers, dim, dim, dtype=torch.float32, device=device)  # noqa: E731
-        return cls(torch.zeros(n_layers, dtype=_F64, device=device), vec(), vec(), mat(), mat(), mat())
+        # the counts stay on the host: reading one must not make the host wait for the device
+        return cls(torch.zeros(n_layers, dtype=_F64), vec(), vec(), mat(), mat(), mat())
 
     def add(self, layer: int, x: Tensor, y: Tensor) -> None:
         """Add paired rows ``x``, ``y`` ([N, d], same tokens) to ``layer``."""
@@ -185,9 +186,9 @@ class CrossMoments:
         applied to all processes at once so that one all-reduce per tensor
         suffices. Layer by layer in fp64, so the extra memory is one ``d x d``.
         """
-        n = all_sum(self.n.to(_F64))
-        weights = self.n.to(_F64)[:, None]
-        safe_n = n.clamp_min(1.0)[:, None]
+        n = all_sum(self.n.to(_F64))  # on the host, like self.n
+        weights = self.n.to(self.mean_x.device, _F64)[:, None]
+        safe_n = n.to(self.mean_x.device).clamp_min(1.0)[:, None]
         mean_x = all_sum(self.mean_x * weights) / safe_n
         mean_y = all_sum(self.mean_y * weights) / safe_n
         out = CrossMoments(n, mean_x, mean_y, torch.empty_like(self.cxx), torch.empty_like(self.cyy),
