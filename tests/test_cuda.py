@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from sumcircuit import analysis as analysis_mod
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
 from sumcircuit.capture import AttentionInputs, RowMask, paired_attention
@@ -121,6 +122,28 @@ def test_analysis_on_the_device_equals_the_cpus(family: str, kernels: str) -> No
     for name in cpu.per_doc:
         torch.testing.assert_close(got.per_doc[name].cpu(), cpu.per_doc[name], atol=1e-5, rtol=1e-4, equal_nan=True)
     assert float(cpu.head_table("kl_base_tuned").mean()) > 1e-4  # the pair really differs
+
+
+def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a batch the sums stay on the device: a host copy per layer would stall the GPU at every layer."""
+    calls: list[str] = []
+
+    def strict(method):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(method.__name__)
+            if DEVICE.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if DEVICE.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        return wrapped
+
+    for name in ("on_attention", "on_neurons", "on_hidden"):
+        monkeypatch.setattr(analysis_mod._PairSink, name, strict(getattr(analysis_mod._PairSink, name)))
+    _analyze("llama", DEVICE, "auto")  # padded batches: counted tokens picked by index
+    assert len(calls) == 2 * 3 * 3  # two batches, three layers, three calls each
 
 
 def test_the_models_are_left_as_they_were() -> None:

@@ -280,7 +280,8 @@ class _PairSink:
     def __init__(self, state: AnalysisState, weights: Tensor, kernels: KernelMode = "auto") -> None:
         self.state, self.kernels = state, kernels
         self.weights = weights  # [B, T] bool: counted query positions
-        self.row_doc = weights.nonzero()[:, 0]  # document of each counted token
+        self.counted = weights.reshape(-1).nonzero()[:, 0]  # flat [B * T] index of each counted token
+        self.row_doc = self.counted // weights.shape[1]  # its document
         self.n_tokens = float(weights.sum())
         self.all_counted = bool(weights.all())
         B, L, H, N = weights.shape[0], state.n_layers, state.n_heads, state.n_neurons
@@ -303,10 +304,13 @@ class _PairSink:
             self.squares[name][layer] = squares[i]
 
     def _rows(self, values: Tensor) -> Tensor:
-        """[B, T, F] -> [n, F] at counted tokens (a view when every token counts)."""
-        if self.all_counted:
-            return values.reshape(-1, values.shape[-1]).float()
-        return values[self.weights].float()
+        """[B, T, F] -> [n, F] at counted tokens (a view when every token counts).
+
+        By index, not by boolean mask: a mask's row count is only known on the
+        host, so it would make an accelerator wait at every layer.
+        """
+        flat = values.reshape(-1, values.shape[-1])
+        return (flat if self.all_counted else flat.index_select(0, self.counted)).float()
 
     # -- sink protocol
     def on_attention(self, layer: int, rows: PairRows) -> None:
