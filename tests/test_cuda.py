@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sumcircuit import analysis as analysis_mod
+from sumcircuit import capture
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
 from sumcircuit.capture import AttentionInputs, RowMask, paired_attention
@@ -125,7 +126,7 @@ def test_analysis_on_the_device_equals_the_cpus(family: str, kernels: str) -> No
 
 
 def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Within a batch the sums stay on the device: a host copy per layer would stall the GPU at every layer."""
+    """Attention and the sums never wait for the device: a host copy per layer would stall the GPU at every layer."""
     calls: list[str] = []
 
     def strict(method):  # type: ignore[no-untyped-def]
@@ -142,8 +143,9 @@ def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPat
 
     for name in ("on_attention", "on_neurons", "on_hidden"):
         monkeypatch.setattr(analysis_mod._PairSink, name, strict(getattr(analysis_mod._PairSink, name)))
+    monkeypatch.setattr(capture, "paired_attention", strict(capture.paired_attention))
     _analyze("llama", DEVICE, "auto")  # padded batches: counted tokens picked by index
-    assert len(calls) == 2 * 3 * 3  # two batches, three layers, three calls each
+    assert len(calls) == 2 * 3 * 4  # two batches, three layers, four calls each
 
 
 def test_the_models_are_left_as_they_were() -> None:
