@@ -20,6 +20,10 @@ taken within its round (method / floor of the same round); the table gives the
 median ratio and its min-max over rounds, for wall time and for the process's CPU
 time (which leaves out the time other tenants of a shared host take the cores).
 
+After each length's rounds, one untimed pair of runs compares the default path with the eager
+score tiles (entropy, KL, CKA, neuron SDs): on CUDA this is the fused kernel's exactness at
+real shapes.
+
 Peak RSS is sampled every 2 ms by a thread while a method runs. It is reported as
 the process's peak with the pair of models resident: the models' own RSS plus the
 method's peak above the RSS before its call (so TransformerLens's copies of the
@@ -159,12 +163,30 @@ def floor(base, tuned, batches) -> None:  # type: ignore[no-untyped-def]
             body(tuned)(input_ids=ids, use_cache=False)
 
 
-def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto", batch_size: int = 1) -> None:  # type: ignore[no-untyped-def]
+def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto", batch_size: int = 1):  # type: ignore[no-untyped-def]
     from sumcircuit.adapters import ArchitectureAdapter
     from sumcircuit.analysis import AnalysisConfig, analyze_models
 
     cfg = AnalysisConfig(batch_size=batch_size, progress=False, cka=cka, n_bootstrap=200, kernels=kernels)
-    analyze_models(base, tuned, ArchitectureAdapter.for_model(base), encoded, cfg, pad_token_id=0)
+    return analyze_models(base, tuned, ArchitectureAdapter.for_model(base), encoded, cfg, pad_token_id=0)
+
+
+AGREEMENT = {"entropy": ("heads.entropy_base", "heads.entropy_tuned"), "KL": ("heads.kl_base_tuned", "heads.kl_tuned_base"),
+             "CKA": ("layers.cka",), "neuron SD": ("neurons.std_base", "neurons.std_tuned")}
+
+
+def agreement(base, tuned, encoded, batch_size: int) -> str:  # type: ignore[no-untyped-def]
+    """The default path (fused on CUDA, C++ tiles on CPU) against the eager score tiles: largest differences."""
+    a = analysis(base, tuned, encoded, batch_size=batch_size).stats
+    b = analysis(base, tuned, encoded, kernels="eager", batch_size=batch_size).stats
+    parts = []
+    for label, keys in AGREEMENT.items():
+        keys = tuple(k for k in keys if k in a)
+        if keys:
+            diff = max(float((a[k].double() - b[k].double()).abs().nan_to_num().max()) for k in keys)
+            scale = max(float(a[k].double().abs().nan_to_num().max()) for k in keys)
+            parts.append(f"{label} {diff:.1e} (values up to {scale:.3g})")
+    return "largest difference, default vs eager kernels: " + ", ".join(parts)
 
 
 def eager(base, tuned, batches) -> None:  # type: ignore[no-untyped-def]
@@ -328,6 +350,9 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
         if isinstance(bridges, str):
             rows.append({"model": name, "T": length, "method": "TransformerLens 4", "skip": bridges})
             print(_fmt(rows[-1]), flush=True)
+        rows.append({"model": name, "T": length, "method": "exactness (not timed)",
+                     "skip": agreement(base, tuned, encoded, batch_size)})
+        print(_fmt(rows[-1]), flush=True)
 
 
 def _fmt(row: dict) -> str:
