@@ -285,6 +285,7 @@ class _PairSink:
         self.n_tokens = float(weights.sum())
         self.all_counted = bool(weights.all())
         B, L, H, N = weights.shape[0], state.n_layers, state.n_heads, state.n_neurons
+
         def zeros(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=torch.float64, device=weights.device)
 
