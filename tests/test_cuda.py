@@ -125,7 +125,8 @@ def test_analysis_on_the_device_equals_the_cpus(family: str, kernels: str) -> No
     assert float(cpu.head_table("kl_base_tuned").mean()) > 1e-4  # the pair really differs
 
 
-def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kernels", ["auto", "eager"])
+def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch, kernels: str) -> None:
     """Attention and the sums never wait for the device: a host copy per layer would stall the GPU at every layer."""
     calls: list[str] = []
 
@@ -144,7 +145,7 @@ def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPat
     for name in ("on_attention", "on_neurons", "on_hidden"):
         monkeypatch.setattr(analysis_mod._PairSink, name, strict(getattr(analysis_mod._PairSink, name)))
     monkeypatch.setattr(capture, "paired_attention", strict(capture.paired_attention))
-    _analyze("llama", DEVICE, "auto")  # padded batches: counted tokens picked by index
+    _analyze("llama", DEVICE, kernels)  # padded batches: counted tokens picked by index
     assert len(calls) == 2 * 3 * 4  # two batches, three layers, four calls each
 
 
