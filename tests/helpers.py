@@ -37,9 +37,10 @@ def _corpus(n: int = 200) -> list[str]:
     return [r["article"] + "\nTL;DR: " + r["abstract"] for r in rows]
 
 
-def train_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of :data:`TINY_VOCAB` tokens, trained on real CNN/DailyMail text unless ``corpus`` is given."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=TINY_VOCAB, min_frequency=2,
+    bpe.train_from_iterator(corpus or _corpus(), vocab_size=TINY_VOCAB, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")

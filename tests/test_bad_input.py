@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sumcircuit.cli import main
+from sumcircuit.errors import ModelError
+from sumcircuit.models import load_model
 
 from helpers import CNNDM
 
@@ -101,6 +104,26 @@ def test_training_template_without_summary_refused(tiny_model_dirs: dict[str, Pa
 ])
 def test_numeric_options_have_ranges(argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
     fails(argv, capsys, option)
+
+
+# a device this machine lacks: plain CUDA on a CPU-only torch, an index past the last GPU on a GPU machine
+MISSING_DEVICE = ("cuda:99", "CUDA device(s)") if torch.cuda.is_available() else ("cuda", "is not available here")
+
+
+@pytest.mark.parametrize("argv", [["analyze", "--base", "a", "--tuned", "b", "--data", "d", "--out", "o"],
+                                  ["reproduce", "--model", "m", "--data", "d", "--out", "o"]])
+@pytest.mark.parametrize(("value", "needle"), [("foo", "unknown device 'foo'"), ("meta", "unknown device 'meta'"),
+                                               MISSING_DEVICE])
+def test_device_checked_at_parse_time(argv: list[str], value: str, needle: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Was torch's traceback from the first ``.to()``, after the weights had been read."""
+    fails([*argv, "--device", value], capsys, "--device", needle)
+
+
+def test_load_model_checks_the_device_first() -> None:
+    with pytest.raises(ModelError, match="is not available here|CUDA device") as info:
+        load_model("no/such/model", device=MISSING_DEVICE[0])  # the device, before the spec is even looked up
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- data files

@@ -8,7 +8,11 @@ a dry run of the tests themselves. References are float64 on the CPU.
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +22,19 @@ from sumcircuit import capture
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
 from sumcircuit.capture import AttentionInputs, RowMask, paired_attention
+from sumcircuit.cli import main
 from sumcircuit.data import Encoded
 from sumcircuit.kernels import attention_lse, attention_path
 
-from helpers import ATTENTION_CASES, TINY_VOCAB, assert_matches_explicit, attention_case, make_tiny_model
+from helpers import (
+    ATTENTION_CASES,
+    TINY_VOCAB,
+    assert_matches_explicit,
+    attention_case,
+    make_tiny_model,
+    save_tiny,
+    train_tiny_tokenizer,
+)
 
 DEVICE = torch.device(os.environ.get("SUMCIRCUIT_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -157,3 +170,35 @@ def test_the_models_are_left_as_they_were() -> None:
     assert base.config._attn_implementation == "sdpa" and not tuned.training
     assert all(torch.equal(before[k], v) for k, v in tuned.state_dict().items())
     assert next(base.parameters()).device.type == DEVICE.type
+
+
+def _synthetic_data(folder: Path) -> Path:
+    """Six article/summary records of random words: a GPU machine may have no ``../shared``."""
+    rng = random.Random(0)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ro", "si", "tu") for b in ("n", "r", "s", "", "la")]
+    rows = [{"article": " ".join(rng.choice(words) for _ in range(80)) + ".",
+             "abstract": " ".join(rng.choice(words) for _ in range(12)) + "."} for _ in range(6)]
+    path = folder / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_analyze_on_the_device_equals_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sumcircuit analyze --device`` end to end: loading onto the device, the run, the files, provenance."""
+    data = _synthetic_data(tmp_path)
+    tokenizer = train_tiny_tokenizer(data.read_text().splitlines() * 20)
+    base, tuned = (str(save_tiny("llama", tmp_path / name, tokenizer, seed=s)) for name, s in (("b", 0), ("t", 1)))
+    heads = {}
+    for device in ("cpu", DEVICE.type):
+        out = tmp_path / f"out-{device}"
+        code = main(["analyze", "--base", base, "--tuned", tuned, "--data", str(data), "--n-docs", "5",
+                     "--max-tokens", "48", "--batch-size", "2", "--n-bootstrap", "20", "--device", device,
+                     "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+        with open(out / "heads.csv") as fh:
+            heads[device] = list(csv.DictReader(fh))
+        assert json.loads((out / "summary.json").read_text())["n_docs"] == 5
+    assert len(heads["cpu"]) == 3 * 6 and max(float(r["kl_base_tuned"]) for r in heads["cpu"]) > 1e-4
+    for a, b in zip(heads["cpu"], heads[DEVICE.type], strict=True):
+        for name in ("entropy_base", "entropy_tuned", "kl_base_tuned", "kl_tuned_base"):
+            assert abs(float(a[name]) - float(b[name])) < 1e-5, (name, a[name], b[name])

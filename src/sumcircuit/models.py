@@ -256,6 +256,33 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ModelError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}") from None
 
 
+_DEVICE_AVAILABLE: dict[str, Callable[[], bool]] = {
+    "cpu": lambda: True,
+    "cuda": torch.cuda.is_available,
+    "mps": torch.backends.mps.is_available,
+    "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+}
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` checked against this machine, so a wrong one is a one-line error before any loading.
+
+    (torch would fail deep inside the first ``.to()``, after the weights are read.)
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_AVAILABLE:
+        raise ModelError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or xpu")
+    if not _DEVICE_AVAILABLE[dev.type]():
+        raise ModelError(f"device '{device}' is not available here (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                attn_implementation: str | None = None, cache_dir: str | Path | None = None,
                trust_remote_code: bool = False) -> LoadedModel:
@@ -263,6 +290,7 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
 
     Weights are read with safetensors; remote code runs only if the user asks.
     """
+    parse_device(device)
     source = resolve_spec(spec)
     if source.kind == "adapter":
         return _load_adapter_spec(source, dtype=dtype, device=device, attn_implementation=attn_implementation,

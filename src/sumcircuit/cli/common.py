@@ -98,9 +98,24 @@ def add_pair_options(parser: argparse.ArgumentParser) -> None:
     add_data_options(parser)
 
 
+def device(text: str) -> str:
+    """An argparse type: a device this machine has, checked before anything is loaded."""
+    from sumcircuit.errors import ModelError
+    from sumcircuit.models import parse_device
+
+    try:
+        parse_device(text)
+    except ModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: %(default)s)"
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    group.add_argument("--device", type=device, default="cpu", help=DEVICE_HELP)
     group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
     group.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
