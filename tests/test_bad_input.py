@@ -120,6 +120,14 @@ def test_device_checked_at_parse_time(argv: list[str], value: str, needle: str,
     fails([*argv, "--device", value], capsys, "--device", needle)
 
 
+@pytest.mark.parametrize("argv", [["analyze", "--base", "a", "--tuned", "b", "--data", "d"],
+                                  ["reproduce", "--model", "m", "--data", "d"]])
+def test_dtype_checked_at_parse_time(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was an error after the output folder had been made (left INCOMPLETE)."""
+    fails([*argv, "--out", str(tmp_path / "o"), "--dtype", "float64"], capsys, "--dtype", "unknown dtype 'float64'")
+    assert not (tmp_path / "o").exists()
+
+
 def test_load_model_checks_the_device_first() -> None:
     with pytest.raises(ModelError, match="is not available here|CUDA device") as info:
         load_model("no/such/model", device=MISSING_DEVICE[0])  # the device, before the spec is even looked up

@@ -110,13 +110,26 @@ def device(text: str) -> str:
     return text
 
 
+def dtype(text: str) -> str:
+    """An argparse type: a dtype name the models can be loaded in, checked before the output folder is made."""
+    from sumcircuit.errors import ModelError
+    from sumcircuit.models import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ModelError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: %(default)s)"
+DTYPE_HELP = "float32, bfloat16 or float16 (default: %(default)s)"
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", type=device, default="cpu", help=DEVICE_HELP)
-    group.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
+    group.add_argument("--dtype", type=dtype, default="float32", help=DTYPE_HELP)
     group.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model code from the hub (off unless asked)")

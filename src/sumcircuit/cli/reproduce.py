@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.cli.common import DEVICE_HELP, device, print_json
+from sumcircuit.cli.common import DEVICE_HELP, DTYPE_HELP, device, dtype, print_json
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.options import STUDY_PRESETS
 
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", help="comma-separated training seeds: every method and every random layer set "
                                         "is trained once per seed (default: the preset's)")
     parser.add_argument("--device", type=device, default="cpu", help=DEVICE_HELP)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", type=dtype, default="float32", help=DTYPE_HELP)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a preset field, e.g. --set eval_docs=8 --set 'full={\"max_steps\": 4}' "
                              "(repeatable; fields: see sumcircuit.reproduce.StudyPreset)")
