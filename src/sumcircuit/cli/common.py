@@ -98,28 +98,25 @@ def add_pair_options(parser: argparse.ArgumentParser) -> None:
     add_data_options(parser)
 
 
-def device(text: str) -> str:
-    """An argparse type: a device this machine has, checked before anything is loaded."""
-    from sumcircuit.errors import ModelError
-    from sumcircuit.models import parse_device
+def _checked_by(parser_name: str) -> Callable[[str], str]:
+    """An argparse type checked by ``sumcircuit.models.<parser_name>`` before anything is loaded or made.
 
-    try:
-        parse_device(text)
-    except ModelError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    Its one-line ``ModelError`` becomes a usage error; the models module is imported only when parsing.
+    """
+    def check(text: str) -> str:
+        from sumcircuit import models
+        from sumcircuit.errors import ModelError
+
+        try:
+            getattr(models, parser_name)(text)
+        except ModelError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
 
-def dtype(text: str) -> str:
-    """An argparse type: a dtype name the models can be loaded in, checked before the output folder is made."""
-    from sumcircuit.errors import ModelError
-    from sumcircuit.models import parse_dtype
-
-    try:
-        parse_dtype(text)
-    except ModelError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+device = _checked_by("parse_device")  # a device this machine has
+dtype = _checked_by("parse_dtype")  # a dtype the models can be loaded in
 
 
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: %(default)s)"
