@@ -85,8 +85,6 @@ def save_tiny(family: str, folder: Path, tokenizer: PreTrainedTokenizerFast, see
     return folder
 
 
-
-
 # ---------------------------------------------------------------- attention references
 
 def random_attention_inputs(g: torch.Generator, B: int, Hq: int, Hkv: int, T: int, Tk: int, D: int,

@@ -110,14 +110,15 @@ def test_numeric_options_have_ranges(argv: list[str], option: str, capsys: pytes
 MISSING_DEVICE = ("cuda:99", "CUDA device(s)") if torch.cuda.is_available() else ("cuda", "is not available here")
 
 
-@pytest.mark.parametrize("argv", [["analyze", "--base", "a", "--tuned", "b", "--data", "d", "--out", "o"],
-                                  ["reproduce", "--model", "m", "--data", "d", "--out", "o"]])
+@pytest.mark.parametrize("argv", [["analyze", "--base", "a", "--tuned", "b", "--data", "d"],
+                                  ["reproduce", "--model", "m", "--data", "d"]])
 @pytest.mark.parametrize(("value", "needle"), [("foo", "unknown device 'foo'"), ("meta", "unknown device 'meta'"),
                                                MISSING_DEVICE])
-def test_device_checked_at_parse_time(argv: list[str], value: str, needle: str,
+def test_device_checked_at_parse_time(argv: list[str], value: str, needle: str, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Was torch's traceback from the first ``.to()``, after the weights had been read."""
-    fails([*argv, "--device", value], capsys, "--device", needle)
+    fails([*argv, "--out", str(tmp_path / "o"), "--device", value], capsys, "--device", needle)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("argv", [["analyze", "--base", "a", "--tuned", "b", "--data", "d"],

@@ -282,8 +282,8 @@ class _PairSink:
         self.weights = weights  # [B, T] bool: counted query positions
         self.counted = weights.reshape(-1).nonzero()[:, 0]  # flat [B * T] index of each counted token
         self.row_doc = self.counted // weights.shape[1]  # its document
-        self.n_tokens = float(weights.sum())
-        self.all_counted = bool(weights.all())
+        self.n_tokens = float(self.counted.numel())  # known on the host once the index is
+        self.all_counted = self.counted.numel() == weights.numel()
         B, L, H, N = weights.shape[0], state.n_layers, state.n_heads, state.n_neurons
 
         def zeros(*shape: int) -> Tensor:
