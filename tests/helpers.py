@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -146,3 +147,26 @@ def assert_matches_explicit(base: AttentionInputs, tuned: AttentionInputs, allow
         assert getattr(got, name).dtype == torch.float32
         torch.testing.assert_close(getattr(got, name)[..., rows].cpu().double(), ref[..., rows], atol=1e-5, rtol=0)
     assert float(expected["kl_base_tuned"][..., rows].mean()) > 0.1  # the two rows really differ
+
+
+def lockstep(jobs):  # type: ignore[no-untyped-def]
+    """Run ``job(all_sum)`` in one thread per job; ``all_sum`` sums a tensor over the jobs, as an all-reduce does."""
+    barrier = threading.Barrier(len(jobs))
+    slots: list[torch.Tensor | None] = [None] * len(jobs)
+    results: list[object] = [None] * len(jobs)
+
+    def run(i: int, job) -> None:  # type: ignore[no-untyped-def]
+        def all_sum(t: torch.Tensor) -> torch.Tensor:
+            slots[i] = t.double().clone()
+            barrier.wait()
+            total = sum(slots)  # type: ignore[arg-type]
+            barrier.wait()
+            return total.to(t.dtype)  # type: ignore[union-attr]
+        results[i] = job(all_sum)
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from sumcircuit import distributed as dist
 from sumcircuit.cli import main
 
-from helpers import CNNDM, save_tiny
+from helpers import CNNDM, lockstep, save_tiny
 
 VAL = str(CNNDM / "val.jsonl.gz")
 REL = 1e-6
@@ -138,37 +138,12 @@ def test_pooled_cka_moments_equal_pairwise_merge() -> None:
             m.add(layer, x, 0.5 * x + torch.randn(n, 4, generator=gen))
         parts.append(m)
     merged = parts[0].merge(parts[1]).merge(parts[2])
-    pooled = _lockstep([lambda all_sum, p=p: p.pooled(all_sum) for p in parts])
+    pooled = lockstep([lambda all_sum, p=p: p.pooled(all_sum) for p in parts])
     for result in pooled:
         for name in ("n", "mean_x", "mean_y", "cxx", "cyy", "cxy"):
             torch.testing.assert_close(getattr(result, name).double(), getattr(merged, name).double(),
                                        rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(result.cka(), merged.cka(), rtol=1e-6, atol=0)
-
-
-def _lockstep(jobs):  # type: ignore[no-untyped-def]
-    """Run ``job(all_sum)`` in one thread per job; ``all_sum`` sums a tensor over the jobs."""
-    import threading
-
-    barrier = threading.Barrier(len(jobs))
-    slots: list[torch.Tensor | None] = [None] * len(jobs)
-    results: list[object] = [None] * len(jobs)
-
-    def run(i: int, job) -> None:  # type: ignore[no-untyped-def]
-        def all_sum(t: torch.Tensor) -> torch.Tensor:
-            slots[i] = t.double().clone()
-            barrier.wait()
-            total = sum(slots)  # type: ignore[arg-type]
-            barrier.wait()
-            return total.to(t.dtype)  # type: ignore[union-attr]
-        results[i] = job(all_sum)
-
-    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
 
 
 # ---------------------------------------------------------------- analysis
@@ -251,11 +226,12 @@ def test_patching_two_processes_equal_one(tmp_path: Path, pair: tuple[str, str])
 # ---------------------------------------------------------------- fine-tuning
 
 def _finetune_args(model: str, out: Path, *extra: str) -> list[str]:
-    # 10 records -> 9 train / 1 val; batch 2 -> 5 micro-batches per epoch; --grad-accum 4 -> steps of
+    # 12 records -> 9 train / 3 val; batch 2 -> 5 micro-batches per epoch; --grad-accum 4 -> steps of
     # 4 and 1 micro-batches: under 2 processes 2 + 2, then 1 + none (rank 1 idles in that step).
-    # LoRA dropout (0.05) stays on: masks are seeded per micro-batch, not per process.
-    return ["finetune", "--model", model, "--data", str(CNNDM / "train.jsonl.gz"), "--n-docs", "10",
-            "--max-tokens", "64", "--method", "lora", "--batch-size", "2", "--grad-accum", "4",
+    # Validation: 2 batches, one per rank. LoRA dropout (0.05) stays on: masks are seeded per
+    # micro-batch, not per process.
+    return ["finetune", "--model", model, "--data", str(CNNDM / "train.jsonl.gz"), "--n-docs", "12",
+            "--val-fraction", "0.25", "--max-tokens", "64", "--method", "lora", "--batch-size", "2", "--grad-accum", "4",
             "--max-steps", "4", "--eval-every", "2", "--save-every", "1", "--keep-checkpoints", "10",
             "--lr", "1e-3", "--final", "last", "--no-progress", "--seed", "3", "--out", str(out), *extra]
 

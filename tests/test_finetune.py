@@ -24,9 +24,9 @@ from sumcircuit.models import load_adapter, load_model
 from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers, run_finetune
 from sumcircuit.training.checkpoint import export_model
 from sumcircuit.training.config import random_layers
-from sumcircuit.training.loop import make_optimizer, summary_loss
+from sumcircuit.training.loop import evaluate_loss, make_optimizer, summary_loss, summary_loss_terms
 
-from helpers import CNNDM, REPO, make_tiny_model
+from helpers import CNNDM, REPO, lockstep, make_tiny_model
 
 TRAIN = str(CNNDM / "train.jsonl.gz")
 
@@ -60,6 +60,41 @@ def test_loss_is_mean_ce_over_summary_tokens_only(tiny_tokenizer) -> None:  # ty
             terms.append(-logp[row, pos - 1, batch["input_ids"][row, pos]])
     assert len(terms) == int((batch["labels"] != -100).sum()) > 0
     torch.testing.assert_close(ours, torch.stack(terms).mean(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_validation_loss_is_shared_out_over_processes(tiny_tokenizer, world: int) -> None:  # type: ignore[no-untyped-def]
+    """Each of N processes runs ceil(batches / N) forward passes, and all get one process's loss, bit for bit.
+
+    The processes are threads whose ``all_sum`` meets at a barrier; 5 documents
+    in batches of 2 are 3 batches, so some rank idles in the last round.
+    """
+    model = make_tiny_model("gpt2")
+    encoded = encode_all(tiny_tokenizer, load_examples(_data(n=5)).examples, _data())
+    pad, cpu = tiny_tokenizer.pad_token_id, torch.device("cpu")
+    batches = [collate(encoded[s:s + 2], pad)["input_ids"] for s in range(0, 5, 2)]
+    with torch.no_grad():  # independent reference: one document at a time
+        terms = [summary_loss_terms(model(**{k: v for k, v in collate([e], pad).items()
+                                             if k in ("input_ids", "attention_mask")}).logits,
+                                    collate([e], pad)["labels"]) for e in encoded]
+    reference = sum(float(s) for s, _ in terms) / sum(int(c) for _, c in terms)
+    one, n_tokens = evaluate_loss(model, encoded, pad, 2, cpu)
+    assert one == pytest.approx(reference, rel=1e-6) and n_tokens == sum(int(c) for _, c in terms)
+
+    ran: dict[int, list[int]] = {rank: [] for rank in range(world)}
+
+    def job(rank: int):  # type: ignore[no-untyped-def]
+        def run(all_sum):  # type: ignore[no-untyped-def]
+            mine = copy.deepcopy(model)  # its own copy: the hook tells this rank's passes apart
+            mine.register_forward_pre_hook(lambda _m, _a, kw: ran[rank].append(
+                next(i for i, b in enumerate(batches) if torch.equal(b, kw["input_ids"]))), with_kwargs=True)
+            return evaluate_loss(mine, encoded, pad, 2, cpu, rank=rank, world=world, all_sum=all_sum)
+        return run
+
+    results = lockstep([job(rank) for rank in range(world)])
+    assert results == [(one, n_tokens)] * world  # exact: the same numbers added in the same order
+    rounds = -(-3 // world)
+    assert ran == {rank: [b if b < 3 else 0 for b in range(rank, rounds * world, world)] for rank in range(world)}
 
 
 def test_full_finetune_adamw_weight_decay(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -330,21 +330,41 @@ def _device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[
 
 
 def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int,
-                  device: torch.device) -> tuple[float, int]:
-    """Token-weighted mean CE over every summary token of ``encoded``, and the token count."""
+                  device: torch.device, *, rank: int = 0, world: int = 1,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+    """Token-weighted mean CE over every summary token of ``encoded``, and the token count.
+
+    Under ``world`` processes each computes 1/world of it: batch ``b`` runs on
+    rank ``b % world``, its (loss sum, token count) goes into slot ``b`` of a
+    table that ``all_sum`` (a sum over processes) completes, and every rank
+    adds the table up in batch order -- the very numbers and additions of one
+    process (``x + 0`` is exact), so the loss does not depend on ``world``.
+    Every rank runs the same number of forward passes (an idle rank in the
+    last round repeats batch 0 and drops it): DDP and FSDP forwards may hold
+    collectives that every rank must join.
+    """
+    if world > 1 and all_sum is None:
+        raise ValueError("evaluate_loss under several processes needs all_sum")
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    starts = list(range(0, len(encoded), batch_size))
+    table = torch.zeros(len(starts), 2, dtype=torch.float64)  # per batch: loss sum, summary tokens
     with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
+        for first in range(0, len(starts), world):
+            b = first + rank
+            start = starts[b] if b < len(starts) else 0
             batch = _device_batch(collate(encoded[start:start + batch_size], pad_token_id), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits
             part_sum, part_count = summary_loss_terms(logits, batch["labels"])
-            total += part_sum.double().cpu()
-            count += int(part_count)
+            if b < len(starts):
+                table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
     model.train(was_training)
-    return float(total / max(count, 1)), count
+    if world > 1:
+        table = all_sum(table)  # type: ignore[misc]
+    total = sum(table[:, 0].tolist())  # left to right, in batch order
+    count = int(table[:, 1].sum())
+    return total / max(count, 1), count
 
 
 def _train_step(run: _Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -403,8 +423,11 @@ class _nullcontext:
 
 def _evaluate(run: _Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
+    acc = run.accelerator
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
-                                       int(cfg.batch_size), run.accelerator.device)
+                                       int(cfg.batch_size), acc.device, rank=acc.process_index,
+                                       world=acc.num_processes,
+                                       all_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu())
     state.last_eval_step = state.step
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
     if improved:
