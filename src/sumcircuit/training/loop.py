@@ -360,8 +360,8 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
             if b < len(starts):
                 table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
     model.train(was_training)
-    if world > 1:
-        table = all_sum(table)  # type: ignore[misc]
+    if world > 1 and all_sum is not None:
+        table = all_sum(table)
     total = sum(table[:, 0].tolist())  # left to right, in batch order
     count = int(table[:, 1].sum())
     return total / max(count, 1), count
