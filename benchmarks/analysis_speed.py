@@ -37,6 +37,10 @@ token ids, and a random LLaMA pair of smollm2's shape in place of the real model
 
     python benchmarks/analysis_speed.py [--threads 2] [--docs 2] [--rounds 3] [--lengths 512 1024] [--batch-size 1]
         [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--skip-real | --shapes-only]
+        [--methods analyze no-cka eager-kernels eager-maps lens]
+
+On a shared, noisy host, fewer methods and more rounds resolve a ratio better, e.g.
+``--skip-real --lengths 1024 --methods analyze --rounds 11`` (the floor always runs).
 
 On a GPU machine, the exactness tests first, then the timings:
 
@@ -58,7 +62,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -299,8 +303,12 @@ def smollm2_pair(shapes_only: bool = False):  # type: ignore[no-untyped-def]
     return base, _perturbed(base)
 
 
+METHODS = {"analyze": "sumcircuit analyze", "no-cka": "sumcircuit, no CKA", "eager-kernels": "sumcircuit, eager kernels",
+           "eager-maps": "eager maps + stats", "lens": "TransformerLens 4"}  # --methods keys: row labels (the floor always runs)
+
+
 def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int, rounds: int,  # type: ignore[no-untyped-def]
-             rows: list[dict], batch_size: int = 1) -> None:
+             rows: list[dict], batch_size: int = 1, methods: Sequence[str] = tuple(METHODS)) -> None:
     from sumcircuit.data import Encoded
 
     warm_ids = documents(tokenizer, 64, 1)[0]
@@ -310,7 +318,7 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
     analysis(base, tuned, warm, kernels="eager")
     gc.collect()
     models_rss = _resident()  # the pair resident, before any TransformerLens copy
-    bridges = lens_bridges(base, tuned, tokenizer)
+    bridges = lens_bridges(base, tuned, tokenizer) if "lens" in methods else "not asked for (--methods)"
     if not isinstance(bridges, str):
         lens(bridges, [torch.tensor([warm_ids], device=DEVICE)])
     for length in lengths:
@@ -318,7 +326,7 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
         batches = [torch.tensor(docs[i:i + batch_size], device=DEVICE) for i in range(0, len(docs), batch_size)]
         encoded = [Encoded(f"d{i}", d, [-100] * len(d), (0, len(d)), (len(d), len(d)), len(d), False, False)
                    for i, d in enumerate(docs)]
-        methods: dict[str, Callable[[], object]] = {
+        timed: dict[str, Callable[[], object]] = {
             "floor: 2x SDPA body": partial(floor, base, tuned, batches),
             "sumcircuit analyze": partial(analysis, base, tuned, encoded, batch_size=batch_size),
             "sumcircuit, no CKA": partial(analysis, base, tuned, encoded, cka=False, batch_size=batch_size),
@@ -327,10 +335,12 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
             "eager maps + stats": partial(eager, base, tuned, batches),
         }
         if not isinstance(bridges, str):
-            methods["TransformerLens 4"] = partial(lens, bridges, batches)
-        timings = {label: Timings() for label in methods}
+            timed["TransformerLens 4"] = partial(lens, bridges, batches)
+        wanted = {METHODS[m] for m in methods} | {"floor: 2x SDPA body"}
+        timed = {label: fn for label, fn in timed.items() if label in wanted}
+        timings = {label: Timings() for label in timed}
         for _ in range(rounds):
-            for label, fn in methods.items():
+            for label, fn in timed.items():
                 seconds, cpu, extra = measure(fn)
                 timings[label].cpu.append(cpu)
                 timings[label].seconds.append(seconds)
@@ -347,7 +357,7 @@ def run_pair(name: str, base, tuned, tokenizer, lengths: list[int], n_docs: int,
                          "cpu_x": statistics.median(cpu_x), "cpu_min": min(cpu_x), "cpu_max": max(cpu_x),
                          "rss_x": statistics.median(rss_x), "rss_min": min(rss_x), "rss_max": max(rss_x)})
             print(_fmt(rows[-1]), flush=True)
-        if isinstance(bridges, str):
+        if isinstance(bridges, str) and "lens" in methods:
             rows.append({"model": name, "T": length, "method": "TransformerLens 4", "skip": bridges})
             print(_fmt(rows[-1]), flush=True)
         rows.append({"model": name, "T": length, "method": "exactness (not timed)",
@@ -375,6 +385,8 @@ def main() -> None:
     parser.add_argument("--shapes-only", action="store_true",
                         help="needs neither the GGUF nor ../shared: random token ids, and a random LLaMA pair of "
                              "smollm2's shape in place of the real model (for a bare GPU machine)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="which methods to time beside the floor (fewer methods: more rounds in the same time)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory then is the GPU's allocated memory)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -397,13 +409,14 @@ def main() -> None:
           flush=True)
     rows: list[dict] = []
     base, tuned = gpt2_pair(max(args.lengths))
-    run_pair("gpt2-small-shaped", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size)
+    run_pair("gpt2-small-shaped", base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size,
+             args.methods)
     del base, tuned
     gc.collect()
     if not args.skip_real:
         base, tuned = smollm2_pair(args.shapes_only)
         name = "smollm2-135m-shaped (random)" if args.shapes_only else "smollm2-135m-instruct"
-        run_pair(name, base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size)
+        run_pair(name, base, tuned, tokenizer, args.lengths, args.docs, args.rounds, rows, args.batch_size, args.methods)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
