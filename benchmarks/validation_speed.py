@@ -28,6 +28,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnndm_gpt4" / 
 def main() -> None:
     from accelerate import Accelerator
 
+    from sumcircuit import distributed as dist
     from sumcircuit.data import DataConfig, encode_all, load_examples
     from sumcircuit.models import load_model
     from sumcircuit.training.loop import evaluate_loss
@@ -48,8 +49,7 @@ def main() -> None:
 
     def shared() -> tuple[float, int]:
         return evaluate_loss(model, encoded, pad, args.batch, acc.device, rank=acc.process_index,
-                             world=acc.num_processes,
-                             all_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu())
+                             world=acc.num_processes, all_sum=dist.all_reduce_sum)
 
     def every_rank_all() -> tuple[float, int]:  # what each rank did before
         return evaluate_loss(model, encoded, pad, args.batch, acc.device)

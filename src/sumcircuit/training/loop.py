@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
+from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import (
     append_jsonl,
@@ -360,7 +361,7 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
             if b < len(starts):
                 table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
     model.train(was_training)
-    if world > 1 and all_sum is not None:
+    if all_sum is not None:
         table = all_sum(table)
     total = sum(table[:, 0].tolist())  # left to right, in batch order
     count = int(table[:, 1].sum())
@@ -426,8 +427,7 @@ def _evaluate(run: _Run) -> dict[str, Any]:
     acc = run.accelerator
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
                                        int(cfg.batch_size), acc.device, rank=acc.process_index,
-                                       world=acc.num_processes,
-                                       all_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu())
+                                       world=acc.num_processes, all_sum=dist.all_reduce_sum)
     state.last_eval_step = state.step
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
     if improved:
