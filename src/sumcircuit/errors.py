@@ -11,6 +11,23 @@ class ModelError(SumcircuitError):
     """A model spec that cannot be resolved or loaded, or an unsupported architecture."""
 
 
+class ConfigError(SumcircuitError):
+    """A bad value for one parameter of a config or an API call.
+
+    The message names the *parameter* (``batch_size: must be >= 1, got 0``):
+    the library speaks in parameter names, and the CLI, which knows which
+    flag set each parameter, rewrites the name as the flag (``--batch-size``).
+
+    Args:
+        param: the parameter's name, as the API spells it.
+        reason: what is wrong with its value and what was expected.
+    """
+
+    def __init__(self, param: str, reason: str) -> None:
+        self.param, self.reason = param, reason
+        super().__init__(f"{param}: {reason}")
+
+
 class DataError(SumcircuitError):
     """A bad data record or source. Names the file, line and field so the user can fix it."""
 

@@ -28,15 +28,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from sumcircuit.analysis.config import KernelMode
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.options import KERNEL_MODES
 
-KernelMode = Literal["auto", "compiled", "eager", "fused"]  # the same strings as options.KERNEL_MODES
+KERNEL_MODES: tuple[KernelMode, ...] = get_args(KernelMode)
 AttentionPath = Literal["tiles", "fused"]
 TileKernel = Callable[[Tensor, Tensor, "int | None", int], tuple[Tensor, Tensor]]
 

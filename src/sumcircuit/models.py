@@ -19,17 +19,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Union
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
 from sumcircuit.artifacts import atomic_write_json, umask
-from sumcircuit.errors import ModelError
+from sumcircuit.errors import ConfigError, ModelError
 from sumcircuit.lora import ADAPTER_WEIGHTS, apply_adapter, is_qv_adapter, merge_lora, read_adapter_meta
 from sumcircuit.outputs import waiting_lock
 from sumcircuit.provenance import file_sha256, state_dict_sha256
+from sumcircuit.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -366,12 +367,48 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
             warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
 
-def ensure_loaded(model: str | LoadedModel, *, dtype: str | torch.dtype = "float32",
-                  device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedModel:
-    """What every public function does with its model argument: a spec is loaded, a loaded model passes."""
+class HasModelSpec(Protocol):
+    """Anything that names a model, e.g. a :class:`~sumcircuit.training.FinetuneResult` (its ``final/``)."""
+
+    def model_spec(self) -> str: ...
+
+
+ModelLike = Union[str, Path, "LoadedModel", HasModelSpec]
+
+
+def model_spec_of(model: ModelLike, param: str = "model") -> str:
+    """The spec a model argument names: a string or path as is, a result's own model (``model_spec()``)."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, Path):
+        return str(model)
+    spec = getattr(model, "model_spec", None)
+    if callable(spec):
+        return str(spec())
+    raise ConfigError(param, "expected a model spec (hub id, folder, .gguf, named model), a LoadedModel or a "
+                             f"result that holds a model, got {type(model).__name__}")
+
+
+def ensure_loaded(model: ModelLike, *, runtime: Runtime | None = None, dtype: str | torch.dtype | None = None,
+                  device: str | torch.device | None = None, trust_remote_code: bool | None = None) -> LoadedModel:
+    """What every public function does with its model argument: a spec is loaded, a loaded model passes.
+
+    Args:
+        model: a model spec, a :class:`LoadedModel`, or a result that names its model (a fine-tune).
+        runtime: device, dtype and remote-code policy (default :class:`~sumcircuit.runtime.Runtime`).
+        dtype: overrides ``runtime.dtype``.
+        device: overrides ``runtime.device``.
+        trust_remote_code: overrides ``runtime.trust_remote_code``.
+
+    Returns:
+        The loaded model (``model`` itself when it already was one).
+    """
     if isinstance(model, LoadedModel):
         return model
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    rt = runtime or Runtime()
+    return load_model(model_spec_of(model), dtype=dtype if dtype is not None else rt.dtype,
+                      device=device if device is not None else rt.device,
+                      trust_remote_code=rt.trust_remote_code if trust_remote_code is None else trust_remote_code)
 
 
 def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -218,12 +218,23 @@ def is_complete(folder: str | Path) -> bool:
     return Path(folder).resolve() in _held or incomplete_reason(folder) is None
 
 
-def restart_output(out: str | Path, keep: tuple[str, ...] = (LOCK_FILE, INCOMPLETE)) -> None:
-    """``--restart``: remove the previous set (everything but the lock and the marker) before starting."""
-    for entry in Path(out).iterdir():
-        if entry.name in keep:
-            continue
+def remove_outputs(out: str | Path, names: Iterable[str]) -> list[str]:
+    """Start over in ``out``: remove the files (or folders) ``names`` that a run of sumcircuit writes there.
+
+    Only the named outputs go, with their stale temporary files (``.NAME.*.tmp``):
+    anything else in the folder -- a user's notes, other runs' files -- is never
+    touched. Returns the names removed.
+    """
+    folder = Path(out)
+    removed = []
+    for name in names:
+        entry = folder / name
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
-        else:
+            removed.append(name)
+        elif entry.exists() or entry.is_symlink():
             entry.unlink()
+            removed.append(name)
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    return removed

@@ -1,31 +1,147 @@
-"""PNG plots of causal results, for the report to embed.
+"""Every figure sumcircuit draws, in one place, returned as a matplotlib ``Figure``.
 
-Agg backend (no display needed); every figure is written atomically so a
-report never embeds half a PNG.
+Figures are built with matplotlib's object API (``Figure`` and its axes),
+never through ``pyplot``: no backend is switched and no figure is registered
+globally, so a notebook's inline plotting keeps working after any call that
+saves a plot, and a figure is freed when it is no longer referenced.
+:func:`save_figure` writes a PNG atomically; :func:`figure_base64` embeds one
+in the HTML report.
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sumcircuit.artifacts import atomic_write_bytes  # noqa: E402
+from sumcircuit.artifacts import atomic_write_bytes
 
 
-def _save(fig: Any, path: str | Path) -> None:
+def png_bytes(fig: Figure, dpi: int = 120) -> bytes:
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
 
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG, atomically (a report never embeds half a file); returns the path."""
+    atomic_write_bytes(path, png_bytes(fig, dpi))
+    return Path(path)
+
+
+def figure_base64(fig: Figure, dpi: int = 110) -> str:
+    """The figure as base64 PNG, for an ``<img src="data:...">``."""
+    return base64.b64encode(png_bytes(fig, dpi)).decode("ascii")
+
+
+# ---------------------------------------------------------------- analysis
+
+def _grid(rows: Sequence[Mapping[str, Any]], value: str) -> list[list[float]]:
+    n_layers = int(max(int(r["layer"]) for r in rows)) + 1
+    n_heads = int(max(int(r["head"]) for r in rows)) + 1
+    grid = [[math.nan] * n_heads for _ in range(n_layers)]
+    for r in rows:
+        grid[int(r["layer"])][int(r["head"])] = float(r[value])
+    return grid
+
+
+def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> Figure:
+    """Entropy change and KL(base || tuned) per head (rows: layers, columns: heads)."""
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, key, title, cmap in ((axes[0], "entropy_delta", "entropy change (tuned - base, nats)", "RdBu_r"),
+                                 (axes[1], "kl_base_tuned", "KL(base || tuned) (nats)", "viridis")):
+        grid = _grid(heads, key)
+        if cmap == "RdBu_r":
+            bound = max(1e-9, max(abs(v) for row in grid for v in row if not math.isnan(v)))
+            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-bound, vmax=bound)
+        else:
+            im = ax.imshow(grid, aspect="auto", cmap=cmap)
+        ax.set(title=title, xlabel="head", ylabel="layer")
+        fig.colorbar(im, ax=ax)
+    return fig
+
+
+def layer_bars(layers: Sequence[Mapping[str, Any]]) -> Figure:
+    """Per layer: mean KL, residual-norm change, CKA and relative weight change."""
+    keys = [("kl_base_tuned", "mean KL(base||tuned)"), ("actmag_rel_change", "residual norm rel. change"),
+            ("cka", "linear CKA base vs tuned"), ("weight_change_attn", "rel. weight change (attn)"),
+            ("weight_change_mlp", "rel. weight change (MLP)")]
+    keys = [(k, t) for k, t in keys if layers and k in layers[0]]
+    fig = Figure(figsize=(3.4 * len(keys), 3.4))
+    axes = fig.subplots(1, len(keys), squeeze=False)
+    xs = [int(r["layer"]) for r in layers]
+    for ax, (key, title) in zip(axes[0], keys):
+        ax.bar(xs, [float(r[key]) for r in layers], color="tab:blue")
+        ax.set(title=title, xlabel="layer")
+    return fig
+
+
+def neuron_histogram(values: np.ndarray, flips: int | None, threshold: float | None) -> Figure:
+    """Histogram of every neuron's standardized change (clipped to +-10), log scale."""
+    fig = Figure(figsize=(7, 3.4))
+    ax = fig.subplots()
+    ax.hist(np.clip(values, -10, 10), bins=100, color="tab:gray")
+    if threshold is not None:
+        for t in (-threshold, threshold):
+            ax.axvline(t, color="tab:red", linestyle="--")
+    ax.set(title=f"standardized neuron change (Cohen's d, clipped to ±10); sign flips: "
+                 f"{flips if flips is not None else 'n/a'}", xlabel="standardized change", ylabel="neurons")
+    ax.set_yscale("log")
+    return fig
+
+
+# ---------------------------------------------------------------- training
+
+def training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """Training loss (left) and validation loss (right) per optimizer step, one line per run."""
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 2)
+    for name, log in runs.items():
+        train = [(r["step"], r["loss"]) for r in log if "loss" in r and "step" in r]
+        val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
+        if train:
+            axes[0].plot(*zip(*train), label=name)
+        if val:
+            axes[1].plot(*zip(*val), marker="o", label=name)
+    axes[0].set(title="training loss (summary tokens)", xlabel="optimizer step")
+    axes[1].set(title="validation loss", xlabel="optimizer step")
+    for ax in axes:
+        ax.legend()
+    return fig
+
+
+def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Mean attention KL between the start and the model being trained, per layer, during training."""
+    per_step: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for r in rows:
+        per_step[(int(r["step"]), int(r["layer"]))].append(float(r["kl_base_tuned"]))
+    layers = sorted({layer for _, layer in per_step})
+    steps = sorted({step for step, _ in per_step})
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    cmap = colormaps["viridis"]
+    for i, layer in enumerate(layers):
+        ax.plot(steps, [sum(per_step[(s, layer)]) / len(per_step[(s, layer)]) if per_step[(s, layer)]
+                        else math.nan for s in steps], color=cmap(i / max(1, len(layers) - 1)),
+                label=f"L{layer}" if len(layers) <= 12 else None)
+    ax.set(title="attention KL(start || current) per layer during training", xlabel="step",
+           ylabel="mean KL over heads")
+    if len(layers) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+# ---------------------------------------------------------------- causal
 
 def _err(rows: Sequence[Mapping[str, Any]], key: str = "effect") -> np.ndarray:
     """Asymmetric error bars from the CI columns (0 where the CI is missing)."""
@@ -49,12 +165,12 @@ def _with_effect_ci(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def plot_patching(rows: Sequence[Mapping[str, Any]], path: str | Path, *, granularity: str,
-                  n_layers: int, n_heads: int) -> None:
-    """Per-layer effect with 95% CIs (layer/block), or a layer x head heatmap (head)."""
+def patching_figure(rows: Sequence[Mapping[str, Any]], *, granularity: str, n_layers: int, n_heads: int) -> Figure:
+    """Per-layer effect with 95% CIs (layer/block), or a layer x head heatmap (head), one panel per direction."""
     rows = _with_effect_ci(rows)
     directions = list(dict.fromkeys(r["direction"] for r in rows))
-    fig, axes = plt.subplots(1, len(directions), figsize=(6.5 * len(directions), 4.2), squeeze=False)
+    fig = Figure(figsize=(6.5 * max(1, len(directions)), 4.2))
+    axes = fig.subplots(1, max(1, len(directions)), squeeze=False)
     for ax, direction in zip(axes[0], directions):
         mine = [r for r in rows if r["direction"] == direction]
         everything = [r for r in mine if r["kind"] == "all"]
@@ -84,14 +200,15 @@ def plot_patching(rows: Sequence[Mapping[str, Any]], path: str | Path, *, granul
         if granularity != "head" or everything:
             ax.legend(fontsize=8)
         ax.set_title(_TITLES.get(direction, direction), fontsize=9)
-    _save(fig, path)
+    return fig
 
 
-def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str) -> None:
+def ablation_figure(rows: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
     """The circuit's effect (with CI) against the histogram of random same-size sets."""
     circuit = next(r for r in rows if r["set"] == "circuit")
     random = np.array([float(r["effect"]) for r in rows if r["set"] != "circuit"])
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     if random.size:
         ax.hist(random, bins=max(5, min(40, random.size // 3)), color="#9ab", edgecolor="white",
                 label=f"random sets (n={random.size})")
@@ -103,13 +220,14 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title:
     ax.set_ylabel("random sets")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    return fig
 
 
-def plot_circuit(scores: Sequence[float], selected: Sequence[int], stability: Mapping[int, float] | None,
-                 path: str | Path, *, title: str) -> None:
-    """Per-layer change score, selected layers highlighted and labelled with their stability."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+def circuit_figure(scores: Sequence[float], selected: Sequence[int], stability: Mapping[int, float] | None, *,
+                   title: str) -> Figure:
+    """Per-layer score, selected layers highlighted and labelled with their stability."""
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
     colors = ["crimson" if i in selected else "#9ab" for i in range(len(scores))]
     ax.bar(range(len(scores)), scores, color=colors)
     for layer in selected:
@@ -118,4 +236,4 @@ def plot_circuit(scores: Sequence[float], selected: Sequence[int], stability: Ma
     ax.set_xlabel("layer")
     ax.set_ylabel("score")
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    return fig

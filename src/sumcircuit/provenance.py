@@ -14,9 +14,10 @@ import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _LIBRARIES = ("sumcircuit", "torch", "transformers", "peft", "accelerate", "datasets",
               "safetensors", "gguf", "rouge-score")
@@ -36,6 +37,8 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     A model loaded from GGUF, a safetensors folder or the hub hashes the same if
     its weights are the same, which a file hash cannot promise.
     """
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().contiguous().cpu()

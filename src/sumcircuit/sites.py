@@ -99,8 +99,21 @@ class Site:
         return self.index if self.kind == "mlp_neuron" else None
 
     def to_hook_name(self) -> str:
-        """The TransformerLens hook name (heads and neurons index its last axis with :attr:`index`)."""
-        return _HOOKS[self.kind].format(layer=self.layer)
+        """The TransformerLens hook name; a head or neuron adds its index, ``blocks.2.attn.hook_z[3]``.
+
+        The result parses back to this site (:meth:`parse`); :meth:`to_hook` gives the name and the
+        index apart, as TransformerLens itself indexes the hook's head or neuron axis.
+
+        Example:
+            >>> Site.parse("L2.H3").to_hook_name()
+            'blocks.2.attn.hook_z[3]'
+        """
+        name = _HOOKS[self.kind].format(layer=self.layer)
+        return name if self.index is None else f"{name}[{self.index}]"
+
+    def to_hook(self) -> tuple[str, int | None]:
+        """(TransformerLens hook name, index along its head or neuron axis or None)."""
+        return _HOOKS[self.kind].format(layer=self.layer), self.index
 
     def to_row(self) -> dict[str, Any]:
         """Columns every table shares: component, layer, kind, head, neuron ('' where not applicable)."""

@@ -1,15 +1,47 @@
 """Causal tests: ablation, activation patching and attribution, all on :class:`~sumcircuit.sites.Site` s.
 
-``interventions`` reads and edits activations through the adapter table and
-defines the loss; ``ablation``, ``patching`` and ``attribution`` build on it.
+``config`` (the three configs; no torch), ``registry`` (causal methods by
+name: :func:`register_causal_method`, :func:`run_causal`), ``inputs`` (what
+every method does first), ``interventions`` (read and edit activations
+through the adapter table, the loss, batching), and one module per method.
+Names are imported on first use.
 """
 
-from sumcircuit.causal.ablation import AblationConfig, AblationResult, ablate
-from sumcircuit.causal.attribution import AttributionConfig, AttributionResult, attribute
-from sumcircuit.causal.interventions import CausalError, Interventions
-from sumcircuit.causal.patching import PatchConfig, PatchResult, patch
-from sumcircuit.options import DIRECTIONS, GRANULARITIES
+from __future__ import annotations
 
-__all__ = ["DIRECTIONS", "GRANULARITIES", "AblationConfig", "AblationResult", "AttributionConfig",
-           "AttributionResult", "CausalError", "Interventions", "PatchConfig", "PatchResult", "ablate", "attribute",
-           "patch"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sumcircuit.causal.config import (
+    DIRECTIONS,
+    AblationConfig,
+    AttributionConfig,
+    CausalError,
+    Direction,
+    PatchConfig,
+)
+from sumcircuit.causal.registry import CAUSAL_METHODS, CausalMethod, register_causal_method, run_causal
+
+_LAZY = {"AblationResult": "ablation", "ablate": "ablation", "AttributionResult": "attribution",
+         "attribute": "attribution", "PatchResult": "patching", "patch": "patching", "GRANULARITIES": "patching",
+         "Interventions": "interventions"}
+
+__all__ = ["CAUSAL_METHODS", "DIRECTIONS", "AblationConfig", "AttributionConfig", "CausalError", "CausalMethod",
+           "Direction", "PatchConfig", "register_causal_method", "run_causal", "AblationResult", "ablate",
+           "AttributionResult", "attribute", "PatchResult", "patch", "GRANULARITIES", "Interventions"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sumcircuit.causal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sumcircuit.causal.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from sumcircuit.causal.ablation import AblationResult, ablate
+    from sumcircuit.causal.attribution import AttributionResult, attribute
+    from sumcircuit.causal.interventions import Interventions
+    from sumcircuit.causal.patching import GRANULARITIES, PatchResult, patch

@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -23,58 +23,58 @@ from tqdm.auto import tqdm
 
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.artifacts import atomic_write_csv, atomic_write_json
+from sumcircuit.artifacts import atomic_write_csv, atomic_write_json, read_csv, read_json
+from sumcircuit.causal.config import AblationConfig, CausalError, LayerPart
+from sumcircuit.causal.inputs import encode_for, finished, load_one, local_runtime, run_key
 from sumcircuit.causal.interventions import (
-    CausalError,
     CostCounter,
     Interventions,
     batches,
     block_activations,
     check_site,
     clean_run,
-    encode_examples,
     n_batches,
     run_intervened,
     site_value,
     sum_over_processes,
 )
-from sumcircuit.circuit import read_circuit
-from sumcircuit.data import DataConfig, Encoded, load_examples
-from sumcircuit.models import LoadedModel, ensure_loaded
-from sumcircuit.options import ABLATION_MODES, CONTROL_POOLS, LAYER_COMPONENTS
-from sumcircuit.outputs import writes_output
+from sumcircuit.circuit.result import read_circuit
+from sumcircuit.config import coerce_config
+from sumcircuit.data.config import DataConfig, coerce_data
+from sumcircuit.data.encoding import Encoded
+from sumcircuit.data.records import load_examples
+from sumcircuit.models import LoadedModel, ModelLike
+from sumcircuit.outputs import require_complete, writes_output
 from sumcircuit.provenance import provenance
-from sumcircuit.results import Result
-from sumcircuit.sites import Site, SiteError, parse_sites
+from sumcircuit.results import Result, typed_rows
+from sumcircuit.runtime import Runtime, coerce_runtime
+from sumcircuit.sites import Site, parse_sites
 from sumcircuit.stats import empirical_p_value, mean_ci, resample_counts, resampled_means, scalar_interval
 
-AblationMode = Literal["zero", "mean"]
-LayerPart = Literal["attn", "mlp", "both"]
-ControlPool = Literal["all", "complement"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-@dataclass(frozen=True)
-class AblationConfig:
-    """What to ablate and how. Exactly one of ``heads`` / ``layers`` / ``circuit``."""
+class AblationRow(TypedDict):
+    """One row of ``ablation.csv``: the circuit (``set`` = circuit) or one random set."""
 
-    heads: tuple[Site | str | tuple[int, int], ...] = ()  # L2.H3, "2.3" or (2, 3)
-    layers: tuple[int, ...] = ()
-    component: LayerPart = "attn"  # for layers: which contribution is ablated
-    mode: AblationMode = "zero"  # mean: mean over the data set's valid tokens (one extra pass)
-    random_controls: int = 0
-    control_pool: ControlPool = "all"  # random sets from all units, or from those outside the circuit
-    seed: int = 0
-    batch_size: int = 4
-    n_bootstrap: int = 1000
-    ci: float = 0.95
-    rouge: bool = False  # also ROUGE of greedy summaries, clean vs ablated (slow: generation)
-    rouge_max_new_tokens: int = 128
-    circuit: str | None = None  # circuit.json: its layers (or heads) are the target when none are given
-    circuit_part: Literal["layers", "heads"] = "layers"
-    adapter: str | None = None  # PEFT adapter folder to merge into the model
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_remote_code: bool = False
+    set: str
+    members: str
+    size: int
+    loss_clean: float
+    loss_ablated: float
+    effect: float
+    effect_ci_low: float
+    effect_ci_high: float
+
+
+class AblationDocRow(TypedDict):
+    """One row of ``ablation_per_doc.csv``."""
+
+    doc_id: str
+    set: str
+    loss_clean: float
+    loss_ablated: float
 
 
 def layer_sites(layers: Sequence[int], component: LayerPart) -> list[Site]:
@@ -94,21 +94,8 @@ def ablation_targets(cfg: AblationConfig, adapter: ArchitectureAdapter) -> list[
             cfg = replace(cfg, layers=tuple(circuit.layers))
     if bool(cfg.heads) == bool(cfg.layers):
         raise CausalError("give exactly one of heads, layers or circuit")
-    if cfg.mode not in ABLATION_MODES:
-        raise CausalError(f"mode {cfg.mode}: choose one of {', '.join(ABLATION_MODES)}")
-    if cfg.component not in LAYER_COMPONENTS:
-        raise CausalError(f"component {cfg.component}: choose one of {', '.join(LAYER_COMPONENTS)}")
-    if cfg.control_pool not in CONTROL_POOLS:
-        raise CausalError(f"control_pool {cfg.control_pool}: choose one of {', '.join(CONTROL_POOLS)}")
     if cfg.heads:
-        try:
-            sites = parse_sites(cfg.heads)
-        except SiteError as exc:
-            raise CausalError(f"heads: {exc}") from None
-        if any(s.kind != "attn_head" for s in sites):
-            raise CausalError("heads: " + ", ".join(s.name for s in sites if s.kind != "attn_head")
-                              + " are not attention heads")
-        return [check_site(s, adapter, "heads") for s in sites]
+        return [check_site(s, adapter, "heads") for s in parse_sites(cfg.heads)]
     for layer in cfg.layers:
         check_site(Site(layer, "attn"), adapter, "layers")
     return layer_sites(sorted(set(cfg.layers)), cfg.component)
@@ -146,7 +133,7 @@ def random_sets(targets: Sequence[Site], adapter: ArchitectureAdapter, n: int, s
 
 def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Sequence[Encoded],
                   components: Sequence[Site], batch_size: int, pad_token_id: int,
-                  device: str | torch.device) -> dict[Site, torch.Tensor]:
+                  device: str | torch.device, progress: bool = True) -> dict[Site, torch.Tensor]:
     """Mean activation of each component over all non-padding tokens of the data set (float64 sums).
 
     Under N processes each sums its own batches; sums and counts are then
@@ -158,7 +145,7 @@ def dataset_means(model: nn.Module, adapter: ArchitectureAdapter, encoded: Seque
     count = 0
     for _, batch in tqdm(batches(encoded, batch_size, pad_token_id, device, shard=True), desc="mean activations",
                          total=n_batches(len(encoded), batch_size, shard=True), leave=False,
-                         disable=not dist.is_main_process()):
+                         disable=not progress or not dist.is_main_process()):
         mask = batch["attention_mask"].bool()
         store: dict[tuple[str, int], torch.Tensor] = {}
         with Interventions(model, adapter) as iv, torch.no_grad():
@@ -214,7 +201,8 @@ class AblationLosses:
 
 
 
-def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: AblationConfig) -> AblationLosses:
+def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: AblationConfig, *,
+                    progress: bool = True) -> AblationLosses:
     """Ablate the target set (and the random controls) and collect per-document losses."""
     model, adapter = loaded.model, loaded.adapter
     targets = ablation_targets(cfg, adapter)
@@ -226,14 +214,14 @@ def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: Ablati
     if cfg.mode == "mean":
         needed = sorted({c for s in sets for c in s})
         means = {c: v.to(device) for c, v in
-                 dataset_means(model, adapter, encoded, needed, cfg.batch_size, pad, device).items()}
+                 dataset_means(model, adapter, encoded, needed, cfg.batch_size, pad, device, progress).items()}
     clean = np.zeros(len(encoded))
     ablated = np.zeros((len(sets), len(encoded)))
     cost = CostCounter()
     with torch.no_grad():
         for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="ablation",
                                total=n_batches(len(encoded), cfg.batch_size, shard=True),
-                               disable=not dist.is_main_process()):
+                               disable=not progress or not dist.is_main_process()):
             cost.batches += 1
             losses, cache = clean_run(model, adapter, batch, block_activations(adapter), cost)
             clean[idx] = losses.numpy()
@@ -255,9 +243,9 @@ def summarize_ablation(result: AblationLosses, cfg: AblationConfig) -> dict[str,
     """
     counts = resample_counts(len(result.clean), cfg.n_bootstrap, cfg.seed)
     effects = result.ablated - result.clean[None, :]  # [S, D]
-    rows = []
+    rows: list[AblationRow] = []
     for s, comps in enumerate(result.sets):
-        eff = mean_ci(effects[s], counts, cfg.ci)
+        eff = mean_ci(effects[s], counts, cfg.ci_level)
         rows.append({"set": "circuit" if s == 0 else f"random_{s - 1}",
                      "members": " ".join(c.name for c in comps), "size": len(comps),
                      "loss_clean": float(result.clean.mean()), "loss_ablated": float(result.ablated[s].mean()),
@@ -265,7 +253,7 @@ def summarize_ablation(result: AblationLosses, cfg: AblationConfig) -> dict[str,
     out: dict[str, Any] = {
         "circuit": {**rows[0], "members": [c.name for c in result.sets[0]]},
         "n_docs": len(result.clean),
-        "loss_clean": mean_ci(result.clean, counts, cfg.ci),
+        "loss_clean": mean_ci(result.clean, counts, cfg.ci_level),
         "effect_definition": "mean over documents of (ablated loss - clean loss); loss = mean CE over "
                              "summary tokens (labels != -100) of one document; CIs: percentile "
                              f"bootstrap over documents ({cfg.n_bootstrap} resamples, seed {cfg.seed})",
@@ -274,7 +262,7 @@ def summarize_ablation(result: AblationLosses, cfg: AblationConfig) -> dict[str,
         rand = effects[1:].mean(axis=1)
         boot = resampled_means(effects, counts)  # [S, n_boot]
         boot_p = np.array([empirical_p_value(boot[0, b], boot[1:, b]) for b in range(boot.shape[1])])
-        p_lo, p_hi = scalar_interval(boot_p, cfg.ci)
+        p_lo, p_hi = scalar_interval(boot_p, cfg.ci_level)
         circuit_effect = float(effects[0].mean())
         out["random_controls"] = {
             "n": len(result.sets) - 1, "pool": cfg.control_pool, "seed": cfg.seed,
@@ -298,15 +286,18 @@ def describe_targets(targets: Sequence[Site]) -> str:
 
 
 def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: AblationConfig,
-                          targets: Sequence[Site], means: Mapping[Site, torch.Tensor]) -> dict[str, Any]:
+                          targets: Sequence[Site], means: Mapping[Site, torch.Tensor],
+                          progress: bool = True) -> dict[str, Any]:
     """ROUGE of greedy summaries with and without the ablation, paired over documents.
 
     Uses ``sumcircuit.evaluation`` (generation, ROUGE, bootstrap) so the numbers
     match ``sumcircuit evaluate``; the ablation hooks stay on during generation
     (values broadcast over the one-token decoding steps).
     """
-    from sumcircuit.data import encode
-    from sumcircuit.evaluation import GenerationConfig, eos_token_ids, generate_summaries, rouge_scores
+    from sumcircuit.data.encoding import encode
+    from sumcircuit.evaluation.config import GenerationConfig
+    from sumcircuit.evaluation.generation import eos_token_ids, generate_summaries
+    from sumcircuit.evaluation.rouge import rouge_scores
 
     examples = load_examples(data_cfg).examples
     prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False,
@@ -322,7 +313,7 @@ def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: Ablati
             iv.replace({c: v.to(device) for c, v in values.items()})
             starts = range(0, len(prompts), gen_cfg.batch_size)
             for b in tqdm(dist.my_blocks(len(starts)), desc=f"generate ({label})",
-                          disable=not dist.is_main_process()):
+                          disable=not progress or not dist.is_main_process()):
                 outs = generate_summaries(loaded.model, loaded.tokenizer,
                                           prompts[starts[b]:starts[b] + gen_cfg.batch_size], gen_cfg, eos)
                 mine.append((b, [o.text for o in outs]))
@@ -337,90 +328,141 @@ def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: Ablati
         clean = np.array([d[key] for d in per_doc["clean"]])
         ablated = np.array([d[key] for d in per_doc["ablated"]])
         out[key] = {"clean": float(clean.mean()), "ablated": float(ablated.mean()),
-                    "delta": mean_ci(ablated - clean, counts, cfg.ci)}
+                    "delta": mean_ci(ablated - clean, counts, cfg.ci_level)}
     return out
 
 
 # ---------------------------------------------------------------- result
 
-@dataclass
+@dataclass(repr=False)
 class AblationResult(Result):
-    """An ablation: ``summary`` (ablation.json), one row per set, per-document losses, the sets as Sites."""
+    """An ablation: ``summary`` (ablation.json), one row per set, per-document losses, the sets as Sites.
+
+    Example:
+        >>> result = sc.ablate(tuned, data, sc.AblationConfig(layers=(2, 3, 5), random_controls=20))  # doctest: +SKIP
+        >>> result.effect, result.p_value  # doctest: +SKIP
+    """
 
     kind: ClassVar[str] = "ablation"
     main_table: ClassVar[str] = "ablation"
+    files: ClassVar[tuple[str, ...]] = ("ablation.json", "ablation.csv", "ablation_per_doc.csv", "ablation.png")
     summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    per_doc: list[dict[str, Any]]
+    rows: list[AblationRow]
+    per_doc: list[AblationDocRow]
     sets: list[list[Site]] = field(default_factory=list)
 
-    def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"ablation": self.rows, "ablation_per_doc": self.per_doc}
+    def describe(self) -> str:
+        text = f"{self.summary.get('mode')}-ablation of {self.summary.get('target')}: effect {self.effect:+.4f}"
+        if self.p_value is not None:
+            text += f", p = {self.p_value:.3f} against {len(self.sets) - 1} random sets"
+        return text + f", {self.summary.get('n_docs')} documents"
+
+    def tables(self) -> dict[str, list[Any]]:
+        return {"ablation": list(self.rows), "ablation_per_doc": list(self.per_doc)}
 
     @property
     def effect(self) -> float:
+        """The circuit's effect: mean rise of the summary loss when it is ablated."""
         return float(self.summary["effect"])
 
     @property
     def p_value(self) -> float | None:
+        """Empirical p-value against the random sets (None without random controls)."""
         return self.summary.get("p_value")
+
+    def plot(self) -> Figure:
+        """The circuit's effect (with CI) against the histogram of random same-size sets."""
+        from sumcircuit import plots
+
+        return plots.ablation_figure(self.rows, title=f"{self.summary.get('mode', '')}-ablation of "
+                                                      f"{self.summary.get('target', '')}")
 
     @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``ablation.json``, ``ablation.csv``, ``ablation_per_doc.csv``, ``ablation.png``."""
-        from sumcircuit.plots import plot_ablation
+        from sumcircuit.plots import save_figure
 
         folder = Path(out)
         atomic_write_csv(folder / "ablation.csv", self.rows, list(self.rows[0]))
         atomic_write_csv(folder / "ablation_per_doc.csv", self.per_doc,
                          ["doc_id", "set", "loss_clean", "loss_ablated"])
-        plot_ablation(self.rows, folder / "ablation.png",
-                      title=f"{self.summary.get('mode', '')}-ablation of {self.summary.get('target', '')}")
+        save_figure(self.plot(), folder / "ablation.png")
         atomic_write_json(folder / "ablation.json", self.summary)
         return folder
 
+    @classmethod
+    def read(cls, folder: str | Path) -> AblationResult:
+        """An ablation folder back as a result."""
+        p = require_complete(folder)
+        rows = typed_rows(read_csv(p / "ablation.csv"), AblationRow)
+        return cls(read_json(p / "ablation.json"), rows, typed_rows(read_csv(p / "ablation_per_doc.csv"),
+                                                                    AblationDocRow),
+                   [parse_sites(str(r["members"]).split()) for r in rows])
+
 
 @writes_output("ablate")
-def ablate(model: str | LoadedModel, data: DataConfig | Sequence[Encoded], config: AblationConfig | None = None,
-           *, out: str | Path | None = None) -> AblationResult:
-    """Ablate a circuit (and random controls) of ``model`` on ``data``; save to ``out`` if given.
+def ablate(model: ModelLike, data: Any, config: AblationConfig | None = None, *, runtime: Runtime | None = None,
+           out: str | Path | None = None, resume: bool = True) -> AblationResult:
+    """Ablate a circuit (and random controls) of ``model`` on ``data``.
 
-    ``model``: a model spec or a :class:`~sumcircuit.models.LoadedModel`;
-    ``data``: a :class:`~sumcircuit.data.DataConfig` or already encoded examples.
+    Args:
+        model: the model whose components are removed (a spec, a loaded model, or a result holding one).
+        data: a :class:`~sumcircuit.data.DataConfig` (or a path, a Dataset, or encoded examples).
+        config: what to ablate (heads, layers or a circuit file), how, and the random controls.
+        runtime: device, dtype, progress.
+        out: write ``ablation.*`` here.
+        resume: read back a finished result of the same model, data and config in ``out``.
+
+    Returns:
+        The circuit's effect with its interval, one row per set, per-document losses and the p-value.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> sc.ablate("runs/full/final", data, sc.AblationConfig(layers="2,3,5", random_controls=20))  # doctest: +SKIP
     """
-    cfg = config or AblationConfig()
-    dist.setup(cfg.device)
-    cfg = replace(cfg, device=dist.local_device(cfg.device))
-    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-        loaded = ensure_loaded(model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    if cfg.adapter:
-        from sumcircuit.models import load_adapter
-
-        loaded = load_adapter(loaded, cfg.adapter, merge=True)
-    if isinstance(data, DataConfig):
-        encoded, source = encode_examples(loaded.tokenizer, data)
-        data_prov: dict[str, Any] = {"data": source.provenance(), "data_config": asdict(data)}
-    else:
-        encoded, data_prov = list(data), {"data": "in-memory encoded examples"}
-    result = ablation_losses(loaded, encoded, cfg)
+    cfg = coerce_config(AblationConfig, config)
+    rt = local_runtime(coerce_runtime(runtime))
+    loaded = load_one(model, rt)
+    encoded, data_prov = encode_for(loaded, data)
+    key = run_key("ablate", [loaded], data_prov, cfg, rt)
+    if (done := finished(AblationResult, out, key, resume)) is not None:
+        return done
+    result = ablation_losses(loaded, encoded, cfg, progress=rt.progress)
     tables = summarize_ablation(result, cfg)
     summary = tables["summary"]
     controls = summary.get("random_controls", {})
     summary.update({"effect": summary["circuit"]["effect"], "effect_ci_low": summary["circuit"]["effect_ci_low"],
                     "effect_ci_high": summary["circuit"]["effect_ci_high"], "p_value": controls.get("p_value"),
                     "target": describe_targets(result.sets[0]), "mode": cfg.mode,
-                    "cost": {**result.cost.summary(loaded.adapter.n_layers), "wall_s": result.wall_s}})
+                    "cost": {**result.cost.summary(loaded.adapter.n_layers), "wall_s": result.wall_s},
+                    "run_key": key})
     if cfg.rouge:
-        if not isinstance(data, DataConfig):
+        if "data_config" not in data_prov:
             raise CausalError("rouge=True needs data as a DataConfig (the references are read from it)")
-        summary["rouge"] = _rouge_under_ablation(loaded, data, cfg, result.sets[0], result.means)
-    summary["provenance"] = provenance(models=[loaded.provenance()], adapter=cfg.adapter, **data_prov,
-                                       seed=cfg.seed, config=asdict(cfg), circuit=cfg.circuit,
+        summary["rouge"] = _rouge_under_ablation(loaded, coerce_data(data), cfg, result.sets[0], result.means,
+                                                 rt.progress)
+    summary["provenance"] = provenance(models=[loaded.provenance()], **data_prov, seed=cfg.seed,
+                                       config=cfg.to_dict(), circuit=cfg.circuit, dtype=rt.dtype,
                                        processes=dist.world_size())
-    per_doc = [{"doc_id": d, "set": row["set"], "loss_clean": float(result.clean[j]),
-                "loss_ablated": float(result.ablated[s, j])}
+    per_doc = [AblationDocRow(doc_id=d, set=row["set"], loss_clean=float(result.clean[j]),
+                              loss_ablated=float(result.ablated[s, j]))
                for s, row in enumerate(tables["rows"]) for j, d in enumerate(result.doc_ids)]
     res = AblationResult(summary, tables["rows"], per_doc, result.sets)
     if out is not None:
         dist.on_main(lambda: res.save(out))
     return res
+
+
+def report_lines(result: AblationResult) -> list[str]:
+    """What ``sumcircuit ablate`` prints: the effect, the random controls, the files."""
+    summary = result.summary
+    c = summary["circuit"]
+    lines = [f"{summary['mode']}-ablation of {summary['target']}: loss {summary['loss_clean']['mean']:.4f} -> "
+             f"{c['loss_ablated']:.4f}, effect {c['effect']:+.4f} "
+             f"[{c['effect_ci_low']:+.4f}, {c['effect_ci_high']:+.4f}] over {summary['n_docs']} documents"]
+    if "random_controls" in summary:
+        rc = summary["random_controls"]
+        lines.append(f"random sets (n={rc['n']}): mean effect {rc['effect_mean']:+.4f}; p = {rc['p_value']:.3f} "
+                     f"[{rc['p_value_ci_low']:.3f}, {rc['p_value_ci_high']:.3f}]")
+    lines.append("wrote ablation.json, ablation.csv, ablation_per_doc.csv, ablation.png")
+    return lines

@@ -28,9 +28,9 @@ import functools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json, read_csv, read_json
+from sumcircuit.causal.config import AttributionConfig, PatchConfig
+from sumcircuit.causal.inputs import encode_for, finished, load_pair, local_runtime, run_key
 from sumcircuit.causal.interventions import (
     RECEIVER,
     Activation,
-    CausalError,
     CostCounter,
     Interventions,
     batches,
@@ -55,63 +56,30 @@ from sumcircuit.causal.patching import (
     ALL,
     DEFINITIONS,
     ROW_COLUMNS,
-    PatchConfig,
+    PatchRow,
     effect_of,
-    encode_for,
-    load_pair,
     patch_losses,
     recovery_intervals,
     summarize_patching,
 )
-from sumcircuit.data import DataConfig, Encoded
-from sumcircuit.models import LoadedModel
-from sumcircuit.options import DIRECTIONS
-from sumcircuit.outputs import writes_output
+from sumcircuit.config import coerce_config
+from sumcircuit.data.encoding import Encoded
+from sumcircuit.models import LoadedModel, ModelLike
+from sumcircuit.outputs import require_complete, writes_output
 from sumcircuit.provenance import provenance
-from sumcircuit.results import Result
+from sumcircuit.results import Result, typed_rows
+from sumcircuit.runtime import Runtime, coerce_runtime
 from sumcircuit.sites import Site
 from sumcircuit.stats import average_ranks, mean_ci, resample_counts
 
-AttributionGranularity = Literal["layer", "head", "neuron", "all"]
-AttributionMethod = Literal["linear", "ig"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 KINDS_OF: dict[str, tuple[str, ...]] = {
     "layer": ("attn", "mlp"), "head": ("attn_heads",), "neuron": ("mlp_neurons",),
     "all": ("attn", "mlp", "attn_heads", "mlp_neurons"),
 }
 NEURON_ROWS = 1000  # neuron rows in attribution.csv per direction (largest |effect|); all are in the .safetensors
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Attribution patching between a base and a tuned model of the same architecture."""
-
-    granularity: AttributionGranularity = "all"
-    directions: tuple[Literal["denoise", "noise"], ...] = ("denoise", "noise")
-    method: AttributionMethod = "linear"
-    ig_steps: int = 5  # K for method='ig' (K = 1 is the linear estimate)
-    validate: int = 0  # K: exact patching of the top-K and K random components per direction and kind
-    batch_size: int = 4
-    n_bootstrap: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-
-    def check(self) -> None:
-        if self.granularity not in KINDS_OF:
-            raise CausalError(f"granularity {self.granularity}: choose one of {', '.join(KINDS_OF)}")
-        if self.method not in ("linear", "ig"):
-            raise CausalError(f"method {self.method}: choose linear or ig")
-        for d in self.directions:
-            if d not in DIRECTIONS:
-                raise CausalError(f"direction {d}: choose one of {', '.join(DIRECTIONS)} or both")
-        checks = ((self.ig_steps >= 1, "ig_steps must be >= 1"), (self.validate >= 0, "validate must be >= 0"),
-                  (self.batch_size >= 1, "batch_size must be >= 1"), (self.n_bootstrap >= 1, "n_bootstrap must be >= 1"),
-                  (0 < self.ci < 1, "ci must be in (0, 1)"))
-        for ok, message in checks:
-            if not ok:
-                raise CausalError(message)
 
 
 # ---------------------------------------------------------------- the estimate
@@ -183,9 +151,8 @@ def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, 
 
 
 def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded],
-                       cfg: AttributionConfig) -> AttributionLosses:
+                       cfg: AttributionConfig, *, progress: bool = True) -> AttributionLosses:
     """Estimated patched losses of every component in every direction, per document."""
-    cfg.check()
     adapter = base.adapter
     keys = [(kind, layer) for layer in range(adapter.n_layers) for kind in KINDS_OF[cfg.granularity]]
     models = {"base": base.model, "tuned": tuned.model}
@@ -198,7 +165,8 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
     cost = CostCounter()
     t0 = time.perf_counter()
     for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="attribution",
-                           total=n_batches(n, cfg.batch_size, shard=True), disable=not dist.is_main_process()):
+                           total=n_batches(n, cfg.batch_size, shard=True),
+                           disable=not progress or not dist.is_main_process()):
         cost.batches += 1
         acts: dict[str, dict[Activation, torch.Tensor]] = {}
         first_grads: dict[str, dict[Activation, torch.Tensor]] = {}
@@ -252,24 +220,25 @@ def _sites_of(key: Activation, units: int) -> list[Site]:
 
 
 def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
-                     neuron_rows: int = NEURON_ROWS) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+                     neuron_rows: int = NEURON_ROWS) -> tuple[list[PatchRow], dict[str, np.ndarray]]:
     """Rows shaped like patching.csv (largest-|effect| neurons only) and the full neuron maps."""
     counts = resample_counts(len(result.base), cfg.n_bootstrap, cfg.seed)
-    rows: list[dict[str, Any]] = []
+    rows: list[PatchRow] = []
     neuron_maps: dict[str, np.ndarray] = {}
     gap = result.base.mean() - result.tuned.mean()
     for direction, per_key in result.deltas.items():
         recv = result.base if RECEIVER[direction] == "base" else result.tuned
-        neuron_rows_here: list[dict[str, Any]] = []
+        neuron_rows_here: list[PatchRow] = []
         for key, delta in per_key.items():
             patched = recv[None, :] + delta.T  # [units, D]
             means = patched.mean(axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 recs = (result.base.mean() - means) / gap if gap != 0 else np.full(means.shape, math.nan)
-            lows, highs = recovery_intervals(result.base, result.tuned, patched, counts, cfg.ci)
+            lows, highs = recovery_intervals(result.base, result.tuned, patched, counts, cfg.ci_level)
             out = neuron_rows_here if key[0] == "mlp_neurons" else rows
             for site, mean, rec, lo, hi in zip(_sites_of(key, delta.shape[1]), means, recs, lows, highs):
-                out.append({"direction": direction, **site.to_row(), "loss_base": float(result.base.mean()),
+                out.append({"direction": direction, **site.to_row(),  # type: ignore[typeddict-item]
+                            "loss_base": float(result.base.mean()),
                             "loss_tuned": float(result.tuned.mean()), "loss_patched": float(mean),
                             "recovery": float(rec), "recovery_ci_low": float(lo), "recovery_ci_high": float(hi),
                             "effect": effect_of(direction, float(rec))})
@@ -311,8 +280,8 @@ def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> 
             "largest_misses": [{"component": n, "attribution": attributed[n], "exact": exact[n]} for n in misses]}
 
 
-def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], rows: Sequence[dict[str, Any]],
-             cfg: AttributionConfig) -> dict[str, Any]:
+def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], rows: Sequence[PatchRow],
+             cfg: AttributionConfig, *, progress: bool = False) -> dict[str, Any]:
     """Exact patching of the top-K and K random components (per direction and kind); agreement with attribution."""
     rng = np.random.default_rng(cfg.seed)
     report: dict[str, Any] = {}
@@ -328,7 +297,8 @@ def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], 
             sites = [Site.parse(r["component"]) for r in chosen]
             pcfg = PatchConfig(directions=(direction,), include_all=False, batch_size=cfg.batch_size,
                                n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-            exact = summarize_patching(patch_losses(base, tuned, encoded, pcfg, sites=sites), pcfg)["rows"]
+            exact = summarize_patching(patch_losses(base, tuned, encoded, pcfg, sites=sites, progress=progress),
+                                       pcfg)["rows"]
             report[f"{direction}.{kind}"] = {
                 **agreement({r["component"]: r["effect"] for r in chosen},
                             {r["component"]: r["effect"] for r in exact}, k),
@@ -340,24 +310,48 @@ def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], 
 
 # ---------------------------------------------------------------- result
 
-@dataclass
+@dataclass(repr=False)
 class AttributionResult(Result):
-    """Attribution: ``summary`` (attribution.json), rows like patching.csv, the full neuron map."""
+    """Attribution: ``summary`` (attribution.json), rows like patching.csv, the full neuron map.
+
+    Example:
+        >>> result = sc.attribute(base, tuned, data)  # doctest: +SKIP
+        >>> result.effects("denoise", kind="attn_head")  # doctest: +SKIP
+    """
 
     kind: ClassVar[str] = "attribution"
     main_table: ClassVar[str] = "attribution"
+    files: ClassVar[tuple[str, ...]] = ("attribution.json", "attribution.csv", "attribution_neurons.safetensors",
+                                        "attribution.png", "attribution_heads.png")
     summary: dict[str, Any]
-    rows: list[dict[str, Any]]
+    rows: list[PatchRow]
     neurons: dict[str, np.ndarray] = field(default_factory=dict)  # "<direction>.effect": [L, N]
     per_doc: dict[str, np.ndarray] = field(default_factory=dict)  # "<direction>.<kind>.<layer>": [D, units]
 
-    def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"attribution": self.rows}
+    def describe(self) -> str:
+        gap = self.summary.get("gap") or {}
+        return (f"{self.summary.get('method')} attribution of {self.summary.get('granularity')} components over "
+                f"{self.summary.get('n_docs')} documents, loss gap {gap.get('mean', float('nan')):+.4f}")
+
+    def tables(self) -> dict[str, list[Any]]:
+        return {"attribution": list(self.rows)}
+
+    def plot(self, what: str = "layers") -> Figure:
+        """``"layers"``: attention and MLP effects per layer; ``"heads"``: a layer x head heatmap."""
+        from sumcircuit import plots
+
+        n_layers, n_heads = int(self.summary.get("n_layers", 0)), int(self.summary.get("n_heads", 0))
+        kinds = ("attn", "mlp") if what == "layers" else ("attn_head",)
+        if what not in ("layers", "heads"):
+            raise ValueError(f"plot {what!r}: choose layers or heads")
+        return plots.patching_figure([r for r in self.rows if r["kind"] in kinds],
+                                     granularity="layer" if what == "layers" else "head", n_layers=n_layers,
+                                     n_heads=n_heads)
 
     @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """attribution.json, attribution.csv, attribution_neurons.safetensors, attribution.png (+ heads)."""
-        from sumcircuit.plots import plot_patching
+        from sumcircuit.plots import save_figure
 
         folder = Path(out)
         atomic_write_csv(folder / "attribution.csv", self.rows, ROW_COLUMNS)
@@ -368,21 +362,19 @@ class AttributionResult(Result):
             atomic_save_safetensors(tensors, folder / "attribution_neurons.safetensors",
                                     {"layout": "<direction>.effect / .delta_loss: [layers, neurons] means over "
                                                "documents; per_doc.<direction>.<kind>.<layer>: [documents, units]"})
-        n_layers, n_heads = int(self.summary.get("n_layers", 0)), int(self.summary.get("n_heads", 0))
-        layer_rows = [r for r in self.rows if r["kind"] in ("attn", "mlp")]
-        head_rows = [r for r in self.rows if r["kind"] == "attn_head"]
-        if layer_rows:
-            plot_patching(layer_rows, folder / "attribution.png", granularity="layer", n_layers=n_layers,
-                          n_heads=n_heads)
-        if head_rows:
-            plot_patching(head_rows, folder / ("attribution_heads.png" if layer_rows else "attribution.png"),
-                          granularity="head", n_layers=n_layers, n_heads=n_heads)
+        has_layers = any(r["kind"] in ("attn", "mlp") for r in self.rows)
+        has_heads = any(r["kind"] == "attn_head" for r in self.rows)
+        if has_layers:
+            save_figure(self.plot("layers"), folder / "attribution.png")
+        if has_heads:
+            save_figure(self.plot("heads"), folder / ("attribution_heads.png" if has_layers else "attribution.png"))
         atomic_write_json(folder / "attribution.json", self.summary)
         return folder
 
     @classmethod
     def read(cls, folder: str | Path) -> AttributionResult:
-        p = Path(folder)
+        """An attribution folder back as a result."""
+        p = require_complete(folder)
         neurons: dict[str, np.ndarray] = {}
         per_doc: dict[str, np.ndarray] = {}
         if (p / "attribution_neurons.safetensors").is_file():
@@ -390,7 +382,7 @@ class AttributionResult(Result):
 
             for k, v in load_file(str(p / "attribution_neurons.safetensors")).items():
                 (per_doc if k.startswith("per_doc.") else neurons)[k.removeprefix("per_doc.")] = v
-        return cls(read_json(p / "attribution.json"), [dict(r) for r in read_csv(p / "attribution.csv")],
+        return cls(read_json(p / "attribution.json"), typed_rows(read_csv(p / "attribution.csv"), PatchRow),
                    neurons, per_doc)
 
     def effects(self, direction: str = "denoise", kind: str | None = None) -> dict[str, float]:
@@ -400,19 +392,39 @@ class AttributionResult(Result):
 
 
 @writes_output("attribute")
-def attribute(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig | Sequence[Encoded],
-              config: AttributionConfig | None = None, *, out: str | Path | None = None) -> AttributionResult:
-    """Attribution patching of every component between ``base`` and ``tuned`` on ``data``."""
-    cfg = config or AttributionConfig()
-    cfg.check()
-    dist.setup(cfg.device)
-    cfg = replace(cfg, device=dist.local_device(cfg.device))
-    base_m, tuned_m = load_pair(base, tuned, cfg.device, cfg.dtype, cfg.trust_remote_code)
+def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionConfig | None = None, *,
+              runtime: Runtime | None = None, out: str | Path | None = None, resume: bool = True) -> AttributionResult:
+    """Attribution patching of every component between ``base`` and ``tuned`` on ``data``.
+
+    Args:
+        base: the model before fine-tuning (a spec, a loaded model, or a result holding one).
+        tuned: the fine-tuned model, same architecture.
+        data: a :class:`~sumcircuit.data.DataConfig` (or a path, a Dataset, or encoded examples).
+        config: granularity, directions, method, validation, intervals (default :class:`AttributionConfig`).
+        runtime: device, dtype, progress.
+        out: write ``attribution.*`` here.
+        resume: read back a finished result of the same models, data and config in ``out``.
+
+    Returns:
+        Rows like ``patching.csv`` for every head, attention/MLP contribution and the top neurons, the full
+        neuron map, per-document estimates and the summary.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> result = sc.attribute("smollm2-135m-instruct", "runs/full/final", data)  # doctest: +SKIP
+        >>> result.to_pandas().sort_values("effect").tail()  # doctest: +SKIP
+    """
+    cfg = coerce_config(AttributionConfig, config)
+    rt = local_runtime(coerce_runtime(runtime))
+    base_m, tuned_m = load_pair(base, tuned, rt)
     encoded, data_prov = encode_for(base_m, data)
-    result = attribution_losses(base_m, tuned_m, encoded, cfg)
+    key = run_key("attribute", [base_m, tuned_m], data_prov, cfg, rt)
+    if (done := finished(AttributionResult, out, key, resume)) is not None:
+        return done
+    result = attribution_losses(base_m, tuned_m, encoded, cfg, progress=rt.progress)
     rows, neurons = attribution_rows(result, cfg)
     adapter = base_m.adapter
-    gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci)
+    gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci_level)
     summary: dict[str, Any] = {
         "n_docs": len(encoded), "granularity": cfg.granularity, "directions": list(cfg.directions),
         "method": cfg.method, "ig_steps": cfg.ig_steps if cfg.method == "ig" else 1,
@@ -429,21 +441,43 @@ def attribute(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfi
                   "receiver), k = 0..K-1 (K = 1 is the linear estimate)",
             "neurons": f"attribution.csv holds the {NEURON_ROWS} neurons of largest |effect| per direction; "
                        "attribution_neurons.safetensors holds every neuron",
-            "ci": f"{cfg.ci:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, seed "
+            "ci": f"{cfg.ci_level:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, seed "
                   f"{cfg.seed}, paired across base/tuned/estimate",
         },
         "cost": {**result.cost.summary(adapter.n_layers), "wall_s": result.wall_s,
                  "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None},
+        "run_key": key,
     }
     if cfg.validate:
         t0 = time.perf_counter()
         summary["validation"] = validate(base_m, tuned_m, encoded, rows, cfg)
         summary["validation_wall_s"] = time.perf_counter() - t0
     summary["provenance"] = provenance(models=[base_m.provenance(), tuned_m.provenance()], **data_prov,
-                                       seed=cfg.seed, config=asdict(cfg), processes=dist.world_size())
+                                       seed=cfg.seed, config=cfg.to_dict(), dtype=rt.dtype,
+                                       processes=dist.world_size())
     per_doc = {f"{d}.{k[0]}.{k[1]}": v for d, per in result.deltas.items() for k, v in per.items()
                if k[0] != "mlp_neurons"}
     res = AttributionResult(summary, rows, neurons, per_doc)
     if out is not None:
         dist.on_main(lambda: res.save(out))
     return res
+
+
+def report_lines(result: AttributionResult) -> list[str]:
+    """What ``sumcircuit attribute`` prints: losses and gap, the largest effects, validation, cost."""
+    s = result.summary
+    lines = [f"loss base {s['loss_base']:.4f}, tuned {s['loss_tuned']:.4f} (gap {s['gap']['mean']:+.4f} "
+             f"[{s['gap']['ci_low']:+.4f}, {s['gap']['ci_high']:+.4f}]) over {s['n_docs']} documents"]
+    for direction in s["directions"]:
+        top = sorted((r for r in result.rows if r["direction"] == direction),
+                     key=lambda r: -abs(float(r["effect"])))[:5]
+        lines.append(f"{direction}: largest effects "
+                     + ", ".join(f"{r['component']} {float(r['effect']):+.3f}" for r in top))
+    for key, v in s.get("validation", {}).items():
+        lines.append(f"validation {key}: pearson {v['pearson']:.3f}, spearman {v['spearman']:.3f}, "
+                     f"top-{v['top_k']} overlap {v['top_k_overlap']:.2f} (n={v['n']})")
+    cost = s["cost"]
+    lines.append(f"{cost['forwards_per_batch']:.0f} forwards and {cost['backwards'] / max(cost['batches'], 1):.0f} "
+                 f"backwards per batch, {cost['wall_s']:.1f} s")
+    lines.append("wrote attribution.json, attribution.csv, attribution_neurons.safetensors, attribution.png")
+    return lines

@@ -25,7 +25,10 @@ from torch import nn
 
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.data import IGNORE_INDEX, DataConfig, DataSource, Encoded, collate, encode_all, load_examples
+from sumcircuit.causal.config import CausalError
+from sumcircuit.data.config import DataConfig
+from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, collate, encode_all
+from sumcircuit.data.records import DataSource, load_examples
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.models import LoadedModel
 from sumcircuit.sites import Site
@@ -34,10 +37,6 @@ from sumcircuit.sites import Site
 # noise:   run tuned, insert base's activation (is the component necessary?)
 RECEIVER = {"denoise": "base", "noise": "tuned"}
 Activation = tuple[str, int]  # Site.activation: (kind, layer); heads/neurons share one
-
-
-class CausalError(SumcircuitError):
-    """Bad ablation / patching / attribution input: a site that does not exist, mismatched models."""
 
 
 def check_site(site: Site, adapter: ArchitectureAdapter, what: str = "component") -> Site:

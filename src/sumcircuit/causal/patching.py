@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -23,33 +23,36 @@ from tqdm.auto import tqdm
 
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.artifacts import atomic_write_csv, atomic_write_json
+from sumcircuit.artifacts import atomic_write_csv, atomic_write_json, read_csv, read_json
+from sumcircuit.causal.config import DIRECTIONS, CausalError, Granularity, PatchConfig
+from sumcircuit.causal.inputs import encode_for, finished, load_pair, local_runtime, run_key
 from sumcircuit.causal.interventions import (
     RECEIVER,
-    CausalError,
     CostCounter,
     batches,
     block_activations,
     check_pair,
     check_site,
     clean_run,
-    encode_examples,
     n_batches,
     run_intervened,
     site_value,
     sum_over_processes,
 )
-from sumcircuit.data import DataConfig, Encoded
-from sumcircuit.models import LoadedModel, ensure_loaded
-from sumcircuit.options import DIRECTIONS, GRANULARITIES
-from sumcircuit.outputs import writes_output
+from sumcircuit.config import coerce_config
+from sumcircuit.data.encoding import Encoded
+from sumcircuit.models import LoadedModel, ModelLike
+from sumcircuit.outputs import require_complete, writes_output
 from sumcircuit.provenance import provenance
-from sumcircuit.results import Result
+from sumcircuit.results import Result, typed_rows
+from sumcircuit.runtime import Runtime, coerce_runtime
 from sumcircuit.sites import Site
 from sumcircuit.stats import mean_ci, percentile_interval, resample_counts
 
-Granularity = Literal["layer", "head", "block"]
-Direction = Literal["denoise", "noise"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+GRANULARITIES: tuple[Granularity, ...] = ("layer", "head", "block")
 ALL = "all"
 ROW_COLUMNS = ["direction", "component", "layer", "kind", "head", "neuron", "loss_base", "loss_tuned",
                "loss_patched", "recovery", "recovery_ci_low", "recovery_ci_high", "effect"]
@@ -71,22 +74,33 @@ DEFINITIONS = {
 }
 
 
-@dataclass(frozen=True)
-class PatchConfig:
-    """Activation patching between a base and a tuned model of the same architecture."""
+class PatchRow(TypedDict):
+    """One row of ``patching.csv`` (and of ``attribution.csv``): a component patched in one direction."""
 
-    granularity: Granularity = "layer"  # layer: attn and mlp per layer | head | block: resid_post
-    directions: tuple[Direction, ...] = DIRECTIONS  # type: ignore[assignment]
-    layers: tuple[int, ...] = ()  # restrict to these layers (empty: all)
-    include_all: bool = True  # also patch every component at once (the 100%-recovery check)
-    replay_prefix: bool = True  # replay unchanged layers from the clean cache (pure speed-up)
-    batch_size: int = 4
-    n_bootstrap: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    trust_remote_code: bool = False
+    direction: str
+    component: str
+    layer: int | str
+    kind: str
+    head: int | str
+    neuron: int | str
+    loss_base: float
+    loss_tuned: float
+    loss_patched: float
+    recovery: float
+    recovery_ci_low: float
+    recovery_ci_high: float
+    effect: float
+
+
+class PatchDocRow(TypedDict):
+    """One row of ``patching_per_doc.csv``."""
+
+    doc_id: str
+    direction: str
+    component: str
+    loss_base: float
+    loss_tuned: float
+    loss_patched: float
 
 
 def patch_sites(adapter: ArchitectureAdapter, granularity: str, layers: Sequence[int] = ()) -> list[Site]:
@@ -122,7 +136,7 @@ class PatchLosses:
 
 
 def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: PatchConfig,
-                 sites: Sequence[Site] | None = None) -> PatchLosses:
+                 sites: Sequence[Site] | None = None, *, progress: bool = True) -> PatchLosses:
     """Patch every site in every direction (``sites``: these instead of the granularity's)."""
     check_pair(base, tuned)
     check_directions(cfg.directions)
@@ -142,7 +156,8 @@ def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encode
     t0 = time.perf_counter()
     with torch.no_grad():
         for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="patching",
-                               total=n_batches(n, cfg.batch_size, shard=True), disable=not dist.is_main_process()):
+                               total=n_batches(n, cfg.batch_size, shard=True),
+                               disable=not progress or not dist.is_main_process()):
             cost.batches += 1
             caches = {}
             for label, model in models.items():
@@ -153,7 +168,8 @@ def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encode
                 donor = caches["tuned" if recv == "base" else "base"]
                 blocks = ({l: caches[recv][("resid_post", l)] for l in range(adapter.n_layers)}
                           if cfg.replay_prefix else None)
-                for name, members in tqdm(sets, desc=direction, leave=False, disable=not dist.is_main_process()):
+                for name, members in tqdm(sets, desc=direction, leave=False,
+                                          disable=not progress or not dist.is_main_process()):
                     values = {c: site_value(c, donor[c.activation], adapter) for c in members}
                     patched[(direction, name)][idx] = run_intervened(
                         models[recv], adapter, batch, values, blocks, cost).numpy()
@@ -203,19 +219,19 @@ def summarize_patching(result: PatchLosses, cfg: PatchConfig) -> dict[str, Any]:
     for (direction, name), loss in result.patched.items():
         comp = by_name.get(name)
         rec = recovery(result.base, result.tuned, loss)
-        lo, hi = recovery_ci(result.base, result.tuned, loss, counts, cfg.ci)
+        lo, hi = recovery_ci(result.base, result.tuned, loss, counts, cfg.ci_level)
         where = comp.to_row() if comp else {"component": ALL, "layer": "", "kind": ALL, "head": "", "neuron": ""}
         rows.append({"direction": direction, **where,
                      "loss_base": float(result.base.mean()), "loss_tuned": float(result.tuned.mean()),
                      "loss_patched": float(loss.mean()), "recovery": rec,
                      "recovery_ci_low": lo, "recovery_ci_high": hi, "effect": effect_of(direction, rec)})
-    gap_ci = mean_ci(result.base - result.tuned, counts, cfg.ci)
+    gap_ci = mean_ci(result.base - result.tuned, counts, cfg.ci_level)
     summary: dict[str, Any] = {
         "n_docs": len(result.base), "granularity": cfg.granularity, "directions": list(cfg.directions),
-        "loss_base": mean_ci(result.base, counts, cfg.ci), "loss_tuned": mean_ci(result.tuned, counts, cfg.ci),
+        "loss_base": mean_ci(result.base, counts, cfg.ci_level), "loss_tuned": mean_ci(result.tuned, counts, cfg.ci_level),
         "gap": gap_ci,
         "definition": {**DEFINITIONS,
-                       "ci": f"{cfg.ci:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, "
+                       "ci": f"{cfg.ci_level:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, "
                              f"seed {cfg.seed}, paired across base/tuned/patched"},
     }
     if gap_ci["ci_low"] <= 0 <= gap_ci["ci_high"] or gap_ci["mean"] <= 0:
@@ -224,73 +240,117 @@ def summarize_patching(result: PatchLosses, cfg: PatchConfig) -> dict[str, Any]:
     return {"summary": summary, "rows": rows}
 
 
-@dataclass
+@dataclass(repr=False)
 class PatchResult(Result):
-    """Patching: ``summary`` (patching.json), one row per (direction, component), per-document losses."""
+    """Patching: ``summary`` (patching.json), one row per (direction, component), per-document losses.
+
+    Example:
+        >>> result = sc.patch(base, tuned, data, sc.PatchConfig(granularity="head"))  # doctest: +SKIP
+        >>> result.to_pandas().sort_values("effect").tail()  # doctest: +SKIP
+    """
 
     kind: ClassVar[str] = "patching"
     main_table: ClassVar[str] = "patching"
+    files: ClassVar[tuple[str, ...]] = ("patching.json", "patching.csv", "patching_per_doc.csv", "patching.png")
     summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    per_doc: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[PatchRow]
+    per_doc: list[PatchDocRow] = field(default_factory=list)
 
-    def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"patching": self.rows, "patching_per_doc": self.per_doc}
+    def describe(self) -> str:
+        gap = self.summary.get("gap") or {}
+        return (f"{self.summary.get('granularity')} patching over {self.summary.get('n_docs')} documents, loss gap "
+                f"{gap.get('mean', float('nan')):+.4f}")
+
+    def tables(self) -> dict[str, list[Any]]:
+        return {"patching": list(self.rows), "patching_per_doc": list(self.per_doc)}
+
+    def plot(self) -> Figure:
+        """Per-layer effect with 95% CIs (layer/block), or a layer x head heatmap (head)."""
+        from sumcircuit import plots
+
+        return plots.patching_figure(self.rows, granularity=self.summary.get("granularity", "layer"),
+                                     n_layers=int(self.summary.get("n_layers", 0)),
+                                     n_heads=int(self.summary.get("n_heads", 0)))
 
     @writes_output("save")
     def save(self, out: str | Path) -> Path:
         """``patching.json``, ``patching.csv``, ``patching_per_doc.csv``, ``patching.png``."""
-        from sumcircuit.plots import plot_patching
+        from sumcircuit.plots import save_figure
 
         folder = Path(out)
         atomic_write_csv(folder / "patching.csv", self.rows, ROW_COLUMNS)
         atomic_write_csv(folder / "patching_per_doc.csv", self.per_doc,
                          ["doc_id", "direction", "component", "loss_base", "loss_tuned", "loss_patched"])
-        plot_patching(self.rows, folder / "patching.png", granularity=self.summary.get("granularity", "layer"),
-                      n_layers=int(self.summary.get("n_layers", 0)), n_heads=int(self.summary.get("n_heads", 0)))
+        save_figure(self.plot(), folder / "patching.png")
         atomic_write_json(folder / "patching.json", self.summary)
         return folder
 
-
-def load_pair(base: str | LoadedModel, tuned: str | LoadedModel, device: str, dtype: str,
-              trust_remote_code: bool) -> tuple[LoadedModel, LoadedModel]:
-    """Both models (specs are loaded, loaded models pass through); rank 0 fills caches first."""
-    with dist.main_process_first():
-        pair = [ensure_loaded(m, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-                for m in (base, tuned)]
-    check_pair(pair[0], pair[1])
-    return pair[0], pair[1]
-
-
-def encode_for(loaded: LoadedModel, data: DataConfig | Sequence[Encoded]) -> tuple[list[Encoded], dict[str, Any]]:
-    """Encoded examples and what to cite about them, from a DataConfig or already encoded examples."""
-    if isinstance(data, DataConfig):
-        encoded, source = encode_examples(loaded.tokenizer, data)
-        return encoded, {"data": source.provenance(), "data_config": asdict(data)}
-    return list(data), {"data": "in-memory encoded examples"}
+    @classmethod
+    def read(cls, folder: str | Path) -> PatchResult:
+        """A patching folder back as a result."""
+        p = require_complete(folder)
+        return cls(read_json(p / "patching.json"), typed_rows(read_csv(p / "patching.csv"), PatchRow),
+                   typed_rows(read_csv(p / "patching_per_doc.csv"), PatchDocRow))
 
 
 @writes_output("patch")
-def patch(base: str | LoadedModel, tuned: str | LoadedModel, data: DataConfig | Sequence[Encoded],
-          config: PatchConfig | None = None, *, out: str | Path | None = None) -> PatchResult:
-    """Activation patching between ``base`` and ``tuned`` on ``data``; save to ``out`` if given."""
-    cfg = config or PatchConfig()
-    dist.setup(cfg.device)
-    cfg = replace(cfg, device=dist.local_device(cfg.device))
-    base_m, tuned_m = load_pair(base, tuned, cfg.device, cfg.dtype, cfg.trust_remote_code)
+def patch(base: ModelLike, tuned: ModelLike, data: Any, config: PatchConfig | None = None, *,
+          runtime: Runtime | None = None, out: str | Path | None = None, resume: bool = True) -> PatchResult:
+    """Activation patching between ``base`` and ``tuned`` on ``data``.
+
+    Args:
+        base: the model before fine-tuning (a spec, a loaded model, or a result holding one).
+        tuned: the fine-tuned model, same architecture.
+        data: a :class:`~sumcircuit.data.DataConfig` (or a path, a Dataset, or encoded examples).
+        config: granularity, directions, layers, intervals (default :class:`PatchConfig`).
+        runtime: device, dtype, progress.
+        out: write ``patching.*`` here.
+        resume: read back a finished result of the same models, data and config in ``out`` instead of
+            computing it again.
+
+    Returns:
+        One row per (direction, component) with recovery and its interval, per-document losses, summary.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> sc.patch("smollm2-135m-instruct", "runs/full/final", data,
+        ...          sc.PatchConfig(layers=(20,), directions="denoise")).to_pandas()  # doctest: +SKIP
+    """
+    cfg = coerce_config(PatchConfig, config)
+    rt = local_runtime(coerce_runtime(runtime))
+    base_m, tuned_m = load_pair(base, tuned, rt)
     encoded, data_prov = encode_for(base_m, data)
-    result = patch_losses(base_m, tuned_m, encoded, cfg)
+    key = run_key("patch", [base_m, tuned_m], data_prov, cfg, rt)
+    if (done := finished(PatchResult, out, key, resume)) is not None:
+        return done
+    result = patch_losses(base_m, tuned_m, encoded, cfg, progress=rt.progress)
     tables = summarize_patching(result, cfg)
     summary = tables["summary"]
-    summary.update({"n_layers": base_m.adapter.n_layers, "n_heads": base_m.adapter.n_heads})
+    summary.update({"n_layers": base_m.adapter.n_layers, "n_heads": base_m.adapter.n_heads, "run_key": key})
     summary["cost"] = {**result.cost.summary(base_m.adapter.n_layers), "wall_s": result.wall_s,
                        "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None}
     summary["provenance"] = provenance(models=[base_m.provenance(), tuned_m.provenance()], **data_prov,
-                                       seed=cfg.seed, config=asdict(cfg), processes=dist.world_size())
-    per_doc = [{"doc_id": d, "direction": direction, "component": name, "loss_base": float(result.base[j]),
-                "loss_tuned": float(result.tuned[j]), "loss_patched": float(loss[j])}
+                                       seed=cfg.seed, config=cfg.to_dict(), dtype=rt.dtype,
+                                       processes=dist.world_size())
+    per_doc = [PatchDocRow(doc_id=d, direction=direction, component=name, loss_base=float(result.base[j]),
+                           loss_tuned=float(result.tuned[j]), loss_patched=float(loss[j]))
                for (direction, name), loss in result.patched.items() for j, d in enumerate(result.doc_ids)]
     res = PatchResult(summary, tables["rows"], per_doc)
     if out is not None:
         dist.on_main(lambda: res.save(out))
     return res
+
+
+def report_lines(result: PatchResult) -> list[str]:
+    """What ``sumcircuit patch`` prints: losses and gap, any warning, the cost."""
+    s = result.summary
+    lines = [f"loss base {s['loss_base']['mean']:.4f}, tuned {s['loss_tuned']['mean']:.4f} "
+             f"(gap {s['gap']['mean']:+.4f} [{s['gap']['ci_low']:+.4f}, {s['gap']['ci_high']:+.4f}]) "
+             f"over {s['n_docs']} documents"]
+    if "warning" in s:
+        lines.append(f"warning: {s['warning']}")
+    cost = s["cost"]
+    lines.append(f"{cost['forwards_per_batch']:.0f} forwards per batch ({cost['full_forward_equivalents_per_batch']:.1f} "
+                 f"full-forward equivalents), {cost['wall_s']:.1f} s")
+    lines.append("wrote patching.json, patching.csv, patching_per_doc.csv, patching.png")
+    return lines

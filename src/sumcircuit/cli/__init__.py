@@ -1,9 +1,11 @@
-"""The ``sumcircuit`` command: argparse subcommands, one module per command.
+"""The ``sumcircuit`` command: argparse subcommands, one module per command, flags generated from configs.
 
 Each command module defines ``register(subparsers)``; its handler is stored
 as the ``handler`` default (not ``run``: a command may have a positional
-argument of that name, as ``report RUN`` does). Errors a user can act on (:class:`SumcircuitError`)
-are printed as one line with exit code 2, never as a traceback.
+argument of that name, as ``report RUN`` does). Every causal method in the
+registry gets its command (:mod:`sumcircuit.cli.causal`). Errors a user can
+act on (:class:`SumcircuitError`) are printed as one line with exit code 2,
+never as a traceback; a parameter the library names is shown as its flag.
 """
 
 from __future__ import annotations
@@ -14,27 +16,44 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sumcircuit.errors import SumcircuitError
+from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.version import __version__
 
-# Command modules under sumcircuit.cli, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("models", "data", "analyze", "finetune", "evaluate", "circuit", "ablate",
-                             "patch", "attribute", "reproduce", "report")
+BEFORE = ("models", "data", "analyze", "finetune", "evaluate", "circuit")
+AFTER = ("reproduce", "report")
+
+
+def commands() -> tuple[str, ...]:
+    """Every command, in the order ``--help`` lists them (registered causal methods in the middle)."""
+    from sumcircuit.causal.registry import CAUSAL_METHODS
+
+    return (*BEFORE, *CAUSAL_METHODS.names(), *AFTER)
+
+
+COMMANDS: tuple[str, ...] = commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (imports no torch: flags come from the configs)."""
     parser = argparse.ArgumentParser(
         prog="sumcircuit",
         description="What changes inside a GPT-like model when it is fine-tuned to summarize.")
     parser.add_argument("--version", action="version", version=f"sumcircuit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in BEFORE:
+        importlib.import_module(f"sumcircuit.cli.{name}").register(subparsers)
+    importlib.import_module("sumcircuit.cli.causal").register(subparsers)
+    for name in AFTER:
         importlib.import_module(f"sumcircuit.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (2 for an error the user can act on, 130 when interrupted)."""
+    from sumcircuit.cli.common import in_flags
+    from sumcircuit.cli.generate import flag_for
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -44,8 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.handler(args) or 0)
         ok = True
         return code
+    except ConfigError as err:
+        print(f"sumcircuit {args.command}: error: {flag_for(args, err.param)}: {in_flags(err.reason, args)}",
+              file=sys.stderr)
+        return 2
     except SumcircuitError as err:
-        print(f"sumcircuit {args.command}: error: {err}", file=sys.stderr)
+        print(f"sumcircuit {args.command}: error: {in_flags(str(err), args)}", file=sys.stderr)
         return 2
     except OSError as err:  # a file system problem (disk full, permissions): one line, not a traceback
         where = f": {err.filename}" if getattr(err, "filename", None) else ""

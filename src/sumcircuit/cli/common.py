@@ -1,142 +1,102 @@
-"""Options shared by several commands, so every command spells them the same way."""
+"""What several commands share, generated from the configs: data, runtime, output folder, resume, models.
+
+Every flag comes from a config field (:mod:`sumcircuit.cli.generate`); this
+module only groups them the way the commands use them, and turns what the
+library says about a *parameter* into what the user typed: the *flag*.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Callable
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sumcircuit.options import DATA_PRESETS, DEFAULT_MAX_TOKENS, DEFAULT_TEMPLATE, MIN_MAX_TOKENS
+from sumcircuit.cli.generate import add_config, config_from_args, flag_for
+from sumcircuit.data.config import DataConfig
+from sumcircuit.runtime import Runtime
 
 if TYPE_CHECKING:
-    from sumcircuit.data import DataConfig
+    from sumcircuit.models import LoadedModel
+
+Subparsers = argparse._SubParsersAction
+MODEL_HELP = "hub id, local HF folder, .gguf file, or a named model (see `sumcircuit models`)"
 
 
-# ---------------------------------------------------------------- checked numbers
-
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (a bad value is a one-line usage error, exit 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
+def add_data(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """--data (or a positional DATA), --text-field, --summary-field, --template, --max-tokens, --n-docs, ..."""
+    add_config(parser, DataConfig, required=() if positional else ("data",), positional=("data",) if positional else ())
 
 
-def real(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-         high_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite float in [low, high] (ends open when asked)."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if not math.isfinite(value) or below or above:
-            raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
-        return value
-    return parse
+def data_from_args(args: argparse.Namespace) -> DataConfig:
+    """The :class:`DataConfig` the data flags describe."""
+    return config_from_args(DataConfig, args)
 
 
-POSITIVE = at_least(1)
-NON_NEGATIVE = at_least(0)
-POSITIVE_REAL = real(0.0, low_open=True)
-NON_NEGATIVE_REAL = real(0.0)
+def add_runtime(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """--device, --dtype, --trust-remote-code, --no-progress (or ``only`` some of them)."""
+    add_config(parser, Runtime, only=only)
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, positional: bool = False,
-                     max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-    """--data, --text-field, --summary-field, --template, --max-tokens, --n-docs, --split, --skip-invalid."""
-    group = parser.add_argument_group("data")
-    data_help = ("JSONL(.gz)/CSV/Parquet file, a folder with --split, a `datasets` save_to_disk folder, "
-                 f"hf:ID[:CONFIG], or a preset ({', '.join(DATA_PRESETS)})")
-    if positional:
-        parser.add_argument("data", help=data_help)
-    else:
-        group.add_argument("--data", required=True, help=data_help)
-    group.add_argument("--text-field", help="document field (default: detected)")
-    group.add_argument("--summary-field", help="summary field (default: detected)")
-    group.add_argument("--template", default=DEFAULT_TEMPLATE,
-                       help="prompt template with {document} and {summary}; '{text}' = the document "
-                            "alone, verbatim (default: %(default)r)")
-    group.add_argument("--max-tokens", type=at_least(MIN_MAX_TOKENS), default=max_tokens,
-                       help="document is truncated so document + summary fit (default: %(default)s)")
-    group.add_argument("--n-docs", type=POSITIVE, default=None, help="use the first N valid records")
-    group.add_argument("--split", default=None, help="split, for folders, presets and hf: sources")
-    group.add_argument("--skip-invalid", action="store_true",
-                       help="skip bad records (and report how many) instead of failing")
+def runtime_from_args(args: argparse.Namespace) -> Runtime:
+    """The :class:`Runtime` the runtime flags describe."""
+    return config_from_args(Runtime, args)
 
 
-def data_config(args: argparse.Namespace) -> DataConfig:
-    from sumcircuit.data import DataConfig
-
-    return DataConfig(data=args.data, text_field=args.text_field, summary_field=args.summary_field,
-                      template=args.template, max_tokens=args.max_tokens, n_docs=args.n_docs,
-                      split=args.split, skip_invalid=args.skip_invalid)
+def add_out(parser: argparse.ArgumentParser, help_text: str = "output folder") -> None:
+    """--out (required)."""
+    parser.add_argument("--out", required=True, help=help_text)
 
 
-def add_model_options(parser: argparse.ArgumentParser, flag: str = "--model", *,
-                      required: bool = True, help_text: str | None = None) -> None:
-    parser.add_argument(flag, required=required,
-                        help=help_text or "hub id, local HF folder, .gguf file, or a named model "
-                                          "(see `sumcircuit models`)")
+def add_resume(parser: argparse.ArgumentParser, *aliases: str, what: str = "outputs") -> None:
+    """--no-resume (``resume=False``: start over, replacing sumcircuit's earlier outputs in --out), plus older spellings."""
+    parser.add_argument("--no-resume", *aliases, dest="resume", action="store_false",
+                        help=f"start over: replace the {what} sumcircuit wrote in --out (default: continue a run "
+                             "of the same settings found there)")
+    flags = dict(parser.get_default("param_flags") or {})
+    parser.set_defaults(param_flags={**flags, "resume": "--no-resume"})
 
 
-def add_pair_options(parser: argparse.ArgumentParser) -> None:
-    """--base, --tuned and the data options: what the commands that compare two models share."""
-    add_model_options(parser, "--base", help_text="the model before fine-tuning (any model spec)")
-    add_model_options(parser, "--tuned", help_text="the fine-tuned model (HF folder or adapter folder)")
-    add_data_options(parser)
+def add_model(parser: argparse.ArgumentParser, flag: str = "--model", help_text: str = MODEL_HELP) -> None:
+    """One required model flag."""
+    parser.add_argument(flag, required=True, help=help_text)
 
 
-def _checked_by(parser_name: str) -> Callable[[str], str]:
-    """An argparse type checked by ``sumcircuit.models.<parser_name>`` before anything is loaded or made.
-
-    Its one-line ``ModelError`` becomes a usage error; the models module is imported only when parsing.
-    """
-    def check(text: str) -> str:
-        from sumcircuit import models
-        from sumcircuit.errors import ModelError
-
-        try:
-            getattr(models, parser_name)(text)
-        except ModelError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-    return check
+def add_adapter(parser: argparse.ArgumentParser) -> None:
+    """--adapter: a PEFT adapter folder merged into --model."""
+    parser.add_argument("--adapter", help="PEFT adapter folder (from `sumcircuit finetune`) merged into --model")
 
 
-device = _checked_by("parse_device")  # a device this machine has
-dtype = _checked_by("parse_dtype")  # a dtype the models can be loaded in
+def model_from_args(args: argparse.Namespace, runtime: Runtime) -> str | LoadedModel:
+    """--model as a spec, or loaded with --adapter merged into it."""
+    if getattr(args, "adapter", None) is None:
+        return str(args.model)
+    from pathlib import Path
+
+    from sumcircuit.errors import ModelError
+    from sumcircuit.models import ensure_loaded, load_adapter
+
+    if not Path(args.adapter).is_dir():
+        raise ModelError(f"--adapter {args.adapter}: adapter folder not found")
+    return load_adapter(ensure_loaded(str(args.model), runtime=runtime), args.adapter, merge=True)
 
 
-DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: %(default)s)"
-DTYPE_HELP = "float32, bfloat16 or float16 (default: %(default)s)"
+_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--device", type=device, default="cpu", help=DEVICE_HELP)
-    group.add_argument("--dtype", type=dtype, default="float32", help=DTYPE_HELP)
-    group.add_argument("--seed", type=NON_NEGATIVE, default=0, help="random seed (default: %(default)s)")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="allow model code from the hub (off unless asked)")
-
-
-def split_directions(direction: str) -> tuple[str, ...]:
-    from sumcircuit.options import DIRECTIONS
-
-    return DIRECTIONS if direction == "both" else (direction,)
+def in_flags(message: str, args: argparse.Namespace) -> str:
+    """A library message with its `parameter` names written as this command's flags (``--max-tokens``)."""
+    return _PARAM.sub(lambda m: flag_for(args, m.group(1)) if flag_for(args, m.group(1)) != m.group(1)
+                      else m.group(1), message)
 
 
 def print_json(obj: Any) -> None:
+    """JSON for scripts (``--json``)."""
     print(json.dumps(obj, indent=2, default=str))
+
+
+def print_lines(lines: Sequence[str]) -> None:
+    """A command's report, line by line."""
+    for line in lines:
+        print(line)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.cli.common import add_data_options, data_config, print_json
+from sumcircuit.cli.common import Subparsers, add_data, data_from_args, print_json
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "data", help="preview a data set: records, fields, token lengths, truncation, invalid records",
         description=__doc__)
-    add_data_options(parser, positional=True)
+    add_data(parser, positional=True)
     parser.add_argument("--model", help="tokenize with this model's tokenizer to report token lengths")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=run)
@@ -22,14 +22,14 @@ def _fmt(stats: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sumcircuit.data import preview
+    from sumcircuit.data.preview import preview
 
     tokenizer = None
     if args.model:
         from sumcircuit.models import load_model
 
         tokenizer = load_model(args.model).tokenizer
-    report = preview(data_config(args), tokenizer)
+    report = preview(data_from_args(args), tokenizer)
     if args.json:
         print_json(report)
         return 0

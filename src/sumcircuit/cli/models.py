@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from sumcircuit.cli.common import print_json
+from sumcircuit.cli.common import Subparsers, print_json
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("models", help="list named offline models and whether each is installed",
                                    description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON")

@@ -1,11 +1,13 @@
-"""``sumcircuit report RUN``: one self-contained HTML page for a reproduce run."""
+"""``sumcircuit report RUN``: one self-contained HTML page for a study or any output folder."""
 
 from __future__ import annotations
 
 import argparse
 
+from sumcircuit.cli.common import Subparsers
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("report", help="write a self-contained HTML report for a run directory",
                                    description=__doc__)
     parser.add_argument("run", help="a `sumcircuit reproduce` run directory, or any single output folder "
@@ -15,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sumcircuit.report import build_report
+    from sumcircuit.study.report import build_report
 
     path = build_report(args.run, args.out)
     print(f"report written to {path}")

@@ -1,12 +1,44 @@
-"""Fine-tuning for summarization: full, LoRA on every layer, and targeted LoRA.
+"""Fine-tuning for summarization: full, LoRA on every layer, targeted LoRA, and any method you register.
 
-``config`` (methods, paper defaults, which layers), ``loop`` (the training
-run), ``checkpoint`` (atomic checkpoints, exported models, bitwise resume),
-``tracking`` (per-head change against the starting model during training).
+``config`` (:class:`FinetuneConfig`; no torch), ``methods`` (the registry, a
+module per method), ``batches`` (splits, sampler, the summary loss,
+validation), ``optim``, ``state``, ``loop``, ``checkpoint`` and ``resume``
+(bitwise resume), ``tracking``, ``result`` and ``run`` (:func:`finetune`).
+Names are imported on first use.
 """
 
-from sumcircuit.training.config import METHODS, PAPER_DEFAULTS, FinetuneConfig, FinetuneError, choose_layers
-from sumcircuit.training.loop import FinetuneResult, finetune, run_finetune
+from __future__ import annotations
 
-__all__ = ["METHODS", "PAPER_DEFAULTS", "FinetuneConfig", "FinetuneError", "FinetuneResult", "choose_layers",
-           "finetune", "run_finetune"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sumcircuit.training.config import FinetuneConfig, FinetuneError, ResolvedFinetuneConfig
+from sumcircuit.training.methods import (
+    FINETUNE_METHODS,
+    FinetuneMethod,
+    LayerChoice,
+    PreparedModel,
+    choose_layers,
+    random_layers,
+    register_finetune_method,
+)
+
+_LAZY = {"FinetuneResult": "result", "finetune": "run"}
+
+__all__ = ["FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "FinetuneMethod", "LayerChoice", "PreparedModel",
+           "ResolvedFinetuneConfig", "choose_layers", "random_layers", "register_finetune_method", "FinetuneResult",
+           "finetune"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sumcircuit.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sumcircuit.training.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from sumcircuit.training.result import FinetuneResult
+    from sumcircuit.training.run import finetune

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from sumcircuit.adapters import ArchitectureAdapter
-from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
-from sumcircuit.data import Encoded
+from sumcircuit.analysis.config import AnalysisConfig
+from sumcircuit.analysis.result import AnalysisResult
+from sumcircuit.analysis.run import analyze_models
+from sumcircuit.data.encoding import Encoded
 from sumcircuit.lora import split_fused_qkv
 
 # ---------------------------------------------------------------- tracking
@@ -49,7 +51,7 @@ class Tracker:
         base.eval()
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():  # training RNG stays untouched
-                config = AnalysisConfig(seed=self.seed, cka=False, ci_method="normal", progress=False)
+                config = AnalysisConfig(seed=self.seed, cka=False, ci_method="normal")
                 result = analyze_models(self.start, base, self.adapter, self.probe, config, self.pad_token_id)
         finally:
             base.train(was_training)
@@ -57,10 +59,7 @@ class Tracker:
 
 
 def head_rows(result: AnalysisResult) -> list[dict[str, Any]]:
-    """Per-head entropy/KL rows from an AnalysisResult (attribute names: see analysis.py)."""
-    heads = result.heads
-    if hasattr(heads, "to_dict"):  # a DataFrame
-        heads = heads.to_dict("records")
-    return [{k: row[k] for k in TRACKING_COLUMNS[2:] if k in row} for row in heads]
+    """Per-head entropy/KL rows of an analysis (the tracking.csv columns after step and epoch)."""
+    return [{k: row[k] for k in TRACKING_COLUMNS[2:] if k in row} for row in result.heads]  # type: ignore[literal-required]
 
 

@@ -1,14 +1,12 @@
-"""Circuit selection: rank layers (and heads) by how much fine-tuning changed them.
+"""Choosing a circuit: rank layers (and heads) by a score, and measure how stable the choice is.
 
 This is the paper's selection step made explicit and checkable: the score is
 named and defined in the output, and its stability is measured by re-ranking
-over bootstrap resamples of the analysed documents. A high change score is
+over bootstrap resamples of the analysed documents. A change score is
 *correlational*: whether the selected layers matter causally is what
-``sumcircuit ablate`` / ``sumcircuit patch`` test.
-
-Input: an analysis folder (``sumcircuit analyze``) with ``heads.csv``,
-``layers.csv``, ``per_doc.safetensors`` and ``summary.json``. Selection is a
-pure function of those files.
+``ablate`` and ``patch`` test; the ``attribution`` score ranks by estimated
+cause instead. Selection is a pure function of an analysis (or attribution),
+read from its folder or taken from the result in memory.
 """
 
 from __future__ import annotations
@@ -17,116 +15,39 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sumcircuit.artifacts import atomic_write_json, read_csv, read_json
-from sumcircuit.errors import SumcircuitError
-from sumcircuit.options import CIRCUIT_SCORE_DEFINITIONS, CIRCUIT_SCORES
-from sumcircuit.outputs import claim_file, require_complete, writes_file
+from sumcircuit.artifacts import read_csv, read_json
+from sumcircuit.circuit.config import CIRCUIT_SCORES, CircuitConfig, CircuitError
+from sumcircuit.circuit.result import Circuit, circuit_file
+from sumcircuit.circuit.scores import has_head_score, head_scores, layer_scores, top_k
+from sumcircuit.config import coerce_config
+from sumcircuit.outputs import require_complete, writes_file
 from sumcircuit.provenance import provenance
-from sumcircuit.results import Result
-from sumcircuit.sites import Site, SiteError, parse_sites
-from sumcircuit.stats import average_ranks, resample_counts
+from sumcircuit.sites import Site, parse_sites
+from sumcircuit.stats import resample_counts
 
-SCORES = tuple(s for s in CIRCUIT_SCORES if s != "attribution")
-HEAD_SCORES = ("kl", "kl-sym", "entropy", "combined")
-COMBINED_PARTS = ("kl", "entropy", "activation", "weights")
-DEFINITIONS = CIRCUIT_SCORE_DEFINITIONS
+if TYPE_CHECKING:
+    from sumcircuit.analysis.result import AnalysisResult
+    from sumcircuit.causal.attribution import AttributionResult
+
 _RANKING = "descending score; ties broken by the lower index"
 _BOOTSTRAP = ("documents resampled with replacement from per_doc.safetensors (each document weighted "
               "equally); per resample the score is recomputed from per-document means and the top-K "
               "re-selected; stability = fraction of resamples in which a selected item stays in the top-K")
 
 
-class CircuitError(SumcircuitError):
-    """An analysis folder that cannot be read, or a score / K that does not fit it."""
-
-
-@dataclass(frozen=True)
-class CircuitConfig:
-    score: str = "kl"
-    top_layers: int = 3
-    top_heads: int = 0  # 0: no head selection
-    n_bootstrap: int = 1000
-    seed: int = 0
-
-
-# ---------------------------------------------------------------- circuit files
-
-@dataclass
-class Circuit(Result):
-    """A selected circuit: its layers, its heads as :class:`Site` s, and everything circuit.json holds."""
-
-    kind: ClassVar[str] = "circuit"
-    main_table: ClassVar[str] = "layers"
-    layers: list[int]
-    heads: list[Site]
-    summary: dict[str, Any]
-
-    def tables(self) -> dict[str, list[dict[str, Any]]]:
-        scores = self.summary.get("scores") or []
-        ranked = self.summary.get("ranked_layers") or []
-        rank = {int(l): i for i, l in enumerate(ranked)}
-        stability = self.summary.get("stability") or {}
-        layers = [{"layer": l, "score": s, "rank": rank.get(l), "selected": l in self.layers,
-                   "stability": stability.get(str(l))} for l, s in enumerate(scores)]
-        head_stab = self.summary.get("head_stability") or {}
-        heads = [{**h.to_row(), "stability": head_stab.get(h.name)} for h in self.heads]
-        return {"layers": layers, "heads": heads}
-
-    def save(self, out: str | Path) -> Path:
-        """``circuit.json`` (``out`` is the file, or a folder to write it in)."""
-        with claim_file(circuit_file(out)) as path:
-            atomic_write_json(path, self.summary)
-        return path
-
-
-def circuit_file(out: str | Path) -> Path:
-    """Where a circuit goes: ``out`` itself when it names a .json file, else ``out/circuit.json``."""
-    path = Path(out)
-    return path if path.suffix == ".json" else path / "circuit.json"
-
-
-def read_circuit(path: str | Path) -> Circuit:
-    """A circuit file, strictly checked: integer layers, heads as names (``L2.H3``) or ``[layer, head]`` pairs.
-
-    Files of earlier versions (heads as ``[l, h]`` lists, stability keyed ``"2.3"``) load too.
-    Wrong types are refused, never coerced.
-    """
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise CircuitError(f"circuit file {path}: cannot read it: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CircuitError(f"circuit file {path}: expected a JSON object")
-    layers = data.get("layers")
-    if not isinstance(layers, list) or not layers or \
-            not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
-        raise CircuitError(f"circuit file {path}: field 'layers' must be a non-empty list of "
-                           f"non-negative integers, got {layers!r}")
-    raw_heads = data.get("heads") or []
-    if not isinstance(raw_heads, list):
-        raise CircuitError(f"circuit file {path}: field 'heads' must be a list")
-    try:
-        heads = parse_sites(raw_heads)
-    except SiteError as exc:
-        raise CircuitError(f"circuit file {path}: field 'heads': {exc}") from None
-    if any(h.kind != "attn_head" for h in heads):
-        raise CircuitError(f"circuit file {path}: field 'heads' holds non-head components")
-    return Circuit(sorted(set(layers)), heads, data)
-
-
 # ---------------------------------------------------------------- reading
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise CircuitError(f"{path} not found: --analysis must be a folder written by `sumcircuit analyze`")
-    return read_csv(path)
+        raise CircuitError(f"{path} not found: the analysis must be a folder written by `sumcircuit analyze`")
+    return list(read_csv(path))
 
 
-def _column(rows: list[dict[str, str]], name: str, path: Path) -> np.ndarray:
+def _column(rows: list[dict[str, Any]], name: str, path: Path) -> np.ndarray:
     if rows and name not in rows[0]:
         raise CircuitError(f"{path}: no column '{name}' (columns: {', '.join(rows[0])})")
     try:
@@ -139,101 +60,59 @@ def _column(rows: list[dict[str, str]], name: str, path: Path) -> np.ndarray:
 class AnalysisTables:
     """Per-head ``[L, H]`` and per-layer ``[L]`` statistics, plus per-document ones if present."""
 
-    folder: Path
+    folder: Path | None  # None: an analysis in memory
     heads: dict[str, np.ndarray]  # kl_base_tuned, kl_tuned_base, entropy_delta: [L, H]
     layers: dict[str, np.ndarray]  # actmag_rel_change, weight_change_attn, weight_change_mlp: [L]
     per_doc: dict[str, np.ndarray] | None  # [D, L, H] / [D, L]
+    provenance: dict[str, Any] | None = None  # the analysis's own
 
     @property
     def n_layers(self) -> int:
         return next(iter(self.heads.values())).shape[0]
 
 
-def read_analysis(folder: str | Path) -> AnalysisTables:
-    folder = Path(folder)
+def read_analysis(source: str | Path | AnalysisResult) -> AnalysisTables:
+    """The statistics a change score reads, from an analysis folder or an :class:`AnalysisResult`."""
+    if not isinstance(source, (str, Path)):
+        per_doc_t = {k: v.double().numpy() for k, v in source.per_doc.items()} if source.per_doc else None
+        return _tables(None, list(source.heads), list(source.layers), per_doc_t,  # type: ignore[arg-type]
+                       source.summary, Path("heads.csv"), Path("layers.csv"))
+    folder = Path(source)
     if not folder.is_dir():
-        raise CircuitError(f"--analysis {folder}: not a folder")
+        raise CircuitError(f"analysis {folder}: not a folder")
     require_complete(folder)
-    head_rows = _read_csv(folder / "heads.csv")
-    layer_rows = _read_csv(folder / "layers.csv")
-    if not head_rows or not layer_rows:
-        raise CircuitError(f"{folder}: heads.csv or layers.csv is empty")
-    layer_idx = _column(head_rows, "layer", folder / "heads.csv").astype(int)
-    head_idx = _column(head_rows, "head", folder / "heads.csv").astype(int)
-    n_layers, n_heads = layer_idx.max() + 1, head_idx.max() + 1
-    heads: dict[str, np.ndarray] = {}
-    for name in ("kl_base_tuned", "kl_tuned_base", "entropy_delta"):
-        grid = np.full((n_layers, n_heads), math.nan)
-        grid[layer_idx, head_idx] = _column(head_rows, name, folder / "heads.csv")
-        heads[name] = grid
-    order = _column(layer_rows, "layer", folder / "layers.csv").astype(int)
-    layers: dict[str, np.ndarray] = {}
-    for name in ("actmag_rel_change", "weight_change_attn", "weight_change_mlp"):
-        values = np.full(n_layers, math.nan)
-        if name in layer_rows[0]:
-            values[order] = _column(layer_rows, name, folder / "layers.csv")
-        layers[name] = values
     per_doc = None
     if (folder / "per_doc.safetensors").is_file():
         from safetensors.numpy import load_file
 
         per_doc = {k: v.astype(np.float64) for k, v in load_file(str(folder / "per_doc.safetensors")).items()}
-    return AnalysisTables(folder, heads, layers, per_doc)
+    summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    return _tables(folder, _read_csv(folder / "heads.csv"), _read_csv(folder / "layers.csv"), per_doc, summary,
+                   folder / "heads.csv", folder / "layers.csv")
 
 
-# ---------------------------------------------------------------- scores
+def _tables(folder: Path | None, head_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]],
+            per_doc: dict[str, np.ndarray] | None, summary: dict[str, Any], heads_path: Path,
+            layers_path: Path) -> AnalysisTables:
+    if not head_rows or not layer_rows:
+        raise CircuitError(f"{folder or 'analysis'}: heads.csv or layers.csv is empty")
+    layer_idx = _column(head_rows, "layer", heads_path).astype(int)
+    head_idx = _column(head_rows, "head", heads_path).astype(int)
+    n_layers, n_heads = layer_idx.max() + 1, head_idx.max() + 1
+    heads: dict[str, np.ndarray] = {}
+    for name in ("kl_base_tuned", "kl_tuned_base", "entropy_delta"):
+        grid = np.full((n_layers, n_heads), math.nan)
+        grid[layer_idx, head_idx] = _column(head_rows, name, heads_path)
+        heads[name] = grid
+    order = _column(layer_rows, "layer", layers_path).astype(int)
+    layers: dict[str, np.ndarray] = {}
+    for name in ("actmag_rel_change", "weight_change_attn", "weight_change_mlp"):
+        values = np.full(n_layers, math.nan)
+        if name in layer_rows[0]:
+            values[order] = _column(layer_rows, name, layers_path)
+        layers[name] = values
+    return AnalysisTables(folder, heads, layers, per_doc, summary.get("provenance"))
 
-def normalized_ranks(scores: np.ndarray) -> np.ndarray:
-    """``(n-1-rank)/(n-1)`` along the last axis, rank 0 = largest, ties averaged; NaN stays NaN."""
-    n = scores.shape[-1]
-    filled = np.nan_to_num(scores, nan=-np.inf)
-    ranks = np.apply_along_axis(average_ranks, -1, filled)
-    return np.where(np.isnan(scores), np.nan, (n - 1 - ranks) / max(n - 1, 1))
-
-
-def _head_grids(score: str, stats: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-head score ``[..., L, H]`` from (resampled) mean per-head statistics."""
-    if score == "kl":
-        return stats["kl_base_tuned"]
-    if score == "kl-sym":
-        return (stats["kl_base_tuned"] + stats["kl_tuned_base"]) / 2
-    if score == "entropy":
-        return np.abs(stats["entropy_delta"])
-    raise CircuitError(f"no per-head statistic for score '{score}'")
-
-
-def layer_scores(score: str, heads: Mapping[str, np.ndarray], layers: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-layer score ``[..., L]`` (leading axes: bootstrap resamples)."""
-    if score in ("kl", "kl-sym", "entropy"):
-        return np.nanmean(_head_grids(score, heads), axis=-1)
-    if score == "activation":
-        return np.abs(layers["actmag_rel_change"])
-    if score == "weights":
-        return layers["weight_change_attn"] + layers["weight_change_mlp"]
-    if score == "combined":
-        parts = [layer_scores(p, heads, layers) for p in COMBINED_PARTS]
-        parts = [p for p in parts if not np.all(np.isnan(p))]
-        shape = np.broadcast_shapes(*(p.shape for p in parts))
-        return np.nanmean(np.stack([normalized_ranks(np.broadcast_to(p, shape)) for p in parts]), axis=0)
-    raise CircuitError(f"--score {score}: choose one of {', '.join(SCORES)}")
-
-
-def head_scores(score: str, heads: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-head score flattened to ``[..., L*H]`` (index = layer * H + head)."""
-    if score not in HEAD_SCORES:
-        raise CircuitError(f"--top-heads needs a per-head score ({', '.join(HEAD_SCORES)}); "
-                           f"'{score}' is defined per layer only")
-    if score == "combined":
-        parts = [head_scores(p, heads) for p in ("kl", "entropy")]
-        return np.nanmean(np.stack([normalized_ranks(p) for p in parts]), axis=0)
-    grid = _head_grids(score, heads)
-    return grid.reshape(*grid.shape[:-2], -1)
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest along the last axis (NaN last; ties: lower index first)."""
-    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")
-    return order[..., :k]
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -268,42 +147,71 @@ def _per_doc_scores(tables: AnalysisTables, score: str, counts: np.ndarray) -> t
     layers: dict[str, np.ndarray] = dict(tables.layers)
     if "actmag_rel_change" in tables.per_doc:
         layers["actmag_rel_change"] = _weighted_mean(tables.per_doc["actmag_rel_change"], counts)
-    head = head_scores(score, heads) if score in HEAD_SCORES and heads else None
+    head = head_scores(score, heads) if has_head_score(score) and heads else None
     return layer_scores(score, heads, layers), head
 
 
-def _needs(score: str) -> tuple[str, ...]:
-    return {"kl": ("kl_base_tuned",), "kl-sym": ("kl_base_tuned", "kl_tuned_base"),
-            "entropy": ("entropy_base", "entropy_tuned"), "activation": ("actmag_rel_change",),
-            "weights": (), "combined": ("kl_base_tuned", "entropy_base", "entropy_tuned", "actmag_rel_change")}[score]
-
-
-# ---------------------------------------------------------------- selection
-
 @writes_file("out", circuit_file)
-def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int = 3, top_heads: int = 0,
-                   n_bootstrap: int = 1000, seed: int = 0, out: str | Path | None = None) -> Circuit:
-    """Rank layers (and heads) by ``score``; measure bootstrap stability; write ``out`` if given."""
-    cfg = CircuitConfig(score, top_layers, top_heads, n_bootstrap, seed)
-    if score not in SCORES:
-        raise CircuitError(f"--score {score}: choose one of {', '.join(SCORES)}")
-    tables = read_analysis(analysis_dir)
+def select_circuit(source: str | Path | AnalysisResult | AttributionResult, config: CircuitConfig | None = None, *,
+                   out: str | Path | None = None) -> Circuit:
+    """Rank layers (and heads) by a score, measure the choice's bootstrap stability, write ``out`` if given.
+
+    Args:
+        source: an analysis (folder or :class:`~sumcircuit.analysis.AnalysisResult`) for the change
+            scores, or an attribution (folder or result) for the ``attribution`` score.
+        config: the score (default: ``kl`` for an analysis, ``attribution`` for an attribution), how many
+            layers and heads, and the stability bootstrap.
+        out: a ``.json`` file, or a folder to write ``circuit.json`` in.
+
+    Returns:
+        The circuit: its layers, heads as Sites, scores, ranks, stability and provenance.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> analysis = sc.load_run("runs/demo/analysis")  # doctest: +SKIP
+        >>> sc.select_circuit(analysis, sc.CircuitConfig(score="kl", top_layers=3)).layers  # doctest: +SKIP
+    """
+    cfg = coerce_config(CircuitConfig, config)
+    by_cause = _is_attribution(source)
+    score = cfg.score or ("attribution" if by_cause else "kl")
+    if (CIRCUIT_SCORES.get(score).source == "attribution") != by_cause:
+        need = "an attribution (`sumcircuit attribute`)" if not by_cause else "an analysis (`sumcircuit analyze`)"
+        raise CircuitError(f"score {score} needs {need}, got {_kind(by_cause)}")
+    cfg = cfg.replace(score=score)
+    circuit = _by_attribution(source, cfg) if by_cause else _by_change(source, cfg)  # type: ignore[arg-type]
+    if out is not None:
+        circuit.save(out)
+    return circuit
+
+
+def _kind(by_cause: bool) -> str:
+    return "an attribution" if by_cause else "an analysis"
+
+
+def _is_attribution(source: Any) -> bool:
+    if isinstance(source, (str, Path)):
+        return (Path(source) / "attribution.json").is_file()
+    return getattr(source, "kind", None) == "attribution"
+
+
+def _by_change(source: str | Path | AnalysisResult, cfg: CircuitConfig) -> Circuit:
+    score, top_layers, top_heads = str(cfg.score), cfg.top_layers, cfg.top_heads
+    tables = read_analysis(source)
     n_layers = tables.n_layers
     n_heads = tables.heads["kl_base_tuned"].shape[1]
     if not 1 <= top_layers <= n_layers:
-        raise CircuitError(f"--top-layers {top_layers}: must be between 1 and the {n_layers} layers analysed")
+        raise CircuitError(f"top_layers {top_layers}: must be between 1 and the {n_layers} layers analysed")
     if not 0 <= top_heads <= n_layers * n_heads:
-        raise CircuitError(f"--top-heads {top_heads}: must be between 0 and the {n_layers * n_heads} heads analysed")
+        raise CircuitError(f"top_heads {top_heads}: must be between 0 and the {n_layers * n_heads} heads analysed")
     scores = layer_scores(score, tables.heads, tables.layers)
     if np.all(np.isnan(scores)):
-        raise CircuitError(f"{tables.folder}: the statistics needed for --score {score} are missing or NaN")
+        raise CircuitError(f"{tables.folder or 'analysis'}: the statistics needed for score {score} are missing "
+                           "or NaN")
     selected = top_k(scores, top_layers)
     heads = head_scores(score, tables.heads) if top_heads else None
     selected_heads = top_k(heads, top_heads) if heads is not None else np.array([], dtype=int)
 
     stability, head_stability, frequency, note = _stability(tables, cfg, selected, selected_heads, n_heads)
-    summary_path = tables.folder / "summary.json"
-    analysis_prov = read_json(summary_path).get("provenance") if summary_path.is_file() else None
     circuit: dict[str, Any] = {
         "layers": sorted(int(l) for l in selected),
         "heads": [Site(int(i // n_heads), "attn_head", int(i % n_heads)).name
@@ -311,7 +219,7 @@ def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int 
         "ranked_layers": [int(l) for l in top_k(scores, n_layers)],
         "scores": [None if math.isnan(s) else float(s) for s in scores],
         "score": score,
-        "definition": DEFINITIONS[score],
+        "definition": CIRCUIT_SCORES.get(score).definition,
         "ranking": _RANKING,
         "top_layers": top_layers,
         "top_heads": top_heads,
@@ -326,13 +234,10 @@ def select_circuit(analysis_dir: str | Path, score: str = "kl", top_layers: int 
         circuit["head_stability"] = head_stability
     if frequency is not None:
         circuit["topk_frequency"] = frequency
-    circuit["provenance"] = provenance(analysis={"dir": str(Path(analysis_dir).resolve()),
-                                                 "provenance": analysis_prov},
-                                       seed=seed, config=asdict(cfg))
-    result = Circuit(sorted(int(l) for l in selected), parse_sites(circuit["heads"]), circuit)
-    if out is not None:
-        result.save(out)
-    return result
+    where = str(tables.folder.resolve()) if tables.folder is not None else None
+    circuit["provenance"] = provenance(analysis={"dir": where, "provenance": tables.provenance},
+                                       seed=cfg.seed, config=asdict(cfg))
+    return Circuit(sorted(int(l) for l in selected), parse_sites(circuit["heads"]), circuit)
 
 
 _Stability = tuple[dict[str, Any], dict[str, Any] | None, list[float] | None, str | None]
@@ -344,21 +249,22 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
     null = {str(int(l)): None for l in selected}
     null_heads = ({Site(int(i // n_heads), "attn_head", int(i % n_heads)).name: None for i in selected_heads}
                   if cfg.top_heads else None)
-    if cfg.score == "weights":
-        return null, null_heads, None, ("weights score has no per-document variation (it compares weights, "
+    if not CIRCUIT_SCORES.get(str(cfg.score)).per_document:
+        return null, null_heads, None, (f"{cfg.score} score has no per-document variation (it compares weights, "
                                         "not activations): bootstrap stability is undefined, reported as null")
     if tables.per_doc is None:
         return null, null_heads, None, "per_doc.safetensors missing from the analysis folder: stability not computed"
-    missing = [k for k in _needs(cfg.score) if k not in tables.per_doc]
+    score = str(cfg.score)
+    missing = [k for k in CIRCUIT_SCORES.get(score).needs if k not in tables.per_doc]
     if missing:
         return null, null_heads, None, f"per_doc.safetensors lacks {', '.join(missing)}: stability not computed"
     if cfg.n_bootstrap < 1:
         return null, null_heads, None, "n_bootstrap = 0: stability not computed"
     n_docs = next(iter(tables.per_doc.values())).shape[0]
-    full_sample, _ = _per_doc_scores(tables, cfg.score, np.ones((1, n_docs)))
+    full_sample, _ = _per_doc_scores(tables, score, np.ones((1, n_docs)))
     per_doc_top = sorted(int(l) for l in top_k(full_sample[0], cfg.top_layers))
     counts = resample_counts(n_docs, cfg.n_bootstrap, cfg.seed)
-    layer_boot, head_boot = _per_doc_scores(tables, cfg.score, counts)
+    layer_boot, head_boot = _per_doc_scores(tables, score, counts)
     in_top = np.zeros(tables.n_layers)
     for row in top_k(layer_boot, cfg.top_layers):
         in_top[row] += 1
@@ -382,10 +288,7 @@ def _stability(tables: AnalysisTables, cfg: CircuitConfig, selected: np.ndarray,
 
 # ---------------------------------------------------------------- circuits by cause
 
-@writes_file("out", circuit_file)
-def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int = 3, top_heads: int = 0,
-                                  direction: str | None = None, n_bootstrap: int = 1000, seed: int = 0,
-                                  out: str | Path | None = None) -> Circuit:
+def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) -> Circuit:
     """Layers (and heads) whose patching from the other model moves the loss most, by attribution.
 
     Layer score: |effect| of its attention plus |effect| of its MLP contribution; head score: |effect|.
@@ -393,25 +296,28 @@ def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int =
     """
     from sumcircuit.causal.attribution import AttributionResult
 
-    folder = require_complete(attribution_dir)
-    if not (folder / "attribution.json").is_file():
-        raise CircuitError(f"attribution {folder}: not a folder written by `sumcircuit attribute`")
-    result = AttributionResult.read(folder)
+    top_layers, top_heads, n_bootstrap, seed = cfg.top_layers, cfg.top_heads, cfg.n_bootstrap, cfg.seed
+    if isinstance(source, (str, Path)):
+        folder: Path | None = require_complete(source)
+        result = AttributionResult.read(source)
+    else:
+        folder, result = None, source
     directions = result.summary.get("directions") or []
-    chosen = direction or ("denoise" if "denoise" in directions else (directions or ["denoise"])[0])
+    chosen = cfg.direction or ("denoise" if "denoise" in directions else (directions or ["denoise"])[0])
     if chosen not in directions:
-        raise CircuitError(f"direction {chosen}: {folder} has {', '.join(directions) or 'none'}")
+        raise CircuitError(f"direction {chosen}: {folder or 'the attribution'} has {', '.join(directions) or 'none'}")
     n_layers, n_heads = int(result.summary["n_layers"]), int(result.summary["n_heads"])
     if not 1 <= top_layers <= n_layers:
-        raise CircuitError(f"--top-layers {top_layers}: must be between 1 and the {n_layers} layers")
+        raise CircuitError(f"top_layers {top_layers}: must be between 1 and the {n_layers} layers")
     effects = result.effects(chosen)
     layer_scores = np.array([abs(effects.get(f"L{l}.attn", math.nan)) + abs(effects.get(f"L{l}.mlp", math.nan))
                              for l in range(n_layers)])
     if np.all(np.isnan(layer_scores)):
-        raise CircuitError(f"{folder}: no layer rows (run `sumcircuit attribute --granularity layer` or all)")
+        raise CircuitError(f"{folder or 'attribution'}: no layer rows (run `sumcircuit attribute --granularity "
+                           "layer` or all)")
     head_grid = np.array([abs(effects.get(f"L{l}.H{h}", math.nan)) for l in range(n_layers) for h in range(n_heads)])
     if top_heads and np.all(np.isnan(head_grid)):
-        raise CircuitError(f"--top-heads {top_heads}: {folder} has no head rows")
+        raise CircuitError(f"top_heads {top_heads}: {folder or 'the attribution'} has no head rows")
     selected = top_k(layer_scores, top_layers)
     selected_heads = top_k(head_grid, top_heads) if top_heads else np.array([], dtype=int)
     stability, head_stability = _attribution_stability(result, chosen, selected, selected_heads, n_layers, n_heads,
@@ -421,22 +327,19 @@ def select_circuit_by_attribution(attribution_dir: str | Path, top_layers: int =
         "layers": sorted(int(l) for l in selected), "heads": [h.name for h in head_sites],
         "ranked_layers": [int(l) for l in top_k(layer_scores, n_layers)],
         "scores": [None if math.isnan(s) else float(s) for s in layer_scores],
-        "score": "attribution", "direction": chosen, "definition": DEFINITIONS["attribution"],
+        "score": "attribution", "direction": chosen, "definition": CIRCUIT_SCORES.get("attribution").definition,
         "ranking": _RANKING, "top_layers": top_layers, "top_heads": top_heads,
         "stability": stability, "stability_definition": _BOOTSTRAP.replace("per_doc.safetensors",
                                                                             "attribution_neurons.safetensors"),
         "n_layers": n_layers, "n_heads": n_heads,
         "head_scores": {h.name: float(head_grid[i]) for h, i in zip(head_sites, selected_heads)},
         "head_stability": head_stability,
-        "provenance": provenance(attribution={"dir": str(folder.resolve()),
+        "provenance": provenance(attribution={"dir": str(folder.resolve()) if folder is not None else None,
                                               "provenance": result.summary.get("provenance")},
                                  seed=seed, config={"top_layers": top_layers, "top_heads": top_heads,
                                                     "direction": chosen, "n_bootstrap": n_bootstrap}),
     }
-    circuit = Circuit(summary["layers"], head_sites, summary)
-    if out is not None:
-        circuit.save(out)
-    return circuit
+    return Circuit(summary["layers"], head_sites, summary)
 
 
 def _attribution_stability(result: Any, direction: str, selected: np.ndarray, selected_heads: np.ndarray,

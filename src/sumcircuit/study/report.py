@@ -1,137 +1,58 @@
-"""One self-contained HTML page for a ``reproduce`` run directory.
+"""One self-contained HTML page for a study folder, or for any single output folder.
 
-Figures are inline PNGs (no network needed to view the file) and every string
-that came from a data set or a file is HTML-escaped. Sections whose stage did
-not run say so instead of failing, so a partial run still gets a report.
+Figures are inline PNGs (no network needed to view the file; drawn by
+:mod:`sumcircuit.plots`) and every string that came from a data set or a file
+is HTML-escaped. Sections whose stage did not run say so instead of failing,
+so a partial run still gets a report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from sumcircuit import claims  # noqa: E402
-from sumcircuit.artifacts import atomic_write_text, read_csv, read_jsonl  # noqa: E402
-from sumcircuit.circuit import read_circuit  # noqa: E402
-from sumcircuit.errors import SumcircuitError  # noqa: E402
-from sumcircuit.outputs import is_complete, require_complete  # noqa: E402
-from sumcircuit.runs import StudyLayout  # noqa: E402
+from sumcircuit import plots
+from sumcircuit.artifacts import atomic_write_text, read_jsonl
+from sumcircuit.errors import SumcircuitError
+from sumcircuit.outputs import require_complete
+from sumcircuit.study import claims
+from sumcircuit.study.evidence import finished, read_csv_if_finished, read_json_if_finished
+from sumcircuit.study.layout import StudyLayout
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
-# ---------------------------------------------------------------- readers
-
-def _finished(path: Path) -> bool:
-    """A file is evidence only if the run that writes its folder finished (no INCOMPLETE.json there).
-
-    A study building its own report reads its own root (``reproduce.json``) while it still holds it.
-    """
-    return path.is_file() and is_complete(path.parent)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if _finished(path) else None
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)] if _finished(path) else []
-
-
-def _number(value: str | None) -> Any:
-    if value is None or value == "":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-
-
-def per_example_rouge1(eval_dir: Path) -> dict[int, float]:
-    """Position in the evaluation set -> ROUGE-1 F1 from predictions.jsonl, for paired comparisons.
-
-    Keyed by position, not by document id: ids may repeat in a data set, and
-    pairing by id would silently drop (or mismatch) those documents.
-    """
-    out: dict[int, float] = {}
-    if not _finished(eval_dir / "predictions.jsonl"):
-        return out
-    for row in read_jsonl(eval_dir / "predictions.jsonl"):
-        scores = row.get("scores", {})
-        value = scores.get("rouge1")
-        out[int(row["index"])] = float(value["f1"] if isinstance(value, Mapping) else value)
-    return out
+_finished, _read_json, _read_csv = finished, read_json_if_finished, read_csv_if_finished
 
 
 # ---------------------------------------------------------------- figures
-
-def _png(fig: plt.Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
 
 def _img(b64: str, alt: str, caption: str = "") -> str:
     figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">{figcaption}</figure>'
 
 
-def _grid(rows: Sequence[Mapping[str, Any]], value: str) -> list[list[float]]:
-    n_layers = int(max(r["layer"] for r in rows)) + 1
-    n_heads = int(max(r["head"] for r in rows)) + 1
-    grid = [[math.nan] * n_heads for _ in range(n_layers)]
-    for r in rows:
-        grid[int(r["layer"])][int(r["head"])] = float(r[value])
-    return grid
+def _figure(fig: Figure, alt: str, caption: str) -> str:
+    return _img(plots.figure_base64(fig), alt, caption)
 
 
 def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, title, cmap in ((axes[0], "entropy_delta", "entropy change (tuned - base, nats)", "RdBu_r"),
-                                 (axes[1], "kl_base_tuned", "KL(base || tuned) (nats)", "viridis")):
-        grid = _grid(heads, key)
-        if cmap == "RdBu_r":
-            bound = max(1e-9, max(abs(v) for row in grid for v in row if not math.isnan(v)))
-            im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-bound, vmax=bound)
-        else:
-            im = ax.imshow(grid, aspect="auto", cmap=cmap)
-        ax.set(title=title, xlabel="head", ylabel="layer")
-        fig.colorbar(im, ax=ax)
-    return _img(_png(fig), "per-head heatmaps of entropy change and KL",
-                "Per head (rows: layers, columns: heads), token-weighted over the analysed documents. Left: "
-                "attention entropy of the tuned model minus the base model (blue: more focused after tuning). "
-                "Right: KL(base || tuned) of the attention distributions.")
+    return _figure(plots.head_heatmaps(heads), "per-head heatmaps of entropy change and KL",
+                   "Per head (rows: layers, columns: heads), token-weighted over the analysed documents. Left: "
+                   "attention entropy of the tuned model minus the base model (blue: more focused after tuning). "
+                   "Right: KL(base || tuned) of the attention distributions.")
 
 
 def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
-    keys = [("kl_base_tuned", "mean KL(base||tuned)"), ("actmag_rel_change", "residual norm rel. change"),
-            ("cka", "linear CKA base vs tuned"), ("weight_change_attn", "rel. weight change (attn)"),
-            ("weight_change_mlp", "rel. weight change (MLP)")]
-    keys = [(k, t) for k, t in keys if layers and k in layers[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.4), squeeze=False)
-    xs = [int(r["layer"]) for r in layers]
-    for ax, (key, title) in zip(axes[0], keys):
-        ax.bar(xs, [float(r[key]) for r in layers], color="tab:blue")
-        ax.set(title=title, xlabel="layer")
-    return _img(_png(fig), "per-layer change bar charts",
-                "Per layer: mean attention KL over heads, relative change of the residual-stream norm, linear CKA "
-                "between the two models' hidden states (1 = same representation up to rotation and scale), and the "
-                "relative Frobenius change of attention and MLP weights.")
+    return _figure(plots.layer_bars(layers), "per-layer change bar charts",
+                   "Per layer: mean attention KL over heads, relative change of the residual-stream norm, linear CKA "
+                   "between the two models' hidden states (1 = same representation up to rotation and scale), and the "
+                   "relative Frobenius change of attention and MLP weights.")
 
 
 def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
@@ -140,59 +61,23 @@ def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
     tensors = load_file(str(stats_path))
     if "neurons.standardized_change" not in tensors:
         return "<p>No standardized neuron change in stats.safetensors.</p>"
-    values = tensors["neurons.standardized_change"].flatten().float()
-    flips_key = "neurons.sign_flip" if "neurons.sign_flip" in tensors else None
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.hist(values.clamp(-10, 10).numpy(), bins=100, color="tab:gray")
-    if threshold is not None:
-        for t in (-threshold, threshold):
-            ax.axvline(t, color="tab:red", linestyle="--")
-    flips = int(tensors[flips_key].sum().item()) if flips_key else None
-    ax.set(title=f"standardized neuron change (Cohen's d, clipped to ±10); sign flips: "
-                 f"{flips if flips is not None else 'n/a'}", xlabel="standardized change", ylabel="neurons")
-    ax.set_yscale("log")
-    return _img(_png(fig), "neuron change histogram",
-                "Standardized change (Cohen's d, tuned vs base) of every MLP neuron's mean activation; dashed lines: "
-                "the threshold counted as 'changed'. Log scale.")
+    values = tensors["neurons.standardized_change"].flatten().float().numpy()
+    flips = int(tensors["neurons.sign_flip"].sum().item()) if "neurons.sign_flip" in tensors else None
+    return _figure(plots.neuron_histogram(values, flips, threshold), "neuron change histogram",
+                   "Standardized change (Cohen's d, tuned vs base) of every MLP neuron's mean activation; dashed lines: "
+                   "the threshold counted as 'changed'. Log scale.")
 
 
 def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for name, log in runs.items():
-        train = [(r["step"], r["loss"]) for r in log if "loss" in r and "step" in r]
-        val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
-        if train:
-            axes[0].plot(*zip(*train), label=name)
-        if val:
-            axes[1].plot(*zip(*val), marker="o", label=name)
-    axes[0].set(title="training loss (summary tokens)", xlabel="optimizer step")
-    axes[1].set(title="validation loss", xlabel="optimizer step")
-    for ax in axes:
-        ax.legend()
-    return _img(_png(fig), "training and validation loss curves",
-                "Loss on summary tokens per optimizer step (left) and on the held-out validation slice (right) for "
-                "the first training seed of each method; early stopping keeps the best validation checkpoint.")
+    return _figure(plots.training_curves(runs), "training and validation loss curves",
+                   "Loss on summary tokens per optimizer step (left) and on the held-out validation slice (right) for "
+                   "the first training seed of each method; early stopping keeps the best validation checkpoint.")
 
 
 def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
-    per_step: dict[tuple[int, int], list[float]] = defaultdict(list)
-    for r in rows:
-        per_step[(int(r["step"]), int(r["layer"]))].append(float(r["kl_base_tuned"]))
-    layers = sorted({layer for _, layer in per_step})
-    steps = sorted({step for step, _ in per_step})
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    cmap = plt.get_cmap("viridis")
-    for i, layer in enumerate(layers):
-        ax.plot(steps, [sum(per_step[(s, layer)]) / len(per_step[(s, layer)]) if per_step[(s, layer)]
-                        else math.nan for s in steps], color=cmap(i / max(1, len(layers) - 1)),
-                label=f"L{layer}" if len(layers) <= 12 else None)
-    ax.set(title="attention KL(start || current) per layer during training", xlabel="step",
-           ylabel="mean KL over heads")
-    if len(layers) <= 12:
-        ax.legend(fontsize=7, ncol=2)
-    return _img(_png(fig), "interpretability tracking during training",
-                "Mean attention KL between the starting model and the model being trained, per layer, during the "
-                "full fine-tune.")
+    return _figure(plots.tracking_plot(rows), "interpretability tracking during training",
+                   "Mean attention KL between the starting model and the model being trained, per layer, during the "
+                   "full fine-tune.")
 
 
 # ---------------------------------------------------------------- tables
@@ -245,97 +130,6 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
                   summary.get("wall_time_s"), rouge.get("n"), f"{cut} of {rouge.get('n')}" if cut is not None else None]
         rows.append(cells)
     return rows
-
-
-# ---------------------------------------------------------------- claims
-
-def _circuit_picks(path: Path) -> tuple[list[int], list[str]] | None:
-    """(layers, head names) of a circuit file, or None when that stage has not run."""
-    if not _finished(path):
-        return None
-    chosen = read_circuit(path)
-    return chosen.layers, [h.name for h in chosen.heads]
-
-
-def _model_type(analysis_summary: Mapping[str, Any]) -> str | None:
-    models = (analysis_summary.get("provenance") or {}).get("models") or [{}]
-    return models[0].get("model_type") if isinstance(models[0], dict) else None
-
-
-SeedScores = dict[int, dict[int, float]]  # training seed -> position in the evaluation set -> ROUGE-1
-
-
-def method_scores(layout: StudyLayout, method: str) -> SeedScores:
-    """Per-document ROUGE-1 of every finished, evaluated seed of ``method``."""
-    return {seed: scores for seed, name in layout.runs_of(method).items()
-            if (scores := per_example_rouge1(layout.eval_dir(name)))}
-
-
-def score_tables(*methods: SeedScores) -> list[np.ndarray] | None:
-    """Seeds x documents tables of several methods over the seeds and documents they all have (paired)."""
-    seeds = sorted(set.intersection(*[set(m) for m in methods])) if methods else []
-    if not seeds:
-        return None
-    docs = sorted(set.intersection(*[set(m[s]) for m in methods for s in seeds]))
-    if len(docs) < 2:
-        return None
-    return [np.array([[m[s][d] for d in docs] for s in seeds]) for m in methods]
-
-
-def _summaries(layout: StudyLayout, method: str) -> dict[int, dict[str, Any]]:
-    return {seed: summary for seed, name in layout.runs_of(method).items()
-            if (summary := _read_json(layout.train_summary(name)))}
-
-
-def _random_note(layout: StudyLayout, manifest: Mapping[str, Any], targeted_params: int | None) -> str:
-    controls = manifest.get("random_controls") or {}
-    params = sorted({int(s["trainable_params"]) for m in layout.random_methods()
-                     for s in _summaries(layout, m).values() if s.get("trainable_params") is not None})
-    parts = []
-    if controls.get("excluded") is not None:
-        where = "outside" if controls.get("outside_circuits") else "NOT outside (the model has too few layers)"
-        parts.append(f"random sets drawn {where} the circuits' layers {controls['excluded']}")
-    if params and targeted_params:
-        matched = params == [targeted_params]
-        parts.append(f"parameter-matched: {'yes' if matched else 'no'} ({', '.join(f'{p:,}' for p in params)} "
-                     f"vs {targeted_params:,} trainable)")
-    return "; ".join(parts)
-
-
-def evaluate_claims(run: Path) -> list[claims.ClaimResult]:
-    layout = StudyLayout(run)
-    manifest = _read_json(layout.manifest) or {}
-    summary = _read_json(layout.analysis / "summary.json") or {}
-    share = summary.get("share_heads_entropy_decreased")
-    share_ci = summary.get("share_heads_entropy_decreased_ci") or [None, None]
-    circuit = _read_json(layout.circuit_file) or {}
-    targeted_runs, lora_runs = _summaries(layout, "targeted"), _summaries(layout, "lora_all")
-    paired_seeds = sorted(set(targeted_runs) & set(lora_runs))
-    first = paired_seeds[0] if paired_seeds else None
-    targeted = method_scores(layout, "targeted")
-    none: list[np.ndarray | None] = [None, None]
-    rouge: list[np.ndarray | None] = list(score_tables(targeted, method_scores(layout, "lora_all")) or none)
-    randoms = score_tables(targeted, *[method_scores(layout, m) for m in layout.random_methods()])
-    cause: list[np.ndarray | None] = list(score_tables(method_scores(layout, "targeted_attribution"), targeted) or none)
-    targeted_params = targeted_runs[first].get("trainable_params") if first is not None else None
-    return [
-        claims.head_share_claim(share, share_ci[0], share_ci[1], summary.get("n_docs"),
-                                (summary.get("n_layers") or 0) * (summary.get("n_heads") or 0) or None),
-        claims.circuit_layers_claim(circuit.get("layers"), summary.get("n_layers"), _model_type(summary)),
-        claims.rouge_claim(rouge[0], rouge[1]),
-        claims.params_claim(targeted_params, lora_runs[first].get("trainable_params") if first is not None else None),
-        claims.epochs_claim([targeted_runs[s] for s in paired_seeds], [lora_runs[s] for s in paired_seeds]),
-        claims.random_control_claim(randoms[0] if randoms else None, randoms[1:] if randoms else [],
-                                    _random_note(layout, manifest, targeted_params)),
-        claims.ablation_claim(_read_json(layout.ablate / "ablation.json")),
-        claims.cause_vs_change_claim(_circuit_picks(layout.circuit_file), _circuit_picks(layout.attribution_circuit_file),
-                                     cause[0], cause[1]),
-    ]
-
-
-def claim_rows(run: str | Path) -> list[dict[str, Any]]:
-    """The claims table of a study folder as rows (what the report shows)."""
-    return [dict(vars(c)) for c in evaluate_claims(Path(run))]
 
 
 # ---------------------------------------------------------------- page
@@ -507,7 +301,7 @@ def _single_output(folder: Path, kind: str) -> list[str]:
 def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
     layout = StudyLayout(run)
     seeds = (manifest.get("study") or {}).get("seeds") or []
-    parts = [study_header(manifest), _section("Paper claims vs this run", claims_table(evaluate_claims(run)))]
+    parts = [study_header(manifest), _section("Paper claims vs this run", claims_table(claims.evaluate_claims(run)))]
     names = layout.model_runs()
     rouge = rouge_rows(run, names)
     parts.append(_section("ROUGE (F1, bootstrap 95% CI over documents, per model and training seed)", _table(
@@ -562,7 +356,7 @@ def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` for a ``reproduce`` run or any single output folder, and return its path."""
-    from sumcircuit.runs import RunError, detect_kind
+    from sumcircuit.results import RunError, detect_kind
 
     run = Path(run_dir)
     if not run.is_dir():

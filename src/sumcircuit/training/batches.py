@@ -1,0 +1,153 @@
+"""Training data and the loss: train/validation splits, the epoch sampler, the summary loss, validation.
+
+The loss covers summary tokens only (the mask from
+:func:`sumcircuit.data.encoding.encode`) and is normalized by the summary
+tokens of the whole optimizer step, so ``batch_size 4 x grad_accum 8``
+computes the gradient of ``batch_size 32``. Data order is a seeded
+permutation per epoch whose position is checkpointed, so a resumed run sees
+exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Sampler
+
+from sumcircuit.data.config import DataConfig
+from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, collate, encode_all
+from sumcircuit.data.records import load_examples
+from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
+
+
+@dataclass
+class Splits:
+    train: list[Encoded]
+    val: list[Encoded]
+    train_source: dict[str, Any]
+    val_source: dict[str, Any]
+
+
+def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | None,
+                   cfg: ResolvedFinetuneConfig) -> Splits:
+    """Encode train and validation data; without ``val_cfg`` hold out a seeded fraction."""
+    train_set = load_examples(train_cfg)
+    if val_cfg is not None:
+        val_set = load_examples(val_cfg)
+        train = encode_all(tokenizer, train_set.examples, train_cfg, need_summary_tokens=True, source=train_set.source)
+        val = encode_all(tokenizer, val_set.examples, val_cfg, need_summary_tokens=True, source=val_set.source)
+        return Splits(train, val, {**train_set.source.provenance(), "n_docs": len(train)},
+                      {**val_set.source.provenance(), "n_docs": len(val)})
+    examples = train_set.examples
+    if len(examples) < 2:
+        raise FinetuneError("need at least 2 training examples to hold out validation data "
+                            "(or pass --val-data)")
+    n_val = min(len(examples) - 1, max(1, round(cfg.val_fraction * len(examples))))
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    encoded = encode_all(tokenizer, examples, train_cfg, need_summary_tokens=True, source=train_set.source)
+    train = [e for i, e in enumerate(encoded) if i not in val_idx]
+    val = [e for i, e in enumerate(encoded) if i in val_idx]
+    val_source = {**train_set.source.provenance(), "n_docs": len(val),
+                  "held_out": f"{cfg.val_fraction:g} of the training file, seed {cfg.seed}"}
+    return Splits(train, val, {**train_set.source.provenance(), "n_docs": len(train)}, val_source)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start mid-epoch.
+
+    The order depends on (seed, epoch) only, never on global RNG state, so a
+    resumed run that sets the epoch and start position sees exactly the
+    examples an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard calls this too
+        self.epoch = epoch
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order(self.epoch)[self.start:]
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def summary_loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over summary tokens, their count); position t predicts label t+1."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+def summary_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean CE over summary tokens of ``batch`` (validation and tests)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    total, count = summary_loss_terms(logits, batch["labels"])
+    return total / count
+
+
+
+def collate_train(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    full = collate(batch, pad_token_id)
+    return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int,
+                  device: torch.device, *, rank: int = 0, world: int = 1,
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+    """Token-weighted mean CE over every summary token of ``encoded``, and the token count.
+
+    Under ``world`` processes each computes 1/world of it: batch ``b`` runs on
+    rank ``b % world``, its (loss sum, token count) goes into slot ``b`` of a
+    table that ``all_sum`` (a sum over processes) completes, and every rank
+    adds the table up in batch order -- the very numbers and additions of one
+    process (``x + 0`` is exact), so the loss does not depend on ``world``.
+    Every rank runs the same number of forward passes (an idle rank in the
+    last round repeats batch 0 and drops it): DDP and FSDP forwards may hold
+    collectives that every rank must join.
+    """
+    if world > 1 and all_sum is None:
+        raise ValueError("evaluate_loss under several processes needs all_sum")
+    was_training = model.training
+    model.eval()
+    starts = list(range(0, len(encoded), batch_size))
+    table = torch.zeros(len(starts), 2, dtype=torch.float64)  # per batch: loss sum, summary tokens
+    with torch.no_grad():
+        for first in range(0, len(starts), world):
+            b = first + rank
+            start = starts[b] if b < len(starts) else 0
+            batch = device_batch(collate(encoded[start:start + batch_size], pad_token_id), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+            part_sum, part_count = summary_loss_terms(logits, batch["labels"])
+            if b < len(starts):
+                table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
+    model.train(was_training)
+    if all_sum is not None:
+        table = all_sum(table)
+    total = sum(table[:, 0].tolist())  # left to right, in batch order
+    count = int(table[:, 1].sum())
+    return total / max(count, 1), count
