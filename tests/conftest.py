@@ -48,3 +48,10 @@ def smollm2(real_model_cache: Path):  # type: ignore[no-untyped-def]
     if not NAMED_MODELS["smollm2-135m-instruct"].installed():
         pytest.fail("smollm2-135m-instruct is not installed: run `make test`, which installs it")
     return load_model("smollm2-135m-instruct", cache_dir=real_model_cache)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that load the real model are `real` (so `-m "not real"` runs without it or ../shared)."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()) or "real_model_cache" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)

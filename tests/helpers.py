@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import random
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,9 +30,35 @@ from transformers import (
 from sumcircuit.capture import AttentionInputs, PairRows, RowMask, row_mask
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-CNNDM = SHARED_DATA / "cnndm_gpt4"
+SHARED_DATA = Path(os.environ.get("SUMCIRCUIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+HAVE_SHARED = (SHARED_DATA / "cnndm_gpt4" / "train.jsonl.gz").is_file()
 TINY_VOCAB = 384
+
+_WORDS = ("the council said new rules would cut costs for families across the region after a long debate "
+          "officials warned that prices rose faster than wages while schools and hospitals waited for funds "
+          "a spokesman for the company confirmed the plan on monday and said talks would continue this week "
+          "police arrested two men near the station and the investigation is still open according to reports").split()
+
+
+def _synthetic_cnndm() -> Path:
+    """A folder like ../shared/data/cnndm_gpt4 (article/abstract, train and val), made of fixed synthetic text.
+
+    Unit tests run on it when ../shared is not beside the checkout; with it, they read the real data.
+    """
+    root = Path(tempfile.mkdtemp(prefix="sumcircuit-synthetic-")) / "cnndm_gpt4"
+    root.mkdir(parents=True)
+    rng = random.Random(0)
+    for split, n in (("train", 240), ("val", 100)):
+        with gzip.open(root / f"{split}.jsonl.gz", "wt", encoding="utf-8") as fh:
+            for _ in range(n):
+                sentences = [" ".join(rng.choices(_WORDS, k=rng.randint(8, 16))).capitalize() + "."
+                             for _ in range(rng.randint(6, 14))]
+                abstract = " ".join(s for s in rng.sample(sentences, 2))
+                fh.write(json.dumps({"article": " ".join(sentences), "abstract": abstract}) + "\n")
+    return root
+
+
+CNNDM = SHARED_DATA / "cnndm_gpt4" if HAVE_SHARED else _synthetic_cnndm()
 
 
 def _corpus(n: int = 200) -> list[str]:

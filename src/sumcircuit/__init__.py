@@ -55,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     "TraceResult": "sumcircuit.hooks", "HookContext": "sumcircuit.hooks",
     "run_study": "sumcircuit.study.run", "StudyConfig": "sumcircuit.study.config",
     "StudyPreset": "sumcircuit.study.presets", "StudyResult": "sumcircuit.study.result",
-    "load_run": "sumcircuit.results", "Result": "sumcircuit.results",
+    "load_run": "sumcircuit.results", "Result": "sumcircuit.results", "save_figure": "sumcircuit.plots",
     # registries
     "register_finetune_method": "sumcircuit.training.methods", "FinetuneMethod": "sumcircuit.training.methods",
     "register_causal_method": "sumcircuit.causal.registry", "CausalMethod": "sumcircuit.causal.registry",
@@ -74,7 +74,7 @@ __all__ = ["__version__", "load_model", "LoadedModel", "load_adapter", "DataConf
            "TraceResult", "HookContext", "run_study", "StudyConfig", "StudyPreset", "StudyResult", "load_run",
            "Result", "register_finetune_method", "FinetuneMethod", "register_causal_method", "CausalMethod",
            "register_circuit_score", "CircuitScore", "register_claim", "register_arm", "Arm",
-           "register_study_preset", "register_result_kind"]
+           "register_study_preset", "register_result_kind", "save_figure"]
 
 
 def __getattr__(name: str) -> Any:
@@ -110,6 +110,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from sumcircuit.evaluation.run import evaluate
     from sumcircuit.hooks import HookContext, TraceConfig, TraceResult, run_with_cache, trace
     from sumcircuit.models import LoadedModel, load_adapter, load_model
+    from sumcircuit.plots import save_figure
     from sumcircuit.results import Result, load_run, register_result_kind
     from sumcircuit.runtime import Runtime
     from sumcircuit.sites import Site, parse_layers, parse_sites

@@ -2,7 +2,7 @@
 
 ``config`` (:class:`AnalysisConfig`; no torch), ``state`` (the mergeable sums
 and how a batch adds to them), ``weights`` (weight change per module),
-``finalize`` (tables, intervals, headline), ``result`` (:class:`AnalysisResult`)
+``summarize`` (tables, intervals, headline), ``result`` (:class:`AnalysisResult`)
 and ``run`` (:func:`analyze`). Names are imported on first use.
 """
 
@@ -17,8 +17,8 @@ _LAZY = {"AnalysisResult": "result", "HeadRow": "result", "LayerRow": "result", 
          "HEAD_COLUMNS": "result", "LAYER_COLUMNS": "result", "NEURON_COLUMNS": "result", "HEAD_STATS": "result",
          "AnalysisState": "state", "STATE_FILE": "state", "ROW_STATS": "state", "load_state": "state",
          "save_state": "state", "check_compatible": "state", "check_same_tokenizer": "state",
-         "relative_weight_change": "weights", "weight_changes": "weights", "finalize": "finalize",
-         "DEFINITIONS": "finalize", "analyze": "run", "analyze_models": "run", "analyze_to_folder": "run"}
+         "relative_weight_change": "weights", "weight_changes": "weights", "finalize": "summarize",
+         "DEFINITIONS": "summarize", "analyze": "run", "analyze_models": "run", "analyze_to_folder": "run"}
 
 __all__ = ["AnalysisConfig", "AnalysisError", "IncompatibleModelsError", "KernelMode", "AnalysisResult", "HeadRow",
            "LayerRow", "NeuronRow", "HEAD_COLUMNS", "LAYER_COLUMNS", "NEURON_COLUMNS", "HEAD_STATS", "AnalysisState",
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from sumcircuit.analysis.finalize import DEFINITIONS, finalize
+    from sumcircuit.analysis.summarize import DEFINITIONS, finalize
     from sumcircuit.analysis.result import (
         HEAD_COLUMNS,
         HEAD_STATS,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis.config import AnalysisConfig, AnalysisError
-from sumcircuit.analysis.finalize import finalize
+from sumcircuit.analysis.summarize import finalize
 from sumcircuit.analysis.result import AnalysisResult, write_outputs
 from sumcircuit.analysis.state import (
     STATE_FILE,

@@ -271,7 +271,7 @@ def test_interrupted_output_is_refused_by_readers(tiny_model_dirs: dict[str, Pat
                                                   capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import sumcircuit as sc
-    from sumcircuit import analysis
+    from sumcircuit.analysis import run as analysis
 
     llama = str(tiny_model_dirs["llama"])
     out = tmp_path / "an"
@@ -283,7 +283,7 @@ def test_interrupted_output_is_refused_by_readers(tiny_model_dirs: dict[str, Pat
     def boom(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # a kill in the middle of the restarted run
 
-    monkeypatch.setattr(analysis, "_accumulate", boom)
+    monkeypatch.setattr(analysis, "accumulate", boom)
     assert _run([*argv, "--restart"]) == 130
     capsys.readouterr()
     assert not (out / "heads.csv").exists()  # --restart removed the old set first

@@ -380,4 +380,7 @@ def test_adapter_folders_work_for_ablate_and_patch(tiny_model_dirs: dict[str, Pa
     a1, a2 = (json.loads((tmp_path / o / "ablation.json").read_text()) for o in ("a1", "a2"))
     assert a1["loss_clean"]["mean"] == pytest.approx(a2["loss_clean"]["mean"], abs=1e-6)
     assert a1["effect"] == pytest.approx(a2["effect"], abs=1e-6)
-    assert a1["provenance"]["adapter"] == str(tmp_path / "adapter")
+    for summary in (a1, a2):  # the adapter is cited as the model that ran, with its weights' hash
+        model = summary["provenance"]["models"][0]
+        assert model["kind"] == "adapter" and model["location"] == str((tmp_path / "adapter").resolve())
+        assert model["source_sha256"] and model["weights_sha256"]

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import sumcircuit as sc
 from sumcircuit.causal import AblationConfig, CausalError
 from sumcircuit.causal.ablation import ablation_targets
-from sumcircuit.circuit import CircuitError, normalized_ranks, read_circuit, select_circuit
+from sumcircuit.circuit import CircuitConfig, CircuitError, normalized_ranks, read_circuit, select_circuit
 from sumcircuit.cli import main
 from sumcircuit.sites import Site
 
@@ -21,8 +22,9 @@ L, H, D = 6, 4, 40
 
 
 
-def _select(*args, **kwargs):  # type: ignore[no-untyped-def]
-    return select_circuit(*args, **kwargs).summary
+def _select(source, score="kl", top_layers=3, *, out=None, **kwargs):  # type: ignore[no-untyped-def]
+    """``select_circuit`` with the config's fields as arguments; the circuit file's content."""
+    return select_circuit(source, CircuitConfig(score=score, top_layers=top_layers, **kwargs), out=out).summary
 
 
 def write_analysis(folder: Path, kl: np.ndarray, entropy_base: np.ndarray, entropy_tuned: np.ndarray,
@@ -118,15 +120,17 @@ def test_top_heads_and_their_stability(dominant: Path) -> None:
     circuit = _select(dominant, "kl", 2, top_heads=1, n_bootstrap=100)
     assert circuit["heads"] == ["L3.H2"]
     assert circuit["head_stability"] == {"L3.H2": 1.0}
-    with pytest.raises(CircuitError, match="--top-heads needs a per-head score"):
+    with pytest.raises(CircuitError, match="top_heads needs a per-head score"):
         _select(dominant, "activation", 2, top_heads=2)
 
 
 def test_bad_inputs_name_the_problem(dominant: Path, tmp_path: Path) -> None:
-    with pytest.raises(CircuitError, match="--top-layers 7: must be between 1 and the 6 layers"):
+    with pytest.raises(CircuitError, match="top_layers 7: must be between 1 and the 6 layers"):
         _select(dominant, "kl", 7)
-    with pytest.raises(CircuitError, match="--score nope"):
+    with pytest.raises(sc.ConfigError, match="score: choose one of kl, kl-sym, entropy"):
         _select(dominant, "nope", 2)
+    with pytest.raises(CircuitError, match="score attribution needs an attribution"):
+        _select(dominant, "attribution", 2)
     with pytest.raises(CircuitError, match="heads.csv not found"):
         _select(tmp_path, "kl", 2)
 
@@ -170,8 +174,9 @@ def test_selects_from_a_real_analysis_folder(tiny_model_dirs, tiny_tokenizer, tm
 
     tuned = save_tiny("llama", tmp_path / "tuned", tiny_tokenizer, seed=1)
     data = DataConfig(str(CNNDM), split="val", n_docs=4, max_tokens=64)
-    cfg = analysis.AnalysisConfig(n_bootstrap=20, cka=False, progress=False, top_k=5)
-    analysis.run_analysis(str(tiny_model_dirs["llama"]), str(tuned), data, cfg, tmp_path / "analysis")
+    cfg = analysis.AnalysisConfig(n_bootstrap=20, cka=False, top_k=5)
+    in_memory = analysis.analyze(str(tiny_model_dirs["llama"]), str(tuned), data, cfg,
+                                 runtime=sc.Runtime(progress=False), out=tmp_path / "analysis")
     for score in ("kl", "kl-sym", "entropy", "activation", "weights", "combined"):
         circuit = _select(tmp_path / "analysis", score, 2, top_heads=2 if score != "weights" and
                                  score != "activation" else 0, n_bootstrap=50)
@@ -179,6 +184,12 @@ def test_selects_from_a_real_analysis_folder(tiny_model_dirs, tiny_tokenizer, tm
         assert circuit["provenance"]["analysis"]["provenance"]
         if score != "weights":
             assert all(v is not None and 0 <= v <= 1 for v in circuit["stability"].values())
+    # a result works where a folder does: read back it is the folder exactly; in memory (unrounded) the same picks
+    by_folder = _select(tmp_path / "analysis", "kl", 2, top_heads=2, n_bootstrap=50)
+    by_result = _select(sc.load_run(tmp_path / "analysis"), "kl", 2, top_heads=2, n_bootstrap=50)
+    assert {k: v for k, v in by_result.items() if k != "provenance"} == \
+        {k: v for k, v in by_folder.items() if k != "provenance"}
+    assert _select(in_memory, "kl", 2, top_heads=2, n_bootstrap=50)["layers"] == by_folder["layers"]
 
 
 def test_old_circuit_files_keep_loading_and_bad_ones_are_refused(tmp_path: Path) -> None:

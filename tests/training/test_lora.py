@@ -21,7 +21,7 @@ from sumcircuit.lora import (
     merge_lora,
     verify_matched,
 )
-from sumcircuit.training.loop import enable_gradient_checkpointing
+from sumcircuit.training.optim import enable_gradient_checkpointing
 
 from helpers import make_tiny_model
 

@@ -11,23 +11,24 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from sumcircuit import evaluation as ev
+import sumcircuit as sc
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig, Example, encode
 from sumcircuit.evaluation import (
     ROUGE_TYPES,
+    EvaluationConfig,
     EvaluationError,
     GenerationConfig,
     aggregate,
-    bootstrap_ci,
     cut_at_stop,
+    eos_token_ids,
     generate_summaries,
     rouge_scores,
-    run_evaluate,
     split_sentences,
 )
-from sumcircuit.models import load_model
-from sumcircuit.stats import StatsError
+from sumcircuit.evaluation import run as ev_run
+from sumcircuit.models import load_adapter, load_model
+from sumcircuit.stats import StatsError, bootstrap_ci
 
 from helpers import SHARED_DATA
 
@@ -257,7 +258,13 @@ def test_model_generation_config_is_ignored(tiny_model_dirs: dict[str, Path]) ->
     assert generate_summaries(loaded.model, loaded.tokenizer, prompts, cfg, []) == plain
 
 
-# ---------------------------------------------------------------- run_evaluate and outputs
+# ---------------------------------------------------------------- evaluate and outputs
+
+def run_evaluate(model: object, data: DataConfig, gen: GenerationConfig, out: Path, *, n_resamples: int = 1000,
+                 overwrite: bool = False) -> dict:
+    """``sc.evaluate`` quietly into ``out``; the summary (what rouge.json holds)."""
+    return sc.evaluate(model, data, EvaluationConfig(generation=gen, n_bootstrap=n_resamples),  # type: ignore[arg-type]
+                       runtime=sc.Runtime(progress=False), out=out, resume=not overwrite).summary
 
 
 def _write_data(path: Path, n: int = 5) -> Path:
@@ -299,13 +306,13 @@ def test_run_evaluate_outputs_provenance_and_resume(tmp_path: Path, tiny_model_d
 
     # Rerun: nothing regenerated; a longer run generates only the new documents.
     calls: list[int] = []
-    real = ev.generate_summaries
+    real = ev_run.generate_summaries
 
     def counting(model, tokenizer, prompts, cfg, eos_ids):  # type: ignore[no-untyped-def]
         calls.append(len(prompts))
         return real(model, tokenizer, prompts, cfg, eos_ids)
 
-    monkeypatch.setattr(ev, "generate_summaries", counting)
+    monkeypatch.setattr(ev_run, "generate_summaries", counting)
     again = run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, gen, out, n_resamples=100)
     assert calls == [] and again["rouge1"] == result["rouge1"]
     longer = DataConfig(str(data), max_tokens=96, n_docs=5)
@@ -331,7 +338,7 @@ def test_run_evaluate_errors(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -
     with pytest.raises(EvaluationError, match="positions"):  # GPT-2 tiny: 256 learned positions
         run_evaluate(str(tiny_model_dirs["gpt2"]), DataConfig(str(data), max_tokens=200),
                      GenerationConfig(max_new_tokens=250), tmp_path / "b")
-    with pytest.raises(EvaluationError):
+    with pytest.raises(sc.ConfigError, match="batch_size: must be >= 1, got 0"):
         GenerationConfig(batch_size=0)
 
 
@@ -339,8 +346,8 @@ def test_generation_past_the_context_is_refused_for_rope_models_too(tmp_path: Pa
                                                                    tiny_model_dirs: dict[str, Path]) -> None:
     """One position rule for every family: LLaMA tiny (RoPE, 1024 positions) is refused like GPT-2, not warned about."""
     data = DataConfig(str(_write_data(tmp_path / "d.jsonl", 2)), max_tokens=200)
-    with pytest.raises(EvaluationError, match=r"the longest prompt plus --max-new-tokens \((\d+) tokens\) exceeds the "
-                                              r"model's 1024 positions; lower --max-tokens or --max-new-tokens"):
+    with pytest.raises(EvaluationError, match=r"the longest prompt plus `max_new_tokens` \((\d+) tokens\) exceeds the "
+                                              r"model's 1024 positions; lower `max_tokens` or `max_new_tokens`"):
         run_evaluate(str(tiny_model_dirs["llama"]), data, GenerationConfig(max_new_tokens=1000), tmp_path / "a")
     assert not (tmp_path / "a" / "predictions.jsonl").exists()
 
@@ -377,17 +384,18 @@ def test_adapter_equals_lora_model(fam: str, tmp_path: Path, tiny_model_dirs: di
     peft_model.eval()
     data = _write_data(tmp_path / "d.jsonl", 3)
     cfg, gen = DataConfig(str(data), max_tokens=96), GenerationConfig(max_new_tokens=6)
-    result = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "a", adapter=tmp_path / "adapter",
-                          n_resamples=20)
+    merged = load_adapter(load_model(str(tiny_model_dirs[fam])), tmp_path / "adapter")
+    result = run_evaluate(merged, cfg, gen, tmp_path / "a", n_resamples=20)
     got = [json.loads(x)["prediction"] for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     prompts = [encode(base.tokenizer, ex, cfg.template, cfg.max_tokens, with_summary=False,
                       summary_budget=gen.max_new_tokens) for ex in load_examples(cfg).examples]
-    want = generate_summaries(peft_model, base.tokenizer, prompts, gen, ev.eos_token_ids(base))
+    want = generate_summaries(peft_model, base.tokenizer, prompts, gen, eos_token_ids(base))
     assert got == [w.text for w in want]
     base_only = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "b", n_resamples=20)
     base_preds = [json.loads(x)["prediction"] for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     assert got != base_preds  # the adapter was really applied
-    assert result["provenance"]["adapter"]["files_sha256"]
+    model = result["provenance"]["models"][0]
+    assert model["kind"] == "adapter" and model["source_sha256"]  # the adapter's weights, cited
     assert result["provenance"]["run_id"] != base_only["provenance"]["run_id"]
 
 

@@ -21,10 +21,12 @@ from sumcircuit.data import DataConfig, collate, encode_all, load_examples
 from sumcircuit.errors import ModelError
 from sumcircuit.lora import inject_lora, merge_lora
 from sumcircuit.models import load_adapter, load_model
-from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers, run_finetune
+import sumcircuit as sc
+from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers
 from sumcircuit.training.checkpoint import export_model
-from sumcircuit.training.config import random_layers
-from sumcircuit.training.loop import evaluate_loss, make_optimizer, summary_loss, summary_loss_terms
+from sumcircuit.training.batches import evaluate_loss, summary_loss, summary_loss_terms
+from sumcircuit.training.methods import random_layers
+from sumcircuit.training.optim import make_optimizer
 
 from helpers import CNNDM, REPO, lockstep, make_tiny_model
 
@@ -37,8 +39,15 @@ def _data(n: int = 12, max_tokens: int = 96) -> DataConfig:
 
 def _cfg(**kw: object) -> FinetuneConfig:
     base = dict(method="targeted-lora", layers=(1, 2), batch_size=2, grad_accum=2, max_steps=4, eval_every=2,
-                lr=1e-2, progress=False)
+                lr=1e-2)
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def run_finetune(model: str, data: DataConfig, cfg: FinetuneConfig, out: Path, val_cfg: DataConfig | None = None,
+                 resume: bool = True) -> dict:
+    """``sc.finetune`` quietly; the run's summary."""
+    return sc.finetune(model, data, cfg, val_data=val_cfg, runtime=sc.Runtime(progress=False), out=out,
+                       resume=resume).summary
 
 
 def _read_log(out: Path) -> list[dict]:
@@ -173,7 +182,7 @@ def test_min_delta_stops_a_run_that_creeps_down(tiny_model_dirs: dict[str, Path]
     run = run_finetune(str(tiny_model_dirs["gpt2"]), _data(), _cfg(**base, min_delta=min_delta), tmp_path / "delta")
     assert run["stopped_early"] and run["steps"] == stop_i and run["best_step"] == best_i
     assert [v for _, v in run["val_curve"]] == curve[:stop_i + 1]  # same training, only the stop differs
-    with pytest.raises(FinetuneError, match="--min-delta must be >= 0"):
+    with pytest.raises(sc.ConfigError, match="min_delta: must be >= 0"):
         _cfg(min_delta=-0.1).resolved()
 
 
@@ -215,9 +224,9 @@ def test_head_unit_rules(tmp_path: Path) -> None:
     circuit.write_text(json.dumps({"layers": [5, 2, 3], "heads": ["L2.H1", "L5.H0"], "score": "attribution"}))
     choice = choose_layers(FinetuneConfig(method="targeted-lora", circuit=str(circuit), unit="head"), 30)
     assert choice.layers == [2, 5]  # the heads' layers only: layer 3 has no chosen head
-    with pytest.raises(FinetuneError, match="--unit head adapts the heads of a circuit"):
+    with pytest.raises(FinetuneError, match="`unit` head adapts the heads of a circuit"):
         choose_layers(FinetuneConfig(method="targeted-lora", layers=(2,), unit="head"), 30)
-    with pytest.raises(FinetuneError, match="--unit head is for --method targeted-lora"):
+    with pytest.raises(FinetuneError, match="`unit` head is for a method that adapts chosen layers"):
         choose_layers(FinetuneConfig(method="lora", unit="head"), 30)
     circuit.write_text(json.dumps({"layers": [2], "heads": []}))
     with pytest.raises(FinetuneError, match="lists no heads"):
@@ -312,8 +321,8 @@ def test_adapter_folder_is_a_model_spec(family: str, tiny_model_dirs: dict[str, 
 # ---------------------------------------------------------------- resume
 
 # Slows every optimizer step from outside the library, so that a kill lands mid-run.
-_SLOW_CLI = ("import sys, time; import sumcircuit.training.loop as loop; step = loop._train_step; "
-             "delay = float(sys.argv.pop(1)); loop._train_step = lambda *a: (time.sleep(delay), step(*a))[1]; "
+_SLOW_CLI = ("import sys, time; import sumcircuit.training.loop as loop; step = loop.train_step; "
+             "delay = float(sys.argv.pop(1)); loop.train_step = lambda *a: (time.sleep(delay), step(*a))[1]; "
              "from sumcircuit.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
@@ -368,13 +377,17 @@ def test_full_finetune_resume_in_process(tiny_model_dirs: dict[str, Path], tmp_p
     run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "a")
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
-    summary = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b", resume=True)
+    summary = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b")  # resumes by default
     assert summary["resumed_from_steps"] == [2]
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    with pytest.raises(FinetuneError, match="already holds checkpoints"):
-        run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b")
+    again = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b")  # a finished run: nothing to do
+    assert again["steps"] == 6 and again["resumed_from_steps"] == [2, 6]
+    assert all(torch.equal(wa[k], v) for k, v in load_file(str(tmp_path / "b" / "final" / "model.safetensors")).items())
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    fresh = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b", resume=False)  # starts over
+    assert fresh["resumed_from_steps"] == [] and (tmp_path / "b" / "notes.txt").read_text() == "mine"
     with pytest.raises(FinetuneError, match=r"differs in: config\.lr"):
         run_finetune(str(tiny_model_dirs["llama"]), _data(), _cfg(method="full", layers=None, lr=2e-3,
                                                                   max_steps=6, eval_every=2, final="last"),
@@ -408,7 +421,7 @@ def test_real_smollm2_two_steps(tmp_path: Path) -> None:
     if not NAMED_MODELS["smollm2-135m-instruct"].installed():
         pytest.fail("smollm2-135m-instruct is not installed")
     cfg = FinetuneConfig(method="targeted-lora", layers=(2, 3, 5), batch_size=1, grad_accum=1, max_steps=2,
-                         eval_every=2, progress=False)
+                         eval_every=2)
     summary = run_finetune("smollm2-135m-instruct", DataConfig(TRAIN, n_docs=4, max_tokens=128), cfg, tmp_path,
                            val_cfg=DataConfig(str(CNNDM / "val.jsonl.gz"), n_docs=1, max_tokens=128))
     # q_proj 576 -> 576, v_proj 576 -> 192 (3 kv heads x 64): 8 x (1152 + 768) per layer

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from sumcircuit import claims
+from sumcircuit.study import claims
 from sumcircuit.stats import paired_diff
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import sumcircuit as sc
-from sumcircuit.reproduce import StudyConfig, run_study, stage_key
+from sumcircuit.study import StudyConfig, run_study, stage_key
 
 from helpers import CNNDM
 
@@ -39,7 +39,7 @@ def _stages(seeds: tuple[int, ...], n_random: int) -> set[str]:
 
 
 def test_random_control_sets_avoid_the_circuits_and_are_distinct() -> None:
-    from sumcircuit.reproduce import random_control_sets
+    from sumcircuit.study import random_control_sets
 
     sets = random_control_sets(30, 3, 5, exclude=[2, 3, 5, 21, 22], seed=1)
     assert len(sets) == 5 and len({tuple(s) for s in sets}) == 5
@@ -101,8 +101,8 @@ def test_reproduce_end_to_end_and_resume(tmp_path: Path, tiny_model_dirs: dict[s
     assert not (run / "full_s2").exists() and "full_s2" not in page
     assert "1, 2: LoRA-all, both targeted runs" in page and "the full fine-tune on seed 1 only" in page
     assert {c["verdict"] for c in first_only.claims} - {"not run"}  # claims still judged from the LoRA runs
-    with pytest.raises(sc.SumcircuitError, match="full_seeds must be 'all' or 'first'"):
-        _study(tiny_model_dirs["llama"], full_seeds="some").resolved_preset()
+    with pytest.raises(sc.ConfigError, match="full_seeds: choose one of 'all', 'first', got 'some'"):
+        _study(tiny_model_dirs["llama"], full_seeds="some")
 
     fewer = StudyConfig(model=str(tiny_model_dirs["llama"]), data=str(CNNDM), seeds=(1,),
                         overrides={**TINY, "targeted": {**TINY_HP, "lr": 5e-4}})
@@ -147,4 +147,5 @@ def test_cli_reproduce_with_overrides(tmp_path: Path, tiny_model_dirs: dict[str,
     assert main([*args, *(a for s in sets for a in ("--set", s)), "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report.html").is_file() and '"stages"' in capsys.readouterr().out
     assert main([*args, "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown preset field(s) nope" in capsys.readouterr().err
+    assert "--set: unknown preset field(s) nope" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is made

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from sumcircuit.artifacts import atomic_write_csv, atomic_write_json
-from sumcircuit.report import build_report, evaluate_claims
+from sumcircuit.study.claims import evaluate_claims
+from sumcircuit.study.report import build_report
 
 EVIL = "<script>alert('x')</script>"
 
@@ -31,7 +32,7 @@ def _eval_dir(path: Path, scores: list[float], same_ids: bool = False) -> None:
 
 
 def test_paired_claims_pair_by_position_not_by_repeated_ids(tmp_path: Path) -> None:
-    from sumcircuit.report import per_example_rouge1, score_tables
+    from sumcircuit.study.evidence import per_example_rouge1, score_tables
 
     _eval_dir(tmp_path / "a", [0.1 * i for i in range(24)], same_ids=True)
     _eval_dir(tmp_path / "b", [0.05 * i for i in range(24)], same_ids=True)
@@ -42,7 +43,7 @@ def test_paired_claims_pair_by_position_not_by_repeated_ids(tmp_path: Path) -> N
 
 
 def test_score_tables_keep_the_seeds_and_documents_every_method_has() -> None:
-    from sumcircuit.report import score_tables
+    from sumcircuit.study.evidence import score_tables
 
     a = {1: {0: 0.1, 1: 0.2, 2: 0.3}, 2: {0: 0.4, 1: 0.5, 2: 0.6}, 3: {0: 0.0, 1: 0.0}}
     b = {1: {0: 1.0, 1: 2.0, 2: 3.0}, 2: {1: 5.0, 2: 6.0}}

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sumcircuit import analysis as analysis_mod
+from sumcircuit.analysis import run as analysis_run
+from sumcircuit.analysis import state as analysis_state
+import sumcircuit as sc
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import (
     HEAD_COLUMNS,
@@ -31,7 +33,7 @@ from sumcircuit.metrics import linear_cka
 
 from helpers import CNNDM, make_tiny_model, save_tiny
 
-FAST = dict(progress=False, n_bootstrap=100)
+FAST = dict(n_bootstrap=100)
 VAL = str(CNNDM / "val.jsonl.gz")
 
 
@@ -266,14 +268,15 @@ def test_cli_kernels_agree(tmp_path: Path, tiny_tokenizer, capsys) -> None:  # t
 
 
 def test_resume_after_interruption_gives_the_same_results(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from sumcircuit.analysis import run_analysis
+    from sumcircuit.analysis import analyze
 
     base, tuned = _tiny_pair(tmp_path, tiny_tokenizer, "llama")
     data = DataConfig(data=VAL, n_docs=5, max_tokens=32)
     cfg = AnalysisConfig(shard_size=2, batch_size=2, **FAST)
-    full = run_analysis(base, tuned, data, cfg, tmp_path / "full")
+    quiet = sc.Runtime(progress=False)
+    full = analyze(base, tuned, data, cfg, runtime=quiet, out=tmp_path / "full")
 
-    real = analysis_mod._accumulate
+    real = analysis_run.accumulate
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -282,20 +285,20 @@ def test_resume_after_interruption_gives_the_same_results(tmp_path: Path, tiny_t
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(analysis_mod, "_accumulate", interrupted)
+    monkeypatch.setattr(analysis_run, "accumulate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_analysis(base, tuned, data, cfg, tmp_path / "resumed")
+        analyze(base, tuned, data, cfg, runtime=quiet, out=tmp_path / "resumed")
     state, meta = load_state(tmp_path / "resumed" / "accumulators.safetensors")
     assert state.n_docs == 2 and meta["docs_done"] == "2"
     assert not (tmp_path / "resumed" / "heads.csv").exists()
-    monkeypatch.setattr(analysis_mod, "_accumulate", real)
-    resumed = run_analysis(base, tuned, data, cfg, tmp_path / "resumed")
+    monkeypatch.setattr(analysis_run, "accumulate", real)
+    resumed = analyze(base, tuned, data, cfg, runtime=quiet, out=tmp_path / "resumed")
     for key, value in full.stats.items():
         torch.testing.assert_close(resumed.stats[key], value, atol=0, rtol=0, equal_nan=True, msg=key)
     assert (tmp_path / "full" / "heads.csv").read_text() == (tmp_path / "resumed" / "heads.csv").read_text()
-    with pytest.raises(analysis_mod.AnalysisError, match="other models, data or settings"):
-        run_analysis(base, tuned, data, AnalysisConfig(shard_size=2, region="document", **FAST),
-                     tmp_path / "resumed")
+    with pytest.raises(sc.SumcircuitError, match="other models, data or settings"):
+        analyze(base, tuned, data, AnalysisConfig(shard_size=2, region="document", **FAST), runtime=quiet,
+                out=tmp_path / "resumed")
 
 
 def test_mismatched_models_and_tokenizers_are_refused(tmp_path: Path, tiny_tokenizer, tiny_model_dirs, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -318,7 +321,7 @@ def test_mismatched_models_and_tokenizers_are_refused(tmp_path: Path, tiny_token
 def test_state_roundtrip(tmp_path: Path, docs) -> None:  # type: ignore[no-untyped-def]
     base, tuned = make_tiny_model("gpt2", 0), make_tiny_model("gpt2", 1)
     state = analyze_models(base, tuned, None, docs[:2], AnalysisConfig(**FAST), pad_token_id=0).state
-    analysis_mod.save_state(state, tmp_path / "s.safetensors")
+    analysis_state.save_state(state, tmp_path / "s.safetensors")
     loaded, _ = load_state(tmp_path / "s.safetensors")
     assert isinstance(loaded, AnalysisState) and loaded.doc_ids == state.doc_ids
     for key, value in state.to_tensors().items():

@@ -52,10 +52,10 @@ def test_site_vocabulary_round_trips() -> None:
              "L5.resid_post": "blocks.5.hook_resid_post"}
     for name, hook in cases.items():
         site = sc.Site.parse(name)
-        assert site.name == name and str(site) == name and site.to_hook_name() == hook
+        assert site.name == name and str(site) == name and site.to_hook() == (hook, site.index)
+        assert sc.Site.parse(site.to_hook_name()) == site  # the hook name round-trips, head index included
+        assert site.to_hook_name() == (hook if site.index is None else f"{hook}[{site.index}]")
         assert sc.Site.parse(hook, index=site.index) == site
-        if site.index is not None:
-            assert sc.Site.parse(f"{hook}[{site.index}]") == site
     assert sc.Site.parse("L2.block") == sc.Site(2, "resid_post")  # earlier files' spelling
     assert sc.parse_sites("2.3,L1.H0") == [sc.Site(1, "attn_head", 0), sc.Site(2, "attn_head", 3)]
     assert sc.parse_sites([[2, 3]]) == [sc.Site(2, "attn_head", 3)]
@@ -93,8 +93,8 @@ def test_api_end_to_end_in_memory(tiny_model_dirs: dict[str, Path], tmp_path: Pa
     """Specs or loaded models in, typed results out; save() writes what the CLI writes; load_run reads it."""
     base = sc.load_model(str(tiny_model_dirs["llama"]))
     data = DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=64)
-    analysis = sc.analyze(base, str(tiny_model_dirs["llama"]), data,
-                          sc.AnalysisConfig(n_bootstrap=20, cka=False, progress=False))
+    analysis = sc.analyze(base, str(tiny_model_dirs["llama"]), data, sc.AnalysisConfig(n_bootstrap=20, cka=False),
+                          runtime=sc.Runtime(progress=False))
     heads = analysis.to_pandas()
     assert len(heads) == base.adapter.n_layers * base.adapter.n_heads
     assert float(heads["kl_base_tuned"].abs().max()) == 0.0  # a model against itself
@@ -225,7 +225,7 @@ def test_no_test_hooks_in_library_code() -> None:
 def test_no_self_skipping_tests() -> None:
     """Tests skipped themselves when our own modules failed to import."""
     own = "importorskip(" + '"sumcircuit'
-    for path in (REPO / "tests").glob("test_*.py"):
+    for path in (REPO / "tests").rglob("test_*.py"):
         assert own not in path.read_text(), path
 
 
@@ -235,6 +235,8 @@ def test_quickstart_example_runs(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--out", str(tmp_path),
                            "--docs", "2"], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "heads with lower entropy after tuning" in proc.stdout and "blocks." in proc.stdout
+    assert "<AnalysisResult 30 layers x 9 heads, 2 documents;" in proc.stdout and "of heads more focused" in proc.stdout
+    assert "<FinetuneResult full on layers" in proc.stdout and "blocks." in proc.stdout
     assert (tmp_path / "kl_per_head.png").read_bytes()[:4] == b"\x89PNG"
     assert isinstance(sc.load_run(tmp_path / "attribution"), sc.AttributionResult)
+    assert isinstance(sc.load_run(tmp_path / "patch"), sc.PatchResult)

@@ -15,6 +15,7 @@ import sumcircuit as sc
 from sumcircuit.causal import attribution as att
 from sumcircuit.causal import patching as pat
 from sumcircuit.causal.interventions import encode_examples
+from sumcircuit.artifacts import read_json
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig
 from sumcircuit.models import LoadedModel, load_model
@@ -163,4 +164,6 @@ def test_cli_attribute_joins_patching_row_by_row(tiny_model_dirs: dict[str, Path
     assert [h.name for h in circuit.heads] == sorted(best, key=lambda h: sc.Site.parse(h))
     assert all(0 <= v <= 1 for v in circuit.summary["stability"].values())
     assert all(0 <= v <= 1 for v in circuit.summary["head_stability"].values())
-    assert main(["circuit", "--attribution", str(tmp_path / "a"), "--out", str(out)]) == 2  # needs the score
+    assert main(["circuit", "--attribution", str(tmp_path / "a"), "--out", str(out)]) == 0  # the score follows
+    assert read_json(out)["score"] == "attribution"
+    assert main(["circuit", "--attribution", str(tmp_path / "a"), "--score", "kl", "--out", str(out)]) == 2
