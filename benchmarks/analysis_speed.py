@@ -171,7 +171,7 @@ def analysis(base, tuned, encoded, cka: bool = True, kernels: str = "auto", batc
     from sumcircuit.adapters import ArchitectureAdapter
     from sumcircuit.analysis import AnalysisConfig, analyze_models
 
-    cfg = AnalysisConfig(batch_size=batch_size, progress=False, cka=cka, n_bootstrap=200, kernels=kernels)
+    cfg = AnalysisConfig(batch_size=batch_size, cka=cka, n_bootstrap=200, kernels=kernels)
     return analyze_models(base, tuned, ArchitectureAdapter.for_model(base), encoded, cfg, pad_token_id=0)
 
 

@@ -36,7 +36,7 @@ from sumcircuit.causal.interventions import batches
 from sumcircuit.causal.patching import PatchConfig, patch_losses, patch_sites
 from sumcircuit.data import DataConfig, Encoded, encode_all, load_examples
 from sumcircuit.models import LoadedModel, load_model
-from sumcircuit.training.loop import summary_loss
+from sumcircuit.training.batches import summary_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "cnndm_gpt4"
@@ -85,7 +85,7 @@ def run_length(base: LoadedModel, tuned: LoadedModel, length: int, args: argpars
     floor_t = floor_m = 0.0
     for name, (fn, scale) in methods.items():
         with torch.enable_grad():
-            seconds, peak = measure(fn)
+            seconds, _, peak = measure(fn)
         seconds *= scale
         times.append(seconds)
         if not floor_t:

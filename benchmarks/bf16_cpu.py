@@ -42,7 +42,9 @@ def main() -> None:
     from sumcircuit.evaluation import GenerationConfig, eos_token_ids, generate_summaries
     from sumcircuit.models import load_model
     from sumcircuit.training import FinetuneConfig
-    from sumcircuit.training.loop import make_optimizer, prepare_model, summary_loss_terms
+    from sumcircuit.training.batches import summary_loss_terms
+    from sumcircuit.training.methods import prepare_model
+    from sumcircuit.training.optim import make_optimizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -65,7 +67,7 @@ def main() -> None:
                       summary_budget=args.new_tokens) for ex in examples[:args.docs]]
 
     cfg = FinetuneConfig(method="lora", lora_dropout=0.0).resolved()
-    prepared = prepare_model(loaded, "lora", list(range(loaded.adapter.n_layers)), cfg)
+    prepared = prepare_model(loaded, cfg)
     model = prepared.model
     optimizer = make_optimizer(model, cfg)
 

@@ -53,7 +53,9 @@ def _load(name: str, device: str) -> Any:
 def run_one(model_name: str, method: str, steps: int, tokens: int, batch: int, threads: int,
             checkpointing: bool) -> dict[str, Any]:
     from sumcircuit.training import FinetuneConfig
-    from sumcircuit.training.loop import make_optimizer, prepare_model, summary_loss_terms
+    from sumcircuit.training.batches import summary_loss_terms
+    from sumcircuit.training.methods import prepare_model
+    from sumcircuit.training.optim import make_optimizer
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +65,7 @@ def run_one(model_name: str, method: str, steps: int, tokens: int, batch: int, t
     layers = layers or list(range(adapter.n_layers))
     cfg = FinetuneConfig(method=kind, layers=tuple(layers) if kind == "targeted-lora" else None,
                          gradient_checkpointing=checkpointing, lora_dropout=0.0).resolved()
-    prepared = prepare_model(loaded, kind, layers, cfg)
+    prepared = prepare_model(loaded, cfg, list(layers))
     model = prepared.model.train()
     optimizer = make_optimizer(model, cfg)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

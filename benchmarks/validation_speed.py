@@ -31,7 +31,7 @@ def main() -> None:
     from sumcircuit import distributed as dist
     from sumcircuit.data import DataConfig, encode_all, load_examples
     from sumcircuit.models import load_model
-    from sumcircuit.training.loop import evaluate_loss
+    from sumcircuit.training.batches import evaluate_loss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=16)

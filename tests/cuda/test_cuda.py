@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sumcircuit import analysis as analysis_mod
+from sumcircuit.analysis import state as analysis_mod
 from sumcircuit import capture
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
@@ -120,7 +120,7 @@ def _documents() -> list[Encoded]:
 
 def _analyze(family: str, device: torch.device, kernels: str) -> AnalysisResult:
     base, tuned = (make_tiny_model(family, seed).to(device) for seed in (0, 1))
-    config = AnalysisConfig(batch_size=3, progress=False, n_bootstrap=100, kernels=kernels)  # type: ignore[arg-type]
+    config = AnalysisConfig(batch_size=3, n_bootstrap=100, kernels=kernels)  # type: ignore[arg-type]
     return analyze_models(base, tuned, ArchitectureAdapter.for_model(base), _documents(), config, pad_token_id=0)
 
 
@@ -165,7 +165,7 @@ def test_the_layer_loop_never_waits_for_the_device(monkeypatch: pytest.MonkeyPat
 def test_the_models_are_left_as_they_were() -> None:
     base, tuned = (make_tiny_model("llama", seed).to(DEVICE) for seed in (0, 1))
     before = copy.deepcopy(tuned.state_dict())
-    config = AnalysisConfig(batch_size=2, progress=False, n_bootstrap=10)
+    config = AnalysisConfig(batch_size=2, n_bootstrap=10)
     analyze_models(base, tuned, ArchitectureAdapter.for_model(base), _documents()[:2], config, pad_token_id=0)
     assert base.config._attn_implementation == "sdpa" and not tuned.training
     assert all(torch.equal(before[k], v) for k, v in tuned.state_dict().items())

@@ -16,6 +16,7 @@ from sumcircuit.training.methods.base import (
     LayerChoice,
     PreparedModel,
     choose_layers,
+    prepare_model,
     random_layers,
     register_finetune_method,
 )
@@ -24,4 +25,4 @@ from sumcircuit.training.methods.lora import LORA
 from sumcircuit.training.methods.targeted import TARGETED_LORA
 
 __all__ = ["FINETUNE_METHODS", "FULL", "LORA", "TARGETED_LORA", "FinetuneMethod", "LayerChoice", "PreparedModel",
-           "choose_layers", "random_layers", "register_finetune_method"]
+           "choose_layers", "prepare_model", "random_layers", "register_finetune_method"]

@@ -86,6 +86,16 @@ def register_finetune_method(method: FinetuneMethod, *, replace: bool = False) -
     return FINETUNE_METHODS.register(method.name, method, replace=replace)
 
 
+def prepare_model(loaded: LoadedModel, cfg: ResolvedFinetuneConfig, layers: list[int] | None = None,
+                  heads: list[Site] | None = None) -> PreparedModel:
+    """Make ``loaded`` trainable the way ``cfg.method`` does, on ``layers`` (default: every layer).
+
+    Benchmarks and tests use it to time or check one method's training step without a run folder.
+    """
+    chosen = list(range(loaded.adapter.n_layers)) if layers is None else list(layers)
+    return FINETUNE_METHODS.get(cfg.method).prepare_model(loaded, LayerChoice(chosen, "given", heads), cfg)
+
+
 def random_layers(n_layers: int, k: int, seed: int) -> list[int]:
     """K distinct layers drawn uniformly with ``random.Random(seed)``: the control the paper lacked."""
     if not 0 < k <= n_layers:
