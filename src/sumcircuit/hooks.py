@@ -28,7 +28,7 @@ from sumcircuit.config import POSITIVE, Config, coerce_config, option
 from sumcircuit.data.config import DataConfig, coerce_data
 from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, encode_all
 from sumcircuit.data.records import load_examples
-from sumcircuit.errors import ConfigError
+from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.models import LoadedModel, ModelLike, ensure_loaded
 from sumcircuit.outputs import require_complete, writes_output
 from sumcircuit.provenance import provenance
@@ -175,11 +175,9 @@ def _replace_slice(whole: Tensor, site: Site, new: Tensor, width: int) -> Tensor
 
 def _run_one(name: str, loaded: LoadedModel, encoded: Sequence[Encoded], hooks: Mapping[Site, Hook],
              cached: Sequence[Site], batch_size: int) -> tuple[list[float], dict[str, list[Tensor]]]:
-    from sumcircuit.causal.interventions import Interventions, batches, check_site, document_losses, site_value
+    from sumcircuit.causal.interventions import Interventions, batches, document_losses, site_value
 
     adapter = loaded.adapter
-    for site in [*hooks, *cached]:
-        check_site(site, adapter, "site")
     device = next(loaded.model.parameters()).device
     pad = int(loaded.tokenizer.pad_token_id)
     with_labels = all(any(t != IGNORE_INDEX for t in e.labels[1:]) for e in encoded)
@@ -251,6 +249,14 @@ def trace(models: Any, data: DataConfig | Any, *, hooks: Mapping[str | Site, Hoo
     cached = sorted(set(_sites(cache, "cache")))
     data_cfg = coerce_data(data)
     loaded = {name: ensure_loaded(m, runtime=rt) for name, m in named.items()}
+    for name, model in loaded.items():
+        a = model.adapter
+        for param, sites in (("hooks", list(hook_map)), ("cache", cached)):
+            for site in sites:
+                try:
+                    site.check(a.n_layers, a.n_heads, a.n_neurons, "site")
+                except SumcircuitError as exc:
+                    raise ConfigError(param, f"{exc} ({name})") from None
     first = next(iter(loaded.values()))
     examples = load_examples(data_cfg)
     encoded = encode_all(first.tokenizer, examples.examples, data_cfg, source=examples.source)

@@ -209,3 +209,20 @@ def test_old_circuit_files_keep_loading_and_bad_ones_are_refused(tmp_path: Path)
         (tmp_path / "bad.json").write_text(json.dumps({"layers": [1], "heads": heads}))
         with pytest.raises(CircuitError, match="field 'heads'"):
             read_circuit(tmp_path / "bad.json")
+
+
+def test_a_registered_circuit_score_ranks_layers(dominant: Path) -> None:
+    """Scores are a registry: a toy score is one registration, and the CLI and the config accept it."""
+    from sumcircuit.circuit import CIRCUIT_SCORES, CircuitScore, register_circuit_score
+
+    register_circuit_score(CircuitScore("attn-weights", "relative weight change of attention only",
+                                        layer=lambda heads, layers: np.asarray(layers["weight_change_attn"])),
+                           replace=True)
+    try:
+        toy = _select(dominant, "attn-weights", 2, n_bootstrap=20)
+        assert toy["layers"] == _select(dominant, "weights", 2)["layers"] == [3, 4]
+        assert toy["definition"] == "relative weight change of attention only"
+        assert main(["circuit", "--analysis", str(dominant), "--score", "attn-weights", "--top-layers", "2",
+                     "--out", str(dominant / "toy.json")]) == 0
+    finally:
+        CIRCUIT_SCORES.unregister("attn-weights")

@@ -100,8 +100,9 @@ def test_every_command_exposes_its_config_with_the_same_defaults(command: str, c
 def test_library_errors_name_parameters_and_the_cli_shows_flags(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(sc.ConfigError, match=r"^max_tokens: must be >= 16, got 8$"):
         sc.DataConfig("x", max_tokens=8)
-    assert main(["circuit", "--analysis", str(tmp_path), "--score", "nope", "--out", str(tmp_path / "c.json")]) == 2
-    assert "invalid choice: 'nope'" in capsys.readouterr().err  # argparse, from the registry's names
+    with pytest.raises(SystemExit) as usage:  # a usage error from argparse: the choices are the registry's names
+        main(["circuit", "--analysis", str(tmp_path), "--score", "nope", "--out", str(tmp_path / "c.json")])
+    assert usage.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
     assert main(["reproduce", "--model", "m", "--data", str(tmp_path), "--set", "eval_docs=0",
                  "--out", str(tmp_path / "r")]) == 2
     assert "--set: eval_docs: must be >= 1, got 0" in capsys.readouterr().err

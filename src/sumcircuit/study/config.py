@@ -65,7 +65,12 @@ class StudyConfig(Config):
                                           flag="--set", repeat=True, metavar="FIELD=JSON", normalize=parse_overrides)
 
     def check(self) -> None:
-        self.resolved_preset()  # an unknown field or a bad value fails here, before any stage runs
+        try:
+            self.resolved_preset()  # an unknown field or a bad value fails here, before any stage runs
+        except ConfigError as exc:
+            if exc.param in ("overrides", "preset"):
+                raise
+            raise ConfigError("overrides", f"{exc.param}: {exc.reason}") from None
 
     def resolved_preset(self) -> StudyPreset:
         """The preset with the overrides applied, every field checked."""
