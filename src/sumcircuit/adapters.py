@@ -109,10 +109,12 @@ _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
 
 
 def supported_model_types() -> list[str]:
+    """The ``model_type`` values the adapter table has a row for."""
     return sorted(_BY_MODEL_TYPE)
 
 
 def spec_for_config(config: PretrainedConfig) -> ArchitectureSpec:
+    """The adapter table's row for a model config; an unsupported family is a one-line ModelError."""
     model_type = getattr(config, "model_type", None)
     spec = _BY_MODEL_TYPE.get(str(model_type))
     if spec is None:
@@ -123,6 +125,7 @@ def spec_for_config(config: PretrainedConfig) -> ArchitectureSpec:
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    """``root``'s submodule at a dotted path, with a one-line error naming the path when it is missing."""
     module = root
     for part in dotted.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)  # type: ignore[index]
@@ -142,32 +145,39 @@ class ArchitectureAdapter:
 
     @property
     def family(self) -> str:
+        """The row's family name (``gpt2``, ``llama``, ``gemma3``)."""
         return self.spec.family
 
     @property
     def n_layers(self) -> int:
+        """Decoder blocks."""
         return int(self.config.num_hidden_layers)
 
     @property
     def n_heads(self) -> int:
+        """Query heads per layer."""
         return int(self.config.num_attention_heads)
 
     @property
     def n_kv_heads(self) -> int:
+        """Key/value heads per layer (fewer than query heads under grouped-query attention)."""
         kv = getattr(self.config, "num_key_value_heads", None)
         return int(kv) if kv else self.n_heads
 
     @property
     def hidden_size(self) -> int:
+        """Width of the residual stream."""
         return int(self.config.hidden_size)
 
     @property
     def head_dim(self) -> int:
+        """Width of one head."""
         explicit = getattr(self.config, "head_dim", None)
         return int(explicit) if explicit else self.hidden_size // self.n_heads
 
     @property
     def n_neurons(self) -> int:
+        """MLP neurons per layer (the input width of the MLP's output projection)."""
         inner = getattr(self.config, "intermediate_size", None) or getattr(self.config, "n_inner", None)
         return int(inner) if inner else 4 * self.hidden_size
 
@@ -182,6 +192,7 @@ class ArchitectureAdapter:
         return int(window) if layer_types[layer] == "sliding_attention" else None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's decoder blocks."""
         return get_submodule(model, self.spec.layers)  # type: ignore[return-value]
 
     def _in_layer(self, model: nn.Module, layer: int, path: str) -> nn.Module:
@@ -189,15 +200,19 @@ class ArchitectureAdapter:
         return get_submodule(self.layers(model)[layer], path)
 
     def attention(self, model: nn.Module, layer: int) -> nn.Module:
+        """The attention module of ``layer``."""
         return self._in_layer(model, layer, self.spec.attention)
 
     def attention_output(self, model: nn.Module, layer: int) -> nn.Module:
+        """The attention's output projection of ``layer`` (its input holds the heads)."""
         return self._in_layer(model, layer, self.spec.attention_output)
 
     def mlp(self, model: nn.Module, layer: int) -> nn.Module:
+        """The MLP module of ``layer``."""
         return self._in_layer(model, layer, self.spec.mlp)
 
     def mlp_output(self, model: nn.Module, layer: int) -> nn.Module:
+        """The MLP's output projection of ``layer`` (its input holds the neurons)."""
         return self._in_layer(model, layer, self.spec.mlp_output)
 
     def attention_contribution(self, model: nn.Module, layer: int) -> nn.Module:
@@ -214,6 +229,7 @@ class ArchitectureAdapter:
         return (self.block(model, layer) if not path else self._in_layer(model, layer, path)), port
 
     def block(self, model: nn.Module, layer: int) -> nn.Module:
+        """Decoder block ``layer``."""
         self._check_layer(layer)
         return self.layers(model)[layer]
 
@@ -230,6 +246,7 @@ class ArchitectureAdapter:
                              f"(0..{self.n_layers - 1})")
 
     def describe(self) -> dict[str, object]:
+        """The sizes that must match for two models to be compared (and for provenance)."""
         return {"family": self.family, "model_type": self.config.model_type,
                 "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,

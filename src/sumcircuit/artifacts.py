@@ -55,10 +55,12 @@ def _atomic_replace(path: Path, write: Any, mode: str) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text so that readers see the old file or the new one, never half of one."""
     _atomic_replace(Path(path), lambda fh: fh.write(text), "w")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (PNGs)."""
     _atomic_replace(Path(path), lambda fh: fh.write(data), "wb")
 
 
@@ -73,14 +75,17 @@ def _json_default(obj: Any) -> Any:
 
 
 def to_json(obj: Any) -> str:
+    """JSON as every output writes it: indented, tensors and paths as plain values, NaN kept."""
     return json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=True) + "\n"
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically."""
     atomic_write_text(path, to_json(obj))
 
 
 def read_json(path: str | Path) -> Any:
+    """Read a JSON file."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -103,6 +108,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def atomic_write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]],
                      columns: Sequence[str]) -> None:
+    """Write rows as CSV atomically, columns in the given order (floats to 8 significant digits)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore",
                             lineterminator="\n")

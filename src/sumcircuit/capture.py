@@ -16,6 +16,9 @@ twice, and nothing is kept across layers: the base's neuron inputs and block
 outputs (forward hooks) wait one layer for their tuned partners. On CUDA the
 same statistics come from one fused attention call per model that returns the
 log-sum-exp (:func:`fused_paired_attention`), and no tile is written out at all.
+
+One module because the lockstep, the attention function and the tile statistics share one invariant
+(both models at the same layer and rows): split, each part would have to state it again.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sumcircuit.adapters import ArchitectureAdapter
+from sumcircuit.analysis.config import KernelMode
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.kernels import KernelError, KernelMode, attention_lse, attention_path, fused_failed, tile_kernel
+from sumcircuit.kernels import KernelError, attention_lse, attention_path, fused_failed, tile_kernel
 
 ATTN_IMPLEMENTATION = "sumcircuit_stats"
 _NEG = torch.finfo(torch.float32).min
@@ -172,6 +176,7 @@ class Workspace:
         self._buffers: dict[str, Tensor] = {}
 
     def get(self, name: str, numel: int, device: torch.device) -> Tensor:
+        """A buffer of ``numel`` elements on ``device``, reused across layers and batches."""
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < numel or buf.device != device:
             buf = self._buffers[name] = torch.empty(numel, dtype=torch.float32, device=device)
@@ -291,11 +296,14 @@ def paired_attention(base: AttentionInputs, tuned: AttentionInputs, mask: RowMas
 class PairSink(Protocol):
     """Receives one layer of both models at a time (tensors valid only during the call)."""
 
-    def on_attention(self, layer: int, rows: PairRows) -> None: ...
+    def on_attention(self, layer: int, rows: PairRows) -> None:
+        """Both models' attention row statistics of one layer."""
 
-    def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None: ...
+    def on_neurons(self, layer: int, base: Tensor, tuned: Tensor) -> None:
+        """Both models' MLP neuron activations of one layer."""
 
-    def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None: ...
+    def on_hidden(self, layer: int, base: Tensor, tuned: Tensor) -> None:
+        """Both models' block outputs of one layer."""
 
 
 _ACTIVE: dict[int, tuple[_Lockstep, int]] = {}  # id(attention module) -> run, layer

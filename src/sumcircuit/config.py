@@ -272,7 +272,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what provenance records)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        out: dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return out
 
 
 def config_fields(cls: type) -> list[dataclasses.Field[Any]]:

@@ -97,20 +97,24 @@ def setup(device: str = "cpu") -> None:
 
 
 def world_size() -> int:
+    """Processes in this run (1 without ``accelerate launch``)."""
     state = _state()
     return int(state.num_processes) if state is not None else 1
 
 
 def rank() -> int:
+    """This process's rank (0 when alone)."""
     state = _state()
     return int(state.process_index) if state is not None else 0
 
 
 def is_distributed() -> bool:
+    """Whether several processes run."""
     return world_size() > 1
 
 
 def is_main_process() -> bool:
+    """Whether this is rank 0 (the one that writes outputs)."""
     return rank() == 0
 
 
@@ -126,6 +130,7 @@ def local_device(device: str) -> str:
 
 
 def barrier() -> None:
+    """Wait for every process (a no-op when alone)."""
     if is_distributed():
         torch.distributed.barrier()
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 
 class SumcircuitError(Exception):
-    """Base class: anything raised as this is shown to the user as a one-line message."""
+    """Base class: anything raised as this is shown to the user as a one-line message.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> try:
+        ...     sc.DataConfig("x", max_tokens=8)
+        ... except sc.SumcircuitError as err:
+        ...     print(err)
+        max_tokens: must be >= 16, got 8
+    """
 
 
 class ModelError(SumcircuitError):
@@ -21,6 +30,10 @@ class ConfigError(SumcircuitError):
     Args:
         param: the parameter's name, as the API spells it.
         reason: what is wrong with its value and what was expected.
+
+    Example:
+        >>> ConfigError("batch_size", "must be >= 1, got 0").param
+        'batch_size'
     """
 
     def __init__(self, param: str, reason: str) -> None:

@@ -47,6 +47,10 @@ class HookContext:
         batch: the batch's number (batches are the same for every model).
         doc_ids: the batch's documents, one per row.
         attention_mask: ``[B, T]``, 1 at real tokens (batches are right-padded).
+
+    Example:
+        >>> def only_tuned(x, ctx):
+        ...     return x * 0 if ctx.model == "tuned" else None
     """
 
     model: str
@@ -279,6 +283,15 @@ def trace(models: Any, data: DataConfig | Any, *, hooks: Mapping[str | Site, Hoo
 
 def run_with_cache(models: Any, data: DataConfig | Any, sites: Sequence[str | Site], **kwargs: Any) -> TraceResult:
     """:func:`trace` with a cache of ``sites`` and no hooks (TransformerLens' ``run_with_cache``).
+
+    Args:
+        models: one model, ``(base, tuned)`` or ``{name: model}`` (specs, loaded models or results).
+        data: the documents.
+        sites: the sites whose activations are kept.
+        kwargs: :func:`trace`'s other keywords (``config``, ``runtime``, ``out``).
+
+    Returns:
+        The trace: losses per model and document, and the cached activations.
 
     Example:
         >>> sc.run_with_cache("smollm2-135m-instruct", data, ["L3.attn"]).activations("L3.attn")[0].shape  # doctest: +SKIP

@@ -301,7 +301,8 @@ def column_moments(base: Tensor, tuned: Tensor, kernel: KernelMode = "auto") -> 
     native = _native(kernel, base.device)
     if native is None:
         return column_moments_eager(base, tuned)
-    return native.column_moments(base.float().contiguous(), tuned.float().contiguous(), CHUNK_ROWS)
+    moments: Tensor = native.column_moments(base.float().contiguous(), tuned.float().contiguous(), CHUNK_ROWS)
+    return moments
 
 
 def squared_norms(tuned: Tensor, base: Tensor, kernel: KernelMode = "auto") -> tuple[float, float]:

@@ -10,6 +10,9 @@ output is the fused output (bitwise on CPU; a split GEMM reduces over the same
 inputs). PEFT then adapts ``c_attn.q_proj`` and ``c_attn.v_proj``; ``k_proj``
 is an untouched copy of the k block. Merging folds the parts back into one
 fused module, so a merged model is a plain model of its family again.
+
+One module because the split of GPT-2's fused q|k|v, the injection, the head-row restriction and
+the merge must agree tensor by tensor; spread over modules, that agreement would be implicit.
 """
 
 from __future__ import annotations
@@ -101,11 +104,13 @@ class SplitQKV(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The fused weight, re-assembled from the three parts."""
         dim = 1 if self.layout == "conv1d" else 0
         return torch.cat([w for w, _ in self.part_weights()], dim=dim)
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The fused bias, re-assembled from the three parts."""
         biases = [b for _, b in self.part_weights()]
         return None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
 
@@ -176,6 +181,7 @@ class LoraTargets:
 
 
 def lora_targets(adapter: ArchitectureAdapter) -> LoraTargets:
+    """The q and v module names LoRA targets in this family."""
     qkv = adapter.spec.qkv
     pattern = adapter.spec.layers.rsplit(".", 1)[-1]
     if isinstance(qkv, FusedQKV):
@@ -192,6 +198,7 @@ def expected_lora_params(adapter: ArchitectureAdapter, n_layers: int, rank: int)
 
 
 def check_layers(adapter: ArchitectureAdapter, layers: list[int]) -> list[int]:
+    """``layers`` if each exists in the model, else a one-line error."""
     if not layers:
         raise ModelError("no layers to adapt")
     for layer in layers:
@@ -203,6 +210,7 @@ def check_layers(adapter: ArchitectureAdapter, layers: list[int]) -> list[int]:
 
 def lora_config(adapter: ArchitectureAdapter, layers: list[int], rank: int, alpha: float,
                 dropout: float) -> Any:
+    """PEFT's LoraConfig for q/v on exactly ``layers``."""
     from peft import LoraConfig
 
     targets = lora_targets(adapter)
@@ -353,6 +361,7 @@ def _read_json_file(path: Path) -> dict[str, Any]:
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """An adapter folder's own metadata (ours, or PEFT's adapter_config.json), checked."""
     folder = Path(adapter_dir)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
@@ -410,6 +419,6 @@ def apply_adapter(model: PreTrainedModel, adapter: ArchitectureAdapter, adapter_
 
 def merge_lora(peft_model: Any, adapter: ArchitectureAdapter) -> PreTrainedModel:
     """Fold LoRA into the base weights; a plain model of the family comes back."""
-    model = peft_model.merge_and_unload()
+    model: PreTrainedModel = peft_model.merge_and_unload()
     fuse_split_qkv(model, adapter)
     return model

@@ -39,15 +39,18 @@ class Moments:
                    torch.zeros(shape, dtype=_F64))
 
     def add(self, n: float | Tensor, total: Tensor, total_sq: Tensor) -> None:
+        """Add ``n`` values given by their sum and sum of squares."""
         self.count += n
         self.total += total.to(_F64)
         self.total_sq += total_sq.to(_F64)
 
     def merge(self, other: Moments) -> Moments:
+        """The moments of both sets together."""
         return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
 
     @property
     def mean(self) -> Tensor:
+        """Mean (NaN where nothing was added)."""
         return self.total / self.count
 
     @property
@@ -57,9 +60,11 @@ class Moments:
 
     @property
     def std(self) -> Tensor:
+        """Standard deviation."""
         return self.var.sqrt()
 
     def state(self, prefix: str) -> dict[str, Tensor]:
+        """The sums as named tensors (for resume files and all-reduces)."""
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
 
     @classmethod
@@ -94,7 +99,8 @@ def _sq_norms(m: Tensor) -> Tensor:
     flat = m.reshape(m.shape[0], -1)
     whole = flat.shape[1] - flat.shape[1] % 4096
     chunks = torch.linalg.vector_norm(flat[:, :whole].reshape(m.shape[0], -1, 4096), dim=-1)
-    return chunks.double().square().sum(-1) + torch.linalg.vector_norm(flat[:, whole:], dim=-1).double().square()
+    norms: Tensor = chunks.double().square().sum(-1) + torch.linalg.vector_norm(flat[:, whole:], dim=-1).double().square()
+    return norms
 
 
 def symmetric(m: Tensor) -> Tensor:
@@ -123,8 +129,12 @@ class CrossMoments:
 
     @classmethod
     def zeros(cls, n_layers: int, dim: int, device: torch.device | str = "cpu") -> CrossMoments:
-        vec = lambda: torch.zeros(n_layers, dim, dtype=_F64, device=device)  # noqa: E731
-        mat = lambda: torch.zeros(n_layers, dim, dim, dtype=torch.float32, device=device)  # noqa: E731
+        def vec() -> Tensor:
+            return torch.zeros(n_layers, dim, dtype=_F64, device=device)
+
+        def mat() -> Tensor:
+            return torch.zeros(n_layers, dim, dim, dtype=torch.float32, device=device)
+
         # the counts stay on the host: reading one must not make the host wait for the device
         return cls(torch.zeros(n_layers, dtype=_F64), vec(), vec(), mat(), mat(), mat())
 
@@ -170,6 +180,7 @@ class CrossMoments:
         self.cxy[layer] += cxy + (w * torch.outer(dx, dy)).float()
 
     def merge(self, other: CrossMoments) -> CrossMoments:
+        """The cross moments of both sets together (Chan's update, per layer)."""
         out = CrossMoments(*(getattr(self, f.name).clone() for f in fields(self)))
         for layer in range(int(self.n.shape[0])):
             if float(other.n[layer]) > 0:
@@ -212,6 +223,7 @@ class CrossMoments:
         return _sq_norms(self.cxy) / (whole(self.cxx).sqrt() * whole(self.cyy).sqrt())
 
     def state(self, prefix: str) -> dict[str, Tensor]:
+        """The sums as named tensors."""
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
 
     @classmethod

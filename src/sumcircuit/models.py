@@ -5,6 +5,9 @@ folder, a ``.gguf`` file, or a named offline model (``smollm2-135m-instruct``,
 ``gemma3-270m``) shipped inside a PyPI package. GGUF files are dequantized
 once by ``transformers`` and cached as a safetensors HF folder, because the
 conversion takes ~15 s and ``save_pretrained`` refuses GGUF-loaded models.
+
+One module because every spec kind (hub id, folder, GGUF, named model, adapter) ends in the same
+checked load, and the checks (device, dtype, tokenizer, ids that fit) must run for all of them.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class ModelSource:
 
 
 def resolve_spec(spec: str) -> ModelSource:
+    """What a spec names (hub id, folder, GGUF, named model, adapter), checked before anything is read."""
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
         path = named.locate()
@@ -222,7 +226,12 @@ def _convert_gguf_locked(gguf_path: Path, target: Path) -> Path:
 
 @dataclass
 class LoadedModel:
-    """A model ready for analysis or training, with what is needed to cite it."""
+    """A model ready for analysis or training, with what is needed to cite it.
+
+    Example:
+        >>> loaded = sc.load_model("smollm2-135m-instruct")  # doctest: +SKIP
+        >>> loaded.provenance()["weights_sha256"][:12]  # doctest: +SKIP
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -239,6 +248,7 @@ class LoadedModel:
         return self._weights_sha256
 
     def provenance(self) -> dict[str, Any]:
+        """What outputs cite about the model: spec, kind, weights hash, dtype."""
         return {"spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
                 "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
                 "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
@@ -249,6 +259,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype name (``float32``, ``bf16`` ...) as a torch dtype; an unknown one is a one-line error."""
     if isinstance(name, torch.dtype):
         return name
     try:
@@ -290,6 +301,23 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     """Load a causal LM and its tokenizer from any spec, in eval mode.
 
     Weights are read with safetensors; remote code runs only if the user asks.
+
+    Args:
+        spec: a hub id, a local HF folder, a ``.gguf`` file, a named model or a PEFT adapter folder.
+        dtype: the weights' dtype (``float32``, ``bfloat16``, ``float16``).
+        device: where the model goes (checked against this machine first).
+        attn_implementation: passed to ``from_pretrained`` (None: the family's default).
+        cache_dir: where GGUF files are converted (default ``$SUMCIRCUIT_CACHE``).
+        trust_remote_code: allow model code from the hub.
+
+    Returns:
+        The model with its tokenizer, architecture adapter and what is needed to cite it.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> base = sc.load_model("smollm2-135m-instruct")  # doctest: +SKIP
+        >>> base.adapter.n_layers  # doctest: +SKIP
+        30
     """
     parse_device(device)
     source = resolve_spec(spec)
@@ -370,7 +398,8 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, 
 class HasModelSpec(Protocol):
     """Anything that names a model, e.g. a :class:`~sumcircuit.training.FinetuneResult` (its ``final/``)."""
 
-    def model_spec(self) -> str: ...
+    def model_spec(self) -> str:
+        """The spec of the model this object holds."""
 
 
 ModelLike = Union[str, Path, "LoadedModel", HasModelSpec]
@@ -435,6 +464,19 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = Tru
     (any ``target_modules``, ``all-linear`` included) is applied with PEFT's
     own loader. ``merge=True`` returns a plain model of the family. With
     ``check_base``, an adapter trained on other base weights is refused.
+
+    Args:
+        loaded: the base model.
+        adapter_dir: a PEFT adapter folder (safetensors weights).
+        merge: fold the adapter into the weights (a plain model of the family).
+        check_base: refuse an adapter trained on other base weights.
+        spec: the spec to cite for the result (default: the folder).
+
+    Returns:
+        The adapted model (citing the adapter's weights).
+
+    Example:
+        >>> tuned = sc.load_adapter(sc.load_model("smollm2-135m-instruct"), "runs/lora/final")  # doctest: +SKIP
     """
     folder = Path(adapter_dir)
     meta = read_adapter_meta(folder)
@@ -459,8 +501,10 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = Tru
 
 
 def unwrap_peft(model: Any) -> PreTrainedModel:
+    """The base model inside a PEFT wrapper (the model itself otherwise)."""
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    base: PreTrainedModel = get_base() if callable(get_base) else model
+    return base
 
 
 def _apply_any_peft(model: PreTrainedModel, folder: Path, merge: bool) -> Any:

@@ -33,7 +33,19 @@ def png_bytes(fig: Figure, dpi: int = 120) -> bytes:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG, atomically (a report never embeds half a file); returns the path."""
+    """Write ``fig`` as a PNG, atomically (a report never embeds half a file).
+
+    Args:
+        fig: a figure (every result's ``plot()`` returns one).
+        path: the PNG file to write.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> sc.save_figure(analysis.plot("heads"), "heads.png")  # doctest: +SKIP
+    """
     atomic_write_bytes(path, png_bytes(fig, dpi))
     return Path(path)
 
@@ -147,7 +159,7 @@ def _err(rows: Sequence[Mapping[str, Any]], key: str = "effect") -> np.ndarray:
     """Asymmetric error bars from the CI columns (0 where the CI is missing)."""
     lo = np.array([float(r[key]) - float(r[f"{key}_ci_low"]) for r in rows])
     hi = np.array([float(r[f"{key}_ci_high"]) - float(r[key]) for r in rows])
-    return np.nan_to_num(np.abs(np.vstack([lo, hi])))
+    return np.asarray(np.nan_to_num(np.abs(np.vstack([lo, hi]))))
 
 
 _TITLES = {"denoise": "denoise: base run, tuned activation patched in\n(recovery of the loss gap)",

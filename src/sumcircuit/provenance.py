@@ -24,6 +24,7 @@ _LIBRARIES = ("sumcircuit", "torch", "transformers", "peft", "accelerate", "data
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A file's sha256, read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -48,6 +49,7 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Python, platform and the versions of the libraries the numbers depend on."""
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in _LIBRARIES:
         try:

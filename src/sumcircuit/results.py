@@ -39,6 +39,12 @@ class Result:
     ``files`` (every file ``save`` writes, marker first) and implement
     :meth:`tables`, :meth:`save` and :meth:`read`; :meth:`describe` gives the
     headline that the short repr shows.
+
+    Example:
+        >>> result = sc.load_run("runs/demo/analysis")  # doctest: +SKIP
+        >>> result  # doctest: +SKIP
+        <AnalysisResult 30 layers x 9 heads, 16 documents; 61.9% of heads more focused, ...>
+        >>> type(result).read("runs/demo/analysis").to_pandas("layers")  # doctest: +SKIP
     """
 
     kind: ClassVar[str] = "result"

@@ -62,7 +62,14 @@ class SiteError(SumcircuitError):
 @functools.total_ordering
 @dataclass(frozen=True)
 class Site:
-    """A component of a decoder: ``layer``, ``kind`` and, for heads and neurons, ``index``."""
+    """A component of a decoder: ``layer``, ``kind`` and, for heads and neurons, ``index``.
+
+    Example:
+        >>> Site.parse("L2.H3") == Site(2, "attn_head", 3)
+        True
+        >>> Site(5, "mlp").name
+        'L5.mlp'
+    """
 
     layer: int
     kind: SiteKind
@@ -92,10 +99,12 @@ class Site:
 
     @property
     def head(self) -> int | None:
+        """The head index of a head site, else None."""
         return self.index if self.kind == "attn_head" else None
 
     @property
     def neuron(self) -> int | None:
+        """The neuron index of a neuron site, else None."""
         return self.index if self.kind == "mlp_neuron" else None
 
     def to_hook_name(self) -> str:
@@ -178,6 +187,7 @@ class Site:
 
 
 def head(layer: int, index: int) -> Site:
+    """The site of head ``index`` in ``layer``."""
     return Site(layer, "attn_head", index)
 
 
@@ -185,6 +195,16 @@ def parse_sites(items: str | Iterable[Any]) -> list[Site]:
     """Sites from a comma-separated string or a list of names, ``[layer, head]`` pairs or Sites (sorted, unique).
 
     ``[2, 3]`` and the shorthand ``2.3`` mean head 3 of layer 2 (what old circuit files hold).
+
+    Args:
+        items: ``"L2.H3,L5.mlp"``, or a list of names, pairs and Sites.
+
+    Returns:
+        The sites, sorted by layer, kind and index, without repeats.
+
+    Example:
+        >>> [s.name for s in parse_sites("L5.mlp,2.3")]
+        ['L2.H3', 'L5.mlp']
     """
     raw = [t for t in items.split(",")] if isinstance(items, str) else list(items)
     out: set[Site] = set()
@@ -225,6 +245,18 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int | None = None, w
 
     The one layer-list parser of the package: every command and API function uses it.
     A range is checked before it is expanded, so ``0-999999999`` fails at once.
+
+    Args:
+        spec: the layers as text, one index, or a sequence of indices.
+        n_layers: the model's layer count, to check against (None: unchecked).
+        what: the name used in error messages.
+
+    Returns:
+        Sorted, unique layer indices.
+
+    Example:
+        >>> parse_layers("2-4,7")
+        [2, 3, 4, 7]
     """
     items: list[str]
     if isinstance(spec, bool):

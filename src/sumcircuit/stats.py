@@ -25,12 +25,14 @@ class StatsError(SumcircuitError):
 
 
 def check_level(level: float) -> float:
+    """``level`` if it is a valid confidence level in (0, 1), else a one-line error."""
     if not 0 < level < 1:
         raise StatsError(f"confidence level must be in (0, 1), got {level}")
     return level
 
 
 def check_resamples(n_resamples: int) -> int:
+    """``n_resamples`` if it is at least 1, else a one-line error."""
     if n_resamples < 1:
         raise StatsError(f"n_bootstrap must be at least 1, got {n_resamples}")
     return n_resamples
@@ -53,14 +55,15 @@ def resample_counts(n_docs: int, n_resamples: int, seed: int) -> np.ndarray:
 
 def resampled_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Means over each resample of the last axis of ``values``: ``[..., D]`` -> ``[..., n_resamples]``."""
-    return np.asarray(values, dtype=np.float64) @ counts.T / counts.shape[1]
+    means: np.ndarray = np.asarray(values, dtype=np.float64) @ counts.T / counts.shape[1]
+    return means
 
 
 def resampled_ratios(sums: np.ndarray, weights: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Weighted means ``sum(S_d) / sum(n_d)`` per resample: ``sums [D, ...]``, ``weights [D]`` -> ``[R, ...]``."""
     flat = np.asarray(sums, dtype=np.float64).reshape(sums.shape[0], -1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = (counts @ flat) / (counts @ np.asarray(weights, dtype=np.float64))[:, None]
+        out: np.ndarray = (counts @ flat) / (counts @ np.asarray(weights, dtype=np.float64))[:, None]
     return out.reshape(counts.shape[0], *sums.shape[1:])
 
 
@@ -79,6 +82,7 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0)
 
 
 def scalar_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of one statistic's bootstrap samples."""
     low, high = percentile_interval(np.asarray(samples).reshape(-1), level)
     return float(low), float(high)
 

@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sumcircuit.analysis import run as analysis_run
-from sumcircuit.analysis import state as analysis_state
 import sumcircuit as sc
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import (
@@ -26,6 +24,8 @@ from sumcircuit.analysis import (
     load_state,
     weight_changes,
 )
+from sumcircuit.analysis import run as analysis_run
+from sumcircuit.analysis import state as analysis_state
 from sumcircuit.capture import body
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig, Encoded, collate, encode, load_examples

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import sumcircuit as sc
+from sumcircuit.artifacts import read_json
 from sumcircuit.causal import attribution as att
 from sumcircuit.causal import patching as pat
 from sumcircuit.causal.interventions import encode_examples
-from sumcircuit.artifacts import read_json
 from sumcircuit.cli import main
 from sumcircuit.data import DataConfig
 from sumcircuit.models import LoadedModel, load_model

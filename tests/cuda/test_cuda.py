@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sumcircuit.analysis import state as analysis_mod
 from sumcircuit import capture
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis import AnalysisConfig, AnalysisResult, analyze_models
+from sumcircuit.analysis import state as analysis_mod
 from sumcircuit.capture import AttentionInputs, RowMask, paired_attention
 from sumcircuit.cli import main
 from sumcircuit.data import Encoded

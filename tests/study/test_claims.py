@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from sumcircuit.study import claims
 from sumcircuit.stats import paired_diff
+from sumcircuit.study import claims
 
 
 def test_paired_bootstrap_matches_mean_and_brackets_it() -> None:

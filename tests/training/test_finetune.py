@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import sumcircuit as sc
 from sumcircuit.data import DataConfig, collate, encode_all, load_examples
 from sumcircuit.errors import ModelError
 from sumcircuit.lora import inject_lora, merge_lora
 from sumcircuit.models import load_adapter, load_model
-import sumcircuit as sc
 from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers
-from sumcircuit.training.checkpoint import export_model
 from sumcircuit.training.batches import evaluate_loss, summary_loss, summary_loss_terms
+from sumcircuit.training.checkpoint import export_model
 from sumcircuit.training.methods import random_layers
 from sumcircuit.training.optim import make_optimizer
 

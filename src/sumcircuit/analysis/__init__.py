@@ -37,7 +37,6 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from sumcircuit.analysis.summarize import DEFINITIONS, finalize
     from sumcircuit.analysis.result import (
         HEAD_COLUMNS,
         HEAD_STATS,
@@ -58,4 +57,5 @@ if TYPE_CHECKING:
         load_state,
         save_state,
     )
+    from sumcircuit.analysis.summarize import DEFINITIONS, finalize
     from sumcircuit.analysis.weights import relative_weight_change, weight_changes

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis.config import AnalysisConfig, AnalysisError
-from sumcircuit.analysis.summarize import finalize
 from sumcircuit.analysis.result import AnalysisResult, write_outputs
 from sumcircuit.analysis.state import (
     STATE_FILE,
@@ -38,6 +37,7 @@ from sumcircuit.analysis.state import (
     load_state,
     save_state,
 )
+from sumcircuit.analysis.summarize import finalize
 from sumcircuit.analysis.weights import weight_changes
 from sumcircuit.config import coerce_config
 from sumcircuit.data.config import DataConfig, coerce_data, template_needs_summary

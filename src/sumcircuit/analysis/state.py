@@ -92,9 +92,11 @@ class AnalysisState:
 
     @property
     def n_docs(self) -> int:
+        """Documents accumulated so far."""
         return len(self.doc_ids)
 
     def doc_sums(self, name: str) -> Tensor:
+        """Per-document sums of one statistic, all shards concatenated in document order."""
         parts = self.per_doc.get(name, [])
         if not parts:
             shape = (0, self.n_layers, self.n_heads) if name in ROW_STATS else (0, self.n_layers)
@@ -102,6 +104,7 @@ class AnalysisState:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def tokens(self) -> Tensor:
+        """Counted tokens per document."""
         return torch.cat(self.doc_tokens) if self.doc_tokens else torch.zeros(0, dtype=torch.float64)
 
     def merge(self, other: AnalysisState) -> AnalysisState:
@@ -129,6 +132,7 @@ class AnalysisState:
         return out
 
     def to_tensors(self) -> dict[str, Tensor]:
+        """Every sum as a CPU tensor (what the resume file holds)."""
         out: dict[str, Tensor] = {"doc_tokens": self.tokens(), **self.additive_tensors()}
         for name in self.per_doc:
             out[f"per_doc.{name}"] = self.doc_sums(name)
@@ -137,6 +141,7 @@ class AnalysisState:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict[str, str]:
+        """Document ids and sizes, stored beside the tensors."""
         return {"doc_ids": json.dumps(self.doc_ids),
                 "dims": json.dumps([self.n_layers, self.n_heads, self.n_neurons, self.hidden_size])}
 
@@ -153,6 +158,7 @@ class AnalysisState:
 
 
 def save_state(state: AnalysisState, path: Path, extra: dict[str, str] | None = None) -> None:
+    """Write the sums atomically, so a resumed run never reads half a file."""
     atomic_save_safetensors(state.to_tensors(), path, {**state.metadata(), **(extra or {})})
 
 
@@ -252,6 +258,7 @@ def _region_weights(batch: dict[str, Tensor], region: str) -> Tensor:
 
 
 def device_of(model: nn.Module) -> torch.device:
+    """The device a (possibly wrapped) model's weights are on."""
     return next(unwrap(model).parameters()).device
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sumcircuit.analysis.config import AnalysisConfig, AnalysisError
-from sumcircuit.analysis.result import HEAD_STATS, NEURON_COLUMNS, AnalysisResult, HeadRow, LayerRow, NeuronRow
+from sumcircuit.analysis.result import HEAD_COLUMNS, HEAD_STATS, NEURON_COLUMNS, AnalysisResult, HeadRow, LayerRow, NeuronRow
 from sumcircuit.analysis.state import ROW_STATS, AnalysisState
 from sumcircuit.metrics import bootstrap_ratio_samples, neuron_change, ratio_ci
 from sumcircuit.stats import sign_share_bounds
@@ -60,9 +60,9 @@ def finalize(state: AnalysisState, config: AnalysisConfig, weights: dict[str, Te
     columns = {}  # one tolist() per column: a float() per cell costs ~5 us, 4,000 cells for 270 heads
     for s in HEAD_STATS:
         columns.update({s: means[s].tolist(), f"{s}_ci_low": ci[s][0].tolist(), f"{s}_ci_high": ci[s][1].tolist()})
-    heads = [cast(HeadRow, {"layer": layer, "head": head, "rows": int(n_total),
-                            **{k: float(v[layer][head]) for k, v in columns.items()}})
-             for layer in range(L) for head in range(H)]
+    columns["rows"] = [[int(n_total)] * H] * L
+    heads = [cast(HeadRow, {"layer": layer, "head": head, **{k: columns[k][layer][head] for k in HEAD_COLUMNS[2:]}})
+             for layer in range(L) for head in range(H)]  # in the CSV's column order: a table reads back the same
 
     change = neuron_change(state.neurons["base"], state.neurons["tuned"], state.neuron_abs_change,  # type: ignore[arg-type]
                            config.neuron_threshold, config.sign_flip_eps)

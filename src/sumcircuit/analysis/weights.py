@@ -49,6 +49,7 @@ def relative_weight_change(base: nn.Module, tuned: nn.Module, kernel: KernelMode
 
 def weight_changes(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapter,
                    kernel: KernelMode = "auto") -> dict[str, Tensor]:
+    """Relative weight change of every layer's attention and MLP module, ``[L]`` each."""
     b, t = unwrap(base), unwrap(tuned)
     attn = [relative_weight_change(adapter.attention(b, i), adapter.attention(t, i), kernel)
             for i in range(adapter.n_layers)]

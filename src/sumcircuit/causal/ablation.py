@@ -5,6 +5,9 @@ data-set mean; the rise of the teacher-forced summary loss is the effect, and
 random sets of the same size give its null distribution (empirical p-value).
 Per batch: 1 clean forward (caching block outputs) + 1 ablated forward per
 set, each computing only the layers from the set's first layer on.
+
+One module because the targets, their random controls, the mean values and the effects with
+their p-value are one computation; ROUGE under ablation lives in :mod:`.ablation_rouge`.
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ from sumcircuit.causal.interventions import (
 )
 from sumcircuit.circuit.result import read_circuit
 from sumcircuit.config import coerce_config
-from sumcircuit.data.config import DataConfig, coerce_data
+from sumcircuit.data.config import coerce_data
 from sumcircuit.data.encoding import Encoded
-from sumcircuit.data.records import load_examples
 from sumcircuit.models import LoadedModel, ModelLike
 from sumcircuit.outputs import require_complete, writes_output
 from sumcircuit.provenance import provenance
@@ -78,11 +80,13 @@ class AblationDocRow(TypedDict):
 
 
 def layer_sites(layers: Sequence[int], component: LayerPart) -> list[Site]:
+    """The attention and/or MLP sites of ``layers``."""
     kinds: tuple[Literal["attn", "mlp"], ...] = ("attn", "mlp") if component == "both" else (component,)
     return [Site(layer, kind) for layer in layers for kind in kinds]
 
 
 def ablation_targets(cfg: AblationConfig, adapter: ArchitectureAdapter) -> list[Site]:
+    """The sites a config ablates (from its heads, layers or circuit), checked against the model."""
     if cfg.circuit and not cfg.heads and not cfg.layers:
         circuit = read_circuit(cfg.circuit)
         if cfg.circuit_part == "heads":
@@ -180,8 +184,9 @@ def _combine_sums(sums: dict[tuple[str, int], torch.Tensor], count: int,
     return {k: v.to(device) for k, v in total.items()}, sum(c for _, c in parts)
 
 
-def _ablation_values(components: Sequence[Site], mode: str,
+def ablation_values(components: Sequence[Site], mode: str,
                      means: Mapping[Site, torch.Tensor], device: str | torch.device) -> dict[Site, torch.Tensor]:
+    """What replaces each site: zero, or its data-set mean."""
     if mode == "zero":
         return {c: torch.zeros((), device=device) for c in components}
     return {c: means[c] for c in components}
@@ -227,7 +232,7 @@ def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: Ablati
             clean[idx] = losses.numpy()
             blocks = {layer: cache[("resid_post", layer)] for layer in range(adapter.n_layers)}
             for s, comps in enumerate(sets):
-                values = _ablation_values(comps, cfg.mode, means, device)
+                values = ablation_values(comps, cfg.mode, means, device)
                 ablated[s, idx] = run_intervened(model, adapter, batch, values, blocks, cost).numpy()
     clean, ablated = sum_over_processes(clean), sum_over_processes(ablated)
     return AblationLosses([e.doc_id for e in encoded], sets, clean, ablated, cost.reduced(),
@@ -279,57 +284,11 @@ def summarize_ablation(result: AblationLosses, cfg: AblationConfig) -> dict[str,
 
 
 def describe_targets(targets: Sequence[Site]) -> str:
+    """The target set in words, for the summary and the plot title."""
     if targets[0].kind == "attn_head":
         return "heads " + ",".join(c.name for c in targets)
     kinds = "+".join(sorted({c.kind for c in targets}))
     return f"{kinds} of layers " + ",".join(map(str, sorted({c.layer for c in targets})))
-
-
-def _rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: AblationConfig,
-                          targets: Sequence[Site], means: Mapping[Site, torch.Tensor],
-                          progress: bool = True) -> dict[str, Any]:
-    """ROUGE of greedy summaries with and without the ablation, paired over documents.
-
-    Uses ``sumcircuit.evaluation`` (generation, ROUGE, bootstrap) so the numbers
-    match ``sumcircuit evaluate``; the ablation hooks stay on during generation
-    (values broadcast over the one-token decoding steps).
-    """
-    from sumcircuit.data.encoding import encode
-    from sumcircuit.evaluation.config import GenerationConfig
-    from sumcircuit.evaluation.generation import eos_token_ids, generate_summaries
-    from sumcircuit.evaluation.rouge import rouge_scores
-
-    examples = load_examples(data_cfg).examples
-    prompts = [encode(loaded.tokenizer, e, data_cfg.template, data_cfg.max_tokens, with_summary=False,
-                      summary_budget=cfg.rouge_max_new_tokens) for e in examples]
-    refs = [list(e.references) for e in examples]
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.rouge_max_new_tokens, batch_size=cfg.batch_size)
-    eos = eos_token_ids(loaded)
-    device = next(loaded.model.parameters()).device
-    per_doc: dict[str, list[dict[str, float]]] = {}
-    for label, values in (("clean", {}), ("ablated", _ablation_values(targets, cfg.mode, means, device))):
-        mine: list[tuple[int, list[str]]] = []  # (batch number, texts); batch b runs on rank b % N
-        with Interventions(loaded.model, loaded.adapter) as iv:
-            iv.replace({c: v.to(device) for c, v in values.items()})
-            starts = range(0, len(prompts), gen_cfg.batch_size)
-            for b in tqdm(dist.my_blocks(len(starts)), desc=f"generate ({label})",
-                          disable=not progress or not dist.is_main_process()):
-                outs = generate_summaries(loaded.model, loaded.tokenizer,
-                                          prompts[starts[b]:starts[b] + gen_cfg.batch_size], gen_cfg, eos)
-                mine.append((b, [o.text for o in outs]))
-        texts = [t for _, batch_texts in sorted(p for part in dist.all_gather_objects(mine) for p in part)
-                 for t in batch_texts]
-        per_doc[label] = rouge_scores(texts, refs)
-    counts = resample_counts(len(examples), cfg.n_bootstrap, cfg.seed)
-    out: dict[str, Any] = {"n": len(examples), "max_new_tokens": cfg.rouge_max_new_tokens,
-                           "definition": "F1, greedy decoding; delta = ablated - clean, paired "
-                                         "percentile bootstrap over documents"}
-    for key in per_doc["clean"][0]:
-        clean = np.array([d[key] for d in per_doc["clean"]])
-        ablated = np.array([d[key] for d in per_doc["ablated"]])
-        out[key] = {"clean": float(clean.mean()), "ablated": float(ablated.mean()),
-                    "delta": mean_ci(ablated - clean, counts, cfg.ci_level)}
-    return out
 
 
 # ---------------------------------------------------------------- result
@@ -439,8 +398,10 @@ def ablate(model: ModelLike, data: Any, config: AblationConfig | None = None, *,
     if cfg.rouge:
         if "data_config" not in data_prov:
             raise CausalError("rouge=True needs data as a DataConfig (the references are read from it)")
-        summary["rouge"] = _rouge_under_ablation(loaded, coerce_data(data), cfg, result.sets[0], result.means,
-                                                 rt.progress)
+        from sumcircuit.causal.ablation_rouge import rouge_under_ablation
+
+        summary["rouge"] = rouge_under_ablation(loaded, coerce_data(data), cfg, result.sets[0], result.means,
+                                                rt.progress)
     summary["provenance"] = provenance(models=[loaded.provenance()], **data_prov, seed=cfg.seed,
                                        config=cfg.to_dict(), circuit=cfg.circuit, dtype=rt.dtype,
                                        processes=dist.world_size())

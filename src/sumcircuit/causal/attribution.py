@@ -19,6 +19,9 @@ two models' *weights* (``theta(alpha) = receiver + alpha (donor - receiver)``,
 towards the donor's, as in EAP-IG's interpolation, and ``K = 1`` is exactly
 the linear estimate. Both are first-order estimates; ``validate=K`` checks
 them against exact patching on the top-K and K random components.
+
+One module because the estimate, its rows (shaped like patching's) and its result class are
+one contract with ``patching.csv``; the exact-patching check lives in :mod:`.validation`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 from sumcircuit import distributed as dist
 from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_csv, atomic_write_json, read_csv, read_json
-from sumcircuit.causal.config import AttributionConfig, PatchConfig
+from sumcircuit.causal.config import AttributionConfig
 from sumcircuit.causal.inputs import encode_for, finished, load_pair, local_runtime, run_key
 from sumcircuit.causal.interventions import (
     RECEIVER,
@@ -53,14 +56,11 @@ from sumcircuit.causal.interventions import (
     sum_over_processes,
 )
 from sumcircuit.causal.patching import (
-    ALL,
     DEFINITIONS,
     ROW_COLUMNS,
     PatchRow,
     effect_of,
-    patch_losses,
     recovery_intervals,
-    summarize_patching,
 )
 from sumcircuit.config import coerce_config
 from sumcircuit.data.encoding import Encoded
@@ -70,7 +70,7 @@ from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
 from sumcircuit.sites import Site
-from sumcircuit.stats import average_ranks, mean_ci, resample_counts
+from sumcircuit.stats import mean_ci, resample_counts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -255,59 +255,6 @@ def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
     return rows, neuron_maps
 
 
-# ---------------------------------------------------------------- validation
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return _pearson(average_ranks(a), average_ranks(b))
-
-
-def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> dict[str, Any]:
-    """Correlation of estimated and exact effects on the same components, top-K overlap, largest misses."""
-    names = [n for n in attributed if n in exact and math.isfinite(exact[n]) and math.isfinite(attributed[n])]
-    a = np.array([attributed[n] for n in names])
-    e = np.array([exact[n] for n in names])
-    top_a = set(sorted(names, key=lambda n: -abs(attributed[n]))[:k])
-    top_e = set(sorted(names, key=lambda n: -abs(exact[n]))[:k])
-    misses = sorted(names, key=lambda n: -abs(attributed[n] - exact[n]))[:5]
-    return {"n": len(names), "pearson": _pearson(a, e), "spearman": _spearman(a, e),
-            "top_k": k, "top_k_overlap": len(top_a & top_e) / k if k else math.nan,
-            "largest_misses": [{"component": n, "attribution": attributed[n], "exact": exact[n]} for n in misses]}
-
-
-def validate(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], rows: Sequence[PatchRow],
-             cfg: AttributionConfig, *, progress: bool = False) -> dict[str, Any]:
-    """Exact patching of the top-K and K random components (per direction and kind); agreement with attribution."""
-    rng = np.random.default_rng(cfg.seed)
-    report: dict[str, Any] = {}
-    for direction in cfg.directions:
-        mine = [r for r in rows if r["direction"] == direction and r["kind"] != ALL]
-        for kind in sorted({r["kind"] for r in mine}):
-            pool = [r for r in mine if r["kind"] == kind and math.isfinite(r["effect"])]
-            k = min(cfg.validate, len(pool))
-            top = sorted(pool, key=lambda r: -abs(r["effect"]))[:k]
-            rest = [r for r in pool if r not in top]
-            rand = [rest[i] for i in rng.choice(len(rest), size=min(k, len(rest)), replace=False)] if rest else []
-            chosen = top + rand
-            sites = [Site.parse(r["component"]) for r in chosen]
-            pcfg = PatchConfig(directions=(direction,), include_all=False, batch_size=cfg.batch_size,
-                               n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-            exact = summarize_patching(patch_losses(base, tuned, encoded, pcfg, sites=sites, progress=progress),
-                                       pcfg)["rows"]
-            report[f"{direction}.{kind}"] = {
-                **agreement({r["component"]: r["effect"] for r in chosen},
-                            {r["component"]: r["effect"] for r in exact}, k),
-                "components": [{"component": r["component"], "attribution": r["effect"],
-                                "exact": next(e["effect"] for e in exact if e["component"] == r["component"]),
-                                "chosen_as": "top" if i < len(top) else "random"} for i, r in enumerate(chosen)]}
-    return report
-
-
 # ---------------------------------------------------------------- result
 
 @dataclass(repr=False)
@@ -450,6 +397,8 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
     }
     if cfg.validate:
         t0 = time.perf_counter()
+        from sumcircuit.causal.validation import validate
+
         summary["validation"] = validate(base_m, tuned_m, encoded, rows, cfg)
         summary["validation_wall_s"] = time.perf_counter() - t0
     summary["provenance"] = provenance(models=[base_m.provenance(), tuned_m.provenance()], **data_prov,

@@ -40,6 +40,7 @@ Activation = tuple[str, int]  # Site.activation: (kind, layer); heads/neurons sh
 
 
 def check_site(site: Site, adapter: ArchitectureAdapter, what: str = "component") -> Site:
+    """``site`` if the model has it, else a one-line CausalError naming ``what``."""
     try:
         return site.check(adapter.n_layers, adapter.n_heads, adapter.n_neurons, what)
     except SumcircuitError as exc:
@@ -62,7 +63,8 @@ def site_value(site: Site, activation: torch.Tensor, adapter: ArchitectureAdapte
 # ---------------------------------------------------------------- hooks
 
 def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    first: torch.Tensor = output[0] if isinstance(output, tuple) else output
+    return first
 
 
 def _with_first(output: Any, new: torch.Tensor) -> Any:
@@ -149,6 +151,7 @@ class Interventions(contextlib.AbstractContextManager["Interventions"]):
             self._stubbed.append(block)
 
     def close(self) -> None:
+        """Remove every hook and un-stub every block."""
         for handle in self._handles:
             handle.remove()
         for block in self._stubbed:
@@ -219,6 +222,7 @@ def batches(encoded: Sequence[Encoded], batch_size: int, pad_token_id: int,
 
 
 def n_batches(n: int, batch_size: int, shard: bool = False) -> int:
+    """How many batches this process runs (all of them, or its share under N processes)."""
     total = math.ceil(n / batch_size)
     return len(dist.my_blocks(total)) if shard else total
 
@@ -233,6 +237,7 @@ class CostCounter:
     backwards: int = 0
 
     def add(self, n_layers_run: int) -> None:
+        """Count one forward that computed ``n_layers_run`` layers."""
         self.forwards += 1
         self.layer_evals += n_layers_run
 
@@ -243,6 +248,7 @@ class CostCounter:
         return CostCounter(*(int(v) for v in t.tolist()))
 
     def summary(self, n_layers: int) -> dict[str, float]:
+        """Forwards and full-forward equivalents per batch (what every cost row states)."""
         b = max(self.batches, 1)
         return {"batches": self.batches, "forwards": self.forwards, "backwards": self.backwards,
                 "forwards_per_batch": self.forwards / b,
@@ -285,6 +291,7 @@ def clean_run(model: nn.Module, adapter: ArchitectureAdapter, batch: Mapping[str
 
 
 def block_activations(adapter: ArchitectureAdapter) -> list[Activation]:
+    """Every block's output: the cache an edited run replays its unchanged prefix from."""
     return [("resid_post", layer) for layer in range(adapter.n_layers)]
 
 

@@ -104,6 +104,7 @@ class PatchDocRow(TypedDict):
 
 
 def patch_sites(adapter: ArchitectureAdapter, granularity: str, layers: Sequence[int] = ()) -> list[Site]:
+    """The sites patched at a granularity: attn and mlp per layer, each head, or each block."""
     if granularity not in GRANULARITIES:
         raise CausalError(f"granularity {granularity}: choose one of {', '.join(GRANULARITIES)}")
     chosen = list(layers) or list(range(adapter.n_layers))
@@ -117,6 +118,7 @@ def patch_sites(adapter: ArchitectureAdapter, granularity: str, layers: Sequence
 
 
 def check_directions(directions: Sequence[str]) -> None:
+    """Refuse a direction that is not denoise or noise."""
     for d in directions:
         if d not in DIRECTIONS:
             raise CausalError(f"direction {d}: choose one of {', '.join(DIRECTIONS)} or both")
@@ -208,6 +210,7 @@ def recovery_ci(loss_base: np.ndarray, loss_tuned: np.ndarray, loss_patched: np.
 
 
 def effect_of(direction: str, rec: float) -> float:
+    """The effect of a recovery: the recovery itself (denoise), or the share of the gap lost (noise)."""
     return rec if direction == "denoise" else 1.0 - rec
 
 

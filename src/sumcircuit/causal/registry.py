@@ -36,6 +36,9 @@ class CausalMethod:
         help: one line for ``sumcircuit --help``.
         description: the command's ``--help`` text.
         report: ``fn(result) -> list[str]``, the lines the CLI prints (or ``"module:fn"``).
+
+    Example:
+        >>> CausalMethod("scale-mlp", ScaleConfig, scale_mlp, "model", "scale MLP outputs")  # doctest: +SKIP
     """
 
     name: str

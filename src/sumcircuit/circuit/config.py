@@ -33,6 +33,10 @@ class CircuitScore:
         head: ``fn(head_stats) -> [..., L*H]`` (or ``"module:fn"``), None when defined per layer only.
         needs: the per-document statistics its bootstrap stability needs (``per_doc.safetensors`` keys).
         per_document: False for a score with no per-document variation (its stability is undefined).
+
+    Example:
+        >>> CircuitScore("attn-weights", "relative weight change of attention",
+        ...              layer=lambda heads, layers: layers["weight_change_attn"])  # doctest: +SKIP
     """
 
     name: str

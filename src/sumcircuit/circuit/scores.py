@@ -48,7 +48,7 @@ def entropy_heads(heads: Stats) -> np.ndarray:
 
 def _layer_mean(flat_heads: np.ndarray, heads: Stats) -> np.ndarray:
     n_heads = next(iter(heads.values())).shape[-1]
-    return np.nanmean(flat_heads.reshape(*flat_heads.shape[:-1], -1, n_heads), axis=-1)
+    return np.asarray(np.nanmean(flat_heads.reshape(*flat_heads.shape[:-1], -1, n_heads), axis=-1))
 
 
 def kl_layers(heads: Stats, layers: Stats) -> np.ndarray:
@@ -81,13 +81,13 @@ def combined_layers(heads: Stats, layers: Stats) -> np.ndarray:
     parts = [layer_scores(p, heads, layers) for p in COMBINED_PARTS]
     parts = [p for p in parts if not np.all(np.isnan(p))]
     shape = np.broadcast_shapes(*(p.shape for p in parts))
-    return np.nanmean(np.stack([normalized_ranks(np.broadcast_to(p, shape)) for p in parts]), axis=0)
+    return np.asarray(np.nanmean(np.stack([normalized_ranks(np.broadcast_to(p, shape)) for p in parts]), axis=0))
 
 
 def combined_heads(heads: Stats) -> np.ndarray:
     """Mean normalised rank of KL and |entropy change| per head."""
     parts = [head_scores(p, heads) for p in ("kl", "entropy")]
-    return np.nanmean(np.stack([normalized_ranks(p) for p in parts]), axis=0)
+    return np.asarray(np.nanmean(np.stack([normalized_ranks(p) for p in parts]), axis=0))
 
 
 def layer_scores(score: str, heads: Stats, layers: Stats) -> np.ndarray:

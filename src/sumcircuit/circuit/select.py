@@ -68,7 +68,8 @@ class AnalysisTables:
 
     @property
     def n_layers(self) -> int:
-        return next(iter(self.heads.values())).shape[0]
+        """Layers analysed."""
+        return int(next(iter(self.heads.values())).shape[0])
 
 
 def read_analysis(source: str | Path | AnalysisResult) -> AnalysisTables:
@@ -137,7 +138,8 @@ def _weighted_mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     sums = counts @ np.where(valid, flat, 0.0)
     n = counts @ valid.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (sums / n).reshape(counts.shape[0], *values.shape[1:])
+        means: np.ndarray = (sums / n).reshape(counts.shape[0], *values.shape[1:])
+        return means
 
 
 def _per_doc_scores(tables: AnalysisTables, score: str, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -355,7 +357,9 @@ def _attribution_stability(result: Any, direction: str, selected: np.ndarray, se
         return null, null_heads
     n_docs = attn[0].shape[0]
     counts = resample_counts(n_docs, n_bootstrap, seed)
-    boot = lambda x: np.abs(counts @ np.asarray(x, dtype=np.float64) / n_docs)  # noqa: E731  [R, units]
+    def boot(x: np.ndarray) -> np.ndarray:  # [R, units]
+        return np.asarray(np.abs(counts @ np.asarray(x, dtype=np.float64) / n_docs))
+
     layer_boot = np.concatenate([boot(a) + boot(m) for a, m in zip(attn, mlp)], axis=1)  # [R, L]
     in_top = np.zeros(n_layers)
     for row in top_k(layer_boot, top_layers):

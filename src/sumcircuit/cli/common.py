@@ -20,7 +20,10 @@ from sumcircuit.runtime import Runtime
 if TYPE_CHECKING:
     from sumcircuit.models import LoadedModel
 
-Subparsers = argparse._SubParsersAction
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
 MODEL_HELP = "hub id, local HF folder, .gguf file, or a named model (see `sumcircuit models`)"
 
 

@@ -22,7 +22,7 @@ def _fmt(stats: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sumcircuit.data.preview import preview
+    from sumcircuit.data.overview import preview
 
     tokenizer = None
     if args.model:

@@ -3,7 +3,7 @@
 ``config`` (:class:`DataConfig`, the prompt :class:`Template`; no torch),
 ``sources`` (files, ``save_to_disk`` folders, the hub, presets, in-memory
 datasets), ``records`` (fields, :class:`Example`, :func:`load_examples`),
-``encoding`` (token ids, loss masks, padded batches; torch) and ``preview``.
+``encoding`` (token ids, loss masks, padded batches; torch) and ``overview`` (:func:`preview`).
 The torch-using names are imported on first use, so ``import sumcircuit.data``
 stays light.
 """
@@ -26,7 +26,7 @@ from sumcircuit.data.records import DataSource, Example, ExampleSet, detect_fiel
 from sumcircuit.data.sources import PRESETS, Preset, iter_raw_records, register_dataset, resolve_source
 
 _LAZY = {"IGNORE_INDEX": "encoding", "Encoded": "encoding", "encode": "encoding", "encode_all": "encoding",
-         "collate": "encoding", "check_context": "encoding", "preview": "preview"}
+         "collate": "encoding", "check_context": "encoding", "preview": "overview"}
 
 __all__ = ["DATA_PRESETS", "DEFAULT_MAX_TOKENS", "DEFAULT_TEMPLATE", "MIN_MAX_TOKENS", "PRESETS", "DataConfig",
            "DataSource", "Example", "ExampleSet", "Preset", "Template", "detect_fields", "iter_raw_records",
@@ -45,4 +45,4 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, check_context, collate, encode, encode_all
-    from sumcircuit.data.preview import preview
+    from sumcircuit.data.overview import preview

@@ -40,6 +40,7 @@ class Example:
 
     @property
     def summary(self) -> str:
+        """The first reference (what training uses)."""
         return self.references[0] if self.references else ""
 
 
@@ -58,6 +59,7 @@ class DataSource:
     truncated_summaries: int | None = None
 
     def provenance(self) -> dict[str, Any]:
+        """What outputs cite about the data: identity, skipped and truncated counts."""
         cuts = {k: v for k, v in (("truncated_documents", self.truncated_documents),
                                   ("truncated_summaries", self.truncated_summaries)) if v is not None}
         return {**self.identity(), "skipped_invalid_records": self.skipped_invalid, **cuts}
@@ -118,6 +120,7 @@ def _as_text(value: Any, *, file: str, line: int, field_name: str, allow_list: b
 
 
 def to_example(record: dict[str, Any], line: int, source: DataSource, need_summary: bool) -> Example:
+    """One record as an Example; a missing or empty field is a DataError naming file, line and field."""
     file = source.name
     if source.text_field not in record:
         raise DataError("missing", file=file, line=line, field=source.text_field)
@@ -142,7 +145,19 @@ def to_example(record: dict[str, Any], line: int, source: DataSource, need_summa
 
 
 def load_examples(cfg: DataConfig) -> ExampleSet:
-    """Read up to ``cfg.n_docs`` valid examples. Invalid records raise unless ``skip_invalid``."""
+    """Read up to ``cfg.n_docs`` valid examples. Invalid records raise unless ``skip_invalid``.
+
+    Args:
+        cfg: which source, fields and how many documents.
+
+    Returns:
+        The examples, their source (what outputs cite) and the invalid records skipped.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> sc.load_examples(sc.DataConfig("../shared/data/dialogsum", split="dev", n_docs=2)).source.text_field  # doctest: +SKIP
+        'dialogue'
+    """
     name, split = resolve_source(cfg.data, cfg.split)
     source = DataSource(name, split, source_hash(name))
     need_summary = template_needs_summary(cfg.template)

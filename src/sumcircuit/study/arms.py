@@ -54,6 +54,11 @@ class Arm:
         variants: ``fn(context) -> [Variant]``; None: one variant named like the arm, no extra config.
         needs: stages its variants read (their keys enter this arm's stage keys).
         seeds: ``"all"``: every training seed; ``"preset"``: as the preset's ``full_seeds`` says.
+
+    Example:
+        >>> Arm("targeted_top1", "targeted-lora", "targeted", "targeted (top layer)",
+        ...     lambda ctx: [Variant("targeted_top1", {"layers": tuple(ctx.kl_layers[:1])})],
+        ...     needs=("circuit",))  # doctest: +SKIP
     """
 
     name: str

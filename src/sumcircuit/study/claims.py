@@ -82,6 +82,7 @@ def head_share_claim(share: float | None, low: float | None, high: float | None,
 
 def circuit_layers_claim(top_layers: Sequence[int] | None, n_layers: int | None,
                          model_type: str | None = None) -> ClaimResult:
+    """The paper's circuit (GPT-2 layers 2, 3, 5) against this run's top layers by KL."""
     claim = "The most-changed layers (by attention KL) are 2, 3 and 5"
     if top_layers is None:
         return ClaimResult(claim, "layers 2, 3, 5 (GPT-2)", "-", NOT_RUN, "circuit stage missing")
@@ -124,6 +125,7 @@ def _difference_row(diff: float, low: float, high: float, table: np.ndarray) -> 
 
 
 def rouge_claim(targeted: Table | None, lora_all: Table | None) -> ClaimResult:
+    """Targeted LoRA against LoRA on every layer, paired over seeds and documents."""
     claim = "Targeted LoRA beats LoRA on all layers on ROUGE-1"
     t, a = _table(targeted), _table(lora_all)
     if t is None or a is None:
@@ -134,6 +136,7 @@ def rouge_claim(targeted: Table | None, lora_all: Table | None) -> ClaimResult:
 
 
 def params_claim(targeted: int | None, lora_all: int | None) -> ClaimResult:
+    """The share of trainable parameters targeted LoRA saves (the paper's 75%)."""
     claim = "Targeted LoRA trains 75% fewer parameters than LoRA on all layers"
     if not targeted or not lora_all:
         return ClaimResult(claim, "75% fewer", "-", NOT_RUN, "fine-tuning summaries missing")

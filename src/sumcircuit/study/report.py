@@ -42,6 +42,7 @@ def _figure(fig: Figure, alt: str, caption: str) -> str:
 
 
 def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
+    """The per-head heatmaps, embedded with their caption."""
     return _figure(plots.head_heatmaps(heads), "per-head heatmaps of entropy change and KL",
                    "Per head (rows: layers, columns: heads), token-weighted over the analysed documents. Left: "
                    "attention entropy of the tuned model minus the base model (blue: more focused after tuning). "
@@ -49,6 +50,7 @@ def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
 
 
 def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
+    """The per-layer bars, embedded with their caption."""
     return _figure(plots.layer_bars(layers), "per-layer change bar charts",
                    "Per layer: mean attention KL over heads, relative change of the residual-stream norm, linear CKA "
                    "between the two models' hidden states (1 = same representation up to rotation and scale), and the "
@@ -56,6 +58,7 @@ def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
 
 
 def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
+    """The neuron-change histogram from stats.safetensors, embedded with its caption."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(stats_path))
@@ -69,12 +72,14 @@ def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
 
 
 def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Training and validation curves, embedded with their caption."""
     return _figure(plots.training_curves(runs), "training and validation loss curves",
                    "Loss on summary tokens per optimizer step (left) and on the held-out validation slice (right) for "
                    "the first training seed of each method; early stopping keeps the best validation checkpoint.")
 
 
 def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Attention change during training, embedded with its caption."""
     return _figure(plots.tracking_plot(rows), "interpretability tracking during training",
                    "Mean attention KL between the starting model and the model being trained, per layer, during the "
                    "full fine-tune.")
@@ -117,6 +122,7 @@ def first_predictions(eval_dir: Path, n: int) -> list[list[Any]]:
 
 
 def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
+    """One row per evaluated model: ROUGE with intervals, layers, parameters, epochs, time."""
     layout = StudyLayout(run)
     rows = []
     for name in names:
@@ -233,6 +239,7 @@ def example_rows(run: Path, names: Sequence[str], n: int = 3) -> list[list[Any]]
 
 
 def claims_table(results: Sequence[claims.ClaimResult]) -> str:
+    """The claims as an HTML table, verdicts coloured."""
     rows = "".join(
         f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{html.escape(r.this_run)}</td>"
         f'<td class="{r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}</td>'
@@ -249,6 +256,7 @@ def _models_label(summary: Mapping[str, Any]) -> str:
 
 
 def analysis_section(folder: Path, title: str) -> str:
+    """The analysis's figures and headline numbers, labelled with the models it compares."""
     heads, layers = _read_csv(folder / "heads.csv"), _read_csv(folder / "layers.csv")
     summary = _read_json(folder / "summary.json") or {}
     body = ""

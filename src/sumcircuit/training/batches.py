@@ -71,12 +71,15 @@ class EpochSampler(Sampler[int]):
         self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard calls this too
+        """Use epoch ``epoch``'s permutation (accelerate calls this too)."""
         self.epoch = epoch
 
     def set_start(self, start: int) -> None:
+        """Start at position ``start`` of the permutation (a resumed epoch)."""
         self.start = start
 
     def order(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s permutation of the training examples."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
 
@@ -106,12 +109,14 @@ def summary_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 
 
 def collate_train(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A padded training batch: ids, mask, labels."""
     full = collate(batch, pad_token_id)
     return {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 
 def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on ``device``."""
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
 
 

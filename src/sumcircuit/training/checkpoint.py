@@ -58,6 +58,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 
 def tmp_dir(target: Path) -> Path:
+    """An empty temporary folder beside ``target``, renamed into place when complete."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -65,6 +66,7 @@ def tmp_dir(target: Path) -> Path:
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer state as safetensors (tensors) and JSON (scalars, groups)."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -76,6 +78,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore an optimizer saved by :func:`save_optimizer`."""
     from safetensors.torch import load_file
 
     meta = read_json(folder / "optimizer.json")
@@ -87,6 +90,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 
 def save_rng(folder: Path) -> None:
+    """Python, numpy and torch RNG states, so a resumed run draws what an uninterrupted one would."""
     import numpy as np
 
     tensors = {"torch_cpu": torch.get_rng_state()}
@@ -101,6 +105,7 @@ def save_rng(folder: Path) -> None:
 
 
 def load_rng(folder: Path) -> None:
+    """Restore the RNG states saved by :func:`save_rng`."""
     import numpy as np
     from safetensors.torch import load_file
 
@@ -143,6 +148,7 @@ def load_weights(model: Any, folder: Path) -> None:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest finished checkpoint folder of a run (None when there is none)."""
     done = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
     return done[-1] if done else None
 

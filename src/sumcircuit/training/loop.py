@@ -117,6 +117,7 @@ class _nullcontext:
 
 
 def validate(run: Run) -> dict[str, Any]:
+    """Validation loss now; updates the best checkpoint and the early-stopping count."""
     cfg, state = run.cfg, run.state
     acc = run.accelerator
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
@@ -141,6 +142,7 @@ def validate(run: Run) -> dict[str, Any]:
 
 
 def track(run: Run) -> None:
+    """Per-head change against the start model now (tracking.csv)."""
     if run.tracker is None:
         return
     rows = run.tracker.rows(run.unwrapped, run.state.step, run.epoch_float())
@@ -159,6 +161,7 @@ def _next_micro_batches(iterator: Iterator[dict[str, torch.Tensor]], n: int) -> 
 
 
 def train_loop(run: Run) -> None:
+    """Optimizer steps until the step cap or early stopping, checkpointing as configured."""
     from tqdm.auto import tqdm
 
     cfg, state = run.cfg, run.state
@@ -208,6 +211,7 @@ def train_loop(run: Run) -> None:
 
 def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, out: Path,
           val_cfg: DataConfig | None, runtime: Runtime) -> Run:
+    """Everything a run needs: model, method, data, optimizer, schedule, sampler, fingerprint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -264,6 +268,7 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
 
 
 def finish(run: Run, started: float) -> dict[str, Any]:
+    """Copy the final weights into place and write train_summary.json; returns the summary."""
     cfg, state, out = run.cfg, run.state, run.out
     run.accelerator.wait_for_everyone()  # rank 0's log is complete before anyone reads it
     final = out / "final"
@@ -306,4 +311,5 @@ def finish(run: Run, started: float) -> dict[str, Any]:
 
 
 def read_log(out: Path) -> list[dict[str, Any]]:
+    """The run's train_log.jsonl records."""
     return read_jsonl(out / "train_log.jsonl")

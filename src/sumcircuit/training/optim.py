@@ -36,6 +36,7 @@ def make_optimizer(model: torch.nn.Module, cfg: ResolvedFinetuneConfig) -> torch
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ResolvedFinetuneConfig,
                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then linear decay to zero or a constant rate."""
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)

@@ -51,6 +51,7 @@ def _json_roundtrip(obj: Any) -> Any:
 
 
 def save_best(run: Run) -> None:
+    """Export the current weights as the best checkpoint."""
     if not run.accelerator.is_main_process:
         return
     target = run.out / "checkpoints" / "best"
@@ -62,6 +63,7 @@ def save_best(run: Run) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
+    """A full checkpoint (weights, optimizer, schedule, RNG, state); keeps the newest few."""
     acc = run.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -82,6 +84,7 @@ def save_checkpoint(run: Run) -> None:
 
 
 def resume(run: Run) -> None:
+    """Continue from the newest finished checkpoint; a damaged one is a one-line error."""
     ckpt = latest_checkpoint(run.out)
     if ckpt is None:
         raise FinetuneError(f"--resume: no finished checkpoint in {run.out / 'checkpoints'}")
@@ -120,4 +123,5 @@ def _restore(run: Run, ckpt: Path) -> None:
 
 
 def read_tracking(out: Path) -> list[dict[str, Any]]:
+    """The tracking rows written so far."""
     return [dict(r) for r in read_csv(out / "tracking.csv")]

@@ -62,7 +62,10 @@ class Run:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The model without accelerate's wrapper."""
+        model: torch.nn.Module = self.accelerator.unwrap_model(self.model)
+        return model
 
     def epoch_float(self) -> float:
+        """Epochs done, fractional."""
         return self.state.epoch + self.state.micro / self.micro_per_epoch

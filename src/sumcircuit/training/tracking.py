@@ -46,6 +46,7 @@ class Tracker:
         return cls(start, adapter, probe, pad_token_id, seed)
 
     def rows(self, tuned: Any, step: int, epoch: float) -> list[dict[str, Any]]:
+        """Per-head entropy/KL of the current weights against the start, as tracking.csv rows."""
         base = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
         was_training = base.training
         base.eval()

@@ -51,6 +51,10 @@ class FinetuneMethod:
             ``random_layers`` picks them; ``unit="head"`` narrows a circuit to its heads).
         adapter: whether it trains a LoRA adapter (``rank``/``alpha`` apply; ``final/`` is an adapter folder).
         prepare: ``fn(loaded, choice, config) -> PreparedModel`` that sets what trains (or ``"module:fn"``).
+
+    Example:
+        >>> FinetuneMethod("bias-only", "biases and norms only", {"lr": 1e-3, "batch_size": 4, "epochs": 1.0,
+        ...                "patience": 0}, layers="all", adapter=False, prepare=prepare_bias_only)  # doctest: +SKIP
     """
 
     name: str
