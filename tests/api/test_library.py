@@ -236,7 +236,7 @@ def test_quickstart_example_runs(tmp_path: Path) -> None:
                            "--docs", "2"], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "<AnalysisResult 30 layers x 9 heads, 2 documents;" in proc.stdout and "of heads more focused" in proc.stdout
-    assert "<FinetuneResult full on layers" in proc.stdout and "blocks." in proc.stdout
+    assert "<FinetuneResult full on all 30 layers: 4 steps" in proc.stdout and "blocks." in proc.stdout
     assert (tmp_path / "kl_per_head.png").read_bytes()[:4] == b"\x89PNG"
     assert isinstance(sc.load_run(tmp_path / "attribution"), sc.AttributionResult)
     assert isinstance(sc.load_run(tmp_path / "patch"), sc.PatchResult)

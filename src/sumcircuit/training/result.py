@@ -50,7 +50,10 @@ class FinetuneResult(Result):
 
     def describe(self) -> str:
         s = self.summary
-        return (f"{s.get('method')} on layers {s.get('layers')}: {s.get('steps')} steps, best validation loss "
+        layers = s.get("layers") or []
+        where = f"all {len(layers)} layers" if layers == list(range(len(layers))) and len(layers) > 4 \
+            else f"layers {layers}"
+        return (f"{s.get('method')} on {where}: {s.get('steps')} steps, best validation loss "
                 f"{s.get('best_val_loss', float('nan')):.4f} at step {s.get('best_step')}")
 
     @property
