@@ -354,6 +354,7 @@ def test_reproduce_refuses_testing_on_training_documents(tmp_path: Path, capsys:
           "training and test documents would both come from", "--eval-data")
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_truncated_summaries_are_stored_in_every_output(tiny_model_dirs: dict[str, Path], tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Summaries cut to fit --max-tokens are printed and cited in the outputs' provenance, not only logged."""

@@ -28,6 +28,7 @@ def test_models_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "smollm2-135m-instruct" in out and "gemma3-270m" in out
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_data_preview_real(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", str(SHARED_DATA / "dialogsum"), "--split", "test", "--n-docs", "10"]) == 0
     out = capsys.readouterr().out

@@ -43,6 +43,7 @@ def _write_jsonl(path: Path, rows: list[object], gz: bool = False) -> Path:
     ("dialogsum", "train", "dialogue", ("summary",), 1),
     ("dialogsum", "test", "dialogue", ("summary1", "summary2", "summary3"), 3),
 ])
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_shared_data_sets_detected(folder: str, split: str, text_field: str,
                                    summary_fields: tuple[str, ...], n_refs: int | None) -> None:
     result = load_examples(DataConfig(str(SHARED_DATA / folder), split=split, n_docs=20))
@@ -56,6 +57,7 @@ def test_shared_data_sets_detected(folder: str, split: str, text_field: str,
             assert len(ex.references) == n_refs
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_scitldr_lists_joined_and_multi_reference() -> None:
     ex = load_examples(DataConfig(str(SHARED_DATA / "scitldr" / "test"), n_docs=1)).examples[0]
     raw = json.loads(gzip.open(SHARED_DATA / "scitldr" / "test.jsonl.gz", "rt").readline())
@@ -64,6 +66,7 @@ def test_scitldr_lists_joined_and_multi_reference() -> None:
     assert ex.doc_id == raw["paper_id"]
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_resolve_source_forms() -> None:
     folder = SHARED_DATA / "cnndm_gpt4"
     assert resolve_source(str(folder), "val") == (str(folder / "val.jsonl.gz"), "val")
@@ -144,6 +147,7 @@ def test_loss_mask_covers_exactly_summary_tokens(tiny_tokenizer) -> None:  # typ
     assert not enc.truncated
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_truncation_keeps_summary_intact(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     ex = _example(text="Long document sentence number. " * 200, summary="The summary stays whole.")
     full = encode(tiny_tokenizer, ex, max_tokens=4096)

@@ -277,6 +277,7 @@ def _write_data(path: Path, n: int = 5) -> Path:
     return path
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_run_evaluate_outputs_provenance_and_resume(tmp_path: Path, tiny_model_dirs: dict[str, Path],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     data = _write_data(tmp_path / "d.jsonl")
@@ -330,6 +331,7 @@ def test_run_evaluate_outputs_provenance_and_resume(tmp_path: Path, tiny_model_d
                         overwrite=True, n_resamples=100)["n"] == 3
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_run_evaluate_errors(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
     data = _write_data(tmp_path / "d.jsonl", 2)
     with pytest.raises(EvaluationError, match="summary"):
@@ -342,6 +344,7 @@ def test_run_evaluate_errors(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -
         GenerationConfig(batch_size=0)
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_generation_past_the_context_is_refused_for_rope_models_too(tmp_path: Path,
                                                                    tiny_model_dirs: dict[str, Path]) -> None:
     """One position rule for every family: LLaMA tiny (RoPE, 1024 positions) is refused like GPT-2, not warned about."""
@@ -352,6 +355,7 @@ def test_generation_past_the_context_is_refused_for_rope_models_too(tmp_path: Pa
     assert not (tmp_path / "a" / "predictions.jsonl").exists()
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_cli_end_to_end(tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data = _write_data(tmp_path / "d.jsonl", 3)
     out = tmp_path / "cli"
@@ -368,6 +372,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys
     assert "needs a template" in capsys.readouterr().err
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 @pytest.mark.parametrize("fam", ["gpt2", "llama"])
 def test_adapter_equals_lora_model(fam: str, tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
     """--adapter (merged by finetune.load_adapter) generates what the unmerged LoRA model generates."""

@@ -132,6 +132,7 @@ def test_grad_accumulation_matches_large_batch(tiny_model_dirs: dict[str, Path],
         torch.testing.assert_close(runs["accum"][key], runs["big"][key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.real  # reads the real data sets of ../shared/data
 def test_early_stopping_triggers_and_logs(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
     # lr 5 wrecks the model: no evaluation after step 0 improves, so patience 2 stops at step 2
     cfg = _cfg(lr=5.0, max_steps=50, eval_every=1, patience=2)
