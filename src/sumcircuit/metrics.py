@@ -255,7 +255,7 @@ def bootstrap_ratio_samples(sums: Tensor, counts: Tensor, n_bootstrap: int, seed
     return (num / den[:, None]).reshape(n_bootstrap, *sums.shape[1:])
 
 
-def ratio_ci(sums: Tensor, counts: Tensor, method: CIMethod = "bootstrap", level: float = 0.95,
+def ratio_ci(sums: Tensor, counts: Tensor, method: CIMethod = "bootstrap", ci_level: float = 0.95,
              n_bootstrap: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Confidence interval of a token-weighted mean from per-document sums.
 
@@ -269,7 +269,7 @@ def ratio_ci(sums: Tensor, counts: Tensor, method: CIMethod = "bootstrap", level
     if n_docs < 2:
         nan = torch.full(shape, math.nan, dtype=_F64)
         return nan, nan.clone()
-    alpha = (1.0 - level) / 2.0
+    alpha = (1.0 - ci_level) / 2.0
     if method == "bootstrap":
         samples = bootstrap_ratio_samples(sums, counts, n_bootstrap, seed)
         q = torch.tensor([alpha, 1.0 - alpha], dtype=_F64)

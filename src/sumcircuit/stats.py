@@ -1,7 +1,7 @@
 """Statistics every command shares: document resamples, intervals, p-values.
 
 One generator convention for the whole package: a bootstrap is a matrix of
-resample *counts* ``[n_resamples, n_docs]`` drawn from
+resample *counts* ``[n_bootstrap, n_docs]`` drawn from
 ``numpy.random.default_rng(seed)``. Any statistic that is linear in the
 documents (a mean, a token-weighted ratio of sums) is then one matrix product,
 and two statistics computed with the same seed and number of documents are
@@ -21,40 +21,40 @@ _TINY_SE = 1e-12  # standard errors below this (relative to the mean) are roundi
 
 
 class StatsError(SumcircuitError):
-    """A statistic asked for with inputs that cannot give one (no values, bad level)."""
+    """A statistic asked for with inputs that cannot give one (no values, bad ci_level)."""
 
 
-def check_level(level: float) -> float:
-    """``level`` if it is a valid confidence level in (0, 1), else a one-line error."""
-    if not 0 < level < 1:
-        raise StatsError(f"confidence level must be in (0, 1), got {level}")
-    return level
+def check_level(ci_level: float) -> float:
+    """``ci_level`` if it is a valid confidence level in (0, 1), else a one-line error."""
+    if not 0 < ci_level < 1:
+        raise StatsError(f"confidence level must be in (0, 1), got {ci_level}")
+    return ci_level
 
 
-def check_resamples(n_resamples: int) -> int:
-    """``n_resamples`` if it is at least 1, else a one-line error."""
-    if n_resamples < 1:
-        raise StatsError(f"n_bootstrap must be at least 1, got {n_resamples}")
-    return n_resamples
+def check_resamples(n_bootstrap: int) -> int:
+    """``n_bootstrap`` if it is at least 1, else a one-line error."""
+    if n_bootstrap < 1:
+        raise StatsError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
+    return n_bootstrap
 
 
-def resample_counts(n_docs: int, n_resamples: int, seed: int) -> np.ndarray:
-    """``[n_resamples, n_docs]`` float counts: how often each document is drawn in each resample."""
-    check_resamples(n_resamples)
+def resample_counts(n_docs: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """``[n_bootstrap, n_docs]`` float counts: how often each document is drawn in each resample."""
+    check_resamples(n_bootstrap)
     if n_docs < 1:
         raise StatsError("a bootstrap needs at least one document")
     rng = np.random.default_rng(seed)
-    counts = np.zeros((n_resamples, n_docs))
+    counts = np.zeros((n_bootstrap, n_docs))
     rows = max(1, _CHUNK // n_docs)
-    for lo in range(0, n_resamples, rows):
-        hi = min(n_resamples, lo + rows)
+    for lo in range(0, n_bootstrap, rows):
+        hi = min(n_bootstrap, lo + rows)
         draws = rng.integers(0, n_docs, size=(hi - lo, n_docs))
         np.add.at(counts, (np.arange(hi - lo)[:, None] + lo, draws), 1.0)
     return counts
 
 
 def resampled_means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Means over each resample of the last axis of ``values``: ``[..., D]`` -> ``[..., n_resamples]``."""
+    """Means over each resample of the last axis of ``values``: ``[..., D]`` -> ``[..., n_bootstrap]``."""
     means: np.ndarray = np.asarray(values, dtype=np.float64) @ counts.T / counts.shape[1]
     return means
 
@@ -67,10 +67,10 @@ def resampled_ratios(sums: np.ndarray, weights: np.ndarray, counts: np.ndarray) 
     return out.reshape(counts.shape[0], *sums.shape[1:])
 
 
-def percentile_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(samples: np.ndarray, ci_level: float = 0.95, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of bootstrap replicates along ``axis`` (non-finite replicates ignored)."""
-    check_level(level)
-    alpha = (1 - level) / 2
+    check_level(ci_level)
+    alpha = (1 - ci_level) / 2
     arr = np.asarray(samples, dtype=np.float64)
     with np.errstate(all="ignore"):
         masked = np.where(np.isfinite(arr), arr, np.nan)
@@ -81,31 +81,31 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95, axis: int = 0)
     return low, high
 
 
-def scalar_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+def scalar_interval(samples: np.ndarray, ci_level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of one statistic's bootstrap samples."""
-    low, high = percentile_interval(np.asarray(samples).reshape(-1), level)
+    low, high = percentile_interval(np.asarray(samples).reshape(-1), ci_level)
     return float(low), float(high)
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
+                 ci_level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean, resampling documents with replacement."""
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size == 0:
         raise StatsError("a bootstrap CI needs a non-empty 1-D sequence of values")
-    check_level(level)
-    return scalar_interval(resampled_means(data, resample_counts(data.size, n_resamples, seed)), level)
+    check_level(ci_level)
+    return scalar_interval(resampled_means(data, resample_counts(data.size, n_bootstrap, seed)), ci_level)
 
 
-def mean_ci(values: np.ndarray, counts: np.ndarray, level: float = 0.95) -> dict[str, float]:
+def mean_ci(values: np.ndarray, counts: np.ndarray, ci_level: float = 0.95) -> dict[str, float]:
     """Mean of per-document values with a percentile CI from the given resample counts."""
     values = np.asarray(values, dtype=np.float64)
-    low, high = scalar_interval(resampled_means(values, counts), level)
+    low, high = scalar_interval(resampled_means(values, counts), ci_level)
     return {"mean": float(values.mean()), "ci_low": low, "ci_high": high}
 
 
-def studentized_interval(values: Sequence[float] | np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                         level: float = 0.95) -> tuple[float, float, float]:
+def studentized_interval(values: Sequence[float] | np.ndarray, n_bootstrap: int = 2000, seed: int = 0,
+                         ci_level: float = 0.95) -> tuple[float, float, float]:
     """Mean and its bootstrap-t (studentized) CI over documents: ``(mean, low, high)``.
 
     Why not the percentile interval: at the 8-24 documents a study affords,
@@ -116,9 +116,9 @@ def studentized_interval(values: Sequence[float] | np.ndarray, n_resamples: int 
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size < 2:
         raise StatsError("a studentized CI needs at least two values")
-    check_level(level)
+    check_level(ci_level)
     n = data.size
-    counts = resample_counts(n, n_resamples, seed)
+    counts = resample_counts(n, n_bootstrap, seed)
     means = counts @ data / n
     spread = np.maximum(counts @ (data * data) / n - means * means, 0.0) * n / (n - 1)
     se_star = np.sqrt(spread / n)
@@ -128,19 +128,19 @@ def studentized_interval(values: Sequence[float] | np.ndarray, n_resamples: int 
         return mean, mean, mean
     usable = se_star > tiny
     t = (means[usable] - mean) / se_star[usable]
-    q_low, q_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
+    q_low, q_high = np.quantile(t, [(1 - ci_level) / 2, (1 + ci_level) / 2])
     return mean, mean - float(q_high) * se, mean - float(q_low) * se
 
 
-def paired_diff(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,
-                level: float = 0.95) -> tuple[float, float, float]:
+def paired_diff(a: Sequence[float], b: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
+                ci_level: float = 0.95) -> tuple[float, float, float]:
     """Mean of ``a - b`` over paired documents (paired by position) and its studentized bootstrap CI."""
     if len(a) != len(b) or len(a) == 0:
         raise StatsError("paired samples must be non-empty and of equal length")
     diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if diffs.size == 1:
         raise StatsError("a paired difference needs at least two documents")
-    return studentized_interval(diffs, n_resamples, seed, level)
+    return studentized_interval(diffs, n_bootstrap, seed, ci_level)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -180,8 +180,8 @@ def _crossed_mean_and_se(values: np.ndarray, seed_counts: np.ndarray, doc_counts
     return mean, np.sqrt(var)
 
 
-def crossed_interval(values: Sequence[Sequence[float]] | np.ndarray, n_resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
+def crossed_interval(values: Sequence[Sequence[float]] | np.ndarray, n_bootstrap: int = 2000, seed: int = 0,
+                     ci_level: float = 0.95) -> tuple[float, float, float]:
     """Mean of a seeds x documents table and its two-way studentized bootstrap CI: ``(mean, low, high)``.
 
     Why: a study's score (or paired difference) varies with the training seed
@@ -196,39 +196,39 @@ def crossed_interval(values: Sequence[Sequence[float]] | np.ndarray, n_resamples
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 2 or data.shape[1] < 2 or data.shape[0] < 1:
         raise StatsError("a seeds x documents interval needs a 2-D table with at least two documents")
-    check_level(level)
+    check_level(ci_level)
     n_s, n_d = data.shape
     if n_s == 1:
-        return studentized_interval(data[0], n_resamples, seed, level)
+        return studentized_interval(data[0], n_bootstrap, seed, ci_level)
     mean, se = _crossed_mean_and_se(data, np.ones((1, n_s)), np.ones((1, n_d)))
     mean_f, se_f = float(mean[0]), float(se[0])
     tiny = _TINY_SE * max(1.0, abs(mean_f))
     if se_f <= tiny:  # constant up to rounding: no spread to studentize
         return mean_f, mean_f, mean_f
     rng = np.random.default_rng(seed)
-    seed_counts = resample_counts(n_s, n_resamples, int(rng.integers(2**31)))
-    doc_counts = resample_counts(n_d, n_resamples, int(rng.integers(2**31)))
+    seed_counts = resample_counts(n_s, n_bootstrap, int(rng.integers(2**31)))
+    doc_counts = resample_counts(n_d, n_bootstrap, int(rng.integers(2**31)))
     means, se_star = _crossed_mean_and_se(data, seed_counts, doc_counts)
     usable = se_star > tiny
     t = (means[usable] - mean_f) / se_star[usable]
-    q_low, q_high = np.quantile(t, [(1 - level) / 2, (1 + level) / 2])
+    q_low, q_high = np.quantile(t, [(1 - ci_level) / 2, (1 + ci_level) / 2])
     return mean_f, mean_f - float(q_high) * se_f, mean_f - float(q_low) * se_f
 
 
-def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+def t_interval(values: Sequence[float] | np.ndarray, ci_level: float = 0.95) -> tuple[float, float, float]:
     """Mean and Student-t CI: for a handful of values (one per training seed) a bootstrap has too few resamples."""
     from scipy import stats as st
 
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size < 2:
         raise StatsError("a t-interval needs at least two values")
-    check_level(level)
+    check_level(ci_level)
     mean, se = float(data.mean()), float(data.std(ddof=1) / np.sqrt(data.size))
-    half = float(st.t.ppf((1 + level) / 2, data.size - 1)) * se
+    half = float(st.t.ppf((1 + ci_level) / 2, data.size - 1)) * se
     return mean, mean - half, mean + half
 
 
-def sign_share_bounds(estimate: np.ndarray, samples: np.ndarray, level: float = 0.95) -> tuple[float, float, int, int]:
+def sign_share_bounds(estimate: np.ndarray, samples: np.ndarray, ci_level: float = 0.95) -> tuple[float, float, int, int]:
     """Bounds on the share of components whose true value is negative: ``(low, high, n_neg, n_not_neg)``.
 
     Why not a bootstrap of the share itself: components whose value sits near
@@ -236,12 +236,12 @@ def sign_share_bounds(estimate: np.ndarray, samples: np.ndarray, level: float = 
     toward 50% and its percentile interval can miss the truth most of the time.
     Instead, a simultaneous band over all components (bootstrap max-|t|, each
     component standardized by its bootstrap spread) classifies each as surely
-    negative, surely positive or undetermined; with probability ``level`` every
+    negative, surely positive or undetermined; with probability ``ci_level`` every
     component's interval covers at once, and then the true share lies between
     the surely-negative share and one minus the surely-not-negative share.
     ``estimate`` is ``[...]`` and ``samples`` ``[R, ...]`` (bootstrap replicates).
     """
-    check_level(level)
+    check_level(ci_level)
     est = np.asarray(estimate, dtype=np.float64).reshape(-1)
     reps = np.asarray(samples, dtype=np.float64).reshape(np.shape(samples)[0], -1)
     if est.size == 0 or reps.shape[1] != est.size:
@@ -251,7 +251,7 @@ def sign_share_bounds(estimate: np.ndarray, samples: np.ndarray, level: float = 
     spread = finite & (se > 0)
     if spread.any():
         t_max = np.nanmax(np.abs(reps[:, spread] - est[spread]) / se[spread], axis=1)
-        crit = float(np.nanquantile(t_max, level))
+        crit = float(np.nanquantile(t_max, ci_level))
     else:
         crit = 0.0
     half = np.where(spread, crit * se, 0.0)

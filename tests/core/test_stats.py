@@ -19,7 +19,7 @@ from sumcircuit.stats import (
 
 def test_studentized_interval_matches_explicit_resamples() -> None:
     data = np.random.default_rng(4).gamma(2.0, 1.0, size=12)
-    mean, low, high = studentized_interval(data, n_resamples=500, seed=7)
+    mean, low, high = studentized_interval(data, n_bootstrap=500, seed=7)
     counts = resample_counts(12, 500, 7).astype(int)
     se = data.std(ddof=1) / np.sqrt(12)
     t = []

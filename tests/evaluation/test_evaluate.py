@@ -92,7 +92,7 @@ def test_rouge_equals_rouge_scorer_with_stemmer_lsum_and_multi_reference() -> No
     expected = [_independent(p, r) for p, r in zip(PREDS_LINES, REFS_LINES)]
     for got, want in zip(ours, expected):
         assert got == pytest.approx(want, abs=1e-12)
-    agg = aggregate(ours, n_resamples=200)
+    agg = aggregate(ours, n_bootstrap=200)
     for key in ROUGE_TYPES:
         assert agg[key]["f1"] == pytest.approx(np.mean([e[key] for e in expected]), abs=1e-12)
     # The choices are live: Lsum differs from L once sentences are split, the stemmer matters,
@@ -126,15 +126,15 @@ def test_rouge_scores_rejects_bad_references() -> None:
 
 def test_bootstrap_ci_brackets_mean_is_seeded_and_has_the_right_width() -> None:
     values = np.random.default_rng(1).uniform(0, 1, 400)
-    low, high = bootstrap_ci(values, n_resamples=2000, seed=3)
+    low, high = bootstrap_ci(values, n_bootstrap=2000, seed=3)
     assert low < values.mean() < high
-    assert (low, high) == bootstrap_ci(values, n_resamples=2000, seed=3)
-    assert (low, high) != bootstrap_ci(values, n_resamples=2000, seed=4)
+    assert (low, high) == bootstrap_ci(values, n_bootstrap=2000, seed=3)
+    assert (low, high) != bootstrap_ci(values, n_bootstrap=2000, seed=4)
     normal = 2 * 1.96 * values.std(ddof=1) / np.sqrt(values.size)
     assert high - low == pytest.approx(normal, rel=0.15)
     assert bootstrap_ci([0.3] * 10) == (pytest.approx(0.3), pytest.approx(0.3))
     assert bootstrap_ci([0.7]) == (pytest.approx(0.7), pytest.approx(0.7))
-    narrow = bootstrap_ci(values, level=0.5)
+    narrow = bootstrap_ci(values, ci_level=0.5)
     assert low < narrow[0] < narrow[1] < high
     with pytest.raises(StatsError):
         bootstrap_ci([])
@@ -260,10 +260,10 @@ def test_model_generation_config_is_ignored(tiny_model_dirs: dict[str, Path]) ->
 
 # ---------------------------------------------------------------- evaluate and outputs
 
-def run_evaluate(model: object, data: DataConfig, gen: GenerationConfig, out: Path, *, n_resamples: int = 1000,
+def run_evaluate(model: object, data: DataConfig, gen: GenerationConfig, out: Path, *, n_bootstrap: int = 1000,
                  overwrite: bool = False) -> dict:
     """``sc.evaluate`` quietly into ``out``; the summary (what rouge.json holds)."""
-    return sc.evaluate(model, data, EvaluationConfig(generation=gen, n_bootstrap=n_resamples),  # type: ignore[arg-type]
+    return sc.evaluate(model, data, EvaluationConfig(generation=gen, n_bootstrap=n_bootstrap),  # type: ignore[arg-type]
                        runtime=sc.Runtime(progress=False), out=out, resume=not overwrite).summary
 
 
@@ -284,7 +284,7 @@ def test_run_evaluate_outputs_provenance_and_resume(tmp_path: Path, tiny_model_d
     cfg = DataConfig(str(data), max_tokens=96, n_docs=3)
     gen = GenerationConfig(max_new_tokens=6, batch_size=2)
     out = tmp_path / "ev"
-    result = run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, gen, out, n_resamples=100)
+    result = run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, gen, out, n_bootstrap=100)
     records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2]
     assert len(records[0]["references"]) > 1  # SciTLDR test: several references
@@ -314,21 +314,21 @@ def test_run_evaluate_outputs_provenance_and_resume(tmp_path: Path, tiny_model_d
         return real(model, tokenizer, prompts, cfg, eos_ids)
 
     monkeypatch.setattr(ev_run, "generate_summaries", counting)
-    again = run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, gen, out, n_resamples=100)
+    again = run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, gen, out, n_bootstrap=100)
     assert calls == [] and again["rouge1"] == result["rouge1"]
     longer = DataConfig(str(data), max_tokens=96, n_docs=5)
-    assert run_evaluate(str(tiny_model_dirs["gpt2"]), longer, gen, out, n_resamples=100)["n"] == 5
+    assert run_evaluate(str(tiny_model_dirs["gpt2"]), longer, gen, out, n_bootstrap=100)["n"] == 5
     assert calls == [2]
     # A cut last line (killed mid-write) is dropped and regenerated.
     lines = (out / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    assert run_evaluate(str(tiny_model_dirs["gpt2"]), longer, gen, out, n_resamples=100)["n"] == 5
+    assert run_evaluate(str(tiny_model_dirs["gpt2"]), longer, gen, out, n_bootstrap=100)["n"] == 5
     assert calls == [2, 1]
     # Another generation config must not mix with these predictions.
     with pytest.raises(EvaluationError, match="different"):
         run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, GenerationConfig(max_new_tokens=7), out)
     assert run_evaluate(str(tiny_model_dirs["gpt2"]), cfg, GenerationConfig(max_new_tokens=7), out,
-                        overwrite=True, n_resamples=100)["n"] == 3
+                        overwrite=True, n_bootstrap=100)["n"] == 3
 
 
 @pytest.mark.real  # reads the real data sets of ../shared/data
@@ -366,7 +366,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_model_dirs: dict[str, Path], capsys
     assert code == 0 and "rougeLsum" in printed and "summaries/s" in printed
     saved = json.loads((out / "rouge.json").read_text())
     assert saved["n"] == 3 and saved["generation"]["stop"] == ["\n\n"]
-    assert saved["scoring"]["ci"]["n_resamples"] == 50
+    assert saved["scoring"]["ci"]["n_bootstrap"] == 50
     assert main(["evaluate", "--model", str(tiny_model_dirs["llama"]), "--data", str(data),
                  "--template", "{text}", "--out", str(tmp_path / "bad")]) == 2
     assert "needs a template" in capsys.readouterr().err
@@ -390,13 +390,13 @@ def test_adapter_equals_lora_model(fam: str, tmp_path: Path, tiny_model_dirs: di
     data = _write_data(tmp_path / "d.jsonl", 3)
     cfg, gen = DataConfig(str(data), max_tokens=96), GenerationConfig(max_new_tokens=6)
     merged = load_adapter(load_model(str(tiny_model_dirs[fam])), tmp_path / "adapter")
-    result = run_evaluate(merged, cfg, gen, tmp_path / "a", n_resamples=20)
+    result = run_evaluate(merged, cfg, gen, tmp_path / "a", n_bootstrap=20)
     got = [json.loads(x)["prediction"] for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     prompts = [encode(base.tokenizer, ex, cfg.template, cfg.max_tokens, with_summary=False,
                       summary_budget=gen.max_new_tokens) for ex in load_examples(cfg).examples]
     want = generate_summaries(peft_model, base.tokenizer, prompts, gen, eos_token_ids(base))
     assert got == [w.text for w in want]
-    base_only = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "b", n_resamples=20)
+    base_only = run_evaluate(str(tiny_model_dirs[fam]), cfg, gen, tmp_path / "b", n_bootstrap=20)
     base_preds = [json.loads(x)["prediction"] for x in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     assert got != base_preds  # the adapter was really applied
     model = result["provenance"]["models"][0]
@@ -411,7 +411,7 @@ def test_adapter_equals_lora_model(fam: str, tmp_path: Path, tiny_model_dirs: di
 def test_real_smollm2_scitldr(tmp_path: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
     cfg = DataConfig(str(SHARED_DATA / "scitldr" / "test"), max_tokens=512, n_docs=3)
     result = run_evaluate(smollm2, cfg, GenerationConfig(max_new_tokens=24, batch_size=3), tmp_path,
-                          n_resamples=200)
+                          n_bootstrap=200)
     records = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert result["n"] == 3 and all(r["prediction"] for r in records)
     assert all(len(r["references"]) >= 2 for r in records)

@@ -145,7 +145,7 @@ def _headline(state: AnalysisState, config: AnalysisConfig, sums: dict[str, Tens
         "layers_by_neuron_change": _rank(layer_values["neuron_abs_change_mean"]),
         "neuron_frac_changed": float(layer_values["neuron_frac_changed"].mean()),
         "neuron_sign_flips": int(layer_values["neuron_sign_flips"].sum()),
-        "ci": {"method": config.ci_method, "level": config.ci_level,
+        "ci": {"method": config.ci_method, "ci_level": config.ci_level,
                "detail": ("percentile bootstrap over documents (resampled with replacement), "
                           f"{config.n_bootstrap} replicates, seed {config.seed}, of the token-weighted mean"
                           if config.ci_method == "bootstrap" else

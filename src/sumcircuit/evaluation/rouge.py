@@ -93,12 +93,12 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return out
 
 
-def aggregate(per_example: Sequence[dict[str, float]], n_resamples: int = 1000, seed: int = 0,
-              level: float = 0.95) -> dict[str, dict[str, float]]:
+def aggregate(per_example: Sequence[dict[str, float]], n_bootstrap: int = 1000, seed: int = 0,
+              ci_level: float = 0.95) -> dict[str, dict[str, float]]:
     """Mean F1 and its bootstrap CI per metric."""
     out = {}
     for key in ROUGE_TYPES:
         values = [s[key] for s in per_example]
-        low, high = bootstrap_ci(values, n_resamples, seed, level)
+        low, high = bootstrap_ci(values, n_bootstrap, seed, ci_level)
         out[key] = {"f1": float(np.mean(values)), "ci_low": low, "ci_high": high}
     return out

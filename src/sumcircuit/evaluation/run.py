@@ -135,8 +135,8 @@ def _summarize(records: Sequence[dict[str, Any]], cfg: EvaluationConfig, eos_ids
             "lsum_sentences": "sumcircuit.evaluation.split_sentences (newlines, then .!? before a "
                               "capital or digit, except abbreviations), same for predictions and references",
             "multi_reference": "best reference per metric (RougeScorer.score_multi: max F1)",
-            "ci": {"method": "percentile bootstrap over documents", "n_resamples": cfg.n_bootstrap,
-                   "level": cfg.ci_level, "seed": cfg.seed}},
+            "ci": {"method": "percentile bootstrap over documents", "n_bootstrap": cfg.n_bootstrap,
+                   "ci_level": cfg.ci_level, "seed": cfg.seed}},
     })
     return result
 
@@ -223,7 +223,7 @@ def report_lines(result: EvaluationResult) -> list[str]:
 
     s = result.summary
     ci = s["scoring"]["ci"]
-    lines = [f"ROUGE F1 (rouge-score, Porter stemmer), n = {s['n']}, 95% bootstrap CI ({ci['n_resamples']} "
+    lines = [f"ROUGE F1 (rouge-score, Porter stemmer), n = {s['n']}, 95% bootstrap CI ({ci['n_bootstrap']} "
              "resamples):"]
     lines += [f"  {key:<10} {s[key]['f1']:.4f}  [{s[key]['ci_low']:.4f}, {s[key]['ci_high']:.4f}]"
               for key in ROUGE_TYPES]
