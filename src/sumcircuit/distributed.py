@@ -125,7 +125,7 @@ def local_device(device: str) -> str:
         return str(device)
     if str(device) in ("cuda", "auto"):
         return str(state.device)
-    raise DistributedError(f"--device {device} names one device, but {state.num_processes} processes would "
+    raise DistributedError(f"`device` {device} names one device, but {state.num_processes} processes would "
                            "all use it; pass --device cuda (each process takes its own GPU)")
 
 

@@ -152,7 +152,7 @@ def _build_native() -> Any:
 def _unavailable(kernel: KernelMode) -> None:
     reason = f"the compiled statistics kernels cannot be built here (they need a C++ compiler: {_UNAVAILABLE})"
     if kernel == "compiled":
-        raise KernelError(f"{reason}; use --kernels eager")
+        raise KernelError(f"{reason}; set `kernels` to eager")
     logger.warning("%s; using the eager kernels, which are slower", reason)
 
 
@@ -165,7 +165,7 @@ def _native(kernel: KernelMode, device: torch.device) -> Any:
     global _UNAVAILABLE
     _check_mode(kernel)
     if kernel == "compiled" and device.type != "cpu":
-        raise KernelError(f"the compiled statistics kernels are CPU code; on {device.type} use --kernels auto or eager")
+        raise KernelError(f"the compiled statistics kernels are CPU code; on {device.type} set `kernels` to auto or eager")
     if kernel in ("eager", "fused") or device.type != "cpu":
         return None
     if "module" not in _NATIVE and _UNAVAILABLE is None:
@@ -258,7 +258,7 @@ def attention_lse_efficient(query: Tensor, key: Tensor, value: Tensor, bias: Ten
         raise
     except RuntimeError as exc:  # a shape or device this build's kernel does not take
         raise KernelError(f"the fused attention kernel failed on {query.device.type} ({_first_line(exc)}); "
-                          "use --kernels eager") from exc
+                          "set `kernels` to eager") from exc
     return out, lse[..., :t_q]  # the kernel pads the log-sum-exp to a multiple of 32 rows
 
 

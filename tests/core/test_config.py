@@ -110,6 +110,11 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(tmp_path, capsys
                  "--out", str(tmp_path / "r")]) == 2
     assert "--seeds: must be distinct, got [1, 1]" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(sc.SumcircuitError, match="name the split with `split`"):  # the library names the parameter
+        sc.load_examples(sc.DataConfig(str(tmp_path / "folder")))
+    assert main(["data", str(tmp_path / "folder")]) == 2
+    assert "name the split with --split" in capsys.readouterr().err  # the CLI names the flag
 
 
 def test_registry_names_and_refusals() -> None:

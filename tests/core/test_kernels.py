@@ -121,7 +121,7 @@ def test_auto_is_eager_off_the_cpu() -> None:
     assert tile_kernel("eager", torch.device("cpu")) is causal_tile_stats_
     with pytest.raises(KernelError, match="one of auto, compiled, eager, fused"):
         tile_kernel("fast", torch.device("cpu"))  # type: ignore[arg-type]
-    with pytest.raises(KernelError, match="CPU code; on meta use --kernels auto or eager"):
+    with pytest.raises(KernelError, match="CPU code; on meta set `kernels` to auto or eager"):
         tile_kernel("compiled", torch.device("meta"))  # the C++ kernels never see accelerator memory
 
 
@@ -157,7 +157,7 @@ def test_compiled_without_a_compiler_is_a_one_line_error() -> None:
         with pytest.raises(KernelError) as info:
             tile_kernel("compiled", torch.device("cpu"))
         message = str(info.value)
-        assert "\n" not in message and "--kernels eager" in message and "C++ compiler" in message
+        assert "\n" not in message and "set `kernels` to eager" in message and "C++ compiler" in message
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "eager"])
@@ -257,7 +257,7 @@ def test_efficient_kernel_values_and_causal_bias() -> None:
     expected = torch.zeros(4, 6).masked_fill(torch.arange(6)[None, :] > torch.arange(2, 6)[:, None], MASKED)
     assert torch.equal(bias[0, 0], expected) and torch.equal(bias[1, 2], expected)
     message = str(info.value)  # a kernel refusing the shape: one line, the way out named
-    assert "\n" not in message and "No available kernel" in message and "--kernels eager" in message
+    assert "\n" not in message and "No available kernel" in message and "set `kernels` to eager" in message
 
 
 def test_attention_path_by_mode_and_device(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

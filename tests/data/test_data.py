@@ -72,7 +72,7 @@ def test_resolve_source_forms() -> None:
     assert resolve_source(str(folder), "val") == (str(folder / "val.jsonl.gz"), "val")
     assert resolve_source(str(folder / "train"), None) == (str(folder / "train.jsonl.gz"), "train")
     assert resolve_source("cnn_dailymail", None) == ("hf:abisee/cnn_dailymail:3.0.0", "test")
-    with pytest.raises(DataError, match="--split"):
+    with pytest.raises(DataError, match="name the split with `split`"):
         resolve_source(str(folder), None)
     with pytest.raises(DataError, match="data not found"):
         resolve_source("no/such/file.jsonl", None)

@@ -199,7 +199,7 @@ def encode_examples(tokenizer: Any, data_cfg: DataConfig) -> tuple[list[Encoded]
     encoded = encode_all(tokenizer, examples.examples, data_cfg, need_summary_tokens=True, source=examples.source)
     for enc, ex in zip(encoded, examples.examples):
         if not any(t != IGNORE_INDEX for t in enc.labels[1:]):
-            raise CausalError(f"{ex.where}: no summary tokens to score (check --template / --max-tokens)")
+            raise CausalError(f"{ex.where}: no summary tokens to score (check `template` / `max_tokens`)")
     return encoded, examples.source
 
 

@@ -101,7 +101,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, template: str =
     budget = max(0, max_tokens - fixed - len(tail))
     kept_doc = doc_ids[:budget]
     if doc_ids and not kept_doc:
-        raise DataError(f"--max-tokens {max_tokens} leaves no room for the document after the template and "
+        raise DataError(f"`max_tokens` {max_tokens} leaves no room for the document after the template and "
                         f"{len(tail)} summary tokens", file=example.where)
     prompt = bos + pre_ids + kept_doc + mid_ids
     doc_start = len(bos) + len(pre_ids)
@@ -126,7 +126,7 @@ def check_context(tokenizer: PreTrainedTokenizerBase, max_tokens: int, what: str
     """
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < max_tokens:
-        raise DataError(f"{what or f'--max-tokens {max_tokens}'} exceeds the model's {limit} positions")
+        raise DataError(f"{what or f'`max_tokens` {max_tokens}'} exceeds the model's {limit} positions")
 
 
 def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], cfg: DataConfig, *,
@@ -146,9 +146,9 @@ def encode_all(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], 
                     cfg.data)
     if need_summary_tokens:
         if not template_needs_summary(cfg.template):
-            raise DataError(f"--template {cfg.template!r} has no {{summary}}: a summary loss needs one")
+            raise DataError(f"`template` {cfg.template!r} has no {{summary}}: a summary loss needs one")
         if encoded and not any(e.summary_span[1] > e.summary_span[0] for e in encoded):
-            raise DataError(f"no summary tokens in {len(encoded)} documents at --max-tokens {cfg.max_tokens}",
+            raise DataError(f"no summary tokens in {len(encoded)} documents at `max_tokens` {cfg.max_tokens}",
                             file=cfg.data)
     return encoded
 

@@ -87,7 +87,7 @@ def detect_fields(record: dict[str, Any], text_field: str | None,
         found = pairs or singles
         if not found:
             raise DataError(f"cannot detect the document field among {sorted(keys)}; "
-                            f"name it with --text-field")
+                            f"name it with `text_field`")
         text_field = found[0]
     if summary_field is not None:
         return text_field, (summary_field,)
@@ -130,7 +130,7 @@ def to_example(record: dict[str, Any], line: int, source: DataSource, need_summa
     references: list[str] = []
     if need_summary:
         if not source.summary_fields:
-            raise DataError("no summary field found; name it with --summary-field", file=file, line=line)
+            raise DataError("no summary field found; name it with `summary_field`", file=file, line=line)
         for name in source.summary_fields:
             if name not in record and len(source.summary_fields) > 1:
                 continue  # multi-reference sets may have fewer references on some rows
@@ -177,7 +177,7 @@ def load_examples(cfg: DataConfig) -> ExampleSet:
             examples.append(to_example(record, line, source, need_summary))
         except DataError as err:
             if not cfg.skip_invalid:
-                raise DataError(f"{err.reason} (use --skip-invalid to skip bad records)",
+                raise DataError(f"{err.reason} (set `skip_invalid` to skip bad records)",
                                 file=err.file, line=err.line, field=err.field) from None
             invalid.append(err)
     if not examples:

@@ -62,7 +62,7 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
         return f"disk:{path.resolve()}", split
     if path.is_dir():
         if split is None:
-            raise DataError(f"{path} is a folder: name the split with --split "
+            raise DataError(f"{path} is a folder: name the split with `split` "
                             f"(files there: {', '.join(sorted(p.name for p in path.iterdir()))})")
         for suffix in _SUFFIXES:
             if (candidate := path / f"{split}{suffix}").is_file():
@@ -73,7 +73,7 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
     for suffix in _SUFFIXES:  # ../shared/data/cnndm_gpt4/train -> train.jsonl.gz
         if (candidate := path.with_name(path.name + suffix)).is_file():
             return str(candidate), split or path.name
-    raise DataError(f"data not found: {data} (a JSONL/CSV file, a folder with --split, "
+    raise DataError(f"data not found: {data} (a JSONL/CSV file, a folder with `split`, "
                     f"hf:ID[:CONFIG], or one of the presets {', '.join(PRESETS)})")
 
 

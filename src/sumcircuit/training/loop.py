@@ -218,10 +218,10 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=cfg.mixed_precision)
     if cfg.grad_accum % accelerator.num_processes:
         n = accelerator.num_processes
-        raise FinetuneError(f"--grad-accum {cfg.grad_accum} cannot be shared by {n} processes: the effective "
-                            f"batch (--batch-size x --grad-accum) is kept whatever the number of processes, "
-                            f"so --grad-accum must be a multiple of {n} (e.g. --batch-size "
-                            f"{max(1, int(cfg.batch_size) // n)} --grad-accum {cfg.grad_accum * n})")
+        raise FinetuneError(f"`grad_accum` {cfg.grad_accum} cannot be shared by {n} processes: the effective "
+                            f"batch (`batch_size` x `grad_accum`) is kept whatever the number of processes, "
+                            f"so `grad_accum` must be a multiple of {n} (e.g. `batch_size` "
+                            f"{max(1, int(cfg.batch_size) // n)} `grad_accum` {cfg.grad_accum * n})")
     loaded = ensure_loaded(model, runtime=runtime, device="cpu", trust_remote_code=False)
     method = FINETUNE_METHODS.get(cfg.method)
     choice = choose_layers(cfg, loaded.adapter.n_layers)

@@ -87,13 +87,13 @@ def resume(run: Run) -> None:
     """Continue from the newest finished checkpoint; a damaged one is a one-line error."""
     ckpt = latest_checkpoint(run.out)
     if ckpt is None:
-        raise FinetuneError(f"--resume: no finished checkpoint in {run.out / 'checkpoints'}")
+        raise FinetuneError(f"no finished checkpoint to resume from in {run.out / 'checkpoints'}")
     try:
         _restore(run, ckpt)
     except FinetuneError:
         raise
     except Exception as exc:  # a damaged file: safetensors, JSON or a shape that no longer fits
-        raise FinetuneError(f"--resume: checkpoint {ckpt} is damaged ({type(exc).__name__}: "
+        raise FinetuneError(f"resume: checkpoint {ckpt} is damaged ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]}); remove it to resume from an earlier one") from None
 
 
@@ -107,8 +107,9 @@ def _restore(run: Run, ckpt: Path) -> None:
             a, b = saved["fingerprint"]["config"], want["config"]
             diff = [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)] + \
                 [d for d in diff if d != "config"]
-        raise FinetuneError(f"--resume: {ckpt} was written by a different run (differs in: "
-                            f"{', '.join(diff)}); use the same options or a new --out")
+        raise FinetuneError(f"resume: {ckpt} was written by a different run (differs in: "
+                            f"{', '.join(diff)}); use the same options, another output folder, or start over "
+                            "(resume=False, --no-resume)")
     load_weights(run.unwrapped, ckpt / "model")
     load_optimizer(run.optimizer, ckpt)
     run.scheduler.load_state_dict(read_json(ckpt / "scheduler.json"))
