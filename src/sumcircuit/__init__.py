@@ -23,9 +23,9 @@ adds one. Names are imported on first use, so ``import sumcircuit`` (and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sumcircuit.lazy import lazy_getattr
 from sumcircuit.version import __version__
 
 # public name -> module that defines it
@@ -77,13 +77,7 @@ __all__ = ["__version__", "load_model", "LoadedModel", "load_adapter", "DataConf
            "register_study_preset", "register_result_kind", "save_figure"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

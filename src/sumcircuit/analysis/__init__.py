@@ -8,10 +8,10 @@ and ``run`` (:func:`analyze`). Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sumcircuit.analysis.config import AnalysisConfig, AnalysisError, IncompatibleModelsError, KernelMode
+from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"AnalysisResult": "result", "HeadRow": "result", "LayerRow": "result", "NeuronRow": "result",
          "HEAD_COLUMNS": "result", "LAYER_COLUMNS": "result", "NEURON_COLUMNS": "result", "HEAD_STATS": "result",
@@ -27,13 +27,7 @@ __all__ = ["AnalysisConfig", "AnalysisError", "IncompatibleModelsError", "Kernel
            "analyze_to_folder"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.analysis' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.analysis.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

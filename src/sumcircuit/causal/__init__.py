@@ -9,8 +9,7 @@ Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sumcircuit.causal.config import (
     DIRECTIONS,
@@ -21,6 +20,7 @@ from sumcircuit.causal.config import (
     PatchConfig,
 )
 from sumcircuit.causal.registry import CAUSAL_METHODS, CausalMethod, register_causal_method, run_causal
+from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"AblationResult": "ablation", "ablate": "ablation", "AttributionResult": "attribution",
          "attribute": "attribution", "PatchResult": "patching", "patch": "patching", "GRANULARITIES": "patching",
@@ -31,13 +31,7 @@ __all__ = ["CAUSAL_METHODS", "DIRECTIONS", "AblationConfig", "AttributionConfig"
            "AttributionResult", "attribute", "PatchResult", "patch", "GRANULARITIES", "Interventions"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.causal' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.causal.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

@@ -8,8 +8,7 @@ analysis or an attribution) and ``result`` (:class:`Circuit`, strict
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sumcircuit.circuit.config import (
     CIRCUIT_SCORES,
@@ -18,6 +17,7 @@ from sumcircuit.circuit.config import (
     CircuitScore,
     register_circuit_score,
 )
+from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"Circuit": "result", "read_circuit": "result", "circuit_file": "result", "select_circuit": "select",
          "read_analysis": "select", "layer_scores": "scores", "head_scores": "scores", "top_k": "scores",
@@ -28,13 +28,7 @@ __all__ = ["CIRCUIT_SCORES", "CircuitConfig", "CircuitError", "CircuitScore", "r
            "normalized_ranks"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.circuit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.circuit.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

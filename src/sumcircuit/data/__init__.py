@@ -10,8 +10,7 @@ stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sumcircuit.data.config import (
     DATA_PRESETS,
@@ -24,6 +23,7 @@ from sumcircuit.data.config import (
 )
 from sumcircuit.data.records import DataSource, Example, ExampleSet, detect_fields, load_examples, to_example
 from sumcircuit.data.sources import PRESETS, Preset, iter_raw_records, register_dataset, resolve_source
+from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"IGNORE_INDEX": "encoding", "Encoded": "encoding", "encode": "encoding", "encode_all": "encoding",
          "collate": "encoding", "check_context": "encoding", "preview": "overview"}
@@ -34,13 +34,7 @@ __all__ = ["DATA_PRESETS", "DEFAULT_MAX_TOKENS", "DEFAULT_TEMPLATE", "MIN_MAX_TO
            "IGNORE_INDEX", "Encoded", "encode", "encode_all", "collate", "check_context", "preview"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.data.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

@@ -8,10 +8,10 @@ Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sumcircuit.evaluation.config import ROUGE_TYPES, EvaluationConfig, EvaluationError, GenerationConfig
+from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"EvaluationResult": "result", "PREDICTIONS_FILE": "result", "ROUGE_FILE": "result",
          "evaluate": "run", "rouge_scores": "rouge", "aggregate": "rouge", "split_sentences": "rouge",
@@ -23,13 +23,7 @@ __all__ = ["ROUGE_TYPES", "EvaluationConfig", "EvaluationError", "GenerationConf
            "sentence_lines", "generate_summaries", "eos_token_ids", "cut_at_stop", "Generated"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.evaluation.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sumcircuit.lazy import lazy_getattr
 from sumcircuit.study.arms import ARMS, Arm, StudyContext, Variant, random_control_sets, register_arm
 from sumcircuit.study.config import StudyConfig
 from sumcircuit.study.layout import StudyLayout
@@ -29,13 +29,7 @@ __all__ = ["ARMS", "STUDY_PRESETS", "Arm", "StudyConfig", "StudyContext", "Study
            "register_claim", "evaluate_claims", "claim_rows", "build_report", "StudyEvidence"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.study' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.study.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:

@@ -9,9 +9,9 @@ Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sumcircuit.lazy import lazy_getattr
 from sumcircuit.training.config import FinetuneConfig, FinetuneError, ResolvedFinetuneConfig
 from sumcircuit.training.methods import (
     FINETUNE_METHODS,
@@ -30,13 +30,7 @@ __all__ = ["FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "FinetuneMetho
            "finetune"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sumcircuit.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"sumcircuit.training.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:
