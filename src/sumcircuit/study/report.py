@@ -173,10 +173,9 @@ def study_header(manifest: Mapping[str, Any]) -> str:
     rows = [("model", study.get("model")), ("data", f"{study.get('data')} (split {study.get('split')})"),
             ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
             ("preset", f"{preset.get('name')}: {preset.get('description')}"),
-            ("training seeds", f"{', '.join(map(str, seeds))}: {'full, ' if full_every_seed else ''}LoRA-all, both "
-                               f"targeted runs and each of the {n_sets} random layer sets trained once per seed"
-                               + ("" if full_every_seed else
-                                  f"; the full fine-tune on seed {seeds[0] if seeds else '-'} only")),
+            ("training seeds", f"{', '.join(map(str, seeds))}: {_arms_text(preset, n_sets, full_every_seed)} trained "
+                               "once per seed" + ("" if full_every_seed else
+                                                  f"; the full fine-tune on seed {seeds[0] if seeds else '-'} only")),
             ("documents per stage", f"training {preset.get('train_docs') or 'all'} (validation: "
                                     f"{preset.get('val_docs')} held out), ROUGE evaluation {preset.get('eval_docs')} "
                                     f"x {len(seeds)} seeds per method, analysis {preset.get('analysis_docs')}, "
@@ -191,6 +190,21 @@ def study_header(manifest: Mapping[str, Any]) -> str:
         ("a replication at the paper's scale" if preset.get("name") == "paper" else "a small study, not a replication")
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return _section(f"This run ({kind})", f"<table>{body}</table>")
+
+
+def _arms_text(preset: Mapping[str, Any], n_sets: int, full_every_seed: bool) -> str:
+    """The preset's arms in words: ``full, LoRA-all, both targeted runs and each of the 5 random layer sets``."""
+    from sumcircuit.study.arms import ARMS
+
+    arms = list(preset.get("arms") or ARMS.names())
+    parts = ["full"] if "full" in arms and full_every_seed else []
+    parts += ["LoRA-all"] if "lora_all" in arms else []
+    targeted = [a for a in ("targeted", "targeted_attribution") if a in arms]
+    parts += ["both targeted runs"] if len(targeted) == 2 else (["the targeted run"] if targeted else [])
+    builtin = {"full", "lora_all", "targeted", "targeted_attribution", "random"}
+    parts += [ARMS.get(a).label if a in ARMS else a for a in arms if a not in builtin]
+    parts += [f"each of the {n_sets} random layer sets"] if "random" in arms else []
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + (parts[-1] if parts else "no arm")
 
 
 def truncation_note(run: Path, names: Sequence[str]) -> str:
