@@ -197,5 +197,43 @@ def lockstep(jobs):  # type: ignore[no-untyped-def]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=600)
     return results
+
+
+# ---------------------------------------------------------------- running the CLI the way a user does
+
+def run_cli(argv: list[str]) -> int:
+    """``sumcircuit ARGV`` in this process; argparse's usage errors come back as their exit code."""
+    from sumcircuit.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2 before any work
+        return int(exc.code or 0)
+
+
+def cli_fails(argv: list[str], capsys, *needles: str, code: int = 2) -> str:  # type: ignore[no-untyped-def]
+    """Run the CLI; assert the exit code, no traceback, and every needle in the one-line error (returned)."""
+    got = run_cli(argv)
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    last = err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``folder`` with its mode and content hash: what "nothing changed" is checked against."""
+    import hashlib
+
+    found: dict[str, tuple[int, str]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            found[str(path.relative_to(folder))] = (path.stat().st_mode & 0o777,
+                                                    hashlib.sha256(path.read_bytes()).hexdigest())
+        elif path.is_dir():
+            found[str(path.relative_to(folder)) + "/"] = (path.stat().st_mode & 0o777, "")
+    return found

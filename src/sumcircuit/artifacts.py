@@ -8,16 +8,31 @@ so resumable stages can trust whatever exists on disk.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+_listeners: list[Callable[[Path], None]] = []
+
+
+def on_write(listener: Callable[[Path], None]) -> None:
+    """Call ``listener(path)`` before every write below (output folders learn that their run started writing)."""
+    _listeners.append(listener)
+
+
+def notify_write(path: str | Path) -> None:
+    """Tell the listeners that ``path`` is about to be written (writers outside this module call it too)."""
+    for listener in _listeners:
+        listener(Path(path))
 
 
 def umask() -> int:
@@ -39,7 +54,15 @@ def _public(fd_or_path: int | str) -> None:
         os.chmod(fd_or_path, mode)
 
 
+def make_public(folder: str | Path) -> None:
+    """Give every file and folder under ``folder`` the umask's mode (a library wrote some of them 0600)."""
+    for path in (Path(folder), *Path(folder).rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
 def _atomic_replace(path: Path, write: Any, mode: str) -> None:
+    notify_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     _public(fd)
@@ -128,12 +151,18 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Pat
                             metadata: Mapping[str, str] | None = None) -> None:
     """Save tensors with safetensors, atomically. Metadata values must be strings."""
     path = Path(path)
+    notify_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata=dict(metadata) if metadata else None)
+        try:
+            save_file(clean, tmp, metadata=dict(metadata) if metadata else None)
+        except SafetensorError as exc:  # safetensors' own type for a full disk or an I/O error
+            full = any(s in str(exc) for s in ("StorageFull", "No space", "os error 28"))
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "no space left on the device" if full else f"cannot write it ({exc})", str(path)) from None
         _public(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -149,6 +178,7 @@ def to_json_line(record: Mapping[str, Any]) -> str:
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line and flush it: logs survive a kill -9 up to the last line."""
     path = Path(path)
+    notify_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(to_json_line(record))

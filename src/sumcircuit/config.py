@@ -211,7 +211,7 @@ def check_value(param: str, hint: Any, value: Any) -> Any:
         return value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, hint):
-            raise ConfigError(param, f"expected a {hint.__name__}, got {type(value).__name__}")
+            raise ConfigError(param, f"expected {_a(hint.__name__)}, got {type(value).__name__}")
         return value
     return value
 
@@ -293,6 +293,11 @@ def config_fields(cls: type) -> list[dataclasses.Field[Any]]:
     return out
 
 
+def _a(name: str) -> str:
+    """``a PatchConfig``, ``an AnalysisConfig``."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def coerce_config(cls: type[C], value: C | Mapping[str, Any] | None, param: str = "config") -> C:
     """``value`` as a ``cls``: None gives the defaults; a config of another type is a one-line error.
 
@@ -320,7 +325,7 @@ def coerce_config(cls: type[C], value: C | Mapping[str, Any] | None, param: str 
             raise ConfigError(param, f"{cls.__name__} has no field(s) {', '.join(unknown)}; "
                                      f"fields: {', '.join(sorted(known))}")
         return cls(**value)
-    raise ConfigError(param, f"expected a {cls.__name__} (or a dict of its fields), got {type(value).__name__}"
+    raise ConfigError(param, f"expected {_a(cls.__name__)} (or a dict of its fields), got {type(value).__name__}"
                              + (f" {value!r}" if isinstance(value, (str, int, float)) else ""))
 
 

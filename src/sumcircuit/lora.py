@@ -368,6 +368,10 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     meta_path = folder / ADAPTER_META
     meta = _read_json_file(meta_path) if meta_path.is_file() else {}
     config = _read_json_file(folder / "adapter_config.json")
+    kind = config.get("peft_type", "LORA")
+    if kind != "LORA":  # prompt tuning, IA3, ...: nothing to merge into the weights sumcircuit compares
+        raise ModelError(f"{folder / 'adapter_config.json'}: peft_type {kind!r}; sumcircuit loads LoRA adapters only "
+                         "(they merge into the model's weights)")
     meta.setdefault("base_model", config.get("base_model_name_or_path"))
     meta.setdefault("layers", config.get("layers_to_transform"))
     return meta
@@ -379,8 +383,6 @@ def is_qv_adapter(adapter_dir: str | Path, adapter: ArchitectureAdapter) -> bool
     Those are applied by :func:`apply_adapter` and checked tensor by tensor;
     any other PEFT adapter goes through PEFT's own loader.
     """
-    if (Path(adapter_dir) / ADAPTER_META).is_file():
-        return True
     targets = _read_json_file(Path(adapter_dir) / "adapter_config.json").get("target_modules")
     wanted = set(lora_targets(adapter).modules)
     return isinstance(targets, (list, tuple)) and set(targets) == wanted
@@ -392,8 +394,7 @@ def apply_adapter(model: PreTrainedModel, adapter: ArchitectureAdapter, adapter_
     Every tensor in the adapter file is checked to be in the model afterwards:
     PEFT only warns about keys it could not place.
     """
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
     folder = Path(adapter_dir)
     meta = read_adapter_meta(folder)
@@ -407,14 +408,22 @@ def apply_adapter(model: PreTrainedModel, adapter: ArchitectureAdapter, adapter_
     except (ValueError, OSError, KeyError) as exc:
         raise ModelError(f"could not apply adapter {folder}: {exc}") from exc
     verify_matched(peft_model, adapter, layers)
+    check_all_loaded(peft_model, folder)
+    return peft_model
+
+
+def check_all_loaded(peft_model: Any, folder: Path) -> None:
+    """Every tensor of the adapter file is in the model, unchanged: PEFT only warns about keys it could not place."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
     saved = load_file(str(folder / ADAPTER_WEIGHTS))
     loaded = get_peft_model_state_dict(peft_model)
-    bad = sorted(k for k in saved if k not in loaded or not torch.equal(
+    bad = sorted(k for k in saved if k not in loaded or loaded[k].shape != saved[k].shape or not torch.equal(
         loaded[k].detach().cpu(), saved[k].to(loaded[k].dtype)))
     if bad or len(saved) != len(loaded):
         raise ModelError(f"adapter {folder} does not fit this model: {len(bad)} tensors not loaded "
                          f"(e.g. {bad[:3]}), {len(saved)} saved vs {len(loaded)} expected")
-    return peft_model
 
 
 def merge_lora(peft_model: Any, adapter: ArchitectureAdapter) -> PreTrainedModel:

@@ -27,11 +27,20 @@ from typing import Any, Protocol, Union
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sumcircuit import hub
 from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
 from sumcircuit.artifacts import atomic_write_json, umask
 from sumcircuit.errors import ConfigError, ModelError
-from sumcircuit.lora import ADAPTER_WEIGHTS, apply_adapter, is_qv_adapter, merge_lora, read_adapter_meta
-from sumcircuit.outputs import waiting_lock
+from sumcircuit.integrity import check_config_fits_weights, check_finite, check_loading_info
+from sumcircuit.locks import waiting_lock
+from sumcircuit.lora import (
+    ADAPTER_WEIGHTS,
+    apply_adapter,
+    check_all_loaded,
+    is_qv_adapter,
+    merge_lora,
+    read_adapter_meta,
+)
 from sumcircuit.provenance import file_sha256, state_dict_sha256
 from sumcircuit.runtime import Runtime
 
@@ -330,12 +339,20 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
         folder = str(converted)
         source_sha = json.loads((converted / _CACHE_META).read_text())["gguf_sha256"]
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "hub" and not hub.reachable():  # fail in seconds, not after a minute of retries
+        if not hub.cached_model(spec):
+            raise ModelError(hub.offline_reason(f"model '{spec}'"))
+        kwargs["local_files_only"] = True
     try:
         config = AutoConfig.from_pretrained(folder, **kwargs)
         spec_for_config(config)  # unsupported architectures fail before reading weights
-        model = AutoModelForCausalLM.from_pretrained(
+        check_config_fits_weights(config, folder, spec)  # before a model of the claimed size is built
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             folder, dtype=parse_dtype(dtype), use_safetensors=True,
-            attn_implementation=attn_implementation, **kwargs)
+            attn_implementation=attn_implementation, output_loading_info=True, **kwargs)
+        model: PreTrainedModel
+        model, info = loaded
+        check_loading_info(info, spec, folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except ModelError:
         raise
@@ -347,11 +364,32 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
     except Exception as exc:  # transformers/safetensors: ValueError, KeyError, SafetensorError, ...
         raise ModelError(f"could not load model '{spec}' from {folder}: {type(exc).__name__}: {_short(exc)}") from None
     check_tokenizer(tokenizer, model, folder)
+    check_finite(model, f"model '{spec}'")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; masks make it inert
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval()
     return LoadedModel(model, tokenizer, ArchitectureAdapter.for_model(model), source, folder, source_sha)
+
+
+def peek_config(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """A model's config without its weights: what options are checked against before any work starts."""
+    source = resolve_spec(spec)
+    if source.kind == "adapter":
+        base = read_adapter_meta(source.location).get("base_model")
+        if not isinstance(base, str) or resolve_spec(base).kind == "adapter":
+            raise ModelError(f"adapter folder {source.location}: base_model_name_or_path names no model")
+        return peek_config(base, trust_remote_code=trust_remote_code)
+    folder = str(convert_gguf(Path(source.location))) if source.kind == "gguf" else source.location
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "hub" and not hub.reachable():
+        if not hub.cached_model(spec):
+            raise ModelError(hub.offline_reason(f"model '{spec}'"))
+        kwargs["local_files_only"] = True
+    try:
+        return AutoConfig.from_pretrained(folder, **kwargs)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ModelError(f"could not read the config of model '{spec}': {type(exc).__name__}: {_short(exc)}") from None
 
 
 def _check_ids_fit(tokenizer: PreTrainedTokenizerBase, rows: int, folder: str) -> None:
@@ -433,6 +471,7 @@ def ensure_loaded(model: ModelLike, *, runtime: Runtime | None = None, dtype: st
         The loaded model (``model`` itself when it already was one).
     """
     if isinstance(model, LoadedModel):
+        check_finite(model.model, f"model '{model.source.spec}'")  # it may have been changed since it was loaded
         return model
     rt = runtime or Runtime()
     return load_model(model_spec_of(model), dtype=dtype if dtype is not None else rt.dtype,
@@ -443,9 +482,12 @@ def ensure_loaded(model: ModelLike, *, runtime: Runtime | None = None, dtype: st
 def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:
     """An adapter folder: load the base model it records, then apply the adapter merged."""
     base = read_adapter_meta(source.location).get("base_model")
-    if not base:
+    if not base or not isinstance(base, str):
         raise ModelError(f"adapter folder {source.location} does not name its base model "
                          "(base_model_name_or_path in adapter_config.json)")
+    if resolve_spec(base).kind == "adapter":  # itself, or an adapter of an adapter: no model at the end
+        raise ModelError(f"adapter folder {source.location}: its base_model_name_or_path ({base}) is an adapter "
+                         "folder, not a model; point it at the model the adapter was trained on")
     return load_adapter(load_model(str(base), **kwargs), source.location, merge=True,
                         spec=source.spec)
 
@@ -495,6 +537,7 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path, merge: bool = Tru
     else:
         model = _apply_any_peft(loaded.model, folder, merge)
     model.eval()
+    check_finite(model, f"adapter {folder} applied to '{loaded.source.spec}'")
     source = ModelSource(spec or str(adapter_dir), "adapter", str(folder.resolve()))
     return LoadedModel(model, loaded.tokenizer, ArchitectureAdapter.for_model(unwrap_peft(model)), source,
                        loaded.folder, file_sha256(folder / ADAPTER_WEIGHTS))
@@ -517,6 +560,7 @@ def _apply_any_peft(model: PreTrainedModel, folder: Path, merge: bool) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        check_all_loaded(peft_model, folder)
         return peft_model.merge_and_unload() if merge else peft_model
     except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise ModelError(f"adapter folder {folder} cannot be applied to this model: "

@@ -1,16 +1,24 @@
-"""Output folders: checked before any work, one run at a time, whole or visibly incomplete.
+"""Output folders: checked before any work, one run at a time, whole or visibly incomplete, and only ever ours.
 
 Every command that writes a folder holds it through :func:`claim_output`:
 
-- the folder is created (or found) and checked writable *before* computing,
-  so a bad ``--out`` costs nothing;
+- the folder is checked *before* computing: not a file, writable, not the same
+  as, inside, or around one of the run's inputs (a model, an adapter, data),
+  and holding nothing sumcircuit did not write. A refused run leaves no trace:
+  a folder it created is removed again, an existing one is not touched;
 - an exclusive ``flock`` on ``.sumcircuit.lock`` keeps a second run out
   ("in use by pid N"). The kernel drops the lock when its process dies, so
   the lock of a killed run is taken over by the next run without any guess
   about stale pids;
-- ``INCOMPLETE.json`` exists while the run writes and is removed only when
-  it finished, so an interrupted or killed run leaves a folder that every
-  reader (:func:`require_complete`) refuses instead of mixing old and new files.
+- ``INCOMPLETE.json`` appears with the run's first write (a run refused while
+  loading its inputs never writes it) and is removed only when the run
+  finished, so an interrupted or killed run leaves a folder that every reader
+  (:func:`require_complete`) refuses instead of mixing old and new files;
+- ``.sumcircuit.json`` lists the entries sumcircuit wrote in the folder (the
+  marker lists the ones that were there before, so a killed run's new entries
+  are known too). Only those are ever replaced or removed; a folder holding
+  anything else is refused, and temporary files of a killed run are removed
+  by the next one.
 
 Claims are re-entrant within a process (a command's ``save`` inside its own
 run), and only rank 0 of a multi-process run holds them.
@@ -18,104 +26,217 @@ run), and only rank 0 of a multi-process run holds them.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import functools
 import inspect
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from sumcircuit.artifacts import atomic_write_json, umask
-from sumcircuit.errors import SumcircuitError
+from sumcircuit.artifacts import atomic_write_json, on_write
+from sumcircuit.locks import take_lock, waiting_lock
+from sumcircuit.ownership import (
+    INCOMPLETE,
+    LEDGER,
+    LOCK_FILE,
+    SHARED_COMMANDS,
+    OutputError,
+    check_out_against_inputs,
+    foreign_entries,
+    is_internal,
+    is_temporary,
+    ledger,
+    listing,
+    names_in,
+    own_entries,
+    read_json_dict,
+)
 
-LOCK_FILE = ".sumcircuit.lock"
-INCOMPLETE = "INCOMPLETE.json"
-
-_held: dict[Path, int] = {}  # resolved folder -> claim depth in this process
 P = ParamSpec("P")
 R = TypeVar("R")
+__all__ = ["INCOMPLETE", "LEDGER", "LOCK_FILE", "OutputError", "check_out_against_inputs", "claim_file",
+           "claim_output", "foreign_entries", "incomplete_reason", "is_complete", "remove_outputs",
+           "require_complete", "waiting_lock", "writes_file", "writes_output"]
 
 
-class OutputError(SumcircuitError):
-    """An output folder that cannot be used: not creatable, not writable, in use, or incomplete."""
+# ---------------------------------------------------------------- claims
+
+@dataclass
+class _Claim:
+    """One folder this process holds: what was there before, and whether the run has written anything yet."""
+
+    folder: Path
+    command: str
+    before: list[str]
+    created: list[Path] = field(default_factory=list)  # folders the claim made, deepest last
+    fd: int | None = None
+    lock_created: bool = False
+    written: bool = False
+    depth: int = 1
+
+    def mark(self) -> None:
+        """The run's first write: from now on the folder is visibly incomplete until the run finishes."""
+        if self.written:
+            return
+        self.written = True
+        atomic_write_json(self.folder / INCOMPLETE, {
+            "command": self.command, "pid": os.getpid(), "started": time.time(), "before": self.before,
+            "meaning": "this run has not finished: its files may be partial or mixed; rerun the command to "
+                       "resume or restart it"})
+
+
+_claims: dict[Path, _Claim] = {}  # resolved folder -> this process's claim of it
+_file_claims: set[Path] = set()  # output files this process holds
+
+
+def _note_write(path: Path) -> None:
+    """Artifacts report every write here: the claims above it mark their folders incomplete."""
+    if not _claims:
+        return
+    if path.name in (INCOMPLETE, LEDGER, LOCK_FILE):
+        return
+    where = path.resolve()
+    for key, claim in list(_claims.items()):
+        if claim.fd is not None and where.is_relative_to(key):
+            claim.mark()
+
+
+on_write(_note_write)
 
 
 def check_output_dir(out: str | Path, option: str = "--out") -> Path:
-    """Create ``out`` if needed and check that files can be written there; one-line errors otherwise."""
+    """Check ``out`` without creating it: not a file, and its nearest existing ancestor writable."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {path}: exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot create it: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: not writable")
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise OutputError(f"{option} {path}: cannot create it: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: not writable" if existing == path
+                          else f"{option} {path}: cannot create it: {existing} is not writable")
     return path
+
+
+def _make_dirs(path: Path, option: str) -> list[Path]:
+    """Create ``path`` and missing parents; returns the folders created (outermost first)."""
+    missing = [p for p in (*reversed(path.absolute().parents), path.absolute()) if not p.exists()]
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"{option} {path}: cannot create it: {exc.strerror or exc}") from None
+        _note_write(folder)
+    return missing
 
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _holder(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
-    except OSError:
-        return "unknown"
+def _check_command(folder: Path, command: str, option: str) -> None:
+    """One run per folder: a folder that holds another command's outputs is refused."""
+    record = ledger(folder) or {}
+    previous = record.get("command")
+    if previous and previous != command and command not in SHARED_COMMANDS and previous not in SHARED_COMMANDS:
+        written = sorted(names_in(record.get("written")))
+        raise OutputError(f"{option} {folder} holds the outputs of `sumcircuit {previous}` ({listing(written)}); "
+                          f"choose another folder for `sumcircuit {command}`")
 
 
-def _open_lock_file(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+def _check_ours(folder: Path, option: str) -> None:
+    foreign = foreign_entries(folder)
+    if foreign:
+        raise OutputError(f"{option} {folder} holds files sumcircuit did not write ({listing(foreign)}); choose "
+                          "a new or empty folder, or move them away: sumcircuit never replaces or deletes them")
 
 
-def _lock(path: Path, option: str, lock_file: Path | None = None) -> int:
-    """Take the lock of ``path`` (a folder's, or ``lock_file``) without waiting; a held lock names the holder's pid."""
-    try:
-        fd = _open_lock_file(lock_file or path / LOCK_FILE)
-    except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot create its lock file: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _holder(fd)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
-        raise OutputError(f"{option} {path} is in use by another sumcircuit run (pid {holder}); "
-                          "wait for it to finish or choose another folder") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+def _remove_stale(folder: Path) -> None:
+    """Temporary files and folders of a killed run (never anything that is not sumcircuit's)."""
+    for entry in folder.iterdir():
+        if is_temporary(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _write_ledger(claim: _Claim) -> None:
+    folder = claim.folder
+    entries = {e.name for e in folder.iterdir()}
+    own = own_entries(folder, entries) | (entries - set(claim.before))
+    written = sorted(n for n in own if not is_internal(n))
+    atomic_write_json(folder / LEDGER, {"command": (ledger(folder) or {}).get("command") or claim.command,
+                                        "written": written})
+
+
+def _undo(claim: _Claim) -> None:
+    """A run that wrote nothing leaves nothing: its lock file and the folders it created go."""
+    if claim.lock_created:
+        (claim.folder / LOCK_FILE).unlink(missing_ok=True)
+    for folder in reversed(claim.created):
+        try:
+            folder.rmdir()  # only if empty: something another process put there stays
+        except OSError:
+            break
 
 
 @contextmanager
-def claim_output(out: str | Path, command: str, option: str = "--out") -> Iterator[Path]:
-    """Hold ``out`` for one run of ``command``: checked, locked, marked incomplete until it finishes."""
+def claim_output(out: str | Path, command: str, option: str = "--out",
+                 inputs: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Hold ``out`` for one run of ``command``: checked, locked, marked incomplete from its first write until it finishes."""
     path = check_output_dir(out, option)
     key = path.resolve()
-    owner = key not in _held and _is_rank0()  # nested claims and other ranks ride on the owner's
-    fd = _lock(path, option) if owner else None
-    marker = path / INCOMPLETE
-    try:
-        if owner:
-            atomic_write_json(marker, {"command": command, "pid": os.getpid(), "started": time.time(),
-                                       "meaning": "this run has not finished: its files may be partial or "
-                                                  "mixed; rerun the command to resume or restart it"})
-        with _holding(key):
+    if key in _claims or not _is_rank0():  # nested claims and other ranks ride on the owner's
+        if key in _claims:
+            _claims[key].depth += 1
+        try:
             yield path
-        if owner:
-            marker.unlink(missing_ok=True)  # reached only when the run finished without an exception
+        finally:
+            if key in _claims:
+                _claims[key].depth -= 1
+        return
+    if inputs:
+        check_out_against_inputs(path, inputs, option.lstrip("-").replace("-", "_"))
+    if path.exists():
+        _check_ours(path, option)
+        _check_command(path, command, option)
+    created = _make_dirs(path, option)
+    lock_created = not (path / LOCK_FILE).exists()
+    claim = _Claim(key, command, before=[], created=created, lock_created=lock_created)
+    try:
+        claim.fd = take_lock(path, option)
+    except BaseException:
+        _undo(claim)
+        raise
+    claim.before = sorted(e.name for e in path.iterdir() if not is_internal(e.name))
+    record = read_json_dict(path / INCOMPLETE)
+    if record is not None:  # a killed run: its marker stays until this one finishes; its new entries are ours
+        claim.written = True
+        claim.before = sorted(set(claim.before) & names_in(record.get("before"))) if "before" in record else []
+    _remove_stale(path)
+    _claims[key] = claim
+    ok = False
+    try:
+        yield path
+        ok = True
     finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
+        del _claims[key]
+        try:
+            if claim.written:
+                _write_ledger(claim)
+                if ok:
+                    (path / INCOMPLETE).unlink(missing_ok=True)
+            else:
+                _undo(claim)
+        finally:
+            os.close(claim.fd)  # releases the lock
 
 
 @contextmanager
@@ -123,66 +244,66 @@ def claim_file(out: str | Path, option: str = "--out") -> Iterator[Path]:
     """Hold one output *file* (a circuit.json) for one run: its folder checked first, the file locked meanwhile.
 
     The file itself is written atomically, so it is whole or absent; the lock
-    (``.NAME.lock`` beside it) makes a second run into the same file an error
-    naming the first one's pid, as for folders.
+    (``.NAME.lock`` beside it, which also marks the file as sumcircuit's) makes a
+    second run into the same file an error naming the first one's pid. A file
+    of the same name that sumcircuit did not write is refused, never replaced.
     """
     path = Path(out)
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder, expected a file")
+    lock_file = path.with_name(f".{path.name}.lock")
+    if (path.exists() or path.is_symlink()) and path.name not in own_entries(path.parent, {path.name}):
+        raise OutputError(f"{option} {path}: exists and sumcircuit did not write it; choose another file name")
     check_output_dir(path.parent, option)
     key = path.resolve()
-    fd = _lock(path, option, path.with_name(f".{path.name}.lock")) if key not in _held else None
+    if key in _file_claims:
+        yield path
+        return
+    created = _make_dirs(path.parent, option)
+    lock_created = not lock_file.exists()
+    fd = take_lock(path, option, lock_file)
+    _file_claims.add(key)
     try:
-        with _holding(key):
-            yield path
+        yield path
     finally:
-        if fd is not None:
-            os.close(fd)
+        _file_claims.discard(key)
+        if not path.exists() and lock_created:  # nothing written: no trace
+            lock_file.unlink(missing_ok=True)
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        os.close(fd)
 
 
-@contextmanager
-def _holding(key: Path) -> Iterator[None]:
-    """Count this process's claims of ``key``: nested claims ride on the outermost one's lock."""
-    _held[key] = _held.get(key, 0) + 1
-    try:
-        yield
-    finally:
-        _held[key] -= 1
-        if not _held[key]:
-            del _held[key]
+def _inputs_of(bound: inspect.BoundArguments, param: str) -> dict[str, Any]:
+    """The arguments that can name input files: everything but the output, the runtime and flags."""
+    return {name: value for name, value in bound.arguments.items()
+            if name not in (param, "self", "runtime", "rt", "resume")}
 
 
 def writes_file(param: str, target: Callable[[Any], Path]) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function whose ``param`` names an output file (``target`` maps the argument to it)."""
-    return _claiming(param, lambda out: claim_file(target(out)))
+    return _claiming(param, lambda out, inputs: claim_file(target(out)))
 
 
-def _claiming(param: str, claim: Callable[[Any], AbstractContextManager[Path]]) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Run the decorated function inside ``claim(value of param)`` when that argument is given."""
+def _claiming(param: str, claim: Callable[[Any, dict[str, Any]], AbstractContextManager[Path]]
+              ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the decorated function inside ``claim(value of param, the other arguments)`` when that argument is given."""
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-            out = signature.bind(*args, **kwargs).arguments.get(param)
+            bound = signature.bind(*args, **kwargs)
+            out = bound.arguments.get(param)
             if out is None:
                 return fn(*args, **kwargs)
-            with claim(out):
+            with claim(out, _inputs_of(bound, param)):
                 return fn(*args, **kwargs)
         return inner
     return wrap
-
-
-@contextmanager
-def waiting_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed), waiting for another holder to finish."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_lock_file(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def incomplete_reason(folder: str | Path) -> str | None:
@@ -190,17 +311,18 @@ def incomplete_reason(folder: str | Path) -> str | None:
     marker = Path(folder) / INCOMPLETE
     if not marker.is_file():
         return None
-    try:
-        info = json.loads(marker.read_text())
-        what = f"`sumcircuit {info.get('command')}` (pid {info.get('pid')})"
-    except (OSError, ValueError, AttributeError):
-        what = "a sumcircuit run"
+    info = read_json_dict(marker) or {}
+    what = f"`sumcircuit {info.get('command')}` (pid {info.get('pid')})" if info.get("command") else "a sumcircuit run"
     return f"{folder} is incomplete: {what} did not finish writing it; rerun that command to resume or restart it"
 
 
 def writes_output(command: str, param: str = "out") -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorate a function whose ``param`` names its output folder: it runs inside :func:`claim_output`."""
-    return _claiming(param, lambda out: claim_output(out, command))
+    """Decorate a function whose ``param`` names its output folder: it runs inside :func:`claim_output`.
+
+    The function's other arguments are its inputs: an output folder equal to,
+    inside or around one of them is refused before the folder is touched.
+    """
+    return _claiming(param, lambda out, inputs: claim_output(out, command, inputs=inputs))
 
 
 def require_complete(folder: str | Path) -> Path:
@@ -215,26 +337,31 @@ def require_complete(folder: str | Path) -> Path:
 
 def is_complete(folder: str | Path) -> bool:
     """Whether ``folder``'s files can be trusted: its run finished, or this process is the one writing it."""
-    return Path(folder).resolve() in _held or incomplete_reason(folder) is None
+    return Path(folder).resolve() in _claims or incomplete_reason(folder) is None
 
 
 def remove_outputs(out: str | Path, names: Iterable[str]) -> list[str]:
-    """Start over in ``out``: remove the files (or folders) ``names`` that a run of sumcircuit writes there.
+    """Start over in ``out``: remove the files (or folders) ``names`` that a run of sumcircuit wrote there.
 
-    Only the named outputs go, with their stale temporary files (``.NAME.*.tmp``):
-    anything else in the folder -- a user's notes, other runs' files -- is never
-    touched. Returns the names removed.
+    Only the named outputs go, and only those sumcircuit wrote (see
+    :func:`foreign_entries`), with their stale temporary files: anything else in
+    the folder is never touched. Returns the names removed.
     """
     folder = Path(out)
+    try:
+        entries = {e.name for e in folder.iterdir()}
+    except OSError:
+        return []
+    own = own_entries(folder, entries)
     removed = []
     for name in names:
         entry = folder / name
+        if name not in own:
+            continue
+        _note_write(entry)  # removing is a change: the folder is incomplete from here on
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
-            removed.append(name)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
-            removed.append(name)
-        for tmp in folder.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(name)
     return removed

@@ -186,17 +186,23 @@ def patching_figure(rows: Sequence[Mapping[str, Any]], *, granularity: str, n_la
     for ax, direction in zip(axes[0], directions):
         mine = [r for r in rows if r["direction"] == direction]
         everything = [r for r in mine if r["kind"] == "all"]
-        if granularity == "head":
-            grid = np.full((n_layers, n_heads), np.nan)
-            for r in mine:
-                if r["kind"] in ("attn_head", "head"):
-                    grid[int(r["layer"]), int(r["head"])] = float(r["effect"])
+        if granularity == "head":  # rows: only the layers whose heads were patched
+            head_rows = [r for r in mine if r["kind"] in ("attn_head", "head")]
+            layers = sorted({int(r["layer"]) for r in head_rows}) or list(range(n_layers))
+            grid = np.full((len(layers), n_heads), np.nan)
+            for r in head_rows:
+                grid[layers.index(int(r["layer"])), int(r["head"])] = float(r["effect"])
             limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
             image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
                               origin="lower", interpolation="nearest")
-            fig.colorbar(image, ax=ax, label="effect")
+            fig.colorbar(image, ax=ax, label="effect (fraction of the loss gap)")
+            ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
+            if everything:  # a number, not a line: the y axis here is layers, not effects
+                ax.set_title(f"{_TITLES.get(direction, direction)}; all {len(head_rows)} heads at once: "
+                             f"{float(everything[0]['effect']):.2f}", fontsize=9)
+                continue
         else:
             for kind, marker in (("attn", "o"), ("mlp", "s"), ("resid_post", "D"), ("block", "D")):
                 series = sorted((r for r in mine if r["kind"] == kind), key=lambda r: int(r["layer"]))

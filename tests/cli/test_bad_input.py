@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -209,16 +208,22 @@ def test_pickle_only_adapter_folder(tiny_model_dirs: dict[str, Path], tmp_path: 
 # ---------------------------------------------------------------- output folders
 
 def test_out_that_is_a_file_fails_before_any_work(tiny_model_dirs: dict[str, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from sumcircuit import models
+
     target = tmp_path / "taken"
     target.write_text("not a folder")
     llama = tiny_model_dirs["llama"]
-    started = time.perf_counter()
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(models, "load_model", no_work)  # refused before loading a model or reading data
     fails(_patch_argv(llama, llama, target), capsys, "--out", "exists and is not a folder")
     fails(_patch_argv(llama, llama, target / "sub"), capsys, "--out", "cannot create it")
     fails(["ablate", "--model", str(llama), "--data", TRAIN, "--circuit", str(tmp_path / "c.json"), "--out",
            str(target)], capsys, "exists and is not a folder")
-    assert time.perf_counter() - started < 5  # refused before loading a model or reading data
 
 
 _HOLD = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
@@ -400,3 +405,34 @@ def test_longer_rerun_resumes_although_truncation_counts_differ(tiny_model_dirs:
     assert _run([*argv, "--n-docs", "3"]) == 0  # resumes: 2 documents done, 1 more
     summary = json.loads((tmp_path / "an" / "summary.json").read_text())
     assert summary["n_docs"] == 3 and summary["provenance"]["data"]["truncated_summaries"] == 3
+
+
+# ---------------------------------------------------------------- adapters that are not what they seem
+
+def _adapter_folder(folder: Path, config: dict[str, object]) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"x": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_adapter_whose_base_is_itself(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = tmp_path / "loop"
+    _adapter_folder(adapter, {"peft_type": "LORA", "base_model_name_or_path": str(adapter), "r": 2,
+                              "lora_alpha": 4, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"})
+    fails(_patch_argv(tiny_model_dirs["llama"], adapter, tmp_path / "out"), capsys, str(adapter),
+          "is an adapter folder, not a model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "IA3", "PREFIX_TUNING"])
+def test_adapter_that_is_not_lora(peft_type: str, tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = _adapter_folder(tmp_path / "a", {"peft_type": peft_type, "num_virtual_tokens": 8,
+                                                "base_model_name_or_path": str(tiny_model_dirs["llama"]),
+                                                "task_type": "CAUSAL_LM"})
+    fails(_patch_argv(tiny_model_dirs["llama"], adapter, tmp_path / "out"), capsys, "adapter_config.json",
+          f"peft_type '{peft_type}'", "LoRA adapters only")

@@ -38,7 +38,7 @@ def test_data_preview_real(capsys: pytest.CaptureFixture[str]) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sumcircuit.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_preview_reports_bad_record(tmp_path: Path) -> None:

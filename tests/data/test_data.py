@@ -94,6 +94,8 @@ def test_csv_and_field_override(tmp_path: Path) -> None:
     ({"article": "   ", "abstract": "s"}, (2, "article"), "empty"),
     ({"article": 5, "abstract": "s"}, (2, "article"), "got int"),
     ([1, 2], (2, None), "expected a JSON object"),
+    ('{"article": "x", "abstract": "s", "article": "y"}', (2, None), "the key 'article' appears twice"),
+    ('{"article": ' + "[" * 100_000 + "]" * 100_000 + ', "abstract": "s"}', (2, None), "nested too deeply"),
 ])
 def test_bad_record_names_file_line_field(tmp_path: Path, row: object, line_field: tuple[int, str | None],
                                           reason: str) -> None:
@@ -217,3 +219,31 @@ def test_real_tokenizer_on_shared_data(smollm2, folder: str, split: str) -> None
         assert tok.decode(enc.input_ids[s0:s1 - 1]).strip() == ex.summary
         assert enc.input_ids[-1] == tok.eos_token_id
         assert sum(lab != IGNORE_INDEX for lab in enc.labels) == s1 - s0
+
+
+def test_byte_order_mark_of_excel_files_is_not_part_of_the_first_field(tmp_path: Path) -> None:
+    csv_path = tmp_path / "excel.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfarticle,highlights\r\nDoc one.,Sum one\r\n")
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"article": "Doc", "abstract": "Sum"}).encode() + b"\n")
+    assert [(e.text, e.summary) for e in load_examples(DataConfig(str(csv_path))).examples] == [("Doc one.", "Sum one")]
+    assert [(e.text, e.summary) for e in load_examples(DataConfig(str(jsonl_path))).examples] == [("Doc", "Sum")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".csv.gz"])
+def test_a_decompression_bomb_is_a_one_line_error_in_bounded_memory(suffix: str, tmp_path: Path) -> None:
+    import resource
+
+    from sumcircuit.data.sources import MAX_RECORD_BYTES
+
+    path = tmp_path / f"bomb{suffix}"
+    header = b"article,highlights\n" if suffix == ".csv.gz" else b""
+    with gzip.open(path, "wb", compresslevel=9) as fh:  # ~40 kB on disk, 40 MiB without a line break
+        fh.write(header + b'"' + b"a" * (40 * 2**20))
+    assert path.stat().st_size < 200_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"bomb.*:\d+: .*longer than 16 MiB") as err:
+        load_examples(DataConfig(str(path), skip_invalid=True))
+    assert err.value.file == str(path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 8 * MAX_RECORD_BYTES / 2**20  # a few copies of one record at most, not the whole file

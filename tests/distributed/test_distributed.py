@@ -48,7 +48,7 @@ def launch2(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "sumcircuit.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -265,6 +265,7 @@ def test_finetune_resumes_under_two_processes(tmp_path: Path, pair: tuple[str, s
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    shutil.copy(full / ".sumcircuit.json", resumed)  # the record that the checkpoints are sumcircuit's
     launch2(_finetune_args(pair[0], resumed, "--resume"), tmp_path)
     for rel in ("final/adapter_model.safetensors", "checkpoints/step-00000004/optimizer.safetensors"):
         ta, tb = load_file(full / rel), load_file(resumed / rel)

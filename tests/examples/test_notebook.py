@@ -17,7 +17,7 @@ def test_notebook_runs_and_shows_what_it_claims(tmp_path: Path) -> None:
     notebook = nbformat.read(REPO / "examples" / "notebook.ipynb", as_version=4)
     os.environ["SUMCIRCUIT_NOTEBOOK_OUT"] = str(tmp_path)
     try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3",
+        NotebookClient(notebook, timeout=1800, kernel_name="python3",
                        resources={"metadata": {"path": str(REPO / "examples")}}).execute()
     finally:
         del os.environ["SUMCIRCUIT_NOTEBOOK_OUT"]

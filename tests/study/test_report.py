@@ -119,14 +119,14 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([_chromium(), *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=900).stdout
     match = re.search(r"<title>loaded:(\d+)/(\d+)</title>", dom)
     assert match, dom[:500]
     loaded, total = map(int, match.groups())
     assert total >= 4 and loaded == total
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
-                   capture_output=True, timeout=120)
+                   capture_output=True, timeout=900)
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
@@ -146,3 +146,56 @@ def test_report_on_a_single_output_folder_labels_what_it_is(tmp_path: Path, caps
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "neither a reproduce study nor a finished sumcircuit output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "reproduce.json: damaged"), ("", "reproduce.json: damaged"), ("[1, 2]", "expected a JSON object"),
+    ('{"study": 5}', "field 'study' should be an object"), ('{"stages": []}', "field 'stages' should be an object"),
+    ("[" * 100_000 + "]" * 100_000, "reproduce.json: damaged")])
+def test_report_on_a_damaged_manifest_names_it(content: str, needle: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import cli_fails
+
+    run = make_run(tmp_path / "run")
+    (run / "reproduce.json").write_text(content)
+    cli_fails(["report", str(run)], capsys, needle)
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("file, content, needle", [
+    ("analysis/heads.csv", "a,b\n1,2\n", "heads.csv: column(s) layer, head, entropy_delta, kl_base_tuned missing"),
+    ("lora_all_s1/eval/rouge.json", "", "rouge.json: damaged"),
+    ("circuit/circuit.json", '"layers"', "circuit.json: expected a JSON object"),
+    ("lora_all_s1/train_summary.json", '{"layers": [1], "trainable_params": {"a": 1}}', "cannot build the report")])
+def test_report_on_damaged_stage_files_names_them(file: str, content: str, needle: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import cli_fails
+
+    run = make_run(tmp_path / "run")
+    (run / file).write_text(content)
+    cli_fails(["report", str(run)], capsys, needle)
+
+
+def test_report_renders_an_unfinished_study_with_a_banner(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    atomic_write_json(run / "INCOMPLETE.json", {"command": "reproduce", "pid": 4242, "before": []})
+    atomic_write_json(run / "targeted_s1" / "eval" / "INCOMPLETE.json", {"command": "evaluate", "pid": 4242})
+    page = build_report(run).read_text()
+    assert "This study has not finished." in page and "pid 4242" in page
+    assert "Differential analysis" in page and "Paper claims vs this run" in page  # the finished stages
+    verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
+    assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "not run"  # its run did not finish
+
+
+def test_head_patching_figure_has_a_row_per_patched_layer() -> None:
+    from sumcircuit.plots import patching_figure
+
+    rows = [{"direction": "denoise", "kind": "attn_head", "layer": layer, "head": head, "effect": 0.1 * head,
+             "recovery_ci_low": 0.0, "recovery_ci_high": 0.2} for layer in (3, 7) for head in range(4)]
+    rows.append({"direction": "denoise", "kind": "all", "layer": -1, "head": -1, "effect": 0.9,
+                 "recovery_ci_low": 0.8, "recovery_ci_high": 1.0})
+    fig = patching_figure(rows, granularity="head", n_layers=30, n_heads=4)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape == (2, 4)  # layers 3 and 7 only, every cell filled
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["3", "7"]
+    assert not ax.lines and "all 8 heads at once: 0.90" in ax.get_title()  # no effect line on a layer axis

@@ -149,3 +149,18 @@ def test_cli_reproduce_with_overrides(tmp_path: Path, tiny_model_dirs: dict[str,
     assert main([*args, "--set", "nope=1", "--out", str(tmp_path / "x")]) == 2
     assert "--set: unknown preset field(s) nope" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is made
+    from helpers import cli_fails, snapshot
+
+    finished = snapshot(tmp_path / "run")
+    refusals = [(["--set", "nope=1"], "--set: unknown preset field(s) nope"),
+                (["--set", "top_heads=1000"], "top_heads: 1000 is more than the"),
+                (["--set", "top_layers=99"], "top_layers: 99 is more than the"),
+                (["--set", 'full="rm -rf /"'], "--set"),
+                (["--set", 'train_docs="abc"'], "train_docs"),
+                (["--set", "random_sets=-1"], "random_sets"),
+                (["--seeds", "-1"], "--seeds")]
+    for extra, needle in refusals:
+        cli_fails([*args[:-2], "--seeds", "1", *(a for s in sets for a in ("--set", s)), *extra,
+                   "--out", str(tmp_path / "run")], capsys, needle)
+        assert snapshot(tmp_path / "run") == finished, extra  # not even INCOMPLETE.json
+    sc.load_run(tmp_path / "run")

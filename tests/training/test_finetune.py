@@ -22,6 +22,7 @@ from sumcircuit.data import DataConfig, collate, encode_all, load_examples
 from sumcircuit.errors import ModelError
 from sumcircuit.lora import inject_lora, merge_lora
 from sumcircuit.models import load_adapter, load_model
+from sumcircuit.outputs import OutputError
 from sumcircuit.training import FinetuneConfig, FinetuneError, choose_layers
 from sumcircuit.training.batches import evaluate_loss, summary_loss, summary_loss_terms
 from sumcircuit.training.checkpoint import export_model
@@ -356,7 +357,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_model_dirs: dict[str, Path], 
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "b" / "final").exists()
     resumed = _cli([*args, "--out", str(tmp_path / "b"), "--resume"])
-    out_full, out_resumed = full.communicate(timeout=300)[0], resumed.communicate(timeout=300)[0]
+    out_full, out_resumed = full.communicate(timeout=1200)[0], resumed.communicate(timeout=1200)[0]
     assert full.returncode == 0, out_full
     assert resumed.returncode == 0, out_resumed
     a, b = tmp_path / "a", tmp_path / "b"
@@ -378,6 +379,7 @@ def test_full_finetune_resume_in_process(tiny_model_dirs: dict[str, Path], tmp_p
     run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "a")
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    shutil.copy(tmp_path / "a" / ".sumcircuit.json", tmp_path / "b")  # the record that the checkpoints are ours
     summary = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b")  # resumes by default
     assert summary["resumed_from_steps"] == [2]
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
@@ -387,8 +389,12 @@ def test_full_finetune_resume_in_process(tiny_model_dirs: dict[str, Path], tmp_p
     assert again["steps"] == 6 and again["resumed_from_steps"] == [2, 6]
     assert all(torch.equal(wa[k], v) for k, v in load_file(str(tmp_path / "b" / "final" / "model.safetensors")).items())
     (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write .notes.txt"):  # never replaced or deleted: refused
+        run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b", resume=False)
+    assert (tmp_path / "b" / "notes.txt").read_text() == "mine" and (tmp_path / "b" / "final").is_dir()
+    (tmp_path / "b" / "notes.txt").unlink()
     fresh = run_finetune(str(tiny_model_dirs["llama"]), _data(), cfg, tmp_path / "b", resume=False)  # starts over
-    assert fresh["resumed_from_steps"] == [] and (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    assert fresh["resumed_from_steps"] == []
     with pytest.raises(FinetuneError, match=r"differs in: config\.lr"):
         run_finetune(str(tiny_model_dirs["llama"]), _data(), _cfg(method="full", layers=None, lr=2e-3,
                                                                   max_steps=6, eval_every=2, final="last"),

@@ -89,23 +89,26 @@ def _fingerprint(parts: dict[str, Any]) -> str:
 
 
 @writes_output("analyze", "out")
-def _analyze_into(base_spec: ModelLike, tuned_spec: ModelLike, data_cfg: DataConfig, config: AnalysisConfig,
+def _analyze_into(base: ModelLike, tuned: ModelLike, data: DataConfig, config: AnalysisConfig,
                   out: str | Path, runtime: Runtime, resume: bool) -> AnalysisResult | None:
     """Load, analyze shard by shard (resumable), and write every output file to ``out``.
 
-    Returns the result on rank 0 and None on the other ranks.
+    Everything that can refuse the run (models, data) comes before the first
+    change to ``out``. Returns the result on rank 0 and None on the other ranks.
     """
+    data_cfg = data
     dist.setup(runtime.device)
     device = dist.local_device(runtime.device)
     folder = Path(out)
+    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
+        base_m, tuned_m = (ensure_loaded(m, runtime=runtime.with_device(device)) for m in (base, tuned))
+    check_same_tokenizer(base_m.tokenizer, tuned_m.tokenizer)
+    adapter = check_compatible(base_m.model, tuned_m.model)
+    examples = load_examples(data_cfg)
+    encoded = encode_all(base_m.tokenizer, examples.examples, data_cfg, source=examples.source)
     if not resume and dist.is_main_process():  # the old set goes first: nothing of it can be read as current
         remove_outputs(folder, AnalysisResult.files)
-    with dist.main_process_first():  # rank 0 fills the GGUF cache, the others read it
-        base, tuned = (ensure_loaded(m, runtime=runtime.with_device(device)) for m in (base_spec, tuned_spec))
-    check_same_tokenizer(base.tokenizer, tuned.tokenizer)
-    adapter = check_compatible(base.model, tuned.model)
-    examples = load_examples(data_cfg)
-    encoded = encode_all(base.tokenizer, examples.examples, data_cfg, source=examples.source)
+    base, tuned = base_m, tuned_m
     pad_id = int(base.tokenizer.pad_token_id)
 
     def fingerprint() -> str:  # hashes every weight: rank 0 only

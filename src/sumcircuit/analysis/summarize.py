@@ -6,6 +6,7 @@ tokens in the configured region); intervals resample documents, never tokens.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import fields
 from typing import Any, cast
@@ -18,6 +19,8 @@ from sumcircuit.analysis.result import HEAD_COLUMNS, HEAD_STATS, NEURON_COLUMNS,
 from sumcircuit.analysis.state import ROW_STATS, AnalysisState
 from sumcircuit.metrics import bootstrap_ratio_samples, neuron_change, ratio_ci
 from sumcircuit.stats import sign_share_bounds
+
+log = logging.getLogger(__name__)
 
 DEFINITIONS = {
     "entropy": "per query row, -sum_j p_j log p_j in nats over the keys the row may attend to",
@@ -83,6 +86,9 @@ def finalize(state: AnalysisState, config: AnalysisConfig, weights: dict[str, Te
     score = (change.standardized_change.abs() if config.neuron_rank_by == "standardized"
              else change.mean_abs_change)
     flat = torch.nan_to_num(score.flatten(), nan=-1.0)
+    if config.top_k > flat.numel():  # said, not silently clamped
+        log.warning("`top_k` %d is more than the model's %d MLP neurons: neurons.csv lists all of them",
+                    config.top_k, flat.numel())
     top = torch.argsort(flat, descending=True, stable=True)[:config.top_k]
     n_neurons = state.n_neurons
     neurons: list[NeuronRow] = []

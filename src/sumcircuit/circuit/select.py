@@ -209,8 +209,11 @@ def _by_change(source: str | Path | AnalysisResult, cfg: CircuitConfig) -> Circu
     if np.all(np.isnan(scores)):
         raise CircuitError(f"{tables.folder or 'analysis'}: the statistics needed for score {score} are missing "
                            "or NaN")
-    selected = top_k(scores, top_layers)
     heads = head_scores(score, tables.heads) if top_heads else None
+    _refuse_nan(scores, "layer", tables.folder, score)
+    if heads is not None:
+        _refuse_nan(heads, "head", tables.folder, score, n_heads)
+    selected = top_k(scores, top_layers)
     selected_heads = top_k(heads, top_heads) if heads is not None else np.array([], dtype=int)
 
     stability, head_stability, frequency, note = _stability(tables, cfg, selected, selected_heads, n_heads)
@@ -240,6 +243,15 @@ def _by_change(source: str | Path | AnalysisResult, cfg: CircuitConfig) -> Circu
     circuit["provenance"] = provenance(analysis={"dir": where, "provenance": tables.provenance},
                                        seed=cfg.seed, config=asdict(cfg))
     return Circuit(sorted(int(l) for l in selected), parse_sites(circuit["heads"]), circuit)
+
+
+def _refuse_nan(scores: np.ndarray, unit: str, folder: Path | None, score: str, n_heads: int = 0) -> None:
+    """A NaN score means broken statistics: ranking around it would pick a circuit from the rest, silently."""
+    bad = np.flatnonzero(np.isnan(scores))
+    if bad.size:
+        names = [f"L{i // n_heads}.H{i % n_heads}" if n_heads else f"L{i}" for i in bad[:3]]
+        raise CircuitError(f"{folder or 'analysis'}: score {score} is NaN for {bad.size} {unit}(s) "
+                           f"({', '.join(names)}{', ...' if bad.size > 3 else ''}); its statistics are broken")
 
 
 _Stability = tuple[dict[str, Any], dict[str, Any] | None, list[float] | None, str | None]
@@ -320,6 +332,9 @@ def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) 
     head_grid = np.array([abs(effects.get(f"L{l}.H{h}", math.nan)) for l in range(n_layers) for h in range(n_heads)])
     if top_heads and np.all(np.isnan(head_grid)):
         raise CircuitError(f"top_heads {top_heads}: {folder or 'the attribution'} has no head rows")
+    _refuse_nan(layer_scores, "layer", folder, "attribution")
+    if top_heads:
+        _refuse_nan(head_grid, "head", folder, "attribution", n_heads)
     selected = top_k(layer_scores, top_layers)
     selected_heads = top_k(head_grid, top_heads) if top_heads else np.array([], dtype=int)
     stability, head_stability = _attribution_stability(result, chosen, selected, selected_heads, n_layers, n_heads,

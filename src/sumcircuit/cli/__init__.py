@@ -11,10 +11,13 @@ never as a traceback; a parameter the library names is shown as its flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.version import __version__
@@ -49,8 +52,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is, so it unwinds like Ctrl-C: claims released, finished outputs kept."""
+
+
+INTERRUPTED = "interrupted; finished outputs kept; rerun to resume"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """An interrupt that lands in a finalizer is the same interrupt: no "Exception ignored" traceback."""
+    if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+        sys.__unraisablehook__(unraisable)
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    """SIGTERM unwinds the run as SIGINT does (only the main thread can install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, hook = signal.signal(signal.SIGTERM, _terminate), sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code (2 for an error the user can act on, 130 when interrupted)."""
+    """Run one command; returns its exit code (2: an error the user can act on; 130/143: SIGINT/SIGTERM)."""
+    with _signals():
+        try:
+            return _main(argv)
+        except (KeyboardInterrupt, Terminated) as exc:  # during parsing or teardown
+            print(f"sumcircuit: {INTERRUPTED}", file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from sumcircuit.cli.common import in_flags
     from sumcircuit.cli.generate import flag_for
 
@@ -74,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"sumcircuit {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sumcircuit {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"sumcircuit {args.command}: {INTERRUPTED}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         from sumcircuit.distributed import teardown
 

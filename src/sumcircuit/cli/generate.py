@@ -198,5 +198,8 @@ def config_from_args(cls: type[C], args: argparse.Namespace, **fixed: Any) -> C:
 
 
 def flag_for(args: argparse.Namespace, param: str) -> str:
-    """The flag that set ``param`` in this command (the parameter name itself if none did)."""
-    return str((getattr(args, "param_flags", None) or {}).get(param, param))
+    """The flag that set ``param`` in this command (``--param`` for a plain option; the name itself if none did)."""
+    flags = getattr(args, "param_flags", None) or {}
+    if param in flags:
+        return str(flags[param])
+    return f"--{param.replace('_', '-')}" if param in vars(args) and param not in ("command", "handler") else param

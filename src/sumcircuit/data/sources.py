@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import itertools
 import json
 import re
 import zlib
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sumcircuit import hub
 from sumcircuit.errors import DataError
 from sumcircuit.provenance import file_sha256
 
@@ -80,7 +82,8 @@ def resolve_source(data: str, split: str | None) -> tuple[str, str | None]:
 _READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 _SURROGATE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (surrogateescape)
 _IN_MEMORY: dict[str, Any] = {}  # "memory:<fingerprint>" -> datasets.Dataset handed to the API
-csv.field_size_limit(2**31 - 1)  # news articles are long; the csv module's default cap is 131,072
+MAX_RECORD_BYTES = 16 * 2**20  # one record (line) at most: a long book chapter fits, a decompression bomb does not
+csv.field_size_limit(MAX_RECORD_BYTES)  # news articles are long; the csv module's default cap is 131,072
 
 
 def register_dataset(dataset: Any) -> str:
@@ -96,12 +99,32 @@ def _binary_lines(name: str) -> Iterator[bytes]:
     opener = gzip.open if name.endswith(".gz") else open
     try:
         with opener(name, "rb") as fh:
-            yield from fh
+            for line_no in itertools.count(1):
+                raw = fh.readline(MAX_RECORD_BYTES + 1)  # memory stays bounded whatever the file expands to
+                if not raw:
+                    return
+                if len(raw) > MAX_RECORD_BYTES:
+                    raise DataError(f"longer than {MAX_RECORD_BYTES // 2**20} MiB, the limit for one record (a file "
+                                    "without line breaks, or a decompression bomb?)", file=name, line=line_no)
+                yield raw.removeprefix(b"\xef\xbb\xbf") if line_no == 1 else raw  # a byte-order mark (Excel)
     except DataError:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"cannot read the file ({type(exc).__name__}: {exc}); is it truncated or "
                         "not what its name says?", file=name) from None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice: json keeps the last silently, a record must not."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
 
 
 def _iter_jsonl(name: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
@@ -115,9 +138,16 @@ def _iter_jsonl(name: str) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             yield line_no, DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=name, line=line_no)
+            continue
+        except _DuplicateKey as exc:
+            yield line_no, DataError(f"the key {exc.args[0]!r} appears twice in one record (which one is meant?)",
+                                     file=name, line=line_no)
+            continue
+        except RecursionError:
+            yield line_no, DataError("JSON nested too deeply to be a record", file=name, line=line_no)
             continue
         if not isinstance(record, dict):
             yield line_no, DataError(f"expected a JSON object, got {type(record).__name__}",
@@ -204,6 +234,9 @@ def iter_raw_records(name: str, split: str | None) -> Iterator[tuple[int, dict[s
 def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
     parts = name[3:].split(":")
     hub_id, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    if not hub.reachable():  # streamed data needs the hub: say so in seconds, not after a minute of retries
+        raise DataError(hub.offline_reason(f"data set {name}", "a local data file (JSONL, CSV, Parquet or a "
+                                           "`datasets` save_to_disk folder)", cache=False))
     try:
         import datasets
 

@@ -183,9 +183,9 @@ def _evaluate(model: ModelLike, data_cfg: DataConfig, cfg: EvaluationConfig, out
 
 
 @writes_output("evaluate", "out")
-def _evaluate_into(model: ModelLike, data_cfg: DataConfig, cfg: EvaluationConfig, out: str | Path, rt: Runtime,
+def _evaluate_into(model: ModelLike, data: DataConfig, cfg: EvaluationConfig, out: str | Path, rt: Runtime,
                    resume: bool) -> EvaluationResult:
-    return _evaluate(model, data_cfg, cfg, Path(out), rt, resume)
+    return _evaluate(model, data, cfg, Path(out), rt, resume)
 
 
 def evaluate(model: ModelLike, data: DataConfig | Any, config: EvaluationConfig | GenerationConfig | None = None, *,

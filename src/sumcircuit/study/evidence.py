@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sumcircuit.artifacts import read_csv, read_jsonl
+from sumcircuit.errors import SumcircuitError
 from sumcircuit.outputs import is_complete
 from sumcircuit.study.layout import StudyLayout
 
@@ -31,9 +32,26 @@ def finished(path: Path) -> bool:
     return path.is_file() and is_complete(path.parent)
 
 
-def read_json_if_finished(path: Path) -> Any:
-    """The JSON file, or None when its stage did not finish (or the file is missing)."""
-    return json.loads(path.read_text(encoding="utf-8")) if finished(path) else None
+class EvidenceError(SumcircuitError):
+    """A file of a finished stage that cannot be read as what that stage writes (damaged, or edited by hand)."""
+
+
+def read_json_if_finished(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the file, or None when its stage did not finish (or the file is missing).
+
+    A damaged file is a one-line error naming it: evidence is never guessed around.
+    """
+    if not finished(path):
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # garbage, empty, nested past any sense, not UTF-8
+        raise EvidenceError(f"{path}: damaged ({type(exc).__name__}: {str(exc)[:120]}); rerun the command "
+                            "that wrote it") from None
+    if not isinstance(data, dict):
+        raise EvidenceError(f"{path}: expected a JSON object, found {type(data).__name__}; rerun the command "
+                            "that wrote it")
+    return data
 
 
 def _number(value: str | None) -> Any:
@@ -46,9 +64,18 @@ def _number(value: str | None) -> Any:
     return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
 
-def read_csv_if_finished(path: Path) -> list[dict[str, Any]]:
-    """The CSV rows with numbers as numbers, or [] when the stage did not finish."""
-    return [{k: _number(v) for k, v in row.items()} for row in read_csv(path)] if finished(path) else []
+def read_csv_if_finished(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The CSV rows with numbers as numbers, or [] when the stage did not finish; ``columns`` must be there."""
+    if not finished(path):
+        return []
+    try:
+        rows = [{k: _number(v) for k, v in row.items()} for row in read_csv(path)]
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EvidenceError(f"{path}: damaged ({type(exc).__name__}: {str(exc)[:120]})") from None
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise EvidenceError(f"{path}: column(s) {', '.join(missing)} missing; rerun the command that wrote it")
+    return rows
 
 
 def per_example_rouge1(eval_dir: Path) -> dict[int, float]:

@@ -16,73 +16,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from sumcircuit import plots
 from sumcircuit.artifacts import atomic_write_text, read_jsonl
 from sumcircuit.errors import SumcircuitError
-from sumcircuit.outputs import require_complete
+from sumcircuit.outputs import claim_file, incomplete_reason, is_complete, require_complete
 from sumcircuit.study import claims
 from sumcircuit.study.evidence import finished, read_csv_if_finished, read_json_if_finished
+from sumcircuit.study.figures import head_heatmaps, img, layer_bars, neuron_histogram, tracking_plot, training_curves
 from sumcircuit.study.layout import StudyLayout
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _finished, _read_json, _read_csv = finished, read_json_if_finished, read_csv_if_finished
-
-
-# ---------------------------------------------------------------- figures
-
-def _img(b64: str, alt: str, caption: str = "") -> str:
-    figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">{figcaption}</figure>'
-
-
-def _figure(fig: Figure, alt: str, caption: str) -> str:
-    return _img(plots.figure_base64(fig), alt, caption)
-
-
-def head_heatmaps(heads: Sequence[Mapping[str, Any]]) -> str:
-    """The per-head heatmaps, embedded with their caption."""
-    return _figure(plots.head_heatmaps(heads), "per-head heatmaps of entropy change and KL",
-                   "Per head (rows: layers, columns: heads), token-weighted over the analysed documents. Left: "
-                   "attention entropy of the tuned model minus the base model (blue: more focused after tuning). "
-                   "Right: KL(base || tuned) of the attention distributions.")
-
-
-def layer_bars(layers: Sequence[Mapping[str, Any]]) -> str:
-    """The per-layer bars, embedded with their caption."""
-    return _figure(plots.layer_bars(layers), "per-layer change bar charts",
-                   "Per layer: mean attention KL over heads, relative change of the residual-stream norm, linear CKA "
-                   "between the two models' hidden states (1 = same representation up to rotation and scale), and the "
-                   "relative Frobenius change of attention and MLP weights.")
-
-
-def neuron_histogram(stats_path: Path, threshold: float | None) -> str:
-    """The neuron-change histogram from stats.safetensors, embedded with its caption."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(stats_path))
-    if "neurons.standardized_change" not in tensors:
-        return "<p>No standardized neuron change in stats.safetensors.</p>"
-    values = tensors["neurons.standardized_change"].flatten().float().numpy()
-    flips = int(tensors["neurons.sign_flip"].sum().item()) if "neurons.sign_flip" in tensors else None
-    return _figure(plots.neuron_histogram(values, flips, threshold), "neuron change histogram",
-                   "Standardized change (Cohen's d, tuned vs base) of every MLP neuron's mean activation; dashed lines: "
-                   "the threshold counted as 'changed'. Log scale.")
-
-
-def training_curves(runs: Mapping[str, list[dict[str, Any]]]) -> str:
-    """Training and validation curves, embedded with their caption."""
-    return _figure(plots.training_curves(runs), "training and validation loss curves",
-                   "Loss on summary tokens per optimizer step (left) and on the held-out validation slice (right) for "
-                   "the first training seed of each method; early stopping keeps the best validation checkpoint.")
-
-
-def tracking_plot(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Attention change during training, embedded with its caption."""
-    return _figure(plots.tracking_plot(rows), "interpretability tracking during training",
-                   "Mean attention KL between the starting model and the model being trained, per layer, during the "
-                   "full fine-tune.")
 
 
 # ---------------------------------------------------------------- tables
@@ -144,7 +87,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f3f3f3}img{max-width:100%}.supported{color:#176d2b;font-weight:bold}
 .contradicted{color:#a11;font-weight:bold}.inconclusive{color:#a60;font-weight:bold}.missing{color:#888}
-pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}"""
+pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}
+.banner{background:#fff3cd;border:1px solid #e0c36c;padding:10px 14px;margin:1em 0}"""
 
 
 def _section(title: str, body: str) -> str:
@@ -156,7 +100,7 @@ def _missing(what: str) -> str:
 
 
 def _embed_png(path: Path, alt: str, caption: str = "") -> str:
-    return _img(base64.b64encode(path.read_bytes()).decode("ascii"), alt, caption) if path.is_file() else ""
+    return img(base64.b64encode(path.read_bytes()).decode("ascii"), alt, caption) if path.is_file() else ""
 
 
 def study_header(manifest: Mapping[str, Any]) -> str:
@@ -271,7 +215,8 @@ def _models_label(summary: Mapping[str, Any]) -> str:
 
 def analysis_section(folder: Path, title: str) -> str:
     """The analysis's figures and headline numbers, labelled with the models it compares."""
-    heads, layers = _read_csv(folder / "heads.csv"), _read_csv(folder / "layers.csv")
+    heads = _read_csv(folder / "heads.csv", ("layer", "head", "entropy_delta", "kl_base_tuned"))
+    layers = _read_csv(folder / "layers.csv", ("layer",))
     summary = _read_json(folder / "summary.json") or {}
     body = ""
     if heads:
@@ -305,8 +250,11 @@ def _single_output(folder: Path, kind: str) -> list[str]:
                 _section("Example summaries", _table(["document", "summary", "reference", "stopped by"], examples))]
     if kind in ("patching", "ablation", "attribution"):
         summary = _read_json(folder / f"{kind}.json") or {}
+        per_head = summary.get("granularity") == "head"
         captions = {"patching": "Recovery of the tuned model's loss when each component is patched (1 = fully "
-                                "recovered), per layer, with 95% CIs over documents.",
+                                + ("recovered), per attention head of the patched layers (one heatmap row per "
+                                   "layer); the 95% CIs over documents of every head are in patching.csv."
+                                   if per_head else "recovered), per layer, with 95% CIs over documents."),
                     "ablation": "Loss change when the circuit is ablated, against random component sets of the same "
                                 "size.",
                     "attribution": "Attribution-patching estimate of each component's effect on the loss gap between "
@@ -377,30 +325,60 @@ def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` for a ``reproduce`` run or any single output folder, and return its path."""
-    from sumcircuit.results import RunError, detect_kind
+    """Write ``report.html`` for a ``reproduce`` run or any single output folder, and return its path.
 
+    An unfinished study is rendered with a banner and its finished stages; a damaged file is a one-line error.
+    """
     run = Path(run_dir)
     if not run.is_dir():
         raise SumcircuitError(f"run directory not found: {run}")
-    require_complete(run)
     layout = StudyLayout(run)
-    manifest = _read_json(layout.manifest)
+    study = (layout.manifest.is_file() or layout.analysis.is_dir() or bool(layout.model_runs()))
+    if not study:
+        require_complete(run)  # a single output has nothing finished to show until it finished
     parts = [f"<h1>sumcircuit report: {html.escape(run.name)}</h1>",
              "<p>Paper under test: <i>Mechanistic Interpretability of GPT-like Models on Summarization "
              "Tasks</i> (arXiv 2505.17073). Every figure below was computed from this folder; intervals are 95%.</p>"]
-    if manifest is not None or layout.analysis.is_dir() or layout.model_runs():
-        parts += _study_sections(run, manifest or {})
-    else:
-        try:
-            kind = detect_kind(run)
-        except RunError:
-            raise SumcircuitError(f"{run}: neither a reproduce study nor a finished sumcircuit output folder") from None
-        parts.append(f"<p>A single <code>{html.escape(kind)}</code> output, not a study: only its own results "
-                     "are shown and no paper claim is judged.</p>")
-        parts += _single_output(run, kind)
+    try:
+        parts += _study_page(run, layout) if study else _single_page(run)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:  # a file edited or damaged
+        raise SumcircuitError(f"{run}: cannot build the report, a file there is damaged or from another version "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:150]})") from None
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     target = Path(out) if out else layout.report
-    atomic_write_text(target, page)
+    with claim_file(target, "--out"):  # marks report.html as sumcircuit's, never replaces someone's file
+        atomic_write_text(target, page)
     return target
+
+
+def _study_page(run: Path, layout: StudyLayout) -> list[str]:
+    """A study's sections; an unfinished study gets a banner and shows only the stages that finished."""
+    manifest = _read_json(layout.manifest)
+    check_manifest(manifest or {}, layout.manifest)
+    reason = incomplete_reason(run)
+    banner = [] if reason is None or is_complete(run) else [
+        f"<div class='banner'><b>This study has not finished.</b> {html.escape(reason)}. Only the stages that "
+        "finished are shown below; claims whose evidence is missing say so.</div>"]
+    return banner + _study_sections(run, manifest or {})
+
+
+def check_manifest(manifest: Mapping[str, Any], path: Path) -> None:
+    """reproduce.json's fields have the types the report reads (a hand edit is named, not a traceback)."""
+    for key, kind in (("study", dict), ("preset", dict), ("stages", dict), ("wall_time_s", dict),
+                      ("skipped", list), ("random_controls", dict)):
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], kind):
+            raise SumcircuitError(f"{path}: field '{key}' should be {'an object' if kind is dict else 'a list'}, "
+                                  f"found {type(manifest[key]).__name__}; rerun `sumcircuit reproduce`")
+
+
+def _single_page(run: Path) -> list[str]:
+    """One command's output folder: its own results, no claims."""
+    from sumcircuit.results import RunError, detect_kind
+
+    try:
+        kind = detect_kind(run)
+    except RunError:
+        raise SumcircuitError(f"{run}: neither a reproduce study nor a finished sumcircuit output folder") from None
+    return [f"<p>A single <code>{html.escape(kind)}</code> output, not a study: only its own results are shown "
+            "and no paper claim is judged.</p>", *_single_output(run, kind)]

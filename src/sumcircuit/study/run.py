@@ -61,6 +61,19 @@ def check_disjoint_test_data(cfg: StudyConfig) -> None:
                                   "a folder with train and val files, or `eval_data` with held-out documents")
 
 
+def check_fits_model(cfg: StudyConfig, preset: StudyPreset, runtime: Runtime) -> None:
+    """Options sized by the model (circuit layers and heads), checked before the first stage rather than mid-study."""
+    from sumcircuit.models import peek_config
+
+    config = peek_config(cfg.model, trust_remote_code=runtime.trust_remote_code)
+    n_layers, n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    if preset.top_layers > n_layers:
+        raise ConfigError("top_layers", f"{preset.top_layers} is more than the {n_layers} layers of {cfg.model}")
+    if preset.top_heads > n_layers * n_heads:
+        raise ConfigError("top_heads", f"{preset.top_heads} is more than the {n_layers * n_heads} heads of "
+                                       f"{cfg.model} ({n_layers} layers x {n_heads})")
+
+
 @dataclass
 class StudyGraph:
     """The stages of one study, declared from its config, preset, seeds and runtime."""
@@ -227,6 +240,7 @@ def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume:
             raise ConfigError("arms", f"arm {arm} uses hyper-parameter group {ARMS.get(arm).hyper!r}, which the "
                                       f"preset does not have ({', '.join(preset.hyper)})")
     check_disjoint_test_data(cfg)
+    check_fits_model(cfg, preset, runtime)
     graph = StudyGraph(cfg, preset, seeds, runtime, StudyLayout(run))
     runner = StageRunner(run)
     if not resume:

@@ -12,8 +12,15 @@ from typing import Any
 
 import torch
 
-from sumcircuit.artifacts import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from sumcircuit.artifacts import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    make_public,
+    read_json,
+)
 from sumcircuit.lora import ADAPTER_META, ADAPTER_WEIGHTS
+from sumcircuit.lora_export import make_portable, unfuse_lora
 from sumcircuit.models import LoadedModel
 from sumcircuit.training.config import FinetuneError
 
@@ -39,11 +46,13 @@ def export_model(model: Any, loaded: LoadedModel, folder: Path, meta: dict[str, 
     meta = {"base_weights_sha256": loaded.weights_sha256(), "base_dtype": str(loaded.model.dtype), **meta}
     if hasattr(model, "peft_config"):
         model.save_pretrained(str(folder), safe_serialization=True)
+        make_portable(folder, loaded.adapter, base_spec(loaded))  # what plain PEFT loads
         atomic_write_json(folder / ADAPTER_META, {"base_model": base_spec(loaded), **meta})
     else:
         model.save_pretrained(str(folder), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(folder))
         atomic_write_json(folder / FINETUNE_META, {"base_model": base_spec(loaded), **meta})
+    make_public(folder)  # transformers writes weights 0600; colleagues read results on shared servers
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
@@ -126,9 +135,10 @@ def load_weights(model: Any, folder: Path) -> None:
     from safetensors.torch import load_file
 
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        result: Any = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+        saved = unfuse_lora(load_file(str(folder / ADAPTER_WEIGHTS)), get_peft_model_state_dict(model))
+        result: Any = set_peft_model_state_dict(model, saved)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
             raise FinetuneError(f"checkpoint {folder} does not fit the model: missing {missing[:3]}, "

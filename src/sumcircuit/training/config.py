@@ -111,6 +111,9 @@ class FinetuneConfig(Config):
     final: Literal["best", "last"] = option("best", help="weights in final/: best validation loss or last step",
                                             group=_OUT)
     keep_checkpoints: int = option(2, help="step checkpoints kept", bound=POSITIVE, group=_OUT)
+    log_with: str | None = option(None, help="also log the curves through Accelerate's trackers, comma-separated "
+                                             "(tensorboard, wandb, mlflow, ...; each an optional package), files "
+                                             "under OUT/trackers", group=_OUT)
 
     def check(self) -> None:
         if self.max_grad_norm == 0:  # the CLI's "0 = off"

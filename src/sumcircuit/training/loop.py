@@ -45,6 +45,7 @@ from sumcircuit.data.encoding import IGNORE_INDEX
 from sumcircuit.models import ModelLike, ensure_loaded
 from sumcircuit.provenance import provenance
 from sumcircuit.runtime import Runtime
+from sumcircuit.training import trackers
 from sumcircuit.training.batches import (
     EpochSampler,
     collate_train,
@@ -97,6 +98,9 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
             loss_sum += part.detach().double()
     if n_proc > 1:
         loss_sum = acc.reduce(loss_sum, reduction="sum")
+    if not math.isfinite(float(loss_sum)):  # every process sees the reduced loss: all stop together
+        raise FinetuneError(f"step {run.state.step + 1}: the training loss is {float(loss_sum)}; the update would "
+                            "ruin the weights (lower `lr`, or use `mixed_precision` no)")
     grad_norm = None
     if run.cfg.max_grad_norm is not None:
         grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm))
@@ -123,6 +127,8 @@ def validate(run: Run) -> dict[str, Any]:
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
                                        int(cfg.batch_size), acc.device, rank=acc.process_index,
                                        world=acc.num_processes, all_sum=dist.all_reduce_sum)
+    if not math.isfinite(val_loss):
+        raise FinetuneError(f"step {state.step}: the validation loss is {val_loss}: the model's weights are broken")
     state.last_eval_step = state.step
     improved = state.best_val_loss is None or val_loss < state.best_val_loss - cfg.min_delta
     if improved:
@@ -137,6 +143,7 @@ def validate(run: Run) -> dict[str, Any]:
               "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss}
     if run.accelerator.is_main_process:
         append_jsonl(run.out / "train_log.jsonl", record)
+    trackers.log(acc, {"val/loss": val_loss}, state.step)
     return record
 
 
@@ -191,6 +198,8 @@ def train_loop(run: Run) -> None:
                           "tokens_per_s": stats["tokens"] / elapsed}
                 if run.accelerator.is_main_process:
                     append_jsonl(run.out / "train_log.jsonl", record)
+                trackers.log(run.accelerator, {"train/loss": stats["loss"], "train/grad_norm": stats["grad_norm"],
+                                               "train/lr": record["lr"]}, state.step)
                 postfix = {"loss": f"{stats['loss']:.3f}"}
                 last = state.step >= run.total_steps
                 if state.step % run.eval_every == 0 or last:
@@ -215,7 +224,9 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=cfg.mixed_precision)
+    names = trackers.tracker_names(cfg.log_with)
+    accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=cfg.mixed_precision,
+                              log_with=names or None, project_dir=str(out / trackers.TRACKER_DIR) if names else None)
     if cfg.grad_accum % accelerator.num_processes:
         n = accelerator.num_processes
         raise FinetuneError(f"`grad_accum` {cfg.grad_accum} cannot be shared by {n} processes: the effective "

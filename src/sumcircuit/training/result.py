@@ -42,7 +42,7 @@ class FinetuneResult(Result):
     kind: ClassVar[str] = "finetune"
     main_table: ClassVar[str] = "val_curve"
     files: ClassVar[tuple[str, ...]] = ("train_summary.json", "train_log.jsonl", "tracking.csv", "final",
-                                        "checkpoints")
+                                        "checkpoints", "trackers")
     summary: dict[str, Any]
     log: list[dict[str, Any]] = field(default_factory=list)
     tracking: list[dict[str, Any]] = field(default_factory=list)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def fingerprint(weights_sha256: str, cfg: ResolvedFinetuneConfig, splits: Splits, choice: LayerChoice,
                 dtype: str) -> dict[str, Any]:
     """What must match for a resume to continue the same run: contents, never how a path is spelled."""
-    ignore = {"keep_checkpoints", "circuit"}  # the circuit enters as the layers/heads it gave
+    ignore = {"keep_checkpoints", "circuit", "log_with"}  # the circuit enters as the layers/heads it gave
     return {"model_weights_sha256": weights_sha256, "layers": choice.layers,
             "heads": [h.name for h in choice.heads or []], "n_train": len(splits.train), "n_val": len(splits.val),
             "train_sha256": splits.train_source.get("sha256"), "val_sha256": splits.val_source.get("sha256"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,30 +13,45 @@ from sumcircuit.data.config import DataConfig, coerce_data
 from sumcircuit.models import ModelLike
 from sumcircuit.outputs import remove_outputs, writes_output
 from sumcircuit.runtime import Runtime, coerce_runtime
+from sumcircuit.training import trackers
 from sumcircuit.training.checkpoint import latest_checkpoint
 from sumcircuit.training.config import FinetuneConfig, FinetuneError
 from sumcircuit.training.loop import finish, setup, track, train_loop, validate
 from sumcircuit.training.result import FinetuneResult
 from sumcircuit.training.resume import resume as resume_run
+from sumcircuit.training.state import Run
 
 
 @writes_output("finetune", "out")
-def _finetune_into(model: ModelLike, train_cfg: DataConfig, config: FinetuneConfig, out: str | Path,
-                   val_cfg: DataConfig | None, runtime: Runtime, resume: bool) -> dict[str, Any]:
-    """Train, evaluate and save one run; returns what ``train_summary.json`` holds."""
+def _finetune_into(model: ModelLike, data: DataConfig, config: FinetuneConfig, out: str | Path,
+                   val_data: DataConfig | None, runtime: Runtime, resume: bool) -> dict[str, Any]:
+    """Train, evaluate and save one run; returns what ``train_summary.json`` holds.
+
+    ``setup`` loads the model and data and checks a checkpoint found in ``out``
+    before anything there changes, so a refused run leaves a finished one as it was.
+    """
     cfg = config.resolved()
     folder = Path(out)
+    started = time.perf_counter()
+    run = setup(model, data, cfg, folder, val_data, runtime)
     if not resume:
         remove_outputs(folder, FinetuneResult.files)
     folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    run = setup(model, train_cfg, cfg, folder, val_cfg, runtime)
+    trackers.start(run.accelerator, folder, asdict(cfg))
+    try:
+        return _train(run, folder, started)
+    finally:
+        trackers.end(run.accelerator)
+
+
+def _train(run: Run, folder: Path, started: float) -> dict[str, Any]:
+    """From the start or the newest checkpoint to the final weights and summary."""
+    cfg = run.cfg
     if latest_checkpoint(folder) is not None:
         resume_run(run)
     else:
         if run.accelerator.is_main_process:  # only rank 0 writes in the folder
-            (folder / "train_log.jsonl").unlink(missing_ok=True)
-            (folder / "tracking.csv").unlink(missing_ok=True)
+            remove_outputs(folder, ("train_log.jsonl", "tracking.csv"))  # of a run that never reached a checkpoint
         t0 = time.perf_counter()
         validate(run)  # step 0: the curve starts at the untrained model
         if cfg.track_every:
