@@ -240,20 +240,27 @@ def claim_output(out: str | Path, command: str, option: str = "--out",
 
 
 @contextmanager
-def claim_file(out: str | Path, option: str = "--out") -> Iterator[Path]:
+def claim_file(out: str | Path, option: str = "--out", inputs: dict[str, Any] | None = None,
+               names: tuple[str, ...] = ()) -> Iterator[Path]:
     """Hold one output *file* (a circuit.json) for one run: its folder checked first, the file locked meanwhile.
 
     The file itself is written atomically, so it is whole or absent; the lock
     (``.NAME.lock`` beside it, which also marks the file as sumcircuit's) makes a
     second run into the same file an error naming the first one's pid. A file
-    of the same name that sumcircuit did not write is refused, never replaced.
+    of the same name that sumcircuit did not write is refused, never replaced, and
+    so is one that another command wrote (an analysis's ``heads.csv``) unless it has
+    one of the ``names`` this kind of file has (a report.html of an earlier version).
     """
     path = Path(out)
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder, expected a file")
     lock_file = path.with_name(f".{path.name}.lock")
+    if inputs:
+        check_out_against_inputs(path, inputs, option.lstrip("-"), file=True)
     if (path.exists() or path.is_symlink()) and path.name not in own_entries(path.parent, {path.name}):
         raise OutputError(f"{option} {path}: exists and sumcircuit did not write it; choose another file name")
+    if path.exists() and not lock_file.is_file() and path.name not in names:  # e.g. heads.csv of an analysis
+        raise OutputError(f"{option} {path}: is an output of another sumcircuit command; choose another file name")
     check_output_dir(path.parent, option)
     key = path.resolve()
     if key in _file_claims:
@@ -283,9 +290,10 @@ def _inputs_of(bound: inspect.BoundArguments, param: str) -> dict[str, Any]:
             if name not in (param, "self", "runtime", "rt", "resume")}
 
 
-def writes_file(param: str, target: Callable[[Any], Path]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def writes_file(param: str, target: Callable[[Any], Path], names: tuple[str, ...] = ()
+                ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function whose ``param`` names an output file (``target`` maps the argument to it)."""
-    return _claiming(param, lambda out, inputs: claim_file(target(out)))
+    return _claiming(param, lambda out, inputs: claim_file(target(out), inputs=inputs, names=names))
 
 
 def _claiming(param: str, claim: Callable[[Any, dict[str, Any]], AbstractContextManager[Path]]

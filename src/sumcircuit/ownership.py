@@ -153,12 +153,18 @@ def _paths_in(name: str, value: Any, depth: int = 0) -> Iterator[tuple[str, Path
             yield from _paths_in(name, item, depth + 1)
 
 
-def check_out_against_inputs(out: str | Path, inputs: dict[str, Any], option: str = "out") -> None:
-    """Refuse an output folder that is, lies inside, or contains one of the inputs: writing would change them."""
+def check_out_against_inputs(out: str | Path, inputs: dict[str, Any], option: str = "out", file: bool = False) -> None:
+    """Refuse an output that is, lies inside, or contains one of the inputs: writing would change them.
+
+    An output *file* (``file``) may lie inside an input folder (a circuit.json beside its analysis);
+    it must not be one of the inputs.
+    """
     target = Path(out).expanduser().resolve()
     for name, path in (p for arg, value in inputs.items() for p in _paths_in(arg, value)):
         if path == target:
             raise OutputError(f"`{option}` {out} is the input `{name}` itself; write the outputs somewhere else")
+        if file:
+            continue
         if path.is_dir() and target.is_relative_to(path):
             raise OutputError(f"`{option}` {out} lies inside the input `{name}` ({path}); write the outputs "
                               "somewhere else")

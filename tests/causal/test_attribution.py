@@ -167,3 +167,13 @@ def test_cli_attribute_joins_patching_row_by_row(tiny_model_dirs: dict[str, Path
     assert main(["circuit", "--attribution", str(tmp_path / "a"), "--out", str(out)]) == 0  # the score follows
     assert read_json(out)["score"] == "attribution"
     assert main(["circuit", "--attribution", str(tmp_path / "a"), "--score", "kl", "--out", str(out)]) == 2
+
+
+def test_attribute_warns_like_patch_when_there_is_no_gap(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(tiny_model_dirs["gpt2"])  # the same model twice: no gap, every recovery fraction is 0/0
+    assert main(["attribute", "--base", model, "--tuned", model, "--data", str(CNNDM), "--split", "val", "--n-docs",
+                 "2", "--max-tokens", "64", "--n-bootstrap", "20", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "a" / "attribution.json").read_text())
+    assert "not clearly positive" in summary["warning"] and f"warning: {summary['warning']}" in printed

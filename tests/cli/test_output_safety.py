@@ -205,3 +205,16 @@ def test_disk_full_while_saving_state_is_one_line(tiny_model_dirs: dict[str, Pat
     out = tmp_path / "an"
     cli_fails(_analyze(llama, llama, out), capsys, "no space left on the device", "accumulators.safetensors")
     assert (out / "INCOMPLETE.json").is_file() and not list(out.glob(".*.tmp"))  # visibly incomplete, no debris
+
+
+def test_circuit_out_onto_an_input_or_another_commands_file(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    llama = tiny_model_dirs["llama"]
+    out = tmp_path / "an"
+    assert run_cli(_analyze(llama, llama, out)) == 0
+    before = snapshot(out)
+    cli_fails(["circuit", "--analysis", str(out), "--top-layers", "1", "--out", str(out / "summary.json")], capsys,
+              "summary.json", "another sumcircuit command")
+    cli_fails(["circuit", "--analysis", str(out), "--top-layers", "1", "--out", str(out / "heads.csv")], capsys,
+              "heads.csv")
+    assert snapshot(out) == before

@@ -60,6 +60,7 @@ from sumcircuit.causal.patching import (
     ROW_COLUMNS,
     PatchRow,
     effect_of,
+    gap_warning,
     recovery_intervals,
 )
 from sumcircuit.config import coerce_config
@@ -395,6 +396,9 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
                  "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None},
         "run_key": key,
     }
+    warning = gap_warning(gap)
+    if warning:
+        summary["warning"] = warning
     if cfg.validate:
         t0 = time.perf_counter()
         from sumcircuit.causal.validation import validate
@@ -417,6 +421,8 @@ def report_lines(result: AttributionResult) -> list[str]:
     s = result.summary
     lines = [f"loss base {s['loss_base']:.4f}, tuned {s['loss_tuned']:.4f} (gap {s['gap']['mean']:+.4f} "
              f"[{s['gap']['ci_low']:+.4f}, {s['gap']['ci_high']:+.4f}]) over {s['n_docs']} documents"]
+    if "warning" in s:
+        lines.append(f"warning: {s['warning']}")
     for direction in s["directions"]:
         top = sorted((r for r in result.rows if r["direction"] == direction),
                      key=lambda r: -abs(float(r["effect"])))[:5]

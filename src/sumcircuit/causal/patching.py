@@ -12,7 +12,7 @@ prefix from the clean cache.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
@@ -237,10 +237,18 @@ def summarize_patching(result: PatchLosses, cfg: PatchConfig) -> dict[str, Any]:
                        "ci": f"{cfg.ci_level:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, "
                              f"seed {cfg.seed}, paired across base/tuned/patched"},
     }
-    if gap_ci["ci_low"] <= 0 <= gap_ci["ci_high"] or gap_ci["mean"] <= 0:
-        summary["warning"] = ("the base-tuned loss gap is not clearly positive (CI includes 0 or "
-                              "tuned is worse): recovery ratios are unstable and hard to interpret")
+    warning = gap_warning(gap_ci)
+    if warning:
+        summary["warning"] = warning
     return {"summary": summary, "rows": rows}
+
+
+def gap_warning(gap_ci: Mapping[str, float]) -> str | None:
+    """Every recovery fraction divides by the base-tuned gap: say so when the gap is not clearly positive."""
+    if gap_ci["ci_low"] <= 0 <= gap_ci["ci_high"] or gap_ci["mean"] <= 0:
+        return ("the base-tuned loss gap is not clearly positive (CI includes 0 or tuned is worse): recovery "
+                "ratios are unstable and hard to interpret")
+    return None
 
 
 @dataclass(repr=False)

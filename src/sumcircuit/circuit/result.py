@@ -83,7 +83,7 @@ class Circuit(Result):
 
     def save(self, out: str | Path) -> Path:
         """``circuit.json`` (``out`` is the file, or a folder to write it in)."""
-        with claim_file(circuit_file(out)) as path:
+        with claim_file(circuit_file(out), names=("circuit.json",)) as path:
             atomic_write_json(path, self.summary)
         return path
 

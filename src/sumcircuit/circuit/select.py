@@ -153,7 +153,7 @@ def _per_doc_scores(tables: AnalysisTables, score: str, counts: np.ndarray) -> t
     return layer_scores(score, heads, layers), head
 
 
-@writes_file("out", circuit_file)
+@writes_file("out", circuit_file, names=("circuit.json",))
 def select_circuit(source: str | Path | AnalysisResult | AttributionResult, config: CircuitConfig | None = None, *,
                    out: str | Path | None = None) -> Circuit:
     """Rank layers (and heads) by a score, measure the choice's bootstrap stability, write ``out`` if given.

@@ -347,7 +347,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     target = Path(out) if out else layout.report
-    with claim_file(target, "--out"):  # marks report.html as sumcircuit's, never replaces someone's file
+    with claim_file(target, "--out", names=("report.html",)):  # marks report.html as sumcircuit's, never replaces someone's file
         atomic_write_text(target, page)
     return target
 
