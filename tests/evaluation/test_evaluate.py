@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,20 @@ def test_real_smollm2_scitldr(tmp_path: Path, smollm2) -> None:  # type: ignore[
     assert result["rouge1"]["f1"] >= result["rouge2"]["f1"]
     assert result["summaries_per_s"] > 0
     assert result["provenance"]["models"][0]["spec"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("n_docs", [16, 32])
+def test_rouge_intervals_cover_at_the_sizes_studies_use(n_docs: int) -> None:
+    """evaluate's ROUGE CI is the claims' studentized interval: >= 93% coverage of the true mean at 16 and 32 docs."""
+    from sumcircuit.evaluation.rouge import aggregate
+
+    rng = np.random.default_rng(n_docs)
+    truth, hits, reps = 2 / (2 + 6), 0, 800
+    for rep in range(reps):
+        scores = rng.beta(2, 6, size=n_docs)  # bounded, skewed per-document F1, mean 0.25
+        ci = aggregate([{"rouge1": float(x), "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0} for x in scores],
+                       n_bootstrap=999, seed=rep)["rouge1"]
+        hits += ci["ci_low"] <= truth <= ci["ci_high"]
+    assert hits / reps >= 0.93, hits / reps
+    one = aggregate([{"rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.2, "rougeLsum": 0.2}])["rouge1"]
+    assert one["f1"] == 0.3 and math.isnan(one["ci_low"]) and math.isnan(one["ci_high"])  # no interval from one

@@ -32,13 +32,47 @@ def test_interval_verdicts() -> None:
     assert claims.head_share_claim(None, None, None).verdict == claims.NOT_RUN
 
 
+def _seeds(row: list[float], n: int = 3) -> np.ndarray:
+    """``row`` on ``n`` training seeds, each shifted a little (seed effects, no identical seeds)."""
+    return np.stack([np.asarray(row) + 0.003 * k for k in range(n)])
+
+
 def test_rouge_claim_uses_paired_difference() -> None:
-    better = [0.30 + 0.001 * i for i in range(50)]
-    worse = [x - 0.02 for x in better]
+    rng = np.random.default_rng(1)
+    better = _seeds([0.30 + 0.001 * i for i in range(50)])
+    worse = better - 0.02 + rng.normal(0, 0.002, better.shape)
     assert claims.rouge_claim(better, worse).verdict == claims.SUPPORTED
     assert claims.rouge_claim(worse, better).verdict == claims.CONTRADICTED
-    noisy = [x + (0.02 if i % 2 else -0.02) for i, x in enumerate(better)]
+    noisy = better + np.array([0.02 if i % 2 else -0.02 for i in range(50)])
     assert claims.rouge_claim(noisy, better).verdict == claims.INCONCLUSIVE
+
+
+def test_verdicts_never_overstate() -> None:
+    """One seed, one document, identical values or NaN: inconclusive, saying why (and what the interval reads)."""
+    rng = np.random.default_rng(2)
+    better = [0.30 + 0.001 * i for i in range(50)]
+    worse = [x - 0.02 + rng.normal(0, 0.002) for x in better]
+    one_seed = claims.rouge_claim(better, worse)  # the quick preset: documents only
+    assert (one_seed.verdict, one_seed.limited_by) == (claims.INCONCLUSIVE, "1 training seed")
+    assert "the interval alone reads supported" in one_seed.evidence and ">= 3 seeds needed" in one_seed.evidence
+    two = claims.rouge_claim(_seeds(better, 2), _seeds(worse, 2))  # 86% coverage at 2 seeds
+    assert (two.verdict, two.limited_by) == (claims.INCONCLUSIVE, "2 training seeds")
+    single_doc = claims.rouge_claim(_seeds([0.3]), _seeds([0.2]))
+    assert (single_doc.verdict, single_doc.limited_by) == (claims.INCONCLUSIVE, "1 document")
+    shifted = _seeds(better)
+    identical = claims.rouge_claim(shifted + 0.02, shifted)  # the same difference everywhere: zero width
+    assert (identical.verdict, identical.limited_by) == (claims.INCONCLUSIVE, "zero-width interval")
+    nan = claims.head_share_claim(0.6, float("nan"), float("nan"))
+    assert (nan.verdict, nan.this_run, nan.limited_by) == (claims.INCONCLUSIVE, "not computed", "not computed")
+    assert "excludes" not in nan.evidence
+
+    def run(epochs: float) -> dict[str, float]:
+        return {"epochs_to_best": epochs, "best_step": 10, "steps": 40, "stopped_early": True}
+
+    one = claims.epochs_claim([run(0.99)], [run(1.00)])  # 0.99 vs 1.00 epochs, no interval at all
+    assert (one.verdict, one.limited_by) == (claims.INCONCLUSIVE, "1 training seed")
+    same = claims.epochs_claim([run(1.0), run(1.5), run(2.0)], [run(2.0), run(2.5), run(3.0)])  # all -1.00
+    assert (same.verdict, same.limited_by) == (claims.INCONCLUSIVE, "zero-width interval")
 
 
 def test_params_and_layers_and_epochs() -> None:
@@ -51,8 +85,10 @@ def test_params_and_layers_and_epochs() -> None:
     assert other.verdict == claims.NOT_APPLICABLE and "29 (100% deep)" in other.this_run
     converged = {"epochs_to_best": 1.0, "best_step": 10, "steps": 30}
     slower = {"epochs_to_best": 2.0, "best_step": 20, "steps": 30}
-    assert claims.epochs_claim(converged, slower).verdict == claims.SUPPORTED
-    assert claims.epochs_claim(slower, converged).verdict == claims.CONTRADICTED
+    three = [dict(converged, epochs_to_best=e) for e in (1.0, 1.1, 0.9)]
+    assert claims.epochs_claim(three, [slower, dict(slower, epochs_to_best=2.2), slower]).verdict == claims.SUPPORTED
+    assert claims.epochs_claim([slower, dict(slower, epochs_to_best=2.2), slower], three).verdict == \
+        claims.CONTRADICTED
     at_end = {"epochs_to_best": 1.0, "best_step": 30, "steps": 30}
     assert claims.epochs_claim(at_end, slower).verdict == claims.INCONCLUSIVE
 
@@ -76,15 +112,15 @@ def test_claims_over_seeds_and_documents() -> None:
     rng = np.random.default_rng(0)
     docs = rng.gamma(2.0, 0.05, size=16) + 0.2
     lora_all = np.stack([docs + rng.normal(0, 0.005, 16) for _ in range(3)])
-    consistent = lora_all + 0.02  # better on every seed
+    consistent = lora_all + 0.02 + rng.normal(0, 0.003, lora_all.shape)  # better on every seed and document
     result = claims.rouge_claim(consistent, lora_all)
     assert result.verdict == claims.SUPPORTED and "n = 16 documents x 3 training seeds" in result.evidence
-    # one seed much better, two worse: a single-seed comparison would call it, three seeds do not
-    seed_luck = lora_all + np.array([[0.06], [-0.01], [-0.01]])
-    assert claims.rouge_claim(seed_luck[:1], lora_all[:1]).verdict == claims.SUPPORTED
+    # one seed much better, two worse: a single-seed interval would call it, three seeds do not
+    seed_luck = lora_all + np.array([[0.06], [-0.01], [-0.01]]) + rng.normal(0, 0.003, lora_all.shape)
+    assert "the interval alone reads supported" in claims.rouge_claim(seed_luck[:1], lora_all[:1]).evidence
     assert claims.rouge_claim(seed_luck, lora_all).verdict == claims.INCONCLUSIVE
 
-    randoms = [lora_all + shift for shift in (-0.01, 0.0, 0.01, 0.03, 0.04)]
+    randoms = [lora_all + shift + rng.normal(0, 0.002, lora_all.shape) for shift in (-0.01, 0.0, 0.01, 0.03, 0.04)]
     placed = claims.random_control_claim(consistent, randoms, note="parameter-matched: yes")
     assert "beats 3 of 5" in placed.this_run and "mean of 5 random sets" in placed.this_run
     assert placed.verdict == claims.SUPPORTED and placed.evidence.endswith("parameter-matched: yes")  # +0.008 everywhere

@@ -96,7 +96,10 @@ def test_report_sections_and_escaping(tmp_path: Path) -> None:
     verdicts = {c.claim: c.verdict for c in evaluate_claims(run)}
     assert verdicts["62% of heads become more focused (lower attention entropy) after fine-tuning"] == \
         "inconclusive"  # CI 41%-75% straddles 50%
-    assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "supported"  # 0.25 vs 0.20 everywhere
+    # 0.25 vs 0.20 on every document of one seed: identical differences, one seed: no evidence either way
+    assert verdicts["Targeted LoRA beats LoRA on all layers on ROUGE-1"] == "inconclusive"
+    assert "Verdicts limited by the sample:</b> Targeted LoRA beats LoRA on all layers on ROUGE-1: 1 document" \
+        not in page and "inconclusive (zero-width interval)" in page
     assert verdicts["Targeted LoRA trains 75% fewer parameters than LoRA on all layers"] == \
         "contradicted"  # 6000 vs 8000 is 25% fewer
     assert verdicts["The most-changed layers (by attention KL) are 2, 3 and 5"] == "not applicable"  # 4 layers

@@ -135,7 +135,7 @@ def _summarize(records: Sequence[dict[str, Any]], cfg: EvaluationConfig, eos_ids
             "lsum_sentences": "sumcircuit.evaluation.split_sentences (newlines, then .!? before a "
                               "capital or digit, except abbreviations), same for predictions and references",
             "multi_reference": "best reference per metric (RougeScorer.score_multi: max F1)",
-            "ci": {"method": "percentile bootstrap over documents", "n_bootstrap": cfg.n_bootstrap,
+            "ci": {"method": "studentized (bootstrap-t) over documents, as the claims", "n_bootstrap": cfg.n_bootstrap,
                    "ci_level": cfg.ci_level, "seed": cfg.seed}},
     })
     return result

@@ -197,12 +197,17 @@ def example_rows(run: Path, names: Sequence[str], n: int = 3) -> list[list[Any]]
 
 
 def claims_table(results: Sequence[claims.ClaimResult]) -> str:
-    """The claims as an HTML table, verdicts coloured."""
+    """The claims as an HTML table, verdicts coloured; verdicts held back by seeds or documents listed above it."""
     rows = "".join(
         f"<tr><td>{html.escape(r.claim)}</td><td>{html.escape(r.paper)}</td><td>{html.escape(r.this_run)}</td>"
-        f'<td class="{r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}</td>'
+        f'<td class="{r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}'
+        + (f" ({html.escape(r.limited_by)})" if r.limited_by else "") + "</td>"
         f"<td>{html.escape(r.evidence)}</td></tr>" for r in results)
-    return ("<table><thead><tr><th>paper claim</th><th>paper</th><th>this run</th><th>verdict</th>"
+    limited = [r for r in results if r.limited_by]
+    note = ("<p class='banner'><b>Verdicts limited by the sample:</b> " + "; ".join(
+        f"{html.escape(r.claim)}: {html.escape(r.limited_by)}" for r in limited)
+        + f". Seed-level verdicts need at least {claims.MIN_SEEDS} training seeds.</p>") if limited else ""
+    return (note + "<table><thead><tr><th>paper claim</th><th>paper</th><th>this run</th><th>verdict</th>"
             f"<th>evidence</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
