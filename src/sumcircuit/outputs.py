@@ -75,6 +75,7 @@ class _Claim:
     created: list[Path] = field(default_factory=list)  # folders the claim made, deepest last
     fd: int | None = None
     lock_created: bool = False
+    lock_before: bytes = b""  # what an existing lock file said (the last holder's pid), restored by a refused run
     written: bool = False
     depth: int = 1
 
@@ -176,10 +177,20 @@ def _write_ledger(claim: _Claim) -> None:
                                         "written": written})
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()[:4096]
+    except OSError:
+        return b""
+
+
 def _undo(claim: _Claim) -> None:
     """A run that wrote nothing leaves nothing: its lock file and the folders it created go."""
     if claim.lock_created:
         (claim.folder / LOCK_FILE).unlink(missing_ok=True)
+    elif claim.fd is not None:  # the lock file was there: its words too
+        os.ftruncate(claim.fd, 0)
+        os.pwrite(claim.fd, claim.lock_before, 0)
     for folder in reversed(claim.created):
         try:
             folder.rmdir()  # only if empty: something another process put there stays
@@ -209,7 +220,8 @@ def claim_output(out: str | Path, command: str, option: str = "--out",
         _check_command(path, command, option)
     created = _make_dirs(path, option)
     lock_created = not (path / LOCK_FILE).exists()
-    claim = _Claim(key, command, before=[], created=created, lock_created=lock_created)
+    claim = _Claim(key, command, before=[], created=created, lock_created=lock_created,
+                   lock_before=b"" if lock_created else _read_bytes(path / LOCK_FILE))
     try:
         claim.fd = take_lock(path, option)
     except BaseException:

@@ -177,3 +177,52 @@ def test_attribute_warns_like_patch_when_there_is_no_gap(tiny_model_dirs: dict[s
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "a" / "attribution.json").read_text())
     assert "not clearly positive" in summary["warning"] and f"warning: {summary['warning']}" in printed
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_blocks_are_patched_exactly_by_default(family: str, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Block rows of `attribute` equal `patch`'s exact rows; the estimates stay in attribution.json for comparison."""
+    import sumcircuit as sc
+
+    base = load_model(str(tiny_model_dirs[family]))
+    tuned = _tuned(load_model(str(tiny_model_dirs[family])), 0.08)
+    data = sc.DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=64)
+    attr = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="layer", n_bootstrap=50))
+    exact = sc.patch(base, tuned, data, sc.PatchConfig(granularity="layer", include_all=False, n_bootstrap=50))
+    got = {(r["direction"], r["component"]): r for r in attr.rows}
+    for row in exact.rows:
+        mine = got[(row["direction"], row["component"])]
+        for column in ("loss_patched", "recovery", "effect", "recovery_ci_low", "recovery_ci_high"):
+            assert float(mine[column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-9), column
+    blocks = attr.summary["blocks"]
+    assert blocks["method"] == "exact" and blocks["sites"] == 2 * base.adapter.n_layers
+    assert blocks["exact_effect"]["denoise"]["L0.attn"] == pytest.approx(got[("denoise", "L0.attn")]["effect"])
+    linear = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="layer", n_bootstrap=50,
+                                                                   blocks="estimate"))
+    estimated = {(r["direction"], r["component"]): r["effect"] for r in linear.rows}
+    assert blocks["estimated_effect"]["noise"]["L1.mlp"] == pytest.approx(estimated[("noise", "L1.mlp")])
+    assert attr.summary["cost"]["exact_blocks"]["forwards"] > 0 and linear.summary["blocks"] == {"method": "estimate"}
+
+
+def test_a_block_whose_linear_estimate_has_the_wrong_sign(tiny_model_dirs: dict[str, Path]) -> None:
+    """Regression: a pair where the first-order estimate of a block has the other sign than exact patching.
+
+    `attribute` reports the exact value (and records the estimate and the sign error); with
+    blocks="estimate" the wrong sign is what a user would have got.
+    """
+    import sumcircuit as sc
+
+    base = load_model(str(tiny_model_dirs["llama"]))
+    tuned = _tuned(load_model(str(tiny_model_dirs["llama"])), 2.0, seed=1)
+    data = sc.DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=64)
+    attr = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="layer", n_bootstrap=20))
+    wrong = [(d, name) for d, names in attr.summary["blocks"]["estimate_sign_wrong"].items() for name in names]
+    assert wrong, "this pair no longer has a block estimated with the wrong sign"
+    exact = {(r["direction"], r["component"]): r["effect"]
+             for r in sc.patch(base, tuned, data, sc.PatchConfig(include_all=False, n_bootstrap=20)).rows}
+    estimated = {(r["direction"], r["component"]): r["effect"] for r in sc.attribute(
+        base, tuned, data, sc.AttributionConfig(granularity="layer", n_bootstrap=20, blocks="estimate")).rows}
+    reported = {(r["direction"], r["component"]): r["effect"] for r in attr.rows}
+    for key in wrong:
+        assert estimated[key] * exact[key] < 0  # the linear estimate: the other sign
+        assert reported[key] == pytest.approx(exact[key], rel=1e-6)  # what attribute reports now

@@ -133,6 +133,8 @@ def test_refused_rerun_leaves_a_finished_folder_as_it_was(tiny_model_dirs: dict[
     patch_argv = ["patch", "--base", str(llama), "--tuned", str(tuned / "final"), "--data", TRAIN, "--n-docs", "2",
                   "--max-tokens", "64", "--n-bootstrap", "10", "--no-progress", "--out", str(patch)]
     assert run_cli(patch_argv) == 0
+    for folder in (tuned, patch):  # as an earlier process left them: its pid in the lock file
+        (folder / ".sumcircuit.lock").write_text("4242\n")
     finished = {tuned: snapshot(tuned), patch: snapshot(patch)}
     cli_fails(_finetune(llama, tuned, "--rank", "4"), capsys, "different run", "config.rank")  # another config
     cli_fails([*patch_argv[:2], str(tmp_path / "missing"), *patch_argv[3:]], capsys, "missing")

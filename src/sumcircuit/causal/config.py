@@ -14,6 +14,7 @@ DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 Granularity = Literal["layer", "head", "block"]
 AttributionGranularity = Literal["layer", "head", "neuron", "all"]
 AttributionMethod = Literal["linear", "ig"]
+BlockMethod = Literal["exact", "estimate"]
 AblationMode = Literal["zero", "mean"]
 LayerPart = Literal["attn", "mlp", "both"]
 ControlPool = Literal["all", "complement"]
@@ -91,6 +92,9 @@ class AttributionConfig(Config):
     method: AttributionMethod = option("linear", help="linear: first order; ig: gradient averaged along the "
                                                       "weight path")
     ig_steps: int = option(5, help="K for --method ig (K = 1 is the linear estimate)", bound=POSITIVE)
+    blocks: BlockMethod = option("exact", help="attention/MLP blocks: exact: patched (2 blocks x directions forwards "
+                                               "per layer and batch; a first-order estimate of a whole block can have "
+                                               "the wrong sign); estimate: like heads and neurons")
     validate: int = option(0, help="exact patching of the top-K and K random components per direction and kind",
                            bound=NON_NEGATIVE, metavar="K")
     batch_size: int = option(4, help="documents per forward pass", bound=POSITIVE)
