@@ -237,3 +237,17 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
         elif path.is_dir():
             found[str(path.relative_to(folder)) + "/"] = (path.stat().st_mode & 0o777, "")
     return found
+
+
+def perturbed(base, scale: float, seed: int = 1):  # type: ignore[no-untyped-def]
+    """A stand-in for a fine-tune of a LoadedModel: decoder-layer weights moved by ``scale`` x a random direction."""
+    import copy
+
+    tuned = copy.copy(base)
+    tuned.model = copy.deepcopy(base.model)
+    tuned._weights_sha256 = None
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.adapter.layers(tuned.model).parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.detach().abs().mean().clamp_min(1e-3))
+    return tuned

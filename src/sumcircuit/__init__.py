@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "PatchResult": "sumcircuit.causal.patching",
     "attribute": "sumcircuit.causal.attribution", "AttributionConfig": "sumcircuit.causal.config",
     "AttributionResult": "sumcircuit.causal.attribution",
+    "faithfulness": "sumcircuit.causal.faithfulness", "FaithfulnessConfig": "sumcircuit.causal.config",
+    "FaithfulnessResult": "sumcircuit.causal.faithfulness",
     "run_causal": "sumcircuit.causal.registry",
     "trace": "sumcircuit.hooks", "run_with_cache": "sumcircuit.hooks", "TraceConfig": "sumcircuit.hooks",
     "TraceResult": "sumcircuit.hooks", "HookContext": "sumcircuit.hooks",
@@ -70,7 +72,8 @@ __all__ = ["__version__", "load_model", "LoadedModel", "load_adapter", "DataConf
            "AnalysisResult", "finetune", "FinetuneConfig", "FinetuneResult", "evaluate", "GenerationConfig",
            "EvaluationConfig", "EvaluationResult", "select_circuit", "CircuitConfig", "read_circuit", "Circuit",
            "ablate", "AblationConfig", "AblationResult", "patch", "PatchConfig", "PatchResult", "attribute",
-           "AttributionConfig", "AttributionResult", "run_causal", "trace", "run_with_cache", "TraceConfig",
+           "AttributionConfig", "AttributionResult", "faithfulness", "FaithfulnessConfig", "FaithfulnessResult",
+           "run_causal", "trace", "run_with_cache", "TraceConfig",
            "TraceResult", "HookContext", "run_study", "StudyConfig", "StudyPreset", "StudyResult", "load_run",
            "Result", "register_finetune_method", "FinetuneMethod", "register_causal_method", "CausalMethod",
            "register_circuit_score", "CircuitScore", "register_claim", "register_arm", "Arm",
@@ -90,7 +93,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from sumcircuit.analysis.run import analyze
     from sumcircuit.causal.ablation import AblationResult, ablate
     from sumcircuit.causal.attribution import AttributionResult, attribute
-    from sumcircuit.causal.config import AblationConfig, AttributionConfig, PatchConfig
+    from sumcircuit.causal.config import AblationConfig, AttributionConfig, FaithfulnessConfig, PatchConfig
+    from sumcircuit.causal.faithfulness import FaithfulnessResult, faithfulness
     from sumcircuit.causal.patching import PatchResult, patch
     from sumcircuit.causal.registry import CausalMethod, register_causal_method, run_causal
     from sumcircuit.circuit.config import CircuitConfig, CircuitScore, register_circuit_score

@@ -221,6 +221,35 @@ def patching_figure(rows: Sequence[Mapping[str, Any]], *, granularity: str, n_la
     return fig
 
 
+def faithfulness_figure(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> Figure:
+    """Effect of patching each circuit's first k layers, k = 1..K, with its band; random sets in grey."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    curves: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        curves.setdefault(str(r["curve"]), []).append(r)
+    random_label = "random layer sets"
+    for name, points in curves.items():
+        points = sorted(points, key=lambda r: int(r["k"]))
+        ks = [int(r["k"]) for r in points]
+        effects = [float(r["effect"]) for r in points]
+        if points[0]["kind"] == "random":
+            ax.plot(ks, effects, color="grey", lw=0.7, alpha=0.6, label=random_label)
+            random_label = "_nolegend_"
+            continue
+        area = (summary.get("auc") or {}).get(name) or {}
+        line = ax.plot(ks, effects, marker="o", lw=1.6, label=f"{name}: area {area.get('auc', float('nan')):.2f}")[0]
+        ax.fill_between(ks, [float(r["effect_ci_low"]) for r in points], [float(r["effect_ci_high"]) for r in points],
+                        color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.axhline(1, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("layers patched together (k, in the circuit's order)")
+    ax.set_ylabel("recovery of the loss gap" if summary.get("direction") == "denoise" else "share of the gap lost")
+    ax.set_title(f"faithfulness ({summary.get('direction')}), 95% bands over documents", fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def ablation_figure(rows: Sequence[Mapping[str, Any]], *, title: str) -> Figure:
     """The circuit's effect (with CI) against the histogram of random same-size sets."""
     circuit = next(r for r in rows if r["set"] == "circuit")

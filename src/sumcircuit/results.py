@@ -194,6 +194,7 @@ for _name, _marker, _cls in (
         ("ablation", "ablation.json", "sumcircuit.causal.ablation:AblationResult"),
         ("patching", "patching.json", "sumcircuit.causal.patching:PatchResult"),
         ("attribution", "attribution.json", "sumcircuit.causal.attribution:AttributionResult"),
+        ("faithfulness", "faithfulness.json", "sumcircuit.causal.faithfulness:FaithfulnessResult"),
         ("trace", "trace.json", "sumcircuit.hooks:TraceResult"),
         ("circuit", "circuit.json", "sumcircuit.circuit.result:Circuit")):
     register_result_kind(_name, _marker, _cls)

@@ -40,9 +40,13 @@ def results(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathF
     tuned = sc.finetune(model, train, sc.FinetuneConfig(method="full", max_steps=2, batch_size=2, lr=1e-3),
                         runtime=quiet, out=root / "ft")
     analysis = sc.analyze(model, tuned, data, sc.AnalysisConfig(n_bootstrap=20), runtime=quiet)
+    circuit = sc.select_circuit(analysis, sc.CircuitConfig(top_layers=2, top_heads=2, n_bootstrap=20),
+                                out=root / "circuit.json")
     return {
         "finetune": tuned, "analysis": analysis,
-        "circuit": sc.select_circuit(analysis, sc.CircuitConfig(top_layers=2, top_heads=2, n_bootstrap=20)),
+        "circuit": circuit,
+        "faithfulness": sc.faithfulness(model, tuned, data, sc.FaithfulnessConfig(
+            circuits=(str(root / "circuit.json"),), random_circuits=2, n_bootstrap=20), runtime=quiet),
         "evaluation": sc.evaluate(tuned, data, sc.GenerationConfig(max_new_tokens=4), runtime=quiet),
         "patching": sc.patch(model, tuned, data, sc.PatchConfig(n_bootstrap=20), runtime=quiet),
         "attribution": sc.attribute(model, tuned, data, sc.AttributionConfig(n_bootstrap=20), runtime=quiet),

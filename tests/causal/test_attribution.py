@@ -20,7 +20,7 @@ from sumcircuit.cli import main
 from sumcircuit.data import DataConfig
 from sumcircuit.models import LoadedModel, load_model
 
-from helpers import CNNDM
+from helpers import CNNDM, cli_fails
 
 FAMILIES = ["gpt2", "llama", "gemma3"]
 
@@ -132,7 +132,8 @@ def test_cli_attribute_joins_patching_row_by_row(tiny_model_dirs: dict[str, Path
     loaded.tokenizer.save_pretrained(tuned_dir)
     common = ["--base", base, "--tuned", str(tuned_dir), "--data", str(CNNDM), "--split", "val", "--n-docs", "4",
               "--max-tokens", "80", "--n-bootstrap", "50"]
-    assert main(["attribute", *common, "--granularity", "all", "--validate", "3", "--out", str(tmp_path / "a")]) == 0
+    assert main(["attribute", *common, "--granularity", "all", "--validate", "3", "--confirm", "6",
+                 "--out", str(tmp_path / "a")]) == 0
     assert "validation denoise.attn" in capsys.readouterr().out
     assert main(["patch", *common, "--granularity", "head", "--out", str(tmp_path / "p")]) == 0
     with open(tmp_path / "a" / "attribution.csv") as fh:
@@ -159,9 +160,16 @@ def test_cli_attribute_joins_patching_row_by_row(tiny_model_dirs: dict[str, Path
     effects = again.effects("denoise")
     by_layer = sorted(range(3), key=lambda l: -(abs(effects[f"L{l}.attn"]) + abs(effects[f"L{l}.mlp"])))
     assert circuit.layers == sorted(by_layer[:2]) and len(circuit.heads) == 3
-    heads = [r["component"] for r in attribution if r["direction"] == "denoise" and r["kind"] == "attn_head"]
-    best = sorted(heads, key=lambda h: -abs(effects[h]))[:3]
+    confirmed = again.summary["confirmed"]
+    exact_heads = confirmed["exact_effect"]["denoise"]
+    assert len(exact_heads) >= 6 and confirmed["k"] == 6
+    best = sorted(exact_heads, key=lambda h: -abs(exact_heads[h]))[:3]  # by exact effect, among the confirmed
     assert [h.name for h in circuit.heads] == sorted(best, key=lambda h: sc.Site.parse(h))
+    for name, pair in circuit.summary["head_effects"].items():  # every pick: its estimate and its exact value
+        assert pair["exact"] == pytest.approx(exact_heads[name]) and effects[name] == pytest.approx(pair["exact"])
+        assert pair["estimate"] == pytest.approx(confirmed["estimated_effect"]["denoise"][name])
+    cli_fails(["circuit", "--attribution", str(tmp_path / "a"), "--top-layers", "2", "--top-heads", "4", "--out",
+               str(tmp_path / "c4.json")], capsys, "--top-heads 4", "rerun `sumcircuit attribute --confirm 8`")
     assert all(0 <= v <= 1 for v in circuit.summary["stability"].values())
     assert all(0 <= v <= 1 for v in circuit.summary["head_stability"].values())
     assert main(["circuit", "--attribution", str(tmp_path / "a"), "--out", str(out)]) == 0  # the score follows
@@ -201,7 +209,7 @@ def test_blocks_are_patched_exactly_by_default(family: str, tiny_model_dirs: dic
                                                                    blocks="estimate"))
     estimated = {(r["direction"], r["component"]): r["effect"] for r in linear.rows}
     assert blocks["estimated_effect"]["noise"]["L1.mlp"] == pytest.approx(estimated[("noise", "L1.mlp")])
-    assert attr.summary["cost"]["exact_blocks"]["forwards"] > 0 and linear.summary["blocks"] == {"method": "estimate"}
+    assert attr.summary["cost"]["exact_patching"]["forwards"] > 0 and linear.summary["blocks"] == {"method": "estimate"}
 
 
 def test_a_block_whose_linear_estimate_has_the_wrong_sign(tiny_model_dirs: dict[str, Path]) -> None:

@@ -28,8 +28,8 @@ def scale_mlp() -> Iterator[None]:
 
 
 def test_builtin_methods_are_registered() -> None:
-    assert CAUSAL_METHODS.names() == ("ablate", "patch", "attribute")
-    assert commands()[6:9] == ("ablate", "patch", "attribute")
+    assert CAUSAL_METHODS.names() == ("ablate", "patch", "attribute", "faithfulness")
+    assert commands()[6:10] == ("ablate", "patch", "attribute", "faithfulness")
 
 
 def test_a_registered_method_is_an_api_call_and_a_command(scale_mlp: None, tiny_model_dirs: dict[str, Path],

@@ -30,7 +30,8 @@ def test_stage_key_depends_on_config_and_upstream() -> None:
 
 
 def _stages(seeds: tuple[int, ...], n_random: int) -> set[str]:
-    names = {"zeroshot/eval", "analysis", "circuit", "attribution", "circuit_attribution", "ablate", "patch"}
+    names = {"zeroshot/eval", "analysis", "circuit", "attribution", "circuit_attribution", "ablate", "patch",
+             "faithfulness"}
     for seed in seeds:
         for method in ("full", "lora_all", "targeted", "targeted_attribution",
                        *(f"random{k}" for k in range(1, n_random + 1))):
@@ -116,7 +117,7 @@ def _check_load_run(run: Path, tmp_path: Path) -> None:
     study = sc.load_run(run)
     assert isinstance(study, sc.StudyResult)
     claims = study.to_pandas()
-    assert len(claims) == 8 and {"claim", "verdict"} <= set(claims.columns)
+    assert len(claims) == 9 and {"claim", "verdict"} <= set(claims.columns)
     cause = claims[claims["claim"].str.contains("by cause")].iloc[0]
     assert "attribution layers" in cause["this_run"] and "n = 3 documents x 2 training seeds" in cause["evidence"]
     kinds = {"analysis": sc.AnalysisResult, "full_s1": sc.FinetuneResult, "full_s1/eval": sc.EvaluationResult,

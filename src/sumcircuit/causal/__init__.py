@@ -1,6 +1,6 @@
-"""Causal tests: ablation, activation patching and attribution, all on :class:`~sumcircuit.sites.Site` s.
+"""Causal tests: ablation, activation patching, attribution and faithfulness curves, on :class:`~sumcircuit.sites.Site` s.
 
-``config`` (the three configs; no torch), ``registry`` (causal methods by
+``config`` (the configs; no torch), ``registry`` (causal methods by
 name: :func:`register_causal_method`, :func:`run_causal`), ``inputs`` (what
 every method does first), ``interventions`` (read and edit activations
 through the adapter table, the loss, batching), and one module per method.
@@ -17,6 +17,7 @@ from sumcircuit.causal.config import (
     AttributionConfig,
     CausalError,
     Direction,
+    FaithfulnessConfig,
     PatchConfig,
 )
 from sumcircuit.causal.registry import CAUSAL_METHODS, CausalMethod, register_causal_method, run_causal
@@ -24,11 +25,12 @@ from sumcircuit.lazy import lazy_getattr
 
 _LAZY = {"AblationResult": "ablation", "ablate": "ablation", "AttributionResult": "attribution",
          "attribute": "attribution", "PatchResult": "patching", "patch": "patching", "GRANULARITIES": "patching",
-         "Interventions": "interventions"}
+         "Interventions": "interventions", "FaithfulnessResult": "faithfulness"}
 
 __all__ = ["CAUSAL_METHODS", "DIRECTIONS", "AblationConfig", "AttributionConfig", "CausalError", "CausalMethod",
            "Direction", "PatchConfig", "register_causal_method", "run_causal", "AblationResult", "ablate",
-           "AttributionResult", "attribute", "PatchResult", "patch", "GRANULARITIES", "Interventions"]
+           "AttributionResult", "attribute", "PatchResult", "patch", "GRANULARITIES", "Interventions",
+           "FaithfulnessConfig", "FaithfulnessResult"]
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY, globals())
@@ -37,5 +39,6 @@ __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 if TYPE_CHECKING:
     from sumcircuit.causal.ablation import AblationResult, ablate
     from sumcircuit.causal.attribution import AttributionResult, attribute
+    from sumcircuit.causal.faithfulness import FaithfulnessResult
     from sumcircuit.causal.interventions import Interventions
     from sumcircuit.causal.patching import GRANULARITIES, PatchResult, patch

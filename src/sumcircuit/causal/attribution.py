@@ -258,42 +258,74 @@ def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
 
 
 BLOCK_KINDS = ("attn", "mlp")
+Target = tuple[Activation, int, Site]  # (activation key, column of its delta table, the site)
 
 
-def exact_blocks(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: AttributionConfig,
-                 result: AttributionLosses, *, progress: bool = True) -> dict[str, Any]:
-    """Patch every attention/MLP block exactly and put the exact per-document deltas into ``result``.
-
-    A model has only two such sites per layer, and the first-order estimate of
-    a whole block is where attribution fails (on a real pair, L29.mlp estimated
-    -3.0 where exact patching gives +0.8). Returns what ``attribution.json``
-    records: the method, the cost, each block's estimated and exact effect and
-    the blocks whose estimate had the wrong sign; {} when nothing is patched.
-    """
+def _block_targets(result: AttributionLosses, cfg: AttributionConfig) -> list[Target]:
+    """Every attention/MLP block (two per layer): where a first-order estimate fails (L29.mlp on a real
+    pair: estimated -3.0, exact +0.8), so they are patched exactly unless asked not to."""
     keys = sorted({k for per in result.deltas.values() for k in per if k[0] in BLOCK_KINDS}, key=lambda k: (k[1], k[0]))
-    if cfg.blocks != "exact" or not keys:
+    return [(k, 0, Site(k[1], k[0])) for k in keys] if cfg.blocks == "exact" else []  # type: ignore[arg-type]
+
+
+def _head_targets(rows: Sequence[PatchRow], result: AttributionLosses, cfg: AttributionConfig) -> list[Target]:
+    """The ``confirm`` heads of largest estimated |effect| in each direction (their union): the candidates a
+    circuit by cause chooses among, once their exact values are known."""
+    if not cfg.confirm:
+        return []
+    chosen: dict[str, Site] = {}
+    for direction in cfg.directions:
+        heads = sorted((r for r in rows if r["direction"] == direction and r["kind"] == "attn_head"
+                        and math.isfinite(float(r["effect"]))), key=lambda r: -abs(float(r["effect"])))
+        for r in heads[:cfg.confirm]:
+            chosen[str(r["component"])] = Site(int(r["layer"]), "attn_head", int(r["head"]))
+    return [(("attn_heads", site.layer), int(site.index or 0), site) for site in chosen.values()]
+
+
+def patch_exactly(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: AttributionConfig,
+                  result: AttributionLosses, estimate_rows: Sequence[PatchRow], *,
+                  progress: bool = True) -> dict[str, Any]:
+    """Exact patching of the blocks and of the top ``confirm`` heads; their exact per-document deltas replace
+    the estimates in ``result`` (one patching pass shares the clean runs).
+
+    Returns what ``attribution.json`` records under ``blocks`` and ``confirmed``:
+    each site's estimated and exact effect, those whose estimate had the wrong
+    sign, and the cost; {} when nothing is patched.
+    """
+    blocks, heads = _block_targets(result, cfg), _head_targets(estimate_rows, result, cfg)
+    targets = blocks + heads
+    if not targets:
         return {}
     from sumcircuit.causal.config import PatchConfig
 
-    sites = [Site(layer, kind) for kind, layer in keys]  # type: ignore[arg-type]
     exact = patch_losses(base, tuned, encoded, PatchConfig(directions=cfg.directions, include_all=False,
                                                            batch_size=cfg.batch_size, seed=cfg.seed),
-                         sites, progress=progress)
+                         [site for *_, site in targets], progress=progress)
     gap = result.base.mean() - result.tuned.mean()
-    estimates: dict[str, dict[str, float]] = {}
+    estimated: dict[str, dict[str, float]] = {}
     exacts: dict[str, dict[str, float]] = {}
     for direction, per_key in result.deltas.items():
         recv = result.base if RECEIVER[direction] == "base" else result.tuned
-        for key, site in zip(keys, sites):
+        for key, column, site in targets:
             exact_delta = exact.patched[(direction, site.name)] - recv
-            for table, delta in ((estimates, per_key[key][:, 0]), (exacts, exact_delta)):
+            for table, delta in ((estimated, per_key[key][:, column]), (exacts, exact_delta)):
                 rec = float((result.base.mean() - recv.mean() - delta.mean()) / gap) if gap != 0 else math.nan
                 table.setdefault(direction, {})[site.name] = effect_of(direction, rec)
-            per_key[key] = exact_delta[:, None]
-    wrong = {d: sorted(n for n, e in exacts[d].items() if e * estimates[d][n] < 0) for d in exacts}
-    return {"method": "exact", "sites": len(sites), "estimated_effect": estimates, "exact_effect": exacts,
-            "estimate_sign_wrong": wrong, "wall_s": exact.wall_s,
-            "cost": exact.cost.summary(base.adapter.n_layers)}
+            per_key[key][:, column] = exact_delta
+
+    def record(group: list[Target]) -> dict[str, Any]:
+        names = {site.name for *_, site in group}
+        est = {d: {n: e for n, e in v.items() if n in names} for d, v in estimated.items()}
+        ex = {d: {n: e for n, e in v.items() if n in names} for d, v in exacts.items()}
+        return {"sites": len(group), "estimated_effect": est, "exact_effect": ex,
+                "estimate_sign_wrong": {d: sorted(n for n, e in ex[d].items() if e * est[d][n] < 0) for d in ex}}
+
+    out: dict[str, Any] = {"cost": {**exact.cost.summary(base.adapter.n_layers), "wall_s": exact.wall_s}}
+    if blocks:
+        out["blocks"] = {"method": "exact", **record(blocks)}
+    if heads:
+        out["confirmed"] = {"k": cfg.confirm, **record(heads)}
+    return out
 
 
 # ---------------------------------------------------------------- result
@@ -410,9 +442,9 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
     if (done := finished(AttributionResult, out, key, resume)) is not None:
         return done
     result = attribution_losses(base_m, tuned_m, encoded, cfg, progress=rt.progress)
-    estimate_rows, _ = attribution_rows(result, cfg)  # what validation checks (blocks as estimated)
-    blocks = exact_blocks(base_m, tuned_m, encoded, cfg, result, progress=rt.progress)
-    rows, neurons = attribution_rows(result, cfg) if blocks else (estimate_rows, _)
+    estimate_rows, neurons = attribution_rows(result, cfg)  # what validation checks: every site as estimated
+    exact = patch_exactly(base_m, tuned_m, encoded, cfg, result, estimate_rows, progress=rt.progress)
+    rows = attribution_rows(result, cfg)[0] if exact else estimate_rows
     adapter = base_m.adapter
     gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci_level)
     summary: dict[str, Any] = {
@@ -437,10 +469,12 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
         "cost": {**result.cost.summary(adapter.n_layers), "wall_s": result.wall_s,
                  "docs_per_s": len(encoded) / result.wall_s if result.wall_s else None},
         "run_key": key,
-        "blocks": blocks or {"method": "estimate"},
+        "blocks": exact.get("blocks") or {"method": "estimate"},
     }
-    if blocks:
-        summary["cost"]["exact_blocks"] = blocks["cost"]
+    if "confirmed" in exact:
+        summary["confirmed"] = exact["confirmed"]
+    if exact:
+        summary["cost"]["exact_patching"] = exact["cost"]
     warning = gap_warning(gap)
     if warning:
         summary["warning"] = warning

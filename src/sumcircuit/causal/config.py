@@ -1,4 +1,5 @@
-"""What each causal test takes: :class:`AblationConfig`, :class:`PatchConfig`, :class:`AttributionConfig` (no torch)."""
+"""What each causal test takes: :class:`AblationConfig`, :class:`PatchConfig`, :class:`AttributionConfig`,
+:class:`FaithfulnessConfig` (no torch)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,9 @@ class AttributionConfig(Config):
     blocks: BlockMethod = option("exact", help="attention/MLP blocks: exact: patched (2 blocks x directions forwards "
                                                "per layer and batch; a first-order estimate of a whole block can have "
                                                "the wrong sign); estimate: like heads and neurons")
+    confirm: int = option(0, help="exact patching of the K heads of largest estimated |effect| per direction: the "
+                                  "candidates `circuit --score attribution` chooses heads among (it needs K >= 2 x "
+                                  "--top-heads)", bound=NON_NEGATIVE, metavar="K")
     validate: int = option(0, help="exact patching of the top-K and K random components per direction and kind",
                            bound=NON_NEGATIVE, metavar="K")
     batch_size: int = option(4, help="documents per forward pass", bound=POSITIVE)
@@ -143,3 +147,32 @@ class AblationConfig(Config):
                          group="controls and statistics")
     rouge_max_new_tokens: int = option(128, help="with --rouge: generated tokens per summary", flag="--max-new-tokens",
                                        bound=POSITIVE, group="controls and statistics")
+
+
+def _paths(value: Any) -> Any:
+    """Comma-separated paths (the CLI) or a sequence of them -> a tuple of strings."""
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class FaithfulnessConfig(Config):
+    """Faithfulness curves: the share of the base-tuned gap that each circuit's top-k layers recover, k = 1..K.
+
+    Example:
+        >>> import sumcircuit as sc
+        >>> sc.FaithfulnessConfig(circuits="runs/circuit.json,runs/circuit_attr.json").circuits
+        ('runs/circuit.json', 'runs/circuit_attr.json')
+    """
+
+    circuits: tuple[str, ...] = option((), help="circuit.json files, comma separated; each curve adds the circuit's "
+                                                "layers in its own ranking order", normalize=_paths, metavar="FILES")
+    random_circuits: int = option(5, help="random layer sets of each circuit's size (in random order) for the "
+                                          "baseline curve", bound=NON_NEGATIVE, metavar="N")
+    direction: Direction = option("denoise", help="denoise (base run, the tuned model's layer outputs patched in: "
+                                                  "does the circuit suffice?) or noise (is it necessary?)")
+    batch_size: int = option(4, help="documents per forward pass", bound=POSITIVE)
+    n_bootstrap: int = option(1000, help="document resamples for the intervals", bound=POSITIVE, group=_INTERVALS)
+    ci_level: float = option(0.95, help="confidence level of the intervals", bound=PROBABILITY_OPEN, group=_INTERVALS)
+    seed: int = option(0, help="random circuits and resampling seed", bound=NON_NEGATIVE, group=_INTERVALS)

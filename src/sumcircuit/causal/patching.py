@@ -138,15 +138,24 @@ class PatchLosses:
 
 
 def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: PatchConfig,
-                 sites: Sequence[Site] | None = None, *, progress: bool = True) -> PatchLosses:
-    """Patch every site in every direction (``sites``: these instead of the granularity's)."""
+                 sites: Sequence[Site] | None = None, *, progress: bool = True,
+                 groups: Sequence[tuple[str, Sequence[Site]]] | None = None) -> PatchLosses:
+    """Patch every site in every direction (``sites``: these instead of the granularity's).
+
+    ``groups``: named sets of sites, each patched at once, instead of one site at a time
+    (the faithfulness curve patches a circuit's top-k components together).
+    """
     check_pair(base, tuned)
     check_directions(cfg.directions)
     adapter = base.adapter
-    comps = list(sites) if sites is not None else patch_sites(adapter, cfg.granularity, cfg.layers)
-    sets: list[tuple[str, list[Site]]] = [(c.name, [c]) for c in comps]
-    if cfg.include_all:
-        sets.append((ALL, comps))
+    if groups is not None:
+        sets: list[tuple[str, list[Site]]] = [(name, list(members)) for name, members in groups]
+        comps = list(dict.fromkeys(c for _, members in sets for c in members))
+    else:
+        comps = list(sites) if sites is not None else patch_sites(adapter, cfg.granularity, cfg.layers)
+        sets = [(c.name, [c]) for c in comps]
+        if cfg.include_all:
+            sets.append((ALL, comps))
     device = next(base.model.parameters()).device
     pad = int(base.tokenizer.pad_token_id)
     activations = sorted({c.activation for c in comps} | set(block_activations(adapter)))

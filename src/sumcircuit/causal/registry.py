@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sumcircuit.causal.config import AblationConfig, AttributionConfig, PatchConfig
+from sumcircuit.causal.config import AblationConfig, AttributionConfig, FaithfulnessConfig, PatchConfig
 from sumcircuit.config import Config
 from sumcircuit.registry import Registry, resolve
 
@@ -135,5 +135,16 @@ register_causal_method(CausalMethod(
     "teacher-forced summary loss as `patch`. One forward per model and one backward per direction score every "
     "component; --validate K checks the top-K and K random components against exact patching. Writes "
     "attribution.json/.csv/.png and attribution_neurons.safetensors; the CSV has the columns and component names "
-    "of patching.csv.",
+    "of patching.csv. Attention/MLP blocks are patched exactly (--blocks estimate keeps the first-order estimate, "
+    "whose sign can be wrong); --confirm K patches the K heads of largest estimate exactly.",
     "sumcircuit.causal.attribution:report_lines"))
+register_causal_method(CausalMethod(
+    "faithfulness", FaithfulnessConfig, "sumcircuit.causal.faithfulness:faithfulness", "pair",
+    "faithfulness curves: how much of the gap each circuit's top-k layers recover, against random sets",
+    "Is the circuit faithful, and more so than random layers?\n\n"
+    "For each circuit.json, its layers are added in its ranking order and the attention and MLP outputs of the "
+    "first k layers are patched together (denoise: base run, tuned outputs; noise: the reverse), k = 1..K; the "
+    "area under the curve (mean effect over k) summarises it, with a bootstrap interval over documents. Random "
+    "layer sets of the same size give the baseline (count beaten, empirical p-value). Writes "
+    "faithfulness.json/.csv/.png.",
+    "sumcircuit.causal.faithfulness:report_lines"))

@@ -88,9 +88,10 @@ for _score in (
                                  "first by every score. Heads: over kl and entropy",
                      layer=f"{_S}:combined_layers", head=f"{_S}:combined_heads",
                      needs=("kl_base_tuned", "entropy_base", "entropy_tuned", "actmag_rel_change")),
-        CircuitScore("attribution", "causal: per layer, |attribution effect| of its attention plus its MLP contribution; "
-                                    "per head, |effect| of that head (attribution.csv of `sumcircuit attribute`, "
-                                    "denoise direction unless only noise was computed)", source="attribution")):
+        CircuitScore("attribution", "causal: per layer, |effect| of its attention plus its MLP contribution, both "
+                                    "patched exactly; per head, |exact effect| among the heads of largest estimated "
+                                    "effect that `sumcircuit attribute --confirm K` patched exactly (denoise direction "
+                                    "unless only noise was computed)", source="attribution")):
     register_circuit_score(_score)
 
 

@@ -329,17 +329,29 @@ def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) 
     if np.all(np.isnan(layer_scores)):
         raise CircuitError(f"{folder or 'attribution'}: no layer rows (run `sumcircuit attribute --granularity "
                            "layer` or all)")
-    head_grid = np.array([abs(effects.get(f"L{l}.H{h}", math.nan)) for l in range(n_layers) for h in range(n_heads)])
-    if top_heads and np.all(np.isnan(head_grid)):
-        raise CircuitError(f"top_heads {top_heads}: {folder or 'the attribution'} has no head rows")
+    where = folder or "the attribution"
+    if (result.summary.get("blocks") or {}).get("method") != "exact":
+        raise CircuitError(f"{where}: its attention/MLP blocks are first-order estimates, whose sign can be wrong; "
+                           "rerun `sumcircuit attribute` (it patches blocks exactly by default)")
     _refuse_nan(layer_scores, "layer", folder, "attribution")
-    if top_heads:
-        _refuse_nan(head_grid, "head", folder, "attribution", n_heads)
+    head_grid = np.full(n_layers * n_heads, math.nan)
+    exact_heads: dict[str, float] = {}
+    if top_heads:  # chosen among heads whose exact effect is known, by that exact effect
+        exact_heads = ((result.summary.get("confirmed") or {}).get("exact_effect") or {}).get(chosen) or {}
+        if len(exact_heads) < 2 * top_heads:
+            raise CircuitError(f"`top_heads` {top_heads}: {where} has {len(exact_heads)} heads confirmed by exact "
+                               f"patching; {top_heads} heads are chosen among at least {2 * top_heads}: rerun "
+                               f"`sumcircuit attribute --confirm {2 * top_heads}`")
+        for name, value in exact_heads.items():
+            site = Site.parse(name)
+            head_grid[site.layer * n_heads + int(site.index or 0)] = abs(value)
     selected = top_k(layer_scores, top_layers)
     selected_heads = top_k(head_grid, top_heads) if top_heads else np.array([], dtype=int)
     stability, head_stability = _attribution_stability(result, chosen, selected, selected_heads, n_layers, n_heads,
-                                                       top_layers, top_heads, n_bootstrap, seed)
+                                                       top_layers, top_heads, n_bootstrap, seed,
+                                                       np.isfinite(head_grid) if top_heads else None)
     head_sites = [Site(int(i // n_heads), "attn_head", int(i % n_heads)) for i in selected_heads]
+    estimated = ((result.summary.get("confirmed") or {}).get("estimated_effect") or {}).get(chosen) or {}
     summary: dict[str, Any] = {
         "layers": sorted(int(l) for l in selected), "heads": [h.name for h in head_sites],
         "ranked_layers": [int(l) for l in top_k(layer_scores, n_layers)],
@@ -351,6 +363,8 @@ def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) 
         "n_layers": n_layers, "n_heads": n_heads,
         "head_scores": {h.name: float(head_grid[i]) for h, i in zip(head_sites, selected_heads)},
         "head_stability": head_stability,
+        "head_effects": {h.name: {"estimate": float(estimated.get(h.name, math.nan)),
+                                  "exact": float(exact_heads[h.name])} for h in head_sites},
         "provenance": provenance(attribution={"dir": str(folder.resolve()) if folder is not None else None,
                                               "provenance": result.summary.get("provenance")},
                                  seed=seed, config={"top_layers": top_layers, "top_heads": top_heads,
@@ -361,7 +375,7 @@ def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) 
 
 def _attribution_stability(result: Any, direction: str, selected: np.ndarray, selected_heads: np.ndarray,
                            n_layers: int, n_heads: int, top_layers: int, top_heads: int, n_bootstrap: int,
-                           seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                           seed: int, candidates: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Top-K frequency over document resamples of the per-document loss deltas (|mean| ranks like |effect|)."""
     per_doc = result.per_doc
     attn = [per_doc.get(f"{direction}.attn.{l}") for l in range(n_layers)]
@@ -384,6 +398,8 @@ def _attribution_stability(result: Any, direction: str, selected: np.ndarray, se
     if not top_heads or any(h is None for h in heads):
         return stability, null_heads
     head_boot = np.concatenate([boot(h) for h in heads], axis=1)  # [R, L * H]
+    if candidates is not None:  # re-ranked among the confirmed heads only, as the selection was
+        head_boot[:, ~candidates] = np.nan
     head_in_top = np.zeros(head_boot.shape[1])
     for row in top_k(head_boot, top_heads):
         head_in_top[row] += 1

@@ -47,6 +47,7 @@ from sumcircuit.study.verdicts import (
     cause_vs_change_claim,
     circuit_layers_claim,
     epochs_claim,
+    faithfulness_claim,
     head_share_claim,
     paired_table_diff,
     paired_verdict,
@@ -60,8 +61,8 @@ __all__ = [  # the verdict rules are re-exported: claims.rouge_claim(...) reads 
     "CLAIMS", "Claim", "claim_rows", "evaluate_claims", "register_claim", "CONTRADICTED", "INCONCLUSIVE",
     "MIN_SEEDS", "NOT_APPLICABLE", "NOT_RUN", "PAPER_CIRCUIT_LAYERS", "PAPER_HEAD_SHARE", "PAPER_N_LAYERS",
     "PAPER_PARAM_REDUCTION", "SUPPORTED", "ablation_claim", "cause_vs_change_claim", "circuit_layers_claim",
-    "ClaimResult", "epochs_claim", "head_share_claim", "paired_table_diff", "paired_verdict", "params_claim",
-    "random_control_claim", "rouge_claim", "stopping_rule", "Table"
+    "ClaimResult", "epochs_claim", "faithfulness_claim", "head_share_claim", "paired_table_diff",
+    "paired_verdict", "params_claim", "random_control_claim", "rouge_claim", "stopping_rule", "Table"
 ]
 
 # ---------------------------------------------------------------- the registry
@@ -152,10 +153,14 @@ def _judge_cause_vs_change(ev: StudyEvidence) -> ClaimResult:
                                  ev.circuit_picks(ev.layout.attribution_circuit_file), *(cause or (None, None)))
 
 
+def _judge_faithfulness(ev: StudyEvidence) -> ClaimResult:
+    return faithfulness_claim(ev.faithfulness())
+
+
 for _name, _judge in (("head_share", _judge_head_share), ("circuit_layers", _judge_circuit_layers),
                       ("rouge", _judge_rouge), ("params", _judge_params), ("epochs", _judge_epochs),
                       ("random_control", _judge_random_control), ("ablation", _judge_ablation),
-                      ("cause_vs_change", _judge_cause_vs_change)):
+                      ("cause_vs_change", _judge_cause_vs_change), ("faithfulness", _judge_faithfulness)):
     register_claim(_name, _judge)
 
 

@@ -159,6 +159,10 @@ class StudyEvidence:
         result: dict[str, Any] | None = read_json_if_finished(self.layout.ablate / "ablation.json")
         return result
 
+    def faithfulness(self) -> dict[str, Any] | None:
+        """``faithfulness.json`` of the faithfulness stage."""
+        return read_json_if_finished(self.layout.faithfulness / "faithfulness.json")
+
     def random_note(self, targeted_params: int | None) -> str:
         """Where the random sets were drawn, and whether they train as many parameters as the circuit."""
         controls = self.manifest().get("random_controls") or {}

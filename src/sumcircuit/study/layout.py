@@ -70,6 +70,11 @@ class StudyLayout:
         """Activation patching per layer."""
         return self.root / "patch"
 
+    @property
+    def faithfulness(self) -> Path:
+        """Faithfulness curves of both circuits against random layer sets."""
+        return self.root / "faithfulness"
+
     def final(self, run: str) -> Path:
         """The trained model of a fine-tuning stage (a model spec)."""
         return self.root / run / "final"

@@ -253,7 +253,7 @@ def _single_output(folder: Path, kind: str) -> list[str]:
         return [_section(f"ROUGE of {_models_label(rouge)} (F1, 95% CI, n = {rouge.get('n')})",
                          _table(["metric", "F1 [95% CI]"], rows)),
                 _section("Example summaries", _table(["document", "summary", "reference", "stopped by"], examples))]
-    if kind in ("patching", "ablation", "attribution"):
+    if kind in ("patching", "ablation", "attribution", "faithfulness"):
         summary = _read_json(folder / f"{kind}.json") or {}
         per_head = summary.get("granularity") == "head"
         captions = {"patching": "Recovery of the tuned model's loss when each component is patched (1 = fully "
@@ -263,7 +263,9 @@ def _single_output(folder: Path, kind: str) -> list[str]:
                     "ablation": "Loss change when the circuit is ablated, against random component sets of the same "
                                 "size.",
                     "attribution": "Attribution-patching estimate of each component's effect on the loss gap between "
-                                   "the two models (first-order, one backward pass per direction)."}
+                                   "the two models (first-order, one backward pass per direction).",
+                    "faithfulness": "Effect of patching each circuit's first k layers together (its ranking order), "
+                                    "with 95% bands over documents; grey: random layer sets of the same size."}
         return [_section(f"{kind.capitalize()}: {_models_label(summary)}",
                          _embed_png(folder / f"{kind}.png", kind, captions[kind]) or _missing(kind.capitalize()))]
     if kind == "finetune":
@@ -322,6 +324,14 @@ def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
     body += _embed_png(layout.ablate / "ablation.png", "ablation effect vs random controls",
                        "Loss change when the KL circuit is ablated (red) against random layer sets of the same size."
                        ) or _missing("Ablation with random controls")
+    faith = _read_json(layout.faithfulness / "faithfulness.json") or {}
+    areas = "; ".join(f"{name}: area {a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+                      for name, a in (faith.get("auc") or {}).items() if name in (faith.get("circuits") or {}))
+    body += _embed_png(layout.faithfulness / "faithfulness.png", "faithfulness curves",
+                       "Faithfulness (the MIB style of judging a circuit by a curve): share of the loss gap recovered "
+                       "when each circuit's first k layers (its own ranking order) are patched together from the "
+                       f"fine-tuned model, 95% bands over documents; grey: random layer sets of the same size. {areas}"
+                       ) or _missing("Faithfulness curves")
     parts.append(_section("Circuit and causal tests", body))
     summary = _read_json(layout.analysis / "summary.json") or {}
     parts.append(_section("Provenance", "<pre>" + html.escape(json.dumps(

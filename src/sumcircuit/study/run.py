@@ -37,6 +37,7 @@ from sumcircuit.study.result import StudyResult
 
 log = logging.getLogger(__name__)
 
+FAITHFULNESS_RANDOM = 5  # random layer sets of each circuit's size behind the faithfulness curves
 REFERENCE_ARM = "full"  # the first seed's run of this arm is the model the analysis and causal stages read
 
 
@@ -147,7 +148,8 @@ class StudyGraph:
         preset, layout, seed0 = self.preset, self.layout, self.seed0
         full = ARMS.get(REFERENCE_ARM)
         reference = functools.partial(self._final, self.reference)
-        attribution_cfg = AttributionConfig(granularity="all", directions=preset.patch_directions, seed=seed0)
+        attribution_cfg = AttributionConfig(granularity="all", directions=preset.patch_directions, seed=seed0,
+                                            confirm=2 * preset.top_heads)
         # the attribution stage's key keeps the fields its config had when keys were first written
         legacy = {**{k: v for k, v in asdict(attribution_cfg).items() if k != "ci_level"},
                   "ci": attribution_cfg.ci_level, "device": self.runtime.device, "dtype": self.runtime.dtype,
@@ -203,9 +205,11 @@ class StudyGraph:
         return stages
 
     def tail(self) -> list[Stage]:
-        """Ablation of the KL circuit against random sets, and activation patching, of the reference."""
+        """Ablation of the KL circuit against random sets, activation patching, and the faithfulness curves of
+        both circuits against random layer sets, all of the reference."""
         from sumcircuit.causal.ablation import ablate
-        from sumcircuit.causal.config import AblationConfig, PatchConfig
+        from sumcircuit.causal.config import AblationConfig, FaithfulnessConfig, PatchConfig
+        from sumcircuit.causal.faithfulness import faithfulness
         from sumcircuit.causal.patching import patch
 
         preset, layout, seed0 = self.preset, self.layout, self.seed0
@@ -222,6 +226,12 @@ class StudyGraph:
                   lambda out: patch(self.cfg.model, reference(), self.causal_data,
                                     PatchConfig(seed=seed0, directions=preset.patch_directions),
                                     runtime=self.runtime, out=out, resume=False)),
+            Stage("faithfulness", "causal", {**self.common, "data": asdict(self.causal_data),
+                                             "random_circuits": FAITHFULNESS_RANDOM},
+                  (self.reference, "circuit", "circuit_attribution"),
+                  lambda out: faithfulness(self.cfg.model, reference(), self.causal_data, FaithfulnessConfig(
+                      circuits=(str(layout.circuit_file), str(layout.attribution_circuit_file)),
+                      random_circuits=FAITHFULNESS_RANDOM, seed=seed0), runtime=self.runtime, out=out, resume=False)),
         ]
 
 

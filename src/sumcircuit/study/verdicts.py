@@ -300,3 +300,33 @@ def cause_vs_change_claim(kl: tuple[list[int], list[str]] | None, attribution: t
     verdict, evidence, limited = paired_verdict(cause, change)
     return ClaimResult(claim, "not tested in the paper", picks + f"; ROUGE-1 {cause.mean():.3f} vs {change.mean():.3f}",
                        verdict, evidence, limited)
+
+
+def faithfulness_claim(summary: Mapping[str, Any] | None, cause: str = "circuit_attribution",
+                       change: str = "circuit") -> ClaimResult:
+    """The circuit chosen by cause against the one chosen by change, by the area under their faithfulness curves.
+
+    A document-level comparison on the first seed's fine-tune (paired bootstrap of
+    the area difference); each circuit's standing among random layer sets is stated too.
+    """
+    claim = "(extension) The circuit chosen by cause recovers more of the fine-tuning's effect than the one chosen " \
+            "by change (faithfulness curves)"
+    areas = (summary or {}).get("auc") or {}
+    if cause not in areas or change not in areas:
+        return ClaimResult(claim, "not tested in the paper", "-", NOT_RUN, "faithfulness stage missing")
+    diff = ((summary or {}).get("auc_differences") or {}).get(f"{change} - {cause}")
+    versus = (summary or {}).get("against_random") or {}
+    text = f"area {areas[cause]['auc']:.3f} (cause) vs {areas[change]['auc']:.3f} (change)"
+    standing = "; ".join(f"{name} beats {v['beats']} of {v['n_random']} random sets (p = {v['p_value']:.3f})"
+                         for name, v in versus.items())
+    n_docs = (summary or {}).get("n_docs")
+    if not diff or not all(math.isfinite(float(diff[k])) for k in ("ci_low", "ci_high")):
+        return ClaimResult(claim, "not tested in the paper", text, INCONCLUSIVE,
+                           "the difference of the areas has no interval: not computed", "not computed")
+    low, high = -float(diff["ci_high"]), -float(diff["ci_low"])  # cause - change
+    evidence = (f"paired difference of the areas {-float(diff['difference']):+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] "
+                f"(percentile bootstrap over n = {n_docs} documents, first training seed's fine-tune); {standing}")
+    if not high - low > 0:
+        return ClaimResult(claim, "not tested in the paper", text, INCONCLUSIVE,
+                           evidence + "; a zero-width interval carries no evidence", "zero-width interval")
+    return ClaimResult(claim, "not tested in the paper", text, _interval_verdict(low, high, 0.0), evidence)
