@@ -9,9 +9,13 @@ same cost), at each ``--lengths`` (tokens per document):
   (b) attribution  sumcircuit attribution of every head, attention/MLP block and MLP neuron, denoise
   (c) layer patch  exact patching of every attention and MLP block (60 sites), denoise
   (d) head patch   exact patching of every head (270 sites), denoise; measured on the heads of
-                   ``--head-layers`` layers and scaled by 30 / that count, which is exact up to the
-                   clean runs (patching cost is one forward per site and batch; the clean runs are
-                   then counted once per measured subset, so the scaled figure slightly overstates it)
+                   ``--head-layers`` layers spread evenly over the depth (first to last) and scaled by
+                   30 / that count. Patching a deep head replays the layers below it from the clean
+                   cache, so a head's cost depends on its depth: layers sampled across depths (not
+                   the first ones, which cost the most) give the average (the clean runs are counted
+                   once per measured subset, so the scaled figure slightly overstates it)
+  (e) attribute    what ``sumcircuit attribute`` does by default: (b) plus (c), the blocks patched
+                   exactly; compared with (a) + (c) side by side
 
 Peak RSS is sampled every 2 ms while each method runs (absolute process RSS,
 models included). Usage:
@@ -66,19 +70,22 @@ def floor(base: LoadedModel, tuned: LoadedModel, encoded: list[Encoded], batch_s
 
 
 def run_length(base: LoadedModel, tuned: LoadedModel, length: int, args: argparse.Namespace) -> list[dict[str, object]]:
-    cfg = DataConfig(str(DATA), split="val", n_docs=args.docs, max_tokens=length)
+    cfg = DataConfig(str(args.data), split="val", n_docs=args.docs, max_tokens=length)
     encoded = encode_all(base.tokenizer, load_examples(cfg).examples, cfg)
     tokens = sum(len(e.input_ids) for e in encoded)
     n_layers = base.adapter.n_layers
-    head_sites = patch_sites(base.adapter, "head", list(range(args.head_layers)))
+    depths = sorted({round(i * (n_layers - 1) / max(args.head_layers - 1, 1)) for i in range(args.head_layers)})
+    head_sites = patch_sites(base.adapter, "head", depths)
     patch_cfg = PatchConfig(directions=("denoise",), include_all=False, batch_size=args.batch_size)
     attr_cfg = AttributionConfig(granularity="all", directions=("denoise",), batch_size=args.batch_size)
     methods: dict[str, tuple[Callable[[], object], float]] = {
         "floor (fwd+bwd, both models)": (partial(floor, base, tuned, encoded, args.batch_size), 1.0),
         "attribution (all components)": (partial(attribution_losses, base, tuned, encoded, attr_cfg), 1.0),
         "exact layer patching (60 sites)": (partial(patch_losses, base, tuned, encoded, patch_cfg), 1.0),
-        f"exact head patching ({n_layers * base.adapter.n_heads} sites, scaled)": (
-            partial(patch_losses, base, tuned, encoded, patch_cfg, sites=head_sites), n_layers / args.head_layers),
+        f"exact head patching ({n_layers * base.adapter.n_heads} sites, scaled from layers {depths})": (
+            partial(patch_losses, base, tuned, encoded, patch_cfg, sites=head_sites), n_layers / len(depths)),
+        "attribute default (estimates + exact blocks)": (
+            partial(_attribute_default, base, tuned, encoded, attr_cfg, patch_cfg), 1.0),
     }
     rows: list[dict[str, object]] = []
     times: list[float] = []
@@ -95,7 +102,16 @@ def run_length(base: LoadedModel, tuned: LoadedModel, length: int, args: argpars
         print(f"T={length:5d} {name:45s} {seconds:8.1f} s  peak {peak / 1e9:5.2f} GB  "
               f"time {seconds / floor_t:7.2f}x  RSS {peak / floor_m:5.2f}x of the floor", flush=True)
     print(f"T={length:5d} exact head patching / attribution: {times[3] / times[1]:.1f}x", flush=True)
+    print(f"T={length:5d} attribute default / (floor + exact block patching): "
+          f"{times[4] / (times[0] + times[2]):.2f}x", flush=True)
     return rows
+
+
+def _attribute_default(base: LoadedModel, tuned: LoadedModel, encoded: list[Encoded], attr_cfg: AttributionConfig,
+                       patch_cfg: PatchConfig) -> None:
+    """The estimates of every component, then the exact patching of every block (what `attribute` runs)."""
+    attribution_losses(base, tuned, encoded, attr_cfg)
+    patch_losses(base, tuned, encoded, patch_cfg)
 
 
 def main() -> None:
@@ -104,8 +120,10 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--head-layers", type=int, default=2, help="layers whose heads are patched exactly")
+    parser.add_argument("--head-layers", type=int, default=3,
+                        help="layers (spread from first to last) whose heads are patched exactly")
     parser.add_argument("--tuned", help="the fine-tuned model spec (default: a noisy copy of the base)")
+    parser.add_argument("--data", default=str(DATA), help="a data folder with a val split")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
