@@ -20,6 +20,7 @@ from sumcircuit.errors import SumcircuitError
 LOCK_FILE = ".sumcircuit.lock"
 INCOMPLETE = "INCOMPLETE.json"
 LEDGER = ".sumcircuit.json"
+STAGE_RECORD = "stage.json"  # a study writes it into each stage's folder once the stage finished
 SHARED_COMMANDS = ("save",)  # ``Result.save`` may write into the folder of the command that made the result
 
 # what sumcircuit's own temporary files look like: mkstemp's ``.NAME.XXXXXXXX.tmp``, folders' ``.NAME.tmpPID``
@@ -56,8 +57,9 @@ def is_temporary(name: str) -> bool:
 
 
 def is_internal(name: str) -> bool:
-    """sumcircuit's bookkeeping: the lock, ledger and marker files, claimed files' locks, temporaries."""
-    return name in (LOCK_FILE, LEDGER, INCOMPLETE) or bool(_INTERNAL.match(name) or _TEMPORARY.match(name))
+    """sumcircuit's bookkeeping: the lock, ledger and marker files, a study stage's record, claimed files' locks,
+    temporaries."""
+    return name in (LOCK_FILE, LEDGER, INCOMPLETE, STAGE_RECORD) or bool(_INTERNAL.match(name) or _TEMPORARY.match(name))
 
 
 def read_json_dict(path: Path) -> dict[str, Any] | None:

@@ -220,3 +220,13 @@ def test_circuit_out_onto_an_input_or_another_commands_file(tiny_model_dirs: dic
     cli_fails(["circuit", "--analysis", str(out), "--top-layers", "1", "--out", str(out / "heads.csv")], capsys,
               "heads.csv")
     assert snapshot(out) == before
+
+
+def test_a_study_stage_record_is_sumcircuit_bookkeeping(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A study writes stage.json into a stage's folder after the stage's command finished; a rerun of that
+    command there is not refused for it."""
+    out = tmp_path / "full_s1"
+    assert run_cli(_finetune(tiny_model_dirs["llama"], out)) == 0
+    (out / "stage.json").write_text(json.dumps({"key": "abc"}))
+    assert run_cli(_finetune(tiny_model_dirs["llama"], out)) == 0
+    assert run_cli(_finetune(tiny_model_dirs["llama"], out, "--no-resume")) == 0
