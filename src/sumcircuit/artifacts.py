@@ -108,9 +108,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file."""
+    """Read a JSON file; one nested past Python's recursion limit is a ValueError naming it, like other bad JSON."""
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        try:
+            return json.load(fh)
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to be read") from None
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:

@@ -436,3 +436,27 @@ def test_adapter_that_is_not_lora(peft_type: str, tiny_model_dirs: dict[str, Pat
                                                 "task_type": "CAUSAL_LM"})
     fails(_patch_argv(tiny_model_dirs["llama"], adapter, tmp_path / "out"), capsys, "adapter_config.json",
           f"peft_type '{peft_type}'", "LoRA adapters only")
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("where", ["circuit.json", "adapter_config.json", "config.json"])
+def test_json_nested_past_the_recursion_limit(where: str, tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    llama = tiny_model_dirs["llama"]
+    if where == "circuit.json":
+        bad = tmp_path / "circuit.json"
+        bad.write_text('{"layers": ' + _DEEP + "}")
+        argv = ["ablate", "--model", str(llama), "--data", TRAIN, "--circuit", str(bad), "--out", str(tmp_path / "o")]
+    elif where == "adapter_config.json":
+        bad = _adapter_folder(tmp_path / "a", {"peft_type": "LORA"}) / "adapter_config.json"
+        bad.write_text('{"peft_type": "LORA", "x": ' + _DEEP + "}")
+        argv = _patch_argv(llama, bad.parent, tmp_path / "o")
+    else:
+        model = _tiny_copy(tiny_model_dirs, "llama", tmp_path / "m")
+        bad = model / "config.json"
+        bad.write_text(bad.read_text().rstrip().rstrip("}") + ', "x": ' + _DEEP + "}")
+        argv = _patch_argv(llama, model, tmp_path / "o")
+    fails(argv, capsys, str(bad.parent))
+    assert not (tmp_path / "o").exists()
