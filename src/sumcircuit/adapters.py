@@ -53,6 +53,8 @@ class ArchitectureSpec:
     positions: Literal["learned", "rope"]
     final_norm: str
     embed_tokens: str
+    mlp_act: str  # the MLP's activation-function module (RelP's identity rule)
+    mlp_up: str | None = None  # a gated MLP's up projection: act(gate) * up (RelP's half rule); None: not gated
     # Gemma 2/3 normalise each block's output before the residual add: the residual stream
     # receives these modules' outputs, not the attention / MLP outputs themselves.
     attention_post_norm: str | None = None
@@ -86,21 +88,21 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         layers="transformer.h", attention="attn", attention_output="attn.c_proj",
         qkv=FusedQKV("attn.c_attn", weight_layout="conv1d"),
         mlp="mlp", mlp_output="mlp.c_proj", positions="learned",
-        final_norm="transformer.ln_f", embed_tokens="transformer.wte",
+        final_norm="transformer.ln_f", embed_tokens="transformer.wte", mlp_act="mlp.act",
     ),
     ArchitectureSpec(
         family="llama", model_types=("llama", "qwen2", "qwen3", "mistral", "olmo2", "gemma"),
         layers="model.layers", attention="self_attn", attention_output="self_attn.o_proj",
         qkv=SeparateQKV("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         mlp="mlp", mlp_output="mlp.down_proj", positions="rope",
-        final_norm="model.norm", embed_tokens="model.embed_tokens",
+        final_norm="model.norm", embed_tokens="model.embed_tokens", mlp_act="mlp.act_fn", mlp_up="mlp.up_proj",
     ),
     ArchitectureSpec(
         family="gemma3", model_types=("gemma3_text", "gemma2"),
         layers="model.layers", attention="self_attn", attention_output="self_attn.o_proj",
         qkv=SeparateQKV("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         mlp="mlp", mlp_output="mlp.down_proj", positions="rope",
-        final_norm="model.norm", embed_tokens="model.embed_tokens",
+        final_norm="model.norm", embed_tokens="model.embed_tokens", mlp_act="mlp.act_fn", mlp_up="mlp.up_proj",
         attention_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
     ),
 )

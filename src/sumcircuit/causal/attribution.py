@@ -13,6 +13,7 @@ exact patching needs one forward per component. ``L`` is the very loss of
 patched loss ``L_receiver + delta_c`` goes through the same recovery formula
 and bootstrap as ``patching.csv``, and the two files join row by row.
 
+``method='relp'`` propagates relevance instead of the gradient (:mod:`.relevance`).
 ``method='ig'`` integrates the gradient along the straight path between the
 two models' *weights* (``theta(alpha) = receiver + alpha (donor - receiver)``,
 ``alpha = k/K``, ``k = 0..K-1``): the activations then move from the receiver's
@@ -125,13 +126,17 @@ def _grad_through(module: nn.Module, args: Any, output: torch.Tensor) -> torch.T
 
 
 def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, torch.Tensor],
-               keys: Sequence[Activation]) -> tuple[torch.Tensor, dict[Activation, torch.Tensor],
-                                                    dict[Activation, torch.Tensor]]:
+               keys: Sequence[Activation], relp: bool = False) -> tuple[torch.Tensor, dict[Activation, torch.Tensor],
+                                                                         dict[Activation, torch.Tensor]]:
     """Per-document losses, the activations and dL/da for each (one forward and one backward).
 
     Only the activations' gradients are computed (``torch.autograd.grad``), never the weights'.
+    ``relp``: relevance-propagation coefficients instead of the gradient (:mod:`.relevance`).
     """
+    from contextlib import nullcontext
+
     from sumcircuit.adapters import get_submodule
+    from sumcircuit.causal.relevance import relevance_rules
 
     live: dict[Activation, torch.Tensor] = {}
 
@@ -139,8 +144,9 @@ def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, 
         live[key] = x
 
     embed = get_submodule(model, adapter.spec.embed_tokens).register_forward_hook(_grad_through)
+    rules = relevance_rules(model, adapter) if relp else nullcontext()
     try:
-        with torch.enable_grad(), Interventions(model, adapter) as iv:
+        with torch.enable_grad(), rules, Interventions(model, adapter) as iv:
             for key in keys:
                 iv.edit(key, functools.partial(keep, key))
             losses = document_losses(model, batch, grad=True)
@@ -175,7 +181,8 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
         receivers = {RECEIVER[d] for d in cfg.directions}
         for label, model in models.items():  # a receiver's forward gives its activations and gradients
             if label in receivers:
-                batch_losses, acts[label], first_grads[label] = _gradients(model, adapter, batch, keys)
+                batch_losses, acts[label], first_grads[label] = _gradients(model, adapter, batch, keys,
+                                                                           relp=cfg.method == "relp")
                 cost.backwards += 1
             else:
                 store: dict[Activation, torch.Tensor] = {}
@@ -461,6 +468,9 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
                            "loss as patch; recovery and effect then as for patching",
             "ig": "method ig: the gradient is averaged over K runs at weights receiver + (k/K)(donor - "
                   "receiver), k = 0..K-1 (K = 1 is the linear estimate)",
+            "relp": "method relp: relevance-propagation coefficients in place of the gradient (normalisation "
+                    "scales and attention probabilities held constant, act(x)/x through activations, half of a "
+                    "gated product to each factor); same cost as linear",
             "neurons": f"attribution.csv holds the {NEURON_ROWS} neurons of largest |effect| per direction; "
                        "attribution_neurons.safetensors holds every neuron",
             "ci": f"{cfg.ci_level:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, seed "

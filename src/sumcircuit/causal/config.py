@@ -14,7 +14,7 @@ Direction = Literal["denoise", "noise"]
 DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 Granularity = Literal["layer", "head", "block"]
 AttributionGranularity = Literal["layer", "head", "neuron", "all"]
-AttributionMethod = Literal["linear", "ig"]
+AttributionMethod = Literal["linear", "ig", "relp"]
 BlockMethod = Literal["exact", "estimate"]
 AblationMode = Literal["zero", "mean"]
 LayerPart = Literal["attn", "mlp", "both"]
@@ -91,7 +91,9 @@ class AttributionConfig(Config):
                                                normalize=directions, cli_choices=("denoise", "noise", "both"),
                                                cli_default="both")
     method: AttributionMethod = option("linear", help="linear: first order; ig: gradient averaged along the "
-                                                      "weight path")
+                                                      "weight path; relp: relevance-propagation coefficients "
+                                                      "(normalisation scales, attention patterns and MLP gates held "
+                                                      "constant in the backward)")
     ig_steps: int = option(5, help="K for --method ig (K = 1 is the linear estimate)", bound=POSITIVE)
     blocks: BlockMethod = option("exact", help="attention/MLP blocks: exact: patched (2 blocks x directions forwards "
                                                "per layer and batch; a first-order estimate of a whole block can have "
