@@ -398,17 +398,21 @@ def _stats_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
                       attention_mask), None
 
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
+
+
+def register_attention_implementation(name: str, attention: Any, mask: Any) -> str:
+    """Register an attention function and the mask builder it reads with ``transformers``, once per name."""
+    if name not in _REGISTERED:
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+        _REGISTERED.add(name)
+    return name
 
 
 def register_attention() -> str:
     """Register the statistics attention (and SDPA's mask builder) under one name, once."""
-    global _REGISTERED
-    if not _REGISTERED:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _stats_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-        _REGISTERED = True
-    return ATTN_IMPLEMENTATION
+    return register_attention_implementation(ATTN_IMPLEMENTATION, _stats_attention, sdpa_mask)
 
 
 # ---------------------------------------------------------------- installing

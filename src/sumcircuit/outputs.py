@@ -77,7 +77,6 @@ class _Claim:
     lock_created: bool = False
     lock_before: bytes = b""  # what an existing lock file said (the last holder's pid), restored by a refused run
     written: bool = False
-    depth: int = 1
 
     def mark(self) -> None:
         """The run's first write: from now on the folder is visibly incomplete until the run finishes."""
@@ -205,13 +204,7 @@ def claim_output(out: str | Path, command: str, option: str = "--out",
     path = check_output_dir(out, option)
     key = path.resolve()
     if key in _claims or not _is_rank0():  # nested claims and other ranks ride on the owner's
-        if key in _claims:
-            _claims[key].depth += 1
-        try:
-            yield path
-        finally:
-            if key in _claims:
-                _claims[key].depth -= 1
+        yield path
         return
     if inputs:
         check_out_against_inputs(path, inputs, option.lstrip("-").replace("-", "_"))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import sumcircuit as sc
 from sumcircuit.artifacts import read_json
@@ -20,7 +18,7 @@ from sumcircuit.cli import main
 from sumcircuit.data import DataConfig
 from sumcircuit.models import LoadedModel, load_model
 
-from helpers import CNNDM, cli_fails
+from helpers import CNNDM, cli_fails, perturbed
 
 FAMILIES = ["gpt2", "llama", "gemma3"]
 
@@ -31,13 +29,7 @@ def _data(n_docs: int = 4, max_tokens: int = 80) -> DataConfig:
 
 def _tuned(base: LoadedModel, scale: float, seed: int = 1) -> LoadedModel:
     """A stand-in for a fine-tune: decoder-layer weights moved by ``scale`` x a fixed random direction."""
-    tuned = copy.copy(base)
-    tuned.model = copy.deepcopy(base.model)
-    tuned._weights_sha256 = None
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in tuned.adapter.layers(tuned.model).parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale * p.detach().abs().mean().clamp_min(1e-3))
+    tuned: LoadedModel = perturbed(base, scale, seed)
     return tuned
 
 

@@ -29,14 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import eager_mask
 
 from sumcircuit.adapters import ArchitectureAdapter, get_submodule
 from sumcircuit.causal.config import CausalError
 
 ATTN_IMPLEMENTATION = "sumcircuit_relp"
-_registered = False
 
 
 def straight_through(value: Tensor, linear: Tensor) -> Tensor:
@@ -89,12 +87,9 @@ def _relp_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
 
 def register_attention() -> str:
     """Register the RelP attention and the eager (additive) mask it reads, once."""
-    global _registered
-    if not _registered:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _relp_attention)
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
-        _registered = True
-    return ATTN_IMPLEMENTATION
+    from sumcircuit.capture import register_attention_implementation
+
+    return register_attention_implementation(ATTN_IMPLEMENTATION, _relp_attention, eager_mask)
 
 
 def _is_norm(module: nn.Module) -> bool:
