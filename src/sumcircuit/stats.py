@@ -132,6 +132,38 @@ def studentized_interval(values: Sequence[float] | np.ndarray, n_bootstrap: int 
     return mean, mean - float(q_high) * se, mean - float(q_low) * se
 
 
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, counts: np.ndarray,
+                   ci_level: float = 0.95) -> tuple[float, float, float]:
+    """A ratio of document means ``sum(num) / sum(den)`` and its studentized bootstrap CI: ``(ratio, low, high)``.
+
+    Why: a share of the loss gap (a faithfulness area, a recovery) is a ratio of
+    means over few documents. In simulation the bootstrap-t with the
+    delta-method standard error (residuals ``num - ratio * den``) covers 92-94%
+    at 16 documents and 94-95% at 32, the percentile interval 89% at 8, 91-92% at
+    16 (``tests/core/test_stats.py``); verdicts on it need 32 documents.
+    ``counts`` are the resample counts (:func:`resample_counts`), so intervals of
+    several ratios on the same documents are paired.
+    """
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    n = num.size
+    if n < 2 or den.size != n:
+        raise StatsError("a ratio interval needs at least two documents with a numerator and a denominator each")
+    check_level(ci_level)
+    ratio = float(num.mean() / den.mean())
+    se = float(np.sqrt((num - ratio * den).var(ddof=1) / n) / abs(den.mean()))
+    if not np.isfinite(ratio) or se <= _TINY_SE * max(1.0, abs(ratio)):
+        return ratio, ratio, ratio
+    mean_num, mean_den = counts @ num / n, counts @ den / n
+    star = mean_num / mean_den
+    moment = (counts @ (num * num) / n) - 2 * star * (counts @ (num * den) / n) + star ** 2 * (counts @ (den * den) / n)
+    spread = np.maximum(moment - (mean_num - star * mean_den) ** 2, 0.0) * n / (n - 1)
+    se_star = np.sqrt(spread / n) / np.abs(mean_den)
+    usable = np.isfinite(star) & (se_star > _TINY_SE * max(1.0, abs(ratio)))
+    t = (star[usable] - ratio) / se_star[usable]
+    q_low, q_high = np.quantile(t, [(1 - ci_level) / 2, (1 + ci_level) / 2])
+    return ratio, ratio - float(q_high) * se, ratio - float(q_low) * se
+
+
 def paired_diff(a: Sequence[float], b: Sequence[float], n_bootstrap: int = 2000, seed: int = 0,
                 ci_level: float = 0.95) -> tuple[float, float, float]:
     """Mean of ``a - b`` over paired documents (paired by position) and its studentized bootstrap CI."""

@@ -137,3 +137,26 @@ def test_constant_differences_with_rounding_noise_give_a_point_interval() -> Non
     assert low == mean == high == pytest.approx(0.02)
     mean, low, high = studentized_interval(diff[0])
     assert low == mean == high == pytest.approx(0.02)
+
+
+def test_ratio_interval_covers_a_share_of_the_gap_at_32_documents() -> None:
+    """A share of the loss gap (skewed gaps, noisy patched losses): the studentized ratio interval covers >= 93%
+    at n = 32 (94.5% in 1500 runs; 93.4% at 24, 92.5% at 16: why verdicts on it need 32 documents), at least as
+    often as the percentile interval of the same ratio."""
+    from sumcircuit.stats import ratio_interval
+
+    rng = np.random.default_rng(5)
+    truth, reps, n = 0.4, 1000, 32
+    hits = {"studentized": 0, "percentile": 0}
+    for rep in range(reps):
+        gap = rng.gamma(2.0, 0.15, n)
+        recovered = truth * gap + rng.normal(0, 0.08, n)
+        counts = resample_counts(n, 999, rep)
+        _, low, high = ratio_interval(recovered, gap, counts)
+        hits["studentized"] += low <= truth <= high
+        lo, hi = np.quantile((counts @ recovered) / (counts @ gap), [0.025, 0.975])
+        hits["percentile"] += lo <= truth <= hi
+    assert hits["studentized"] / reps >= 0.93, hits
+    assert hits["percentile"] <= hits["studentized"], hits
+    with pytest.raises(StatsError):
+        ratio_interval(np.ones(1), np.ones(1), resample_counts(1, 10, 0))

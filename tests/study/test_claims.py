@@ -154,14 +154,17 @@ def test_epochs_claim_states_the_stopping_rule() -> None:
 
 
 def test_faithfulness_claim_reads_the_paired_area_difference() -> None:
-    def summary(diff: float, low: float, high: float) -> dict[str, object]:
-        return {"n_docs": 16, "auc": {"circuit": {"auc": 0.3}, "circuit_attribution": {"auc": 0.3 - diff}},
+    def summary(diff: float, low: float, high: float, n_docs: int = 32) -> dict[str, object]:
+        return {"n_docs": n_docs, "auc": {"circuit": {"auc": 0.3}, "circuit_attribution": {"auc": 0.3 - diff}},
                 "auc_differences": {"circuit - circuit_attribution": {"difference": diff, "ci_low": low,
                                                                        "ci_high": high}},
                 "against_random": {"circuit": {"beats": 4, "n_random": 5, "p_value": 0.33}}}
 
     better = claims.faithfulness_claim(summary(-0.2, -0.3, -0.1))  # change - cause < 0: cause recovers more
-    assert better.verdict == claims.SUPPORTED and "+0.200" in better.evidence and "n = 16" in better.evidence
+    assert better.verdict == claims.SUPPORTED and "+0.200" in better.evidence and "n = 32" in better.evidence
+    few = claims.faithfulness_claim(summary(-0.2, -0.3, -0.1, n_docs=8))  # coverage not checked at 8 documents
+    assert (few.verdict, few.limited_by) == (claims.INCONCLUSIVE, "8 documents")
+    assert "the interval alone reads supported" in few.evidence
     assert "circuit beats 4 of 5 random sets" in better.evidence
     assert claims.faithfulness_claim(summary(0.2, 0.1, 0.3)).verdict == claims.CONTRADICTED
     assert claims.faithfulness_claim(summary(0.05, -0.1, 0.2)).verdict == claims.INCONCLUSIVE

@@ -5,14 +5,13 @@ judges a circuit by a curve instead. For each circuit, its layers are added in
 the order the circuit ranked them and, for k = 1..K, the attention and MLP
 outputs of the first k layers are patched together (``denoise``: the base run
 with the tuned model's outputs; ``noise``: the reverse). The area under the
-curve (the mean recovery over k) summarises it, with a percentile bootstrap
+curve (the mean recovery over k) summarises it, with a studentized bootstrap
 interval over documents; random layer sets of the same size, in random order,
 give the curve a circuit has to beat.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from sumcircuit.artifacts import atomic_write_csv, atomic_write_json, read_csv, read_json
 from sumcircuit.causal.config import CausalError, FaithfulnessConfig, PatchConfig
 from sumcircuit.causal.inputs import encode_for, finished, load_pair, local_runtime, run_key
-from sumcircuit.causal.patching import effect_of, gap_warning, patch_losses
+from sumcircuit.causal.patching import gap_warning, patch_losses
 from sumcircuit.config import coerce_config
 from sumcircuit.models import ModelLike
 from sumcircuit.outputs import require_complete, writes_output
@@ -31,7 +30,7 @@ from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
 from sumcircuit.sites import Site
-from sumcircuit.stats import mean_ci, percentile_interval, resample_counts
+from sumcircuit.stats import mean_ci, ratio_interval, resample_counts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,41 +82,34 @@ def curve_rows(curves: Sequence[tuple[str, str, list[int]]], losses: Any, cfg: F
     """The curve points (effect with its interval), each curve's area under the curve with its interval, and
     the paired difference of the areas of every two circuits (``"a - b"``).
 
-    The area is the mean effect over k = 1..K; its interval comes from the same
-    document resamples as the points (paired across k, curves, base, tuned and patched).
+    Every one is a ratio of document means over the loss gap (the area: the mean
+    over k = 1..K of the points), so each gets the studentized ratio interval
+    (:func:`~sumcircuit.stats.ratio_interval`) on the same document resamples.
     """
     counts = resample_counts(len(losses.base), cfg.n_bootstrap, cfg.seed)
-    n = counts.shape[1]
-    b, t = counts @ losses.base / n, counts @ losses.tuned / n
-    gap = float(losses.base.mean() - losses.tuned.mean())
+    gap = losses.base - losses.tuned  # per document
+
+    def part(patched: np.ndarray) -> np.ndarray:  # the numerator of the effect, per document
+        return np.asarray(losses.base - patched if cfg.direction == "denoise" else patched - losses.tuned)
+
     rows: list[CurveRow] = []
     areas: dict[str, dict[str, float]] = {}
-    area_samples: dict[str, np.ndarray] = {}
+    numerators: dict[str, np.ndarray] = {}
     for name, kind, order in curves:
-        effects, samples = [], []
-        for k in range(1, len(order) + 1):
-            patched = losses.patched[(cfg.direction, f"{name}@{k}")]
-            rec = float((losses.base.mean() - patched.mean()) / gap) if gap else math.nan
-            with np.errstate(divide="ignore", invalid="ignore"):
-                rec_star = (b - counts @ patched / n) / (b - t)
-            eff_star = rec_star if cfg.direction == "denoise" else 1.0 - rec_star
-            low, high = percentile_interval(eff_star, cfg.ci_level)
-            effect = effect_of(cfg.direction, rec)
+        parts = [part(losses.patched[(cfg.direction, f"{name}@{k}")]) for k in range(1, len(order) + 1)]
+        for k, numerator in enumerate(parts, start=1):
+            effect, low, high = ratio_interval(numerator, gap, counts, cfg.ci_level)
             rows.append({"curve": name, "kind": kind, "k": k, "layers": ",".join(map(str, order[:k])),
-                         "effect": effect, "effect_ci_low": float(low), "effect_ci_high": float(high)})
-            effects.append(effect)
-            samples.append(eff_star)
-        area_samples[name] = np.mean(samples, axis=0)
-        area_low, area_high = percentile_interval(area_samples[name], cfg.ci_level)
-        areas[name] = {"auc": float(np.mean(effects)), "ci_low": float(area_low), "ci_high": float(area_high),
-                       "size": len(order)}
+                         "effect": effect, "effect_ci_low": low, "effect_ci_high": high})
+        numerators[name] = np.mean(parts, axis=0)
+        auc, low, high = ratio_interval(numerators[name], gap, counts, cfg.ci_level)
+        areas[name] = {"auc": auc, "ci_low": low, "ci_high": high, "size": len(order)}
     circuits = [name for name, kind, _ in curves if kind == "circuit"]
     differences: dict[str, dict[str, float]] = {}
     for i, a in enumerate(circuits):
-        for b_name in circuits[i + 1:]:
-            low, high = percentile_interval(area_samples[a] - area_samples[b_name], cfg.ci_level)
-            differences[f"{a} - {b_name}"] = {"difference": areas[a]["auc"] - areas[b_name]["auc"],
-                                              "ci_low": float(low), "ci_high": float(high)}
+        for b in circuits[i + 1:]:
+            diff, low, high = ratio_interval(numerators[a] - numerators[b], gap, counts, cfg.ci_level)
+            differences[f"{a} - {b}"] = {"difference": diff, "ci_low": low, "ci_high": high}
     return rows, areas, differences
 
 
@@ -243,8 +235,8 @@ def faithfulness(base: ModelLike, tuned: ModelLike, data: Any, config: Faithfuln
             "auc": "mean effect over k = 1..K (area under the curve, 1 = the whole gap from the first layer on)",
             "random": f"{cfg.random_circuits} random layer sets of each circuit's size, in random order "
                       f"(seed {cfg.seed}); p_value: (1 + random sets with an area >= the circuit's) / (1 + sets)",
-            "ci": f"{cfg.ci_level:.0%} percentile bootstrap over documents, {cfg.n_bootstrap} resamples, paired "
-                  "across k",
+            "ci": f"{cfg.ci_level:.0%} studentized bootstrap of a ratio of document means (delta-method standard "
+                  f"error), {cfg.n_bootstrap} resamples, paired across k and curves",
         },
         "cost": {**losses.cost.summary(n_layers), "wall_s": losses.wall_s},
         "run_key": key,

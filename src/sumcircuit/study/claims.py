@@ -33,6 +33,7 @@ from sumcircuit.study.evidence import StudyEvidence, score_tables
 from sumcircuit.study.verdicts import (
     CONTRADICTED,
     INCONCLUSIVE,
+    MIN_RATIO_DOCS,
     MIN_SEEDS,
     NOT_APPLICABLE,
     NOT_RUN,
@@ -59,7 +60,7 @@ from sumcircuit.study.verdicts import (
 
 __all__ = [  # the verdict rules are re-exported: claims.rouge_claim(...) reads as before
     "CLAIMS", "Claim", "claim_rows", "evaluate_claims", "register_claim", "CONTRADICTED", "INCONCLUSIVE",
-    "MIN_SEEDS", "NOT_APPLICABLE", "NOT_RUN", "PAPER_CIRCUIT_LAYERS", "PAPER_HEAD_SHARE", "PAPER_N_LAYERS",
+    "MIN_RATIO_DOCS", "MIN_SEEDS", "NOT_APPLICABLE", "NOT_RUN", "PAPER_CIRCUIT_LAYERS", "PAPER_HEAD_SHARE", "PAPER_N_LAYERS",
     "PAPER_PARAM_REDUCTION", "SUPPORTED", "ablation_claim", "cause_vs_change_claim", "circuit_layers_claim",
     "ClaimResult", "epochs_claim", "faithfulness_claim", "head_share_claim", "paired_table_diff",
     "paired_verdict", "params_claim", "random_control_claim", "rouge_claim", "stopping_rule", "Table"
