@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The whole study (quick preset, ~15 min on 2 CPU cores; `--preset cpu` is the ~60 min study), resumable:
+# The whole study (quick preset, ~20 min on 2 CPU cores; `--preset cpu` is the ~60+ min study), resumable:
 # rerunning skips finished stages.
 demo: setup
 	$(VENV)/bin/sumcircuit models
