@@ -72,6 +72,34 @@ def test_loss_is_mean_ce_over_summary_tokens_only(tiny_tokenizer) -> None:  # ty
     torch.testing.assert_close(ours, torch.stack(terms).mean(), rtol=1e-6, atol=0)
 
 
+def test_document_objective_models_the_documents_alone(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The control task: labels are the document's own tokens, no summary token is in the input or the loss."""
+    from sumcircuit.training.batches import OBJECTIVES
+
+    data = _data(n=3)
+    examples = load_examples(data).examples
+    encoded = OBJECTIVES["document"](tiny_tokenizer, examples, data, None)
+    for ex, enc in zip(examples, encoded):
+        doc = tiny_tokenizer(ex.text, add_special_tokens=False)["input_ids"]  # independent tokenization
+        start, end = enc.document_span
+        assert enc.input_ids[start:end] == doc[:end - start] and end - start > 0
+        assert end == len(enc.input_ids) and enc.summary_span[0] == enc.summary_span[1]  # nothing after it
+        assert [i for i, t in enumerate(enc.labels) if t != -100] == list(range(start, end))
+        assert enc.labels[start:end] == enc.input_ids[start:end]
+    task = OBJECTIVES["summary"](tiny_tokenizer, examples, data, None)
+    assert all(t.labels[t.document_span[0]:t.document_span[1]] == [-100] * (t.document_span[1] - t.document_span[0])
+               for t in task)
+
+
+def test_document_objective_trains_on_documents(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A full fine-tune with the control objective lowers the documents' loss, and records its objective."""
+    cfg = _cfg(method="full", layers=None, objective="document", max_steps=6, eval_every=3, lr=3e-3)
+    summary = run_finetune(str(tiny_model_dirs["gpt2"]), _data(n=16), cfg, tmp_path / "ctrl")
+    curve = [r["val_loss"] for r in _read_log(tmp_path / "ctrl") if r.get("val_loss") is not None]
+    assert len(curve) >= 2 and curve[-1] < curve[0]
+    assert summary["provenance"]["config"]["objective"] == "document"
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_validation_loss_is_shared_out_over_processes(tiny_tokenizer, world: int) -> None:  # type: ignore[no-untyped-def]
     """Each of N processes runs ceil(batches / N) forward passes, and all get one process's loss, bit for bit.

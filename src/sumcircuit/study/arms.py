@@ -53,7 +53,10 @@ class Arm:
         label: how the report names it.
         variants: ``fn(context) -> [Variant]``; None: one variant named like the arm, no extra config.
         needs: stages its variants read (their keys enter this arm's stage keys).
-        seeds: ``"all"``: every training seed; ``"preset"``: as the preset's ``full_seeds`` says.
+        seeds: ``"all"``: every training seed; ``"preset"``: as the preset's ``full_seeds`` says; ``"first"``:
+            the first seed only.
+        analyze: its first seed's model is also analysed against the base (stage ``analysis_<arm>``, the
+            reference's documents), e.g. a control task whose change is subtracted from summarization's.
 
     Example:
         >>> Arm("targeted_top1", "targeted-lora", "targeted", "targeted (top layer)",
@@ -67,7 +70,8 @@ class Arm:
     label: str
     variants: VariantFn | None = None
     needs: tuple[str, ...] = ()
-    seeds: Literal["all", "preset"] = "all"
+    seeds: Literal["all", "preset", "first"] = "all"
+    analyze: bool = False
 
     def expand(self, context: StudyContext) -> list[Variant]:
         """The arm's trained models in this study."""
@@ -128,3 +132,12 @@ register_arm(Arm("targeted_attribution", "targeted-lora", "targeted", "targeted 
 register_arm(Arm("random", "targeted-lora", "targeted", "random layer sets",
                  lambda ctx: [Variant(f"random{k}", {"layers": tuple(layers)})
                               for k, layers in enumerate(ctx.random_sets, start=1)]))
+# The control task (a generalization study): the reference's method, data and budget, plain language
+# modelling of the documents instead of summaries; analysed against the base like the reference.
+register_arm(Arm("control", "full", "full", "control task (documents only)",
+                 lambda ctx: [Variant("control", {"objective": "document"})], seeds="first", analyze=True))
+# Transfer: targeted LoRA on another study's circuit (preset field `transfer_from`), trained and evaluated
+# here beside this study's own circuit and its random sets; no variant when no circuit is given.
+register_arm(Arm("transfer", "targeted-lora", "targeted", "targeted (transferred circuit)",
+                 lambda ctx: [Variant("transfer", {"layers": tuple(ctx.extra["transfer_layers"])})]
+                 if ctx.extra.get("transfer_layers") else []))

@@ -75,6 +75,10 @@ class StudyLayout:
         """Faithfulness curves of both circuits against random layer sets."""
         return self.root / "faithfulness"
 
+    def analysis_of(self, arm: str) -> Path:
+        """The analysis of an analysed arm's first-seed model against the base (``analysis_control``)."""
+        return self.root / f"analysis_{arm}"
+
     def final(self, run: str) -> Path:
         """The trained model of a fine-tuning stage (a model spec)."""
         return self.root / run / "final"

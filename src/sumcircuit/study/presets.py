@@ -79,6 +79,10 @@ class StudyPreset(Config):
     # Full fine-tunes on every training seed, or on the first only: that one feeds the analysis and
     # causal stages, and no claim compares full fine-tunes, so "first" spends their time elsewhere.
     full_seeds: Literal["all", "first"] = option("all", help="full fine-tunes on every seed or on the first only")
+    transfer_from: str | None = option(None, help="the `transfer` arm's circuit: another study's folder (its KL "
+                                                  "circuit) or a circuit.json, of the same model")
+    causal_stages: tuple[Literal["ablate", "patch", "faithfulness"], ...] = option(
+        ("ablate", "patch", "faithfulness"), help="the causal tests of the reference that close the study")
 
     @property
     def full(self) -> Mapping[str, Any]:
@@ -209,3 +213,31 @@ register_study_preset(StudyPreset(
            "lora": dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3),
            "targeted": dict(lr=5e-5, batch_size=8, grad_accum=2, epochs=10, eval_every=500, patience=3)},
     random_controls=20, eval_batch_size=16, val_split="validation", seeds=(1, 2, 3), random_sets=5))
+_LORA_CPU = dict(lr=3e-3, batch_size=2, grad_accum=2, max_steps=16, eval_every=4, save_every=16, patience=2,
+                 min_delta=0.015, scheduler="constant", val_fraction=0.0625, keep_checkpoints=1)
+register_study_preset(StudyPreset(
+    name="generalize-cpu",
+    description="one domain of a generalization matrix on 2 CPU cores (~30 min with smollm2-135m-instruct): "
+                "the reference full fine-tune and the control task (documents only, same budget) on the first "
+                "seed, analysed on 32 documents; the KL circuit's targeted LoRA, 2 random layer sets and (with "
+                "transfer_from) another domain's circuit on 3 seeds, 16 evaluation documents; faithfulness "
+                "curves only; `sumcircuit compare` reads two or more such studies; small, not a replication",
+    train_docs=256, val_docs=16, eval_docs=16, analysis_docs=32, causal_docs=8, max_tokens=192,
+    max_new_tokens=48,
+    hyper={"full": dict(lr=3e-5, batch_size=2, grad_accum=2, max_steps=16, eval_every=8, save_every=16,
+                        patience=3, val_fraction=0.0625, keep_checkpoints=1),
+           "lora": _LORA_CPU, "targeted": _LORA_CPU},
+    arms=("full", "control", "targeted", "random", "transfer"), random_controls=20, eval_batch_size=8,
+    patch_directions=("denoise",), seeds=(1, 2, 3), random_sets=2, full_seeds="first",
+    causal_stages=("faithfulness",)))
+register_study_preset(StudyPreset(
+    name="generalize-gpu",
+    description="one domain of the generalization matrix at the gpu preset's scale (3 domains x 2+ models, "
+                "each study with the control task and, with transfer_from, another domain's circuit); not yet "
+                "run on a GPU",
+    train_docs=None, val_docs=64, eval_docs=100, analysis_docs=100, causal_docs=32, max_tokens=512,
+    max_new_tokens=96,
+    hyper=STUDY_PRESETS.get("gpu").hyper,
+    arms=("full", "control", "lora_all", "targeted", "targeted_attribution", "random", "transfer"),
+    random_controls=20, eval_batch_size=32, seeds=(1, 2, 3), random_sets=5, mixed_precision="bf16",
+    full_seeds="first"))

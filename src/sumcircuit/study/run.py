@@ -70,6 +70,8 @@ def check_fits_model(cfg: StudyConfig, preset: StudyPreset, runtime: Runtime) ->
     n_layers, n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
     if preset.top_layers > n_layers:
         raise ConfigError("top_layers", f"{preset.top_layers} is more than the {n_layers} layers of {cfg.model}")
+    if preset.transfer_from:
+        transfer_layers(preset.transfer_from, n_layers)
     if preset.top_heads > n_layers * n_heads:
         raise ConfigError("top_heads", f"{preset.top_heads} is more than the {n_layers * n_heads} heads of "
                                        f"{cfg.model} ({n_layers} layers x {n_heads})")
@@ -185,7 +187,12 @@ class StudyGraph:
         random_sets = random_control_sets(n_layers, len(kl_layers), self.preset.random_sets, excluded, self.seed0)
         controls = {"layers": random_sets, "excluded": excluded, "draw_seed": self.seed0,
                     "outside_circuits": all(not set(s) & set(excluded) for s in random_sets)}
-        return StudyContext(n_layers, kl_layers, cause_layers, random_sets), controls
+        context = StudyContext(n_layers, kl_layers, cause_layers, random_sets)
+        if self.preset.transfer_from:
+            context.extra["transfer_layers"] = transfer_layers(self.preset.transfer_from, n_layers)
+            controls["transfer_from"] = {"circuit": str(circuit_path(self.preset.transfer_from)),
+                                         "layers": context.extra["transfer_layers"]}
+        return context, controls
 
     def arms(self, context: StudyContext) -> list[Stage]:
         """Every arm's variants, trained and evaluated once per seed (whole seeds first)."""
@@ -194,7 +201,7 @@ class StudyGraph:
         for seed in self.seeds:
             for arm_name in self.preset.arms:
                 arm = ARMS.get(arm_name)
-                if arm.seeds == "preset" and seed not in full_seeds:
+                if (arm.seeds == "preset" and seed not in full_seeds) or (arm.seeds == "first" and seed != self.seed0):
                     continue
                 for variant in arm.expand(context):
                     name = self.layout.run_name(variant.name, seed)
@@ -214,7 +221,7 @@ class StudyGraph:
 
         preset, layout, seed0 = self.preset, self.layout, self.seed0
         reference = functools.partial(self._final, self.reference)
-        return [
+        stages = [
             Stage("ablate", "causal", {**self.common, "data": asdict(self.causal_data),
                                        "controls": preset.random_controls}, (self.reference, "circuit"),
                   lambda out: ablate(reference(), self.causal_data,
@@ -233,6 +240,49 @@ class StudyGraph:
                       circuits=(str(layout.circuit_file), str(layout.attribution_circuit_file)),
                       random_circuits=FAITHFULNESS_RANDOM, seed=seed0), runtime=self.runtime, out=out, resume=False)),
         ]
+        return [*self.arm_analyses(), *(s for s in stages if s.name in preset.causal_stages)]
+
+    def arm_analyses(self) -> list[Stage]:
+        """``analysis_<arm>``: each analysed arm's first-seed model against the base, on the reference's documents."""
+        stages = []
+        for arm in (ARMS.get(a) for a in self.preset.arms):
+            if not arm.analyze:
+                continue
+            for variant in arm.expand(StudyContext(0, [], [])):
+                run = self.layout.run_name(variant.name, self.seed0)
+                stages.append(Stage(self.layout.analysis_of(variant.name).name, "analyze",
+                                    {**self.common, "data": asdict(self.probe)}, (run,),
+                                    functools.partial(self._analyze_model, run)))
+        return stages
+
+    def _analyze_model(self, run: str, out: Path) -> None:
+        from sumcircuit.analysis.config import AnalysisConfig
+        from sumcircuit.analysis.run import analyze_to_folder
+
+        analyze_to_folder(self.cfg.model, self._final(run), self.probe, AnalysisConfig(seed=self.seed0), out,
+                          self.runtime)
+
+
+def circuit_path(source: str | Path) -> Path:
+    """A study folder's KL circuit, or the circuit.json given."""
+    path = Path(source)
+    return StudyLayout(path).circuit_file if path.is_dir() else path
+
+
+def transfer_layers(source: str | Path, n_layers: int) -> list[int]:
+    """The layers of another study's circuit, for the ``transfer`` arm; a circuit of another depth is refused."""
+    from sumcircuit.circuit.result import read_circuit
+
+    path = circuit_path(source)
+    if not path.is_file():
+        raise ConfigError("transfer_from", f"{source}: no circuit there (a study folder whose circuit stage "
+                                           "finished, or a circuit.json)")
+    circuit = read_circuit(path)
+    depth = circuit.summary.get("n_layers")
+    if depth is not None and depth != n_layers:
+        raise ConfigError("transfer_from", f"{path}: a circuit of a {depth}-layer model; this study's "
+                                           f"model has {n_layers} layers (transfer needs the same model)")
+    return list(circuit.layers)
 
 
 @writes_output("reproduce", "out")

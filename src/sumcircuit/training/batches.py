@@ -1,7 +1,8 @@
 """Training data and the loss: train/validation splits, the epoch sampler, the summary loss, validation.
 
 The loss covers summary tokens only (the mask from
-:func:`sumcircuit.data.encoding.encode`) and is normalized by the summary
+:func:`sumcircuit.data.encoding.encode`; the ``document`` control objective
+labels the document's tokens instead) and is normalized by the labelled
 tokens of the whole optimizer step, so ``batch_size 4 x grad_accum 8``
 computes the gradient of ``batch_size 32``. Data order is a seeded
 permutation per epoch whose position is checkpointed, so a resumed run sees
@@ -10,6 +11,7 @@ exactly the examples an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +21,35 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from sumcircuit.data.config import DataConfig
+from sumcircuit.data.config import DataConfig, Template
 from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, collate, encode_all
 from sumcircuit.data.records import load_examples
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
+
+
+def _summary_examples(tokenizer: Any, examples: Sequence[Any], data: DataConfig, source: Any) -> list[Encoded]:
+    """The task: the loss on the summary's tokens, given the document."""
+    return encode_all(tokenizer, examples, data, need_summary_tokens=True, source=source)
+
+
+def _document_examples(tokenizer: Any, examples: Sequence[Any], data: DataConfig, source: Any) -> list[Encoded]:
+    """The control task: the template's text before the document, then the document alone; the loss on every
+    document token (the whole ``max_tokens`` budget goes to the document, no summary is ever seen)."""
+    prefix = Template.parse(data.template).pre.replace("{", "{{").replace("}", "}}")
+    encoded = encode_all(tokenizer, examples, data.replace(template=prefix + "{document}"), source=source)
+    out = []
+    for enc in encoded:
+        start, end = enc.document_span
+        labels = [IGNORE_INDEX] * len(enc.input_ids)
+        labels[start:end] = enc.input_ids[start:end]
+        out.append(dataclasses.replace(enc, labels=labels))
+    if out and not any(e.document_span[1] > e.document_span[0] for e in out):
+        raise FinetuneError(f"no document tokens to model in {data.data}")
+    return out
+
+
+OBJECTIVES: dict[str, Callable[[Any, Sequence[Any], DataConfig, Any], list[Encoded]]] = {
+    "summary": _summary_examples, "document": _document_examples}
 
 
 @dataclass
@@ -37,10 +64,11 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
                    cfg: ResolvedFinetuneConfig) -> Splits:
     """Encode train and validation data; without ``val_cfg`` hold out a seeded fraction."""
     train_set = load_examples(train_cfg)
+    encode = OBJECTIVES[cfg.objective]
     if val_cfg is not None:
         val_set = load_examples(val_cfg)
-        train = encode_all(tokenizer, train_set.examples, train_cfg, need_summary_tokens=True, source=train_set.source)
-        val = encode_all(tokenizer, val_set.examples, val_cfg, need_summary_tokens=True, source=val_set.source)
+        train = encode(tokenizer, train_set.examples, train_cfg, train_set.source)
+        val = encode(tokenizer, val_set.examples, val_cfg, val_set.source)
         return Splits(train, val, {**train_set.source.provenance(), "n_docs": len(train)},
                       {**val_set.source.provenance(), "n_docs": len(val)})
     examples = train_set.examples
@@ -51,7 +79,7 @@ def prepare_splits(tokenizer: Any, train_cfg: DataConfig, val_cfg: DataConfig | 
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     val_idx = set(order[:n_val])
-    encoded = encode_all(tokenizer, examples, train_cfg, need_summary_tokens=True, source=train_set.source)
+    encoded = encode(tokenizer, examples, train_cfg, train_set.source)
     train = [e for i, e in enumerate(encoded) if i not in val_idx]
     val = [e for i, e in enumerate(encoded) if i in val_idx]
     val_source = {**train_set.source.provenance(), "n_docs": len(val),

@@ -71,6 +71,11 @@ class FinetuneConfig(Config):
                                                           "key/value heads", group=_METHOD)
     layer_seed: int | None = option(None, help="seed of --random-layers (default: --seed)", bound=NON_NEGATIVE,
                                     group=_METHOD)
+    # The control task of a generalization study: the same documents, steps and budget, no summaries, so
+    # whatever it changes is generic fine-tuning, and summarization's own change is the difference.
+    objective: Literal["summary", "document"] = option(
+        "summary", help="summary: the loss on the summary given the document (the task); document: plain language "
+                        "modelling of the documents alone (a control task)", group=_METHOD)
     rank: int = option(8, help="LoRA rank", bound=POSITIVE, group=_METHOD)
     alpha: float = option(16.0, help="LoRA alpha", bound=POSITIVE_REAL, group=_METHOD)
     lora_dropout: float = option(0.05, help="LoRA dropout", bound=between(0.0, 1.0, high_open=True), group=_METHOD)
