@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "run_causal": "sumcircuit.causal.registry",
     "trace": "sumcircuit.hooks", "run_with_cache": "sumcircuit.hooks", "TraceConfig": "sumcircuit.hooks",
     "TraceResult": "sumcircuit.hooks", "HookContext": "sumcircuit.hooks",
+    "compare": "sumcircuit.generalization.run", "CompareConfig": "sumcircuit.generalization.config",
+    "CompareResult": "sumcircuit.generalization.result",
     "run_study": "sumcircuit.study.run", "StudyConfig": "sumcircuit.study.config",
     "StudyPreset": "sumcircuit.study.presets", "StudyResult": "sumcircuit.study.result",
     "load_run": "sumcircuit.results", "Result": "sumcircuit.results", "save_figure": "sumcircuit.plots",
@@ -74,7 +76,8 @@ __all__ = ["__version__", "load_model", "LoadedModel", "load_adapter", "DataConf
            "ablate", "AblationConfig", "AblationResult", "patch", "PatchConfig", "PatchResult", "attribute",
            "AttributionConfig", "AttributionResult", "faithfulness", "FaithfulnessConfig", "FaithfulnessResult",
            "run_causal", "trace", "run_with_cache", "TraceConfig",
-           "TraceResult", "HookContext", "run_study", "StudyConfig", "StudyPreset", "StudyResult", "load_run",
+           "TraceResult", "HookContext", "compare", "CompareConfig", "CompareResult",
+           "run_study", "StudyConfig", "StudyPreset", "StudyResult", "load_run",
            "Result", "register_finetune_method", "FinetuneMethod", "register_causal_method", "CausalMethod",
            "register_circuit_score", "CircuitScore", "register_claim", "register_arm", "Arm",
            "register_study_preset", "register_result_kind", "save_figure"]
@@ -106,6 +109,9 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from sumcircuit.evaluation.config import EvaluationConfig, GenerationConfig
     from sumcircuit.evaluation.result import EvaluationResult
     from sumcircuit.evaluation.run import evaluate
+    from sumcircuit.generalization.config import CompareConfig
+    from sumcircuit.generalization.result import CompareResult
+    from sumcircuit.generalization.run import compare
     from sumcircuit.hooks import HookContext, TraceConfig, TraceResult, run_with_cache, trace
     from sumcircuit.models import LoadedModel, load_adapter, load_model
     from sumcircuit.plots import save_figure

@@ -284,3 +284,55 @@ def circuit_figure(scores: Sequence[float], selected: Sequence[int], stability: 
     ax.set_ylabel("score")
     ax.set_title(title, fontsize=9)
     return fig
+
+
+def overlap_figure(matrices: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], runs: Sequence[str]) -> Figure:
+    """One heatmap per (circuit, level): Jaccard between runs, each cell labelled with the null's 95th percentile."""
+    names = list(matrices)
+    fig = Figure(figsize=(3.6 * max(1, len(names)), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(names))))
+    for ax, name in zip(axes, names):
+        jac = np.array(matrices[name]["jaccard"], dtype=float)
+        q95 = np.array(matrices[name]["null_q95"], dtype=float)
+        ax.imshow(np.ma.masked_invalid(jac), vmin=0, vmax=1, cmap=colormaps["viridis"])
+        for i, j in np.ndindex(jac.shape):
+            if i != j:
+                text = "n/a" if not np.isfinite(jac[i, j]) else f"{jac[i, j]:.2f}\nnull95 {q95[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if np.isfinite(jac[i, j]) and jac[i, j] < 0.5 else "black")
+        ax.set_xticks(range(len(runs)), list(runs), rotation=30, fontsize=7)
+        ax.set_yticks(range(len(runs)), list(runs), fontsize=7)
+        ax.set_title(f"{name} (Jaccard)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def depth_profiles_figure(profiles: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]) -> Figure:
+    """Per-layer KL (and, where run, the KL specific to summarization) of each run against relative depth."""
+    fig = Figure(figsize=(10, 3.6))
+    left, mid, right = fig.subplots(1, 3)
+    for name, rows in _by_run(profiles).items():
+        depth = [float(r["relative_depth"]) for r in rows]
+        left.plot(depth, [float(r["kl"]) for r in rows], marker=".", label=name)
+        mid.plot(depth, [float(r["entropy_delta"]) for r in rows], marker=".", label=name)
+    for name, rows in _by_run(control).items():
+        depth = [float(r["relative_depth"]) for r in rows]
+        line = right.plot(depth, [float(r["kl_specific"]) for r in rows], marker=".", label=name)[0]
+        right.fill_between(depth, [float(r["kl_specific_ci_low"]) for r in rows],
+                           [float(r["kl_specific_ci_high"]) for r in rows], color=line.get_color(), alpha=0.15)
+    for ax, title in ((left, "KL(base || tuned) per layer"), (mid, "entropy change per layer (nats)"),
+                      (right, "KL specific to summarization\n(minus the control task, 95% band)")):
+        ax.set_xlabel("relative depth")
+        ax.set_title(title, fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        ax.axhline(0, color="grey", lw=0.6)
+    fig.tight_layout()
+    return fig
+
+
+def _by_run(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[str(r["run"])].append(r)
+    return {k: sorted(v, key=lambda r: float(r["relative_depth"])) for k, v in out.items()}

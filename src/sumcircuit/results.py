@@ -196,6 +196,7 @@ for _name, _marker, _cls in (
         ("attribution", "attribution.json", "sumcircuit.causal.attribution:AttributionResult"),
         ("faithfulness", "faithfulness.json", "sumcircuit.causal.faithfulness:FaithfulnessResult"),
         ("trace", "trace.json", "sumcircuit.hooks:TraceResult"),
+        ("compare", "compare.json", "sumcircuit.generalization.result:CompareResult"),
         ("circuit", "circuit.json", "sumcircuit.circuit.result:Circuit")):
     register_result_kind(_name, _marker, _cls)
 

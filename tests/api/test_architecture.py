@@ -110,6 +110,7 @@ def test_long_modules_say_why() -> None:
 def test_lazy_exports_never_shadow_a_submodule() -> None:
     """A package's lazy name equal to one of its submodules was replaced by the module on first import."""
     for package in ("sumcircuit", "sumcircuit.analysis", "sumcircuit.causal", "sumcircuit.circuit", "sumcircuit.data",
+                    "sumcircuit.generalization",
                     "sumcircuit.evaluation", "sumcircuit.study", "sumcircuit.training"):
         module = importlib.import_module(package)
         submodules = {m.name for m in pkgutil.iter_modules(module.__path__)}

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 import sumcircuit as sc
+from sumcircuit.generalization.run import compare_profiles
 from sumcircuit.results import RESULT_KINDS
 
-from helpers import CNNDM
+from helpers import CNNDM, synthetic_run
 
 OPERATIONS = (sc.analyze, sc.patch, sc.attribute, sc.ablate, sc.evaluate, sc.finetune)
 
@@ -53,6 +54,8 @@ def results(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathF
         "ablation": sc.ablate(tuned, data, sc.AblationConfig(layers=(1,), random_controls=2, n_bootstrap=20),
                               runtime=quiet),
         "trace": sc.run_with_cache((model, tuned), data, ["L1.mlp"]),
+        "compare": compare_profiles([synthetic_run("a", [3], 1), synthetic_run("b", [5], 2)],
+                                    sc.CompareConfig(n_permutations=200, n_bootstrap=50)),
     }
 
 

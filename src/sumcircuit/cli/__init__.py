@@ -23,7 +23,7 @@ from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.version import __version__
 
 BEFORE = ("models", "data", "analyze", "finetune", "evaluate", "circuit")
-AFTER = ("reproduce", "report")
+AFTER = ("reproduce", "compare", "report")
 
 
 def commands() -> tuple[str, ...]:

@@ -30,7 +30,8 @@ _finished, _read_json, _read_csv = finished, read_json_if_finished, read_csv_if_
 
 # ---------------------------------------------------------------- tables
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table of escaped, formatted cells (numbers to 4 digits)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -83,7 +84,7 @@ def rouge_rows(run: Path, names: Sequence[str]) -> list[list[Any]]:
 
 # ---------------------------------------------------------------- page
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+PAGE_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f3f3f3}img{max-width:100%}.supported{color:#176d2b;font-weight:bold}
 .contradicted{color:#a11;font-weight:bold}.inconclusive{color:#a60;font-weight:bold}.missing{color:#888}
@@ -251,8 +252,8 @@ def _single_output(folder: Path, kind: str) -> list[str]:
         rows = [[key, _rouge_cell(rouge.get(key) or {})] for key in ROUGE_KEYS]
         examples = first_predictions(folder, 5)
         return [_section(f"ROUGE of {_models_label(rouge)} (F1, 95% CI, n = {rouge.get('n')})",
-                         _table(["metric", "F1 [95% CI]"], rows)),
-                _section("Example summaries", _table(["document", "summary", "reference", "stopped by"], examples))]
+                         html_table(["metric", "F1 [95% CI]"], rows)),
+                _section("Example summaries", html_table(["document", "summary", "reference", "stopped by"], examples))]
     if kind in ("patching", "ablation", "attribution", "faithfulness"):
         summary = _read_json(folder / f"{kind}.json") or {}
         per_head = summary.get("granularity") == "head"
@@ -281,16 +282,16 @@ def _study_sections(run: Path, manifest: Mapping[str, Any]) -> list[str]:
     parts = [study_header(manifest), _section("Paper claims vs this run", claims_table(claims.evaluate_claims(run)))]
     names = layout.model_runs()
     rouge = rouge_rows(run, names)
-    parts.append(_section("ROUGE (F1, bootstrap 95% CI over documents, per model and training seed)", _table(
+    parts.append(_section("ROUGE (F1, bootstrap 95% CI over documents, per model and training seed)", html_table(
         ["model", *ROUGE_KEYS, "layers", "trainable params", "epochs to best", "wall time (s)", "n",
          "cut at max_new_tokens"], rouge) + truncation_note(run, names) if rouge else _missing("Evaluation")))
     stops = stopping_rows(run, names)
-    parts.append(_section("Where each fine-tuning run stopped", _table(
+    parts.append(_section("Where each fine-tuning run stopped", html_table(
         ["run", "steps", "best step", "epochs to best", "best validation loss", "outcome"], stops)
         if stops else _missing("Fine-tuning")))
     first = [n for n in names if n == layout.ZERO_SHOT or n.endswith(f"_s{seeds[0]}")] if seeds else names
     examples = example_rows(run, first)
-    parts.append(_section("Example summaries (first training seed, first evaluation documents)", _table(
+    parts.append(_section("Example summaries (first training seed, first evaluation documents)", html_table(
         ["model", "document", "summary", "reference", "stopped by"], examples) if examples else _missing("Evaluation")))
     parts.append(analysis_section(layout.analysis, "Differential analysis"))
 
@@ -360,7 +361,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise SumcircuitError(f"{run}: cannot build the report, a file there is damaged or from another version "
                               f"({type(exc).__name__}: {' '.join(str(exc).split())[:150]})") from None
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sumcircuit report</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+            f"<style>{PAGE_CSS}</style></head><body>{''.join(parts)}</body></html>")
     target = Path(out) if out else layout.report
     with claim_file(target, "--out", names=("report.html",)):  # marks report.html as sumcircuit's, never replaces someone's file
         atomic_write_text(target, page)
