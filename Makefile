@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= ../shared/data
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench gpu-check clean chromium
+.PHONY: setup demo generalize test bench gpu-check clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ demo: setup
 	$(VENV)/bin/sumcircuit reproduce --model smollm2-135m-instruct --data $(DATA)/cnndm_gpt4 --preset quick \
 	  --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.html"
+
+# Two domains, the control task and transfer, then `compare` (generalize-cpu preset, ~1 h on 2 CPU cores)
+GEN_OUT ?= runs/gen
+generalize: setup
+	$(VENV)/bin/sumcircuit reproduce --model smollm2-135m-instruct --data $(DATA)/cnndm_gpt4 \
+	  --preset generalize-cpu --out $(GEN_OUT)/cnndm
+	$(VENV)/bin/sumcircuit reproduce --model smollm2-135m-instruct --data $(DATA)/dialogsum \
+	  --eval-data $(DATA)/dialogsum --eval-split dev --preset generalize-cpu \
+	  --set 'transfer_from="$(GEN_OUT)/cnndm"' --out $(GEN_OUT)/dialogsum
+	$(VENV)/bin/sumcircuit compare $(GEN_OUT)/cnndm $(GEN_OUT)/dialogsum --out $(GEN_OUT)/compare
+	@echo "report: $(GEN_OUT)/compare/compare.html"
 
 # headless Chromium renders the HTML report in a test (Debian package; best effort)
 chromium:

@@ -33,9 +33,11 @@ def toys() -> Iterator[None]:
 
 
 def test_builtin_arms_claims_and_presets() -> None:
-    assert ARMS.names() == ("full", "lora_all", "targeted", "targeted_attribution", "random")
-    assert len(CLAIMS) == 9
-    assert sc.StudyConfig(model="m", data="d").resolved_preset().arms == ARMS.names()
+    assert ARMS.names() == ("full", "lora_all", "targeted", "targeted_attribution", "random", "control", "transfer")
+    assert len(CLAIMS) == 11
+    assert sc.StudyConfig(model="m", data="d").resolved_preset().arms == ARMS.names()[:5]
+    assert sc.StudyConfig(model="m", data="d", preset="generalize-cpu").resolved_preset().arms == \
+        ("full", "control", "targeted", "random", "transfer")
 
 
 def test_a_registered_arm_and_claim_join_the_study(toys: None, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -48,7 +50,7 @@ def test_a_registered_arm_and_claim_join_the_study(toys: None, tiny_model_dirs: 
     assert "targeted_top1_s1/eval" in study.summary["stages"]
     assert not (tmp_path / "run" / "targeted_attribution_s1").exists()  # not among this preset's arms
     claims = study.to_pandas()
-    assert len(claims) == 10 and claims.iloc[-1]["this_run"] == "1 seeds"
+    assert len(claims) == 12 and claims.iloc[-1]["this_run"] == "1 seeds"
     assert "targeted_top1_s1" in (tmp_path / "run" / "report.html").read_text()
     with pytest.raises(sc.ConfigError, match="unknown arm 'nope'"):
         run_study(cfg.replace(overrides={**TINY, "arms": ["nope"]}), tmp_path / "bad")

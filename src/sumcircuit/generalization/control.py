@@ -79,7 +79,7 @@ def _verdict(low: float, high: float, n_docs: int, positive: bool) -> tuple[str,
         verdict = SUPPORTED
     elif (high < 0) if positive else (low > 0):
         verdict = CONTRADICTED
-    if n_docs < MIN_RATIO_DOCS and verdict != INCONCLUSIVE:
+    if n_docs < MIN_RATIO_DOCS:  # like the faithfulness claim: the interval's coverage is checked from 32
         return INCONCLUSIVE, f"{n_docs} documents"
     return verdict, ""
 
@@ -88,11 +88,12 @@ def control_claims(run: str, headline: Mapping[str, Any]) -> list[ClaimResult]:
     """Whether the KL circuit and the entropy shift survive the control task, with their evidence."""
     n = int(headline["n_docs"])
     circ, shift = headline["circuit_kl_specific"], headline["entropy_specific"]
-    few = f"; verdicts need {MIN_RATIO_DOCS} documents (the interval's coverage is 92% at 16)"
+    few = f"; verdicts need {MIN_RATIO_DOCS} documents (the interval covers 94% from 32, 92% at 16 in simulation)"
     verdict, limited = _verdict(circ["ci_low"], circ["ci_high"], n, positive=True)
     layers = ", ".join(map(str, headline["circuit"]))
+    prefix = f"({run}) " if run else ""
     circuit_row = ClaimResult(
-        f"({run}) The circuit's change is specific to summarization (survives the control task)",
+        f"{prefix}The circuit's change is specific to summarization (survives the control task)",
         "not tested in the paper",
         f"KL(base || summarization) - KL(base || control) on layers {layers}: {circ['mean']:+.4g} "
         f"[{circ['ci_low']:+.4g}, {circ['ci_high']:+.4g}]",
@@ -104,7 +105,7 @@ def control_claims(run: str, headline: Mapping[str, Any]) -> list[ClaimResult]:
         limited)
     verdict, limited = _verdict(shift["ci_low"], shift["ci_high"], n, positive=False)
     entropy_row = ClaimResult(
-        f"({run}) Attention becomes more focused by summarization than by the control task",
+        f"{prefix}Attention becomes more focused by summarization than by the control task",
         "62% of heads more focused (no control)",
         f"entropy(summarization) - entropy(control), mean over heads: {shift['mean']:+.4g} "
         f"[{shift['ci_low']:+.4g}, {shift['ci_high']:+.4g}] nats; "

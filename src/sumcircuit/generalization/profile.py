@@ -72,7 +72,8 @@ class RunProfile:
         return (self.base.get("weights_sha256") or self.base.get("spec"), self.n_layers, self.n_heads)
 
 
-def _per_doc(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+def read_per_doc(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """An analysis folder's per-document means ``[D, L, H]`` and tokens ``[D]``, and its document ids."""
     import json
 
     from safetensors import safe_open
@@ -122,7 +123,7 @@ def read_profile(folder: str | Path, label: str | None = None) -> RunProfile:
     evidence = StudyEvidence(root)
     manifest = evidence.manifest()
     analysis = _stage(root, "analysis", layout.analysis / "summary.json")
-    per_doc, doc_ids = _per_doc(layout.analysis)
+    per_doc, doc_ids = read_per_doc(layout.analysis)
     n_layers, n_heads = int(analysis["n_layers"]), int(analysis["n_heads"])
     kl_heads = np.average(per_doc["kl_base_tuned"], axis=0, weights=per_doc["tokens"]).reshape(-1)
     circuits: dict[str, CircuitScores] = {}
@@ -141,7 +142,7 @@ def read_profile(folder: str | Path, label: str | None = None) -> RunProfile:
     control_ids: list[str] = []
     if layout.analysis_of("control").is_dir():
         _stage(root, "analysis_control", layout.analysis_of("control") / "summary.json")
-        control, control_ids = _per_doc(layout.analysis_of("control"))
+        control, control_ids = read_per_doc(layout.analysis_of("control"))
         if control_ids != doc_ids or not np.array_equal(control["tokens"], per_doc["tokens"]):
             raise CompareError(f"{layout.analysis_of('control')}: not the documents of {layout.analysis}; "
                                "rerun both stages")

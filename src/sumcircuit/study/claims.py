@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sumcircuit.registry import Registry
-from sumcircuit.study.evidence import StudyEvidence, score_tables
+from sumcircuit.study.evidence import StudyEvidence, finished, score_tables
 from sumcircuit.study.verdicts import (
     CONTRADICTED,
     INCONCLUSIVE,
@@ -158,10 +158,37 @@ def _judge_faithfulness(ev: StudyEvidence) -> ClaimResult:
     return faithfulness_claim(ev.faithfulness())
 
 
+_CONTROL_CLAIMS = ("The circuit's change is specific to summarization (survives the control task)",
+                   "Attention becomes more focused by summarization than by the control task")
+
+
+def _control_judge(which: int) -> Callable[[StudyEvidence], ClaimResult]:
+    """The control-task claims (arm ``control``): the KL circuit's change, then the entropy shift."""
+    def judge(ev: StudyEvidence) -> ClaimResult:
+        from sumcircuit.generalization.control import control_claims, specific_change
+        from sumcircuit.generalization.profile import read_per_doc
+
+        folder = ev.layout.analysis_of("control")
+        circuit = ev.circuit().get("layers")
+        if not (finished(folder / "per_doc.safetensors") and finished(ev.layout.analysis / "per_doc.safetensors")
+                and circuit):
+            return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN,
+                               "the control task (arm `control`, e.g. preset generalize-cpu) did not run")
+        (summary, ids), (control, control_ids) = read_per_doc(ev.layout.analysis), read_per_doc(folder)
+        if ids != control_ids:
+            return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN,
+                               f"{folder} is not on the analysis's documents; rerun both stages")
+        headline = specific_change(summary, control, circuit, n_bootstrap=2000, seed=0, ci_level=0.95)[1]
+        row = control_claims("", headline)[which]
+        return ClaimResult(_CONTROL_CLAIMS[which], row.paper, row.this_run, row.verdict, row.evidence, row.limited_by)
+    return judge
+
+
 for _name, _judge in (("head_share", _judge_head_share), ("circuit_layers", _judge_circuit_layers),
                       ("rouge", _judge_rouge), ("params", _judge_params), ("epochs", _judge_epochs),
                       ("random_control", _judge_random_control), ("ablation", _judge_ablation),
-                      ("cause_vs_change", _judge_cause_vs_change), ("faithfulness", _judge_faithfulness)):
+                      ("cause_vs_change", _judge_cause_vs_change), ("faithfulness", _judge_faithfulness),
+                      ("control_circuit", _control_judge(0)), ("control_entropy", _control_judge(1))):
     register_claim(_name, _judge)
 
 

@@ -55,7 +55,9 @@ class StudyConfig(Config):
                                               "quick holds out a seeded slice of the training docs)")
     preset: str = option("quick", help="quick: CI-sized smoke test (~15 min on a 2-core CPU); cpu: ~60 min on 2 CPU "
                                        "cores, 3 seeds; gpu: ~20 min on one H200-class GPU, 3 seeds; paper: the "
-                                       "paper's hyper-parameters at full scale (GPU)", choices=_preset_names)
+                                       "paper's hyper-parameters at full scale (GPU); generalize-cpu / generalize-gpu: "
+                                       "one domain of a generalization matrix, with the control task and transfer "
+                                       "(see `sumcircuit compare`)", choices=_preset_names)
     seeds: tuple[int, ...] | None = option(None, help="comma-separated training seeds: every method and every random "
                                                       "layer set is trained once per seed (default: the preset's)",
                                            normalize=_seeds)
