@@ -162,3 +162,36 @@ def test_cli_compare_refuses_bad_runs(tiny_studies: tuple[Path, Path], tmp_path:
     before = snapshot(news)
     cli_fails(["compare", str(news), str(other), "--out", str(news / "cmp")], capsys)  # inside an input
     assert snapshot(news) == before
+
+
+def test_reproduce_refuses_a_transfer_circuit_it_cannot_use(tiny_studies: tuple[Path, Path], tmp_path: Path,
+                                                            capsys) -> None:  # type: ignore[no-untyped-def]
+    """Before any stage: a missing circuit, and one of a model of another depth (transfer needs the same model)."""
+    news, _ = tiny_studies
+    model = json.loads((news / "reproduce.json").read_text())["study"]["model"]
+    base = ["reproduce", "--model", model, "--data", str(CNNDM), "--preset", "generalize-cpu", "--seeds", "1",
+            "--out", str(tmp_path / "run")]
+    cli_fails([*base, "--set", f'transfer_from="{tmp_path / "nowhere"}"'], capsys, "transfer_from", "no circuit there")
+    deeper = json.loads((news / "circuit" / "circuit.json").read_text())
+    deeper["n_layers"] = 99
+    (tmp_path / "deep.json").write_text(json.dumps(deeper))
+    cli_fails([*base, "--set", f'transfer_from="{tmp_path / "deep.json"}"'], capsys, "a circuit of a 99-layer model")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resampling_the_attribution_circuit_reproduces_its_picks(tiny_studies: tuple[Path, Path]) -> None:
+    """The exact per-document deltas re-pick the circuit the study chose: all documents once = the full sample."""
+    from sumcircuit.generalization.profile import read_profile
+    from sumcircuit.generalization.stats import _resampler
+
+    for folder in tiny_studies:
+        run = read_profile(folder)
+        assert run.attribution is not None and run.confirmed
+        circuit = run.circuits["attribution"]
+        n, layers = _resampler(run, "attribution", "layers", run.n_layers)  # type: ignore[misc]
+        picks, _ = layers(np.ones((1, n)))
+        assert sorted(np.argsort(-picks[0], kind="stable")[:len(circuit.layers)].tolist()) == sorted(circuit.layers)
+        _, heads = _resampler(run, "attribution", "heads", run.n_layers)  # type: ignore[misc]
+        picks, _ = heads(np.ones((1, n)))
+        top = np.argsort(-np.nan_to_num(picks[0], nan=-np.inf), kind="stable")[:len(circuit.heads)]
+        assert {f"L{i // run.n_heads}.H{i % run.n_heads}" for i in top} == set(circuit.heads)

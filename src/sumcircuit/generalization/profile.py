@@ -15,6 +15,7 @@ import numpy as np
 
 from sumcircuit.errors import SumcircuitError
 from sumcircuit.outputs import incomplete_reason
+from sumcircuit.sites import Site
 from sumcircuit.study.evidence import StudyEvidence, read_csv_if_finished, read_json_if_finished
 from sumcircuit.study.layout import StudyLayout
 
@@ -50,6 +51,8 @@ class RunProfile:
     control: dict[str, np.ndarray] | None = None
     control_doc_ids: list[str] = field(default_factory=list)
     transfer_from: dict[str, Any] | None = None
+    attribution: dict[str, np.ndarray] | None = None  # per-document deltas: attn, mlp [D, L]; heads [D, L*H]
+    confirmed: list[int] = field(default_factory=list)  # heads patched exactly (the circuit picks among them)
 
     @property
     def n_layers(self) -> int:
@@ -100,6 +103,37 @@ def _stage(folder: Path, stage: str, file: Path) -> dict[str, Any]:
     return data
 
 
+def read_attribution_deltas(layout: StudyLayout, direction: str, n_layers: int,
+                            n_heads: int) -> tuple[dict[str, np.ndarray], list[int]] | None:
+    """Per-document loss deltas of the attribution stage (exact for blocks and confirmed heads) and the confirmed
+    heads, or None when the stage kept none: what re-picking the attribution circuit in a resample needs."""
+    from safetensors import safe_open
+
+    summary = read_json_if_finished(layout.attribution / "attribution.json")
+    path = layout.attribution / "attribution_neurons.safetensors"
+    if summary is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "numpy") as handle:
+            keys = set(handle.keys())
+
+            def column(kind: str, width: int) -> np.ndarray | None:
+                names = [f"per_doc.{direction}.{kind}.{layer}" for layer in range(n_layers)]
+                if not all(n in keys for n in names):
+                    return None
+                return np.concatenate([np.asarray(handle.get_tensor(n), dtype=np.float64).reshape(-1, width)
+                                       for n in names], axis=1)
+
+            parts = {"attn": column("attn", 1), "mlp": column("mlp", 1), "heads": column("attn_heads", n_heads)}
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"{path}: cannot be read ({str(exc)[:120]}); rerun the attribution stage") from None
+    if any(v is None for v in parts.values()) or (summary.get("blocks") or {}).get("method") != "exact":
+        return None
+    confirmed = ((summary.get("confirmed") or {}).get("exact_effect") or {}).get(direction) or {}
+    heads = sorted(Site.parse(name).layer * n_heads + int(Site.parse(name).index or 0) for name in confirmed)
+    return {k: v for k, v in parts.items() if v is not None}, heads
+
+
 def _attribution_heads(layout: StudyLayout, direction: str, n_layers: int, n_heads: int) -> np.ndarray | None:
     rows = read_csv_if_finished(layout.attribution / "attribution.csv", ("direction", "kind", "layer", "head"))
     scores = np.full(n_layers * n_heads, np.nan)
@@ -147,6 +181,8 @@ def read_profile(folder: str | Path, label: str | None = None) -> RunProfile:
             raise CompareError(f"{layout.analysis_of('control')}: not the documents of {layout.analysis}; "
                                "rerun both stages")
     models = (analysis.get("provenance") or {}).get("models") or [{}]
+    deltas = read_attribution_deltas(layout, "denoise", n_layers, n_heads)
     return RunProfile(label or root.name, root, dict(manifest.get("study") or {}), dict(models[0]), analysis,
                       per_doc, doc_ids, circuits, control, control_ids,
-                      (manifest.get("random_controls") or {}).get("transfer_from"))
+                      (manifest.get("random_controls") or {}).get("transfer_from"),
+                      deltas[0] if deltas else None, deltas[1] if deltas else [])

@@ -1,17 +1,17 @@
 """The overlap rows of two runs: observed Jaccard and Spearman, their nulls and document-bootstrap intervals.
 
-Intervals exist for the KL circuit, whose scores are token-weighted means of
-the analysis's per-document statistics: each run's documents are resampled
-independently and the circuit re-picked in every resample. They show how
-much the overlap depends on which documents were analysed (a percentile
-interval of a set statistic; its coverage is not checked, so verdicts use
-the permutation p-values). The attribution circuit's exact confirmations are
-not per document: its rows have the null but no interval. The analysis
-reads one fine-tune per study, so no interval covers training seeds.
+Each run's documents are resampled independently and its circuit re-picked
+in every resample: the KL circuit from the analysis's per-document KL, the
+attribution circuit from the exact per-document loss deltas of its blocks
+and confirmed heads. The intervals show how much the overlap depends on
+which documents were analysed (a percentile interval of a set statistic;
+its coverage is not checked, so verdicts use the permutation p-values). The
+analysis reads one fine-tune per study, so no interval covers training seeds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import numpy as np
@@ -107,27 +107,63 @@ def pair_rows(a: RunProfile, b: RunProfile, circuit: str, level: Level, cfg: Com
                      null_q95=float(np.nanquantile(null, 0.95)), p_value=p_at_least(observed, null), spearman=rho,
                      spearman_ci_low=float("nan"), spearman_ci_high=float("nan"),
                      spearman_p=p_at_least(rho, rho_null), note="")
-    if circuit == "kl" and ca.head_scores is not None and cb.head_scores is not None:
-        _bootstrap(row, a, b, level, n_items, cfg)
+    resamplers = [_resampler(run, circuit, level, n_items) for run in (a, b)]
+    if resamplers[0] is not None and resamplers[1] is not None:
+        _bootstrap(row, [resamplers[0], resamplers[1]], cfg)
     else:
-        row["note"] = ("no interval: the attribution circuit's exact confirmations are not per document"
+        row["note"] = ("no interval: the attribution stage kept no exact per-document deltas"
                        if circuit == "attribution" else "no interval: the circuit's score is not per-head KL")
     if xa is None or xb is None:
         row["note"] = (row["note"] + "; " if row["note"] else "") + "no per-head scores for the rank correlation"
     return row
 
 
-def _bootstrap(row: OverlapRow, a: RunProfile, b: RunProfile, level: Level, n_items: int,
-               cfg: CompareConfig) -> None:
+Resampler = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # counts -> (pick scores, profile scores)
+
+
+def _resampler(run: RunProfile, circuit: str, level: Level, n_items: int) -> tuple[int, Resampler] | None:
+    """(documents, how one run's circuit is re-scored on a resample of them); None when it cannot be.
+
+    KL circuit: token-weighted per-head KL of the analysis. Attribution circuit: the exact per-document loss
+    deltas of the blocks (layer score |attn| + |mlp|; the gap, one positive number per run, does not change
+    a ranking) and of the heads, which are picked only among the heads patched exactly.
+    """
+    if circuit == "kl":
+        if run.circuits["kl"].head_scores is None:
+            return None
+
+        def kl(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            heads = resampled_kl(run, counts)
+            scores = heads if level == "heads" else depth_grid(_layer_kl(heads, run.n_heads), n_items)
+            return scores, scores
+        return len(run.per_doc["tokens"]), kl
+    deltas = run.attribution
+    if deltas is None:
+        return None
+
+    def attribution(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def mean(x: np.ndarray) -> np.ndarray:
+            means: np.ndarray = np.abs(np.asarray(counts @ x) / counts.sum(1, keepdims=True))
+            return means
+        if level == "heads":
+            scores = mean(deltas["heads"])
+            picks = np.full_like(scores, np.nan)
+            picks[:, run.confirmed] = scores[:, run.confirmed]
+            return picks, scores
+        layers = depth_grid(mean(deltas["attn"]) + mean(deltas["mlp"]), n_items)
+        return layers, layers
+    return len(deltas["attn"]), attribution
+
+
+def _bootstrap(row: OverlapRow, resamplers: list[tuple[int, Resampler]], cfg: CompareConfig) -> None:
     """Fill the row's document-bootstrap intervals (each run's documents resampled independently)."""
-    samples: list[np.ndarray] = []
-    for i, run in enumerate((a, b)):
-        counts = resample_counts(len(run.per_doc["tokens"]), cfg.n_bootstrap, cfg.seed + 7919 * i)
-        heads = resampled_kl(run, counts)
-        samples.append(heads if level == "heads" else depth_grid(_layer_kl(heads, run.n_heads), n_items))
-    ka, kb = row["size_a"], row["size_b"]
-    jac = jaccard_rows(membership(samples[0], ka), membership(samples[1], kb))
-    rho = np.array([spearman(x, y) for x, y in zip(*samples)])
+    picks, profiles = [], []
+    for i, (n, resample) in enumerate(resamplers):
+        chosen, profile = resample(resample_counts(n, cfg.n_bootstrap, cfg.seed + 7919 * i).astype(np.float64))
+        picks.append(chosen)
+        profiles.append(profile)
+    jac = jaccard_rows(membership(picks[0], row["size_a"]), membership(picks[1], row["size_b"]))
+    rho = np.array([spearman(x, y) for x, y in zip(*profiles)])
     row["jaccard_ci_low"], row["jaccard_ci_high"] = percentile(jac, cfg.ci_level)
     row["spearman_ci_low"], row["spearman_ci_high"] = percentile(rho, cfg.ci_level)
 
