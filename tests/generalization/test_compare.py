@@ -124,6 +124,12 @@ def test_generalize_study_trains_control_and_transfer(tiny_studies: tuple[Path, 
     assert control["provenance"]["config"]["objective"] == "document" and not (news / "control_s2").exists()
     assert (news / "analysis_control" / "per_doc.safetensors").is_file()
     assert not (news / "ablate").exists() and (news / "faithfulness" / "faithfulness.json").is_file()
+    page = (other / "report.html").read_text()
+    assert "targeted (transferred circuit) and each of the 1 random layer sets trained once per seed; the full " \
+           "fine-tune and control task (documents only) on seed 1 only" in page
+    claims = {c["claim"]: c for c in sc.load_run(news).claims}
+    assert claims["Attention becomes more focused by summarization than by the control task"]["limited_by"] == \
+        "4 documents"
 
 
 def test_cli_compare_end_to_end(tiny_studies: tuple[Path, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

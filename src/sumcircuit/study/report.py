@@ -119,8 +119,7 @@ def study_header(manifest: Mapping[str, Any]) -> str:
             ("evaluation data", study.get("eval_data") or f"{study.get('data')} (split val)"),
             ("preset", f"{preset.get('name')}: {preset.get('description')}"),
             ("training seeds", f"{', '.join(map(str, seeds))}: {_arms_text(preset, n_sets, full_every_seed)} trained "
-                               "once per seed" + ("" if full_every_seed else
-                                                  f"; the full fine-tune on seed {seeds[0] if seeds else '-'} only")),
+                               "once per seed" + _first_seed_text(preset, seeds[0] if seeds else "-", full_every_seed)),
             ("documents per stage", f"training {preset.get('train_docs') or 'all'} (validation: "
                                     f"{preset.get('val_docs')} held out), ROUGE evaluation {preset.get('eval_docs')} "
                                     f"x {len(seeds)} seeds per method, analysis {preset.get('analysis_docs')}, "
@@ -137,6 +136,16 @@ def study_header(manifest: Mapping[str, Any]) -> str:
     return _section(f"This run ({kind})", f"<table>{body}</table>")
 
 
+def _first_seed_text(preset: Mapping[str, Any], seed: Any, full_every_seed: bool) -> str:
+    """The arms trained on the first seed only: ``; the full fine-tune and the control task on seed 1 only``."""
+    from sumcircuit.study.arms import ARMS
+
+    arms = list(preset.get("arms") or ARMS.names())
+    first = ([] if full_every_seed or "full" not in arms else ["the full fine-tune"]) + \
+        [ARMS.get(a).label for a in arms if a in ARMS and ARMS.get(a).seeds == "first"]
+    return f"; {' and '.join(first)} on seed {seed} only" if first else ""
+
+
 def _arms_text(preset: Mapping[str, Any], n_sets: int, full_every_seed: bool) -> str:
     """The preset's arms in words: ``full, LoRA-all, both targeted runs and each of the 5 random layer sets``."""
     from sumcircuit.study.arms import ARMS
@@ -147,7 +156,8 @@ def _arms_text(preset: Mapping[str, Any], n_sets: int, full_every_seed: bool) ->
     targeted = [a for a in ("targeted", "targeted_attribution") if a in arms]
     parts += ["both targeted runs"] if len(targeted) == 2 else (["the targeted run"] if targeted else [])
     builtin = {"full", "lora_all", "targeted", "targeted_attribution", "random"}
-    parts += [ARMS.get(a).label if a in ARMS else a for a in arms if a not in builtin]
+    parts += [ARMS.get(a).label if a in ARMS else a for a in arms
+              if a not in builtin and not (a in ARMS and ARMS.get(a).seeds == "first")]
     parts += [f"each of the {n_sets} random layer sets"] if "random" in arms else []
     return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + (parts[-1] if parts else "no arm")
 
