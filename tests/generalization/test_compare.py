@@ -64,15 +64,21 @@ def test_control_difference_is_exact_on_a_tiny_pair(tiny_model_dirs: dict[str, P
     summ, ctrl = sc.analyze(base, tuned, data, runtime=rt), sc.analyze(base, base, data, runtime=rt)
     per_doc = [{k: v.double().numpy() for k, v in r.per_doc.items()} for r in (summ, ctrl)]
     assert np.abs(per_doc[1]["kl_base_tuned"]).max() < 1e-6  # base vs itself
-    rows, headline = specific_change(per_doc[0], per_doc[1], [1], n_bootstrap=200, seed=0, ci_level=0.95)
+    rows, head_rows, headline = specific_change(per_doc[0], per_doc[1], [1], n_bootstrap=200, seed=0,
+                                                ci_level=0.95)
     layers = summ.to_pandas("layers")
-    heads = summ.to_pandas("heads")
+    heads = summ.to_pandas("heads").set_index(["layer", "head"])
     for row in rows:
         assert row["kl_specific"] == pytest.approx(float(layers.loc[row["layer"], "kl_base_tuned"]), rel=1e-4, abs=1e-8)
-        delta = float(heads[heads["layer"] == row["layer"]]["entropy_delta"].mean())
+        delta = float(heads.loc[row["layer"]]["entropy_delta"].mean())
         assert row["entropy_specific"] == pytest.approx(delta, rel=1e-4, abs=1e-7)
         assert row["kl_specific_ci_low"] <= row["kl_specific"] <= row["kl_specific_ci_high"]
     assert headline["circuit_kl_specific"]["mean"] == pytest.approx(rows[1]["kl_specific"], rel=1e-9)
+    assert len(head_rows) == len(heads)
+    for row in head_rows:  # per head: the analysis's own per-head KL and entropy change
+        want = heads.loc[(row["layer"], row["head"])]
+        assert row["kl_specific"] == pytest.approx(float(want["kl_base_tuned"]), rel=1e-4, abs=1e-8)
+        assert row["entropy_specific"] == pytest.approx(float(want["entropy_delta"]), rel=1e-4, abs=1e-7)
 
 
 def test_control_claims_need_their_documents() -> None:
@@ -80,17 +86,17 @@ def test_control_claims_need_their_documents() -> None:
     control = dict(a.per_doc, kl_base_tuned=a.per_doc["kl_base_tuned"] * 0.2,
                    entropy_tuned=a.per_doc["entropy_tuned"] + np.random.default_rng(0).normal(0.3, 0.1, (32, 16, 4)))
     # the control changes the circuit less and focuses attention less
-    _, headline = specific_change(a.per_doc, control, [3], n_bootstrap=500, seed=0, ci_level=0.95)
+    _, _, headline = specific_change(a.per_doc, control, [3], n_bootstrap=500, seed=0, ci_level=0.95)
     circuit, entropy = control_claims("a", headline)
     assert circuit.verdict == "supported" and entropy.verdict == "supported" and not circuit.limited_by
     few = synthetic_run("b", [3], 1, n_docs=8)
     fewer = dict(few.per_doc, kl_base_tuned=few.per_doc["kl_base_tuned"] * 0.2)
     circuit, _ = control_claims("b", specific_change(few.per_doc, fewer, [3], n_bootstrap=500, seed=0,
-                                                     ci_level=0.95)[1])
+                                                     ci_level=0.95)[2])
     assert circuit.verdict == "inconclusive" and circuit.limited_by == "8 documents"
     backwards = dict(a.per_doc, kl_base_tuned=a.per_doc["kl_base_tuned"] * 3)  # the control changes it more
     circuit, _ = control_claims("a", specific_change(a.per_doc, backwards, [3], n_bootstrap=500, seed=0,
-                                                     ci_level=0.95)[1])
+                                                     ci_level=0.95)[2])
     assert circuit.verdict == "contradicted"
 
 

@@ -30,13 +30,14 @@ def _weighted(values: np.ndarray, tokens: np.ndarray, counts: np.ndarray, ci_lev
 
 
 def specific_change(summary: PerDoc, control: PerDoc, circuit: Sequence[int], *, n_bootstrap: int, seed: int,
-                    ci_level: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-layer rows of the specific change and the headline numbers (circuit, entropy shift).
+                    ci_level: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Per-layer and per-head rows of the specific change and the headline numbers (circuit, entropy shift).
 
     Returns:
-        ``(rows, headline)``: one row per layer (KL of each fine-tune, their difference with its interval, the
-        mean head entropy difference with its interval); the circuit's mean specific KL and the mean specific
-        entropy change over all heads, each with its interval, and the top layers by specific KL.
+        ``(layer_rows, head_rows, headline)``: per layer, KL of each fine-tune, their difference with its
+        interval, the mean head entropy difference with its interval; per head, the KL and entropy differences
+        with their intervals; the circuit's mean specific KL and the mean specific entropy change over all heads,
+        each with its interval, and the top layers by specific KL.
     """
     tokens = np.asarray(summary["tokens"], dtype=np.float64)
     n_docs, n_layers = tokens.size, summary["kl_base_tuned"].shape[1]
@@ -52,6 +53,14 @@ def specific_change(summary: PerDoc, control: PerDoc, circuit: Sequence[int], *,
                      "kl_control": float(np.average(kl_c[:, layer], weights=tokens)),
                      "kl_specific": kl, "kl_specific_ci_low": low, "kl_specific_ci_high": high,
                      "entropy_specific": e, "entropy_specific_ci_low": e_low, "entropy_specific_ci_high": e_high})
+    kl_heads = (summary["kl_base_tuned"] - control["kl_base_tuned"]).astype(np.float64)  # [D, L, H]
+    heads = []
+    for layer, head in np.ndindex(*kl_heads.shape[1:]):
+        kl, low, high = _weighted(kl_heads[:, layer, head], tokens, counts, ci_level)
+        e, e_low, e_high = _weighted(ent[:, layer, head], tokens, counts, ci_level)
+        heads.append({"layer": layer, "head": head, "component": f"L{layer}.H{head}", "kl_specific": kl,
+                      "kl_specific_ci_low": low, "kl_specific_ci_high": high, "entropy_specific": e,
+                      "entropy_specific_ci_low": e_low, "entropy_specific_ci_high": e_high})
     picks = list(circuit)
     circ = _weighted((kl_s[:, picks] - kl_c[:, picks]).mean(-1), tokens, counts, ci_level) if picks else \
         (math.nan,) * 3
@@ -65,7 +74,7 @@ def specific_change(summary: PerDoc, control: PerDoc, circuit: Sequence[int], *,
                 "top_layers_specific": [int(i) for i in order[:len(picks)]],
                 "circuit_kl_summary": float(np.average(kl_s[:, picks].mean(-1), weights=tokens)) if picks else None,
                 "circuit_kl_control": float(np.average(kl_c[:, picks].mean(-1), weights=tokens)) if picks else None}
-    return rows, headline
+    return rows, heads, headline
 
 
 def _verdict(low: float, high: float, n_docs: int, positive: bool) -> tuple[str, str]:

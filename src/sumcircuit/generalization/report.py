@@ -78,7 +78,8 @@ def page_parts(result: CompareResult) -> list[str]:
         claims = [ClaimResult(**{k: str(v) for k, v in c.items()}) for c in rows["claims"]]
         parts.append(_section("Control task: what is specific to summarization", claims_table(claims) + _p(
             s["definitions"]["control"] + ". The control task is a full fine-tune with the same documents, steps "
-            "and budget on plain language modelling of the documents (no summaries).")))
+            "and budget on plain language modelling of the documents (no summaries). Per layer: control.csv and the "
+            "right panel above; per head: control_heads.csv.")))
     else:
         parts.append(_section("Control task", _p("No run has a control task (preset arm `control`).")))
     if rows["transfer"]:

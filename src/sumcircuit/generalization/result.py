@@ -66,6 +66,21 @@ class ControlRow(TypedDict):
     entropy_specific_ci_high: float
 
 
+class ControlHeadRow(TypedDict):
+    """One head's change specific to summarization (``control_heads.csv``)."""
+
+    run: str
+    layer: int
+    head: int
+    component: str
+    kl_specific: float
+    kl_specific_ci_low: float
+    kl_specific_ci_high: float
+    entropy_specific: float
+    entropy_specific_ci_low: float
+    entropy_specific_ci_high: float
+
+
 class TransferRow(TypedDict):
     """One comparison of the transferred circuit on a run's data (``transfer.csv``)."""
 
@@ -97,7 +112,7 @@ class ClaimRow(TypedDict):
 
 
 ROW_TYPES: dict[str, type[Any]] = {"runs": RunRow, "overlap": OverlapRow, "profiles": ProfileRow, "control": ControlRow,
-                              "transfer": TransferRow, "claims": ClaimRow}
+                              "control_heads": ControlHeadRow, "transfer": TransferRow, "claims": ClaimRow}
 TABLES = tuple(ROW_TYPES)
 
 

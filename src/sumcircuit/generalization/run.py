@@ -120,13 +120,15 @@ def compare_profiles(profiles: Sequence[RunProfile], cfg: CompareConfig) -> Comp
             raise CompareError(f"`levels`: heads compare only runs of the same model ({models}); use layers, which "
                                "compares models at relative depth")
     control: list[dict[str, Any]] = []
+    control_heads: list[dict[str, Any]] = []
     claims: list[dict[str, Any]] = []
     for run in profiles:
         if run.control is None:
             continue
-        rows, headline = specific_change(run.per_doc, run.control, run.circuits["kl"].layers,
-                                         n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, ci_level=cfg.ci_level)
+        rows, heads, headline = specific_change(run.per_doc, run.control, run.circuits["kl"].layers,
+                                                n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, ci_level=cfg.ci_level)
         control += [{"run": run.label, **r} for r in rows]
+        control_heads += [{"run": run.label, **r} for r in heads]
         claims += [dict(vars(c)) for c in control_claims(run.label, headline)]
     transfer = [row for run in profiles for row in transfer_rows(run, profiles)]
     labels = [p.label for p in profiles]
@@ -157,7 +159,8 @@ def compare_profiles(profiles: Sequence[RunProfile], cfg: CompareConfig) -> Comp
              .get("data"), "study": p.study} for p in profiles]),
     }
     tables = {"runs": [run_row(p) for p in profiles], "overlap": [dict(r) for r in overlap],
-            "profiles": [r for p in profiles for r in profile_rows(p)], "control": control, "transfer": transfer,
+            "profiles": [r for p in profiles for r in profile_rows(p)], "control": control,
+              "control_heads": control_heads, "transfer": transfer,
             "claims": claims}
     return CompareResult(summary, tables)
 

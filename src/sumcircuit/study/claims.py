@@ -178,7 +178,7 @@ def _control_judge(which: int) -> Callable[[StudyEvidence], ClaimResult]:
         if ids != control_ids:
             return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN,
                                f"{folder} is not on the analysis's documents; rerun both stages")
-        headline = specific_change(summary, control, circuit, n_bootstrap=2000, seed=0, ci_level=0.95)[1]
+        headline = specific_change(summary, control, circuit, n_bootstrap=2000, seed=0, ci_level=0.95)[2]
         row = control_claims("", headline)[which]
         return ClaimResult(_CONTROL_CLAIMS[which], row.paper, row.this_run, row.verdict, row.evidence, row.limited_by)
     return judge
