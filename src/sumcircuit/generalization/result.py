@@ -50,7 +50,18 @@ class ProfileRow(TypedDict):
     entropy_delta: float
 
 
-class ControlRow(TypedDict):
+class _SpecificChange(TypedDict):
+    """The change specific to summarization at one component, with its intervals."""
+
+    kl_specific: float
+    kl_specific_ci_low: float
+    kl_specific_ci_high: float
+    entropy_specific: float
+    entropy_specific_ci_low: float
+    entropy_specific_ci_high: float
+
+
+class ControlRow(_SpecificChange):
     """One layer's change specific to summarization (``control.csv``)."""
 
     run: str
@@ -58,27 +69,15 @@ class ControlRow(TypedDict):
     relative_depth: float
     kl_summary: float
     kl_control: float
-    kl_specific: float
-    kl_specific_ci_low: float
-    kl_specific_ci_high: float
-    entropy_specific: float
-    entropy_specific_ci_low: float
-    entropy_specific_ci_high: float
 
 
-class ControlHeadRow(TypedDict):
+class ControlHeadRow(_SpecificChange):
     """One head's change specific to summarization (``control_heads.csv``)."""
 
     run: str
     layer: int
     head: int
     component: str
-    kl_specific: float
-    kl_specific_ci_low: float
-    kl_specific_ci_high: float
-    entropy_specific: float
-    entropy_specific_ci_low: float
-    entropy_specific_ci_high: float
 
 
 class TransferRow(TypedDict):
@@ -114,6 +113,13 @@ class ClaimRow(TypedDict):
 ROW_TYPES: dict[str, type[Any]] = {"runs": RunRow, "overlap": OverlapRow, "profiles": ProfileRow, "control": ControlRow,
                               "control_heads": ControlHeadRow, "transfer": TransferRow, "claims": ClaimRow}
 TABLES = tuple(ROW_TYPES)
+
+
+def columns(table: str) -> tuple[str, ...]:
+    """A table's CSV columns: what identifies the row first, then the shared interval fields."""
+    names = tuple(ROW_TYPES[table].__annotations__)
+    shared = tuple(_SpecificChange.__annotations__)
+    return tuple(n for n in names if n not in shared) + tuple(n for n in names if n in shared)
 
 
 @dataclass(repr=False)
@@ -163,7 +169,7 @@ class CompareResult(Result):
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
-            atomic_write_csv(folder / f"{name}.csv", self.rows.get(name, []), tuple(ROW_TYPES[name].__annotations__))
+            atomic_write_csv(folder / f"{name}.csv", self.rows.get(name, []), columns(name))
         save_figure(self.plot(), folder / "overlap.png")
         save_figure(self.profile_plot(), folder / "profiles.png")
         write_page(self, folder / "compare.html")
