@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import sumcircuit as sc
-from sumcircuit.study import StudyConfig, run_study, stage_key
+from sumcircuit.study import CLAIMS, StudyConfig, run_study, stage_key
 
 from helpers import CNNDM
 
@@ -117,7 +117,7 @@ def _check_load_run(run: Path, tmp_path: Path) -> None:
     study = sc.load_run(run)
     assert isinstance(study, sc.StudyResult)
     claims = study.to_pandas()
-    assert len(claims) == 9 and {"claim", "verdict"} <= set(claims.columns)
+    assert len(claims) == len(CLAIMS) and {"claim", "verdict"} <= set(claims.columns)
     cause = claims[claims["claim"].str.contains("by cause")].iloc[0]
     assert "attribution layers" in cause["this_run"] and "n = 3 documents x 2 training seeds" in cause["evidence"]
     kinds = {"analysis": sc.AnalysisResult, "full_s1": sc.FinetuneResult, "full_s1/eval": sc.EvaluationResult,
