@@ -187,6 +187,18 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation; NaN for fewer than two values or a constant side."""
+    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's of the average ranks (ties share their rank)."""
+    return pearson(average_ranks(np.asarray(a, dtype=np.float64)), average_ranks(np.asarray(b, dtype=np.float64)))
+
+
 def empirical_p_value(observed: float, null: Sequence[float] | np.ndarray) -> float:
     """``(1 + #{null >= observed}) / (N + 1)``: one-sided, never 0, exact under exchangeability."""
     effects = np.asarray(null, dtype=float)

@@ -16,9 +16,9 @@ from sumcircuit.generalization.overlap import (
     membership,
     p_at_least,
     random_jaccard,
-    spearman,
     spearman_null,
 )
+from sumcircuit.stats import spearman
 
 
 @pytest.mark.parametrize("n_items,ka,kb", [(30, 3, 3), (12, 3, 4), (270, 8, 8)])

@@ -19,17 +19,7 @@ from sumcircuit.causal.patching import ALL, PatchRow, patch_losses, summarize_pa
 from sumcircuit.data.encoding import Encoded
 from sumcircuit.models import LoadedModel
 from sumcircuit.sites import Site
-from sumcircuit.stats import average_ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return _pearson(average_ranks(a), average_ranks(b))
+from sumcircuit.stats import pearson, spearman
 
 
 def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> dict[str, Any]:
@@ -40,7 +30,7 @@ def agreement(attributed: dict[str, float], exact: dict[str, float], k: int) -> 
     top_a = set(sorted(names, key=lambda n: -abs(attributed[n]))[:k])
     top_e = set(sorted(names, key=lambda n: -abs(exact[n]))[:k])
     misses = sorted(names, key=lambda n: -abs(attributed[n] - exact[n]))[:5]
-    return {"n": len(names), "pearson": _pearson(a, e), "spearman": _spearman(a, e),
+    return {"n": len(names), "pearson": pearson(a, e), "spearman": spearman(a, e),
             "top_k": k, "top_k_overlap": len(top_a & top_e) / k if k else math.nan,
             "largest_misses": [{"component": n, "attribution": attributed[n], "exact": exact[n]} for n in misses]}
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from sumcircuit.generalization.overlap import relative_depth
 from sumcircuit.stats import ratio_interval, resample_counts
-from sumcircuit.study.verdicts import CONTRADICTED, INCONCLUSIVE, MIN_RATIO_DOCS, SUPPORTED, ClaimResult
+from sumcircuit.study.verdicts import MIN_RATIO_DOCS, ClaimResult, ratio_verdict
 
 PerDoc = Mapping[str, np.ndarray]  # kl_base_tuned / entropy_tuned [D, L, H], tokens [D]
 
@@ -44,11 +45,11 @@ def specific_change(summary: PerDoc, control: PerDoc, circuit: Sequence[int], *,
     counts = resample_counts(n_docs, n_bootstrap, seed)
     kl_s, kl_c = summary["kl_base_tuned"].mean(-1), control["kl_base_tuned"].mean(-1)  # [D, L]
     ent = (summary["entropy_tuned"] - control["entropy_tuned"]).astype(np.float64)  # [D, L, H]
-    rows = []
+    rows, depth = [], relative_depth(n_layers)
     for layer in range(n_layers):
         kl, low, high = _weighted(kl_s[:, layer] - kl_c[:, layer], tokens, counts, ci_level)
         e, e_low, e_high = _weighted(ent[:, layer].mean(-1), tokens, counts, ci_level)
-        rows.append({"layer": layer, "relative_depth": layer / max(n_layers - 1, 1),
+        rows.append({"layer": layer, "relative_depth": float(depth[layer]),
                      "kl_summary": float(np.average(kl_s[:, layer], weights=tokens)),
                      "kl_control": float(np.average(kl_c[:, layer], weights=tokens)),
                      "kl_specific": kl, "kl_specific_ci_low": low, "kl_specific_ci_high": high,
@@ -77,28 +78,12 @@ def specific_change(summary: PerDoc, control: PerDoc, circuit: Sequence[int], *,
     return rows, heads, headline
 
 
-def _verdict(low: float, high: float, n_docs: int, positive: bool) -> tuple[str, str]:
-    """(verdict, limited_by) of an interval whose claim is "above 0" (``positive``) or "below 0"."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return INCONCLUSIVE, "not computed"
-    if high - low <= 0:
-        return INCONCLUSIVE, "zero-width interval"
-    verdict = INCONCLUSIVE
-    if (low > 0) if positive else (high < 0):
-        verdict = SUPPORTED
-    elif (high < 0) if positive else (low > 0):
-        verdict = CONTRADICTED
-    if n_docs < MIN_RATIO_DOCS:  # like the faithfulness claim: the interval's coverage is checked from 32
-        return INCONCLUSIVE, f"{n_docs} documents"
-    return verdict, ""
-
-
 def control_claims(run: str, headline: Mapping[str, Any]) -> list[ClaimResult]:
     """Whether the KL circuit and the entropy shift survive the control task, with their evidence."""
     n = int(headline["n_docs"])
     circ, shift = headline["circuit_kl_specific"], headline["entropy_specific"]
     few = f"; verdicts need {MIN_RATIO_DOCS} documents (the interval covers 94% from 32, 92% at 16 in simulation)"
-    verdict, limited = _verdict(circ["ci_low"], circ["ci_high"], n, positive=True)
+    verdict, limited, _ = ratio_verdict(circ["ci_low"], circ["ci_high"], n)
     layers = ", ".join(map(str, headline["circuit"]))
     prefix = f"({run}) " if run else ""
     circuit_row = ClaimResult(
@@ -112,7 +97,7 @@ def control_claims(run: str, headline: Mapping[str, Any]) -> list[ClaimResult]:
         f"{headline['circuit_kl_control']:.4g}; top layers by the specific change: "
         f"{', '.join(map(str, headline['top_layers_specific']))}" + (few if limited == f"{n} documents" else ""),
         limited)
-    verdict, limited = _verdict(shift["ci_low"], shift["ci_high"], n, positive=False)
+    verdict, limited, _ = ratio_verdict(-shift["ci_high"], -shift["ci_low"], n)  # the claim is "below 0"
     entropy_row = ClaimResult(
         f"{prefix}Attention becomes more focused by summarization than by the control task",
         "62% of heads more focused (no control)",

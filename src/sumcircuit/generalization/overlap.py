@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sumcircuit.stats import average_ranks
+from sumcircuit.stats import average_ranks, empirical_p_value
 
 
 def jaccard(a: set[int] | list[int], b: set[int] | list[int]) -> float:
@@ -42,14 +42,6 @@ def random_jaccard(n_items: int, size_a: int, size_b: int, n: int, rng: np.rando
     return jaccard_rows(a, b)
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rank correlation (average ranks for ties; NaN when a profile is constant)."""
-    rx, ry = average_ranks(np.asarray(x, dtype=np.float64)), average_ranks(np.asarray(y, dtype=np.float64))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float(np.sqrt((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
 def spearman_null(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Spearman correlations of ``x`` with ``n`` random permutations of ``y`` (the null of no association)."""
     rx = average_ranks(np.asarray(x, dtype=np.float64))
@@ -61,11 +53,11 @@ def spearman_null(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
 
 
 def p_at_least(observed: float, null: np.ndarray) -> float:
-    """One-sided permutation p-value ``(1 + #{null >= observed}) / (1 + n)`` (NaN when ``observed`` is NaN)."""
+    """One-sided permutation p-value ``(1 + #{null >= observed}) / (1 + n)`` over the finite null draws, with a
+    1e-12 tolerance so that a draw equal to ``observed`` up to rounding counts; NaN when ``observed`` is NaN."""
     if not np.isfinite(observed):
         return float("nan")
-    finite = null[np.isfinite(null)]
-    return float((1 + np.sum(finite >= observed - 1e-12)) / (1 + finite.size))
+    return empirical_p_value(observed - 1e-12, null[np.isfinite(null)])
 
 
 def relative_depth(n_layers: int) -> np.ndarray:
@@ -84,12 +76,3 @@ def depth_grid(scores: np.ndarray, points: int) -> np.ndarray:
     x, grid = relative_depth(n_layers), np.linspace(0.0, 1.0, points)
     weights = np.stack([np.interp(grid, x, np.eye(n_layers)[i]) for i in range(n_layers)])  # [L, points]
     return np.asarray(scores @ weights)
-
-
-def percentile(samples: np.ndarray, ci_level: float) -> tuple[float, float]:
-    """The percentile interval of the finite samples (NaNs when there are none)."""
-    finite = samples[np.isfinite(samples)]
-    if not finite.size:
-        return float("nan"), float("nan")
-    low, high = np.quantile(finite, [(1 - ci_level) / 2, (1 + ci_level) / 2])
-    return float(low), float(high)

@@ -75,6 +75,12 @@ class RunProfile:
         return (self.base.get("weights_sha256") or self.base.get("spec"), self.n_layers, self.n_heads)
 
 
+def head_index(name: str, n_heads: int) -> int:
+    """``L3.H2`` -> its position ``layer * H + head`` in a flattened ``[L, H]`` grid."""
+    site = Site.parse(name)
+    return site.layer * n_heads + int(site.index or 0)
+
+
 def read_per_doc(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """An analysis folder's per-document means ``[D, L, H]`` and tokens ``[D]``, and its document ids."""
     import json
@@ -130,7 +136,7 @@ def read_attribution_deltas(layout: StudyLayout, direction: str, n_layers: int,
     if any(v is None for v in parts.values()) or (summary.get("blocks") or {}).get("method") != "exact":
         return None
     confirmed = ((summary.get("confirmed") or {}).get("exact_effect") or {}).get(direction) or {}
-    heads = sorted(Site.parse(name).layer * n_heads + int(Site.parse(name).index or 0) for name in confirmed)
+    heads = sorted(head_index(name, n_heads) for name in confirmed)
     return {k: v for k, v in parts.items() if v is not None}, heads
 
 

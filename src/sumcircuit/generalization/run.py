@@ -13,6 +13,7 @@ import numpy as np
 from sumcircuit.config import coerce_config
 from sumcircuit.generalization.config import CompareConfig
 from sumcircuit.generalization.control import control_claims, specific_change
+from sumcircuit.generalization.overlap import relative_depth
 from sumcircuit.generalization.profile import CIRCUIT_KINDS, CompareError, RunProfile, read_profile
 from sumcircuit.generalization.result import CompareResult
 from sumcircuit.generalization.stats import OverlapRow, overlap_matrix, pair_rows
@@ -25,7 +26,8 @@ RunLike = str | Path
 
 
 def _depths(layers: Sequence[int], n_layers: int) -> str:
-    return ", ".join(f"{layer / max(n_layers - 1, 1):.2f}" for layer in layers)
+    depth = relative_depth(n_layers)
+    return ", ".join(f"{depth[layer]:.2f}" for layer in layers)
 
 
 def run_row(run: RunProfile) -> dict[str, Any]:
@@ -50,7 +52,8 @@ def profile_rows(run: RunProfile) -> list[dict[str, Any]]:
     tokens = run.per_doc["tokens"]
     delta = np.average(run.per_doc["entropy_tuned"] - run.per_doc["entropy_base"], axis=0, weights=tokens) \
         if "entropy_base" in run.per_doc else np.full((run.n_layers, run.n_heads), np.nan)
-    return [{"run": run.label, "layer": layer, "relative_depth": layer / max(run.n_layers - 1, 1),
+    depth = relative_depth(run.n_layers)
+    return [{"run": run.label, "layer": layer, "relative_depth": float(depth[layer]),
              "kl": float(run.circuits["kl"].layer_scores[layer]),
              "attribution": float(run.circuits["attribution"].layer_scores[layer]),
              "entropy_delta": float(delta[layer].mean())} for layer in range(run.n_layers)]
@@ -78,8 +81,8 @@ def transfer_rows(run: RunProfile, runs: Sequence[RunProfile]) -> list[dict[str,
             continue
         a = tables[0]
         b = tables[1] if other is not None else np.mean(tables[1:], axis=0)
-        diff, low, high = paired_table_diff(a, b)
-        verdict, _, limited = paired_verdict(a, b)
+        diff, low, high = interval = paired_table_diff(a, b)
+        verdict, _, limited = paired_verdict(a, b, interval)
         rows.append({"run": run.label, "source": _source_label(run.transfer_from["circuit"], runs),
                      "source_layers": ",".join(map(str, run.transfer_from.get("layers") or [])),
                      "own_layers": ",".join(map(str, run.circuits["kl"].layers)), "comparison": name,
@@ -133,8 +136,7 @@ def compare_profiles(profiles: Sequence[RunProfile], cfg: CompareConfig) -> Comp
     transfer = [row for run in profiles for row in transfer_rows(run, profiles)]
     labels = [p.label for p in profiles]
     matrices = {f"{c}/{lv}": {"jaccard": overlap_matrix(overlap, labels, c, lv),
-                              "null_q95": overlap_matrix([OverlapRow(**{**r, "jaccard": r["null_q95"]})
-                                                          for r in overlap], labels, c, lv)}
+                              "null_q95": overlap_matrix(overlap, labels, c, lv, "null_q95")}
                 for c in CIRCUIT_KINDS for lv in cfg.levels}
     summary = {
         "runs": labels, "matrices": matrices,

@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from sumcircuit.circuit.scores import kl_heads, kl_layers
 from sumcircuit.generalization.config import CompareConfig, Level
 from sumcircuit.generalization.overlap import (
     depth_grid,
@@ -23,14 +24,11 @@ from sumcircuit.generalization.overlap import (
     jaccard_rows,
     membership,
     p_at_least,
-    percentile,
     random_jaccard,
-    spearman,
     spearman_null,
 )
-from sumcircuit.generalization.profile import RunProfile
-from sumcircuit.sites import Site
-from sumcircuit.stats import resample_counts
+from sumcircuit.generalization.profile import RunProfile, head_index
+from sumcircuit.stats import resample_counts, resampled_means, resampled_ratios, scalar_interval, spearman
 
 
 class OverlapRow(TypedDict):
@@ -58,19 +56,9 @@ class OverlapRow(TypedDict):
 
 
 def resampled_kl(run: RunProfile, counts: np.ndarray) -> np.ndarray:
-    """Per-head KL(base || tuned) ``[B, L * H]``, token-weighted over each resample of the run's documents."""
-    tokens, kl = run.per_doc["tokens"], run.per_doc["kl_base_tuned"].reshape(len(run.per_doc["tokens"]), -1)
-    weighted: np.ndarray = (counts @ (tokens[:, None] * kl)) / (counts @ tokens)[:, None]
-    return weighted
-
-
-def _layer_kl(heads: np.ndarray, n_heads: int) -> np.ndarray:
-    return np.asarray(heads.reshape(*heads.shape[:-1], -1, n_heads).mean(-1))
-
-
-def _head_index(name: str, n_heads: int) -> int:
-    site = Site.parse(name)
-    return site.layer * n_heads + int(site.index or 0)
+    """Per-head KL(base || tuned) ``[B, L, H]``, token-weighted over each resample of the run's documents."""
+    tokens = run.per_doc["tokens"]
+    return resampled_ratios(tokens[:, None, None] * run.per_doc["kl_base_tuned"], tokens, counts)
 
 
 def pair_rows(a: RunProfile, b: RunProfile, circuit: str, level: Level, cfg: CompareConfig,
@@ -83,8 +71,8 @@ def pair_rows(a: RunProfile, b: RunProfile, circuit: str, level: Level, cfg: Com
         if a.model_key != b.model_key:
             return None
         n_items = a.n_layers * a.n_heads
-        picks_a = {_head_index(h, a.n_heads) for h in ca.heads}
-        picks_b = {_head_index(h, b.n_heads) for h in cb.heads}
+        picks_a = {head_index(h, a.n_heads) for h in ca.heads}
+        picks_b = {head_index(h, b.n_heads) for h in cb.heads}
         xa, xb, basis = ca.head_scores, cb.head_scores, "heads"
     else:
         n_items = min(a.n_layers, b.n_layers)
@@ -133,8 +121,8 @@ def _resampler(run: RunProfile, circuit: str, level: Level, n_items: int) -> tup
             return None
 
         def kl(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            heads = resampled_kl(run, counts)
-            scores = heads if level == "heads" else depth_grid(_layer_kl(heads, run.n_heads), n_items)
+            stats = {"kl_base_tuned": resampled_kl(run, counts)}  # the circuit's own score, `kl`
+            scores = kl_heads(stats) if level == "heads" else depth_grid(kl_layers(stats, {}), n_items)
             return scores, scores
         return len(run.per_doc["tokens"]), kl
     deltas = run.attribution
@@ -142,9 +130,8 @@ def _resampler(run: RunProfile, circuit: str, level: Level, n_items: int) -> tup
         return None
 
     def attribution(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        def mean(x: np.ndarray) -> np.ndarray:
-            means: np.ndarray = np.abs(np.asarray(counts @ x) / counts.sum(1, keepdims=True))
-            return means
+        def mean(x: np.ndarray) -> np.ndarray:  # [D, K] -> |mean| per resample [B, K]
+            return np.asarray(np.abs(resampled_means(x.T, counts).T))
         if level == "heads":
             scores = mean(deltas["heads"])
             picks = np.full_like(scores, np.nan)
@@ -159,22 +146,24 @@ def _bootstrap(row: OverlapRow, resamplers: list[tuple[int, Resampler]], cfg: Co
     """Fill the row's document-bootstrap intervals (each run's documents resampled independently)."""
     picks, profiles = [], []
     for i, (n, resample) in enumerate(resamplers):
-        chosen, profile = resample(resample_counts(n, cfg.n_bootstrap, cfg.seed + 7919 * i).astype(np.float64))
+        chosen, profile = resample(resample_counts(n, cfg.n_bootstrap, cfg.seed + 7919 * i))
         picks.append(chosen)
         profiles.append(profile)
     jac = jaccard_rows(membership(picks[0], row["size_a"]), membership(picks[1], row["size_b"]))
     rho = np.array([spearman(x, y) for x, y in zip(*profiles)])
-    row["jaccard_ci_low"], row["jaccard_ci_high"] = percentile(jac, cfg.ci_level)
-    row["spearman_ci_low"], row["spearman_ci_high"] = percentile(rho, cfg.ci_level)
+    row["jaccard_ci_low"], row["jaccard_ci_high"] = scalar_interval(jac, cfg.ci_level)
+    row["spearman_ci_low"], row["spearman_ci_high"] = scalar_interval(rho, cfg.ci_level)
 
 
-def overlap_matrix(rows: list[OverlapRow], labels: list[str], circuit: str, level: str) -> list[list[Any]]:
-    """Runs x runs Jaccard for one circuit and level (1 on the diagonal, NaN where not comparable)."""
+def overlap_matrix(rows: list[OverlapRow], labels: list[str], circuit: str, level: str,
+                   value: str = "jaccard") -> list[list[Any]]:
+    """Runs x runs ``value`` (a column of the rows) for one circuit and level (1 on the diagonal, NaN where not
+    comparable)."""
     index = {name: i for i, name in enumerate(labels)}
     matrix = np.full((len(labels), len(labels)), np.nan)
     np.fill_diagonal(matrix, 1.0)
     for r in rows:
         if r["circuit"] == circuit and r["level"] == level:
             i, j = index[r["run_a"]], index[r["run_b"]]
-            matrix[i, j] = matrix[j, i] = r["jaccard"]
+            matrix[i, j] = matrix[j, i] = r[value]  # type: ignore[literal-required]
     return matrix.tolist()

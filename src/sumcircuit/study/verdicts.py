@@ -117,17 +117,19 @@ def _difference_row(diff: float, low: float, high: float, table: np.ndarray) -> 
             f"seeds and documents), {_sizes(table)}")
 
 
-def paired_verdict(a: np.ndarray, b: np.ndarray) -> tuple[str, str, str]:
+def paired_verdict(a: np.ndarray, b: np.ndarray,
+                   interval: tuple[float, float, float] | None = None) -> tuple[str, str, str]:
     """(verdict, evidence, limited_by) for the paired difference ``a - b`` > 0 over seeds x documents.
 
     Never stronger than the evidence: one document, a NaN or zero-width
     interval, or fewer than :data:`MIN_SEEDS` training seeds give ``inconclusive``
-    (saying what the interval alone would read).
+    (saying what the interval alone would read). ``interval``: the
+    :func:`paired_table_diff` of ``a, b`` when the caller already has it.
     """
     n_seeds, n_docs = a.shape
     if n_docs < 2:
         return INCONCLUSIVE, f"{_sizes(a)}: one document gives no interval", "1 document"
-    diff, low, high = paired_table_diff(a, b)
+    diff, low, high = interval if interval is not None else paired_table_diff(a, b)
     row = _difference_row(diff, low, high, a)
     if not (math.isfinite(low) and math.isfinite(high)):
         return INCONCLUSIVE, f"paired difference {diff:+.4f}, interval not computed, {_sizes(a)}", "not computed"
@@ -303,6 +305,22 @@ def cause_vs_change_claim(kl: tuple[list[int], list[str]] | None, attribution: t
                        verdict, evidence, limited)
 
 
+def ratio_verdict(low: float, high: float, n_docs: Any) -> tuple[str, str, str]:
+    """(verdict, limited_by, what the interval alone reads) for a ratio-of-means interval whose claim is "above 0".
+
+    A NaN or zero-width interval is no evidence; under :data:`MIN_RATIO_DOCS`
+    documents the interval's coverage is unchecked, so the verdict is held back.
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return INCONCLUSIVE, "not computed", INCONCLUSIVE
+    if not high - low > 0:
+        return INCONCLUSIVE, "zero-width interval", INCONCLUSIVE
+    alone = _interval_verdict(low, high, 0.0)
+    if not isinstance(n_docs, int) or n_docs < MIN_RATIO_DOCS:
+        return INCONCLUSIVE, f"{n_docs} documents", alone
+    return alone, "", alone
+
+
 def faithfulness_claim(summary: Mapping[str, Any] | None, cause: str = "circuit_attribution",
                        change: str = "circuit") -> ClaimResult:
     """The circuit chosen by cause against the one chosen by change, by the area under their faithfulness curves.
@@ -328,12 +346,12 @@ def faithfulness_claim(summary: Mapping[str, Any] | None, cause: str = "circuit_
     evidence = (f"paired difference of the areas {-float(diff['difference']):+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] "
                 f"(studentized bootstrap of a ratio of means over n = {n_docs} documents, first training seed's "
                 f"fine-tune); {standing}")
-    if not high - low > 0:
+    verdict, limited, alone = ratio_verdict(low, high, n_docs)
+    if limited == "zero-width interval":
         return ClaimResult(claim, "not tested in the paper", text, INCONCLUSIVE,
-                           evidence + "; a zero-width interval carries no evidence", "zero-width interval")
-    verdict = _interval_verdict(low, high, 0.0)
-    if not isinstance(n_docs, int) or n_docs < MIN_RATIO_DOCS:
+                           evidence + "; a zero-width interval carries no evidence", limited)
+    if limited:
         return ClaimResult(claim, "not tested in the paper", text, INCONCLUSIVE,
                            evidence + f"; the interval covers 94% from {MIN_RATIO_DOCS} documents but 92% at 16 and "
-                           f"89-92% at 8 in simulation; the interval alone reads {verdict}", f"{n_docs} documents")
+                           f"89-92% at 8 in simulation; the interval alone reads {alone}", limited)
     return ClaimResult(claim, "not tested in the paper", text, verdict, evidence)
