@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sumcircuit.registry import Registry
-from sumcircuit.study.evidence import StudyEvidence, finished, score_tables
+from sumcircuit.study.evidence import StudyEvidence, score_tables
 from sumcircuit.study.verdicts import (
     CONTRADICTED,
     INCONCLUSIVE,
@@ -165,20 +165,11 @@ _CONTROL_CLAIMS = ("The circuit's change is specific to summarization (survives 
 def _control_judge(which: int) -> Callable[[StudyEvidence], ClaimResult]:
     """The control-task claims (arm ``control``): the KL circuit's change, then the entropy shift."""
     def judge(ev: StudyEvidence) -> ClaimResult:
-        from sumcircuit.generalization.control import control_claims, specific_change
-        from sumcircuit.generalization.profile import read_per_doc
+        from sumcircuit.generalization.control import control_claims
 
-        folder = ev.layout.analysis_of("control")
-        circuit = ev.circuit().get("layers")
-        if not (finished(folder / "per_doc.safetensors") and finished(ev.layout.analysis / "per_doc.safetensors")
-                and circuit):
-            return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN,
-                               "the control task (arm `control`, e.g. preset generalize-cpu) did not run")
-        (summary, ids), (control, control_ids) = read_per_doc(ev.layout.analysis), read_per_doc(folder)
-        if ids != control_ids:
-            return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN,
-                               f"{folder} is not on the analysis's documents; rerun both stages")
-        headline = specific_change(summary, control, circuit, n_bootstrap=2000, seed=0, ci_level=0.95)[2]
+        headline = ev.control_change
+        if isinstance(headline, str):
+            return ClaimResult(_CONTROL_CLAIMS[which], "not tested in the paper", "-", NOT_RUN, headline)
         row = control_claims("", headline)[which]
         return ClaimResult(_CONTROL_CLAIMS[which], row.paper, row.this_run, row.verdict, row.evidence, row.limited_by)
     return judge

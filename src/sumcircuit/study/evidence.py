@@ -8,6 +8,7 @@ half-written file into a number.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,6 +159,23 @@ class StudyEvidence:
         """``ablation.json`` of the ablate stage."""
         result: dict[str, Any] | None = read_json_if_finished(self.layout.ablate / "ablation.json")
         return result
+
+    @functools.cached_property
+    def control_change(self) -> dict[str, Any] | str:
+        """The change specific to summarization (KL circuit, entropy shift) against the control task, or why there
+        is none; computed once per evidence object, which both control claims share."""
+        from sumcircuit.generalization.control import specific_change
+        from sumcircuit.generalization.profile import read_per_doc
+
+        folder = self.layout.analysis_of("control")
+        circuit = self.circuit().get("layers")
+        if not (finished(folder / "per_doc.safetensors") and finished(self.layout.analysis / "per_doc.safetensors")
+                and circuit):
+            return "the control task (arm `control`, e.g. preset generalize-cpu) did not run"
+        (summary, ids), (control, control_ids) = read_per_doc(self.layout.analysis), read_per_doc(folder)
+        if ids != control_ids:
+            return f"{folder} is not on the analysis's documents; rerun both stages"
+        return specific_change(summary, control, circuit, n_bootstrap=2000, seed=0, ci_level=0.95)[2]
 
     def faithfulness(self) -> dict[str, Any] | None:
         """``faithfulness.json`` of the faithfulness stage."""

@@ -140,8 +140,6 @@ class StudyGraph:
 
     def core(self) -> list[Stage]:
         """Zero-shot evaluation, the reference fine-tune, the analysis and both circuits."""
-        from sumcircuit.analysis.config import AnalysisConfig
-        from sumcircuit.analysis.run import analyze_to_folder
         from sumcircuit.causal.attribution import attribute
         from sumcircuit.causal.config import AttributionConfig
         from sumcircuit.circuit.config import CircuitConfig
@@ -161,8 +159,7 @@ class StudyGraph:
             self.evaluation_stage(layout.ZERO_SHOT, lambda: self.cfg.model, ()),
             *self.training_stages(self.reference, full.method, preset.hyper[full.hyper], seed0),
             Stage("analysis", "analyze", {**self.common, "data": asdict(self.probe)}, (self.reference,),
-                  lambda out: analyze_to_folder(self.cfg.model, reference(), self.probe, AnalysisConfig(seed=seed0),
-                                                out, self.runtime)),
+                  functools.partial(self._analyze_model, self.reference)),
             Stage("circuit", "select", {"score": "kl", **circuit_cfg}, ("analysis",),
                   lambda out: select_circuit(layout.analysis, CircuitConfig(score="kl", **circuit_cfg),
                                              out=layout.circuit_file)),
