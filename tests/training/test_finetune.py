@@ -229,6 +229,22 @@ def test_cli_min_delta(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None
     assert summary["provenance"]["config"]["min_delta"] == 100.0
 
 
+def test_cli_objective(tiny_model_dirs: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``finetune --objective document`` through the CLI: the control task's run records it; a bad choice is one line."""
+    from sumcircuit.cli import main
+
+    from helpers import cli_fails
+
+    argv = ["finetune", "--model", str(tiny_model_dirs["gpt2"]), "--data", TRAIN, "--n-docs", "8", "--max-tokens", "64",
+            "--method", "full", "--batch-size", "2", "--max-steps", "2", "--eval-every", "1", "--lr", "1e-3",
+            "--no-progress"]
+    assert main([*argv, "--objective", "document", "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["provenance"]["config"]["objective"] == "document"
+    cli_fails([*argv, "--objective", "summaries", "--out", str(tmp_path / "bad")], capsys, "--objective")
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- layer choice
 
 def test_layer_choice_rules(tmp_path: Path) -> None:
