@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "compare": "sumcircuit.generalization.run", "CompareConfig": "sumcircuit.generalization.config",
     "CompareResult": "sumcircuit.generalization.result",
     "run_study": "sumcircuit.study.run", "StudyConfig": "sumcircuit.study.config",
+    "ExecutorConfig": "sumcircuit.study.executors",
     "StudyPreset": "sumcircuit.study.presets", "StudyResult": "sumcircuit.study.result",
     "load_run": "sumcircuit.results", "Result": "sumcircuit.results", "save_figure": "sumcircuit.plots",
     # registries
@@ -77,7 +78,7 @@ __all__ = ["__version__", "load_model", "LoadedModel", "load_adapter", "DataConf
            "AttributionConfig", "AttributionResult", "faithfulness", "FaithfulnessConfig", "FaithfulnessResult",
            "run_causal", "trace", "run_with_cache", "TraceConfig",
            "TraceResult", "HookContext", "compare", "CompareConfig", "CompareResult",
-           "run_study", "StudyConfig", "StudyPreset", "StudyResult", "load_run",
+           "run_study", "StudyConfig", "ExecutorConfig", "StudyPreset", "StudyResult", "load_run",
            "Result", "register_finetune_method", "FinetuneMethod", "register_causal_method", "CausalMethod",
            "register_circuit_score", "CircuitScore", "register_claim", "register_arm", "Arm",
            "register_study_preset", "register_result_kind", "save_figure"]
@@ -121,6 +122,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from sumcircuit.study.arms import Arm, register_arm
     from sumcircuit.study.claims import register_claim
     from sumcircuit.study.config import StudyConfig
+    from sumcircuit.study.executors import ExecutorConfig
     from sumcircuit.study.presets import StudyPreset, register_study_preset
     from sumcircuit.study.result import StudyResult
     from sumcircuit.study.run import run_study

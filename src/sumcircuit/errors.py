@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 
 class SumcircuitError(Exception):
     """Base class: anything raised as this is shown to the user as a one-line message.
@@ -40,6 +43,9 @@ class ConfigError(SumcircuitError):
         self.param, self.reason = param, reason
         super().__init__(f"{param}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.param, self.reason)  # rebuilt whole in another process (a Ray stage's error)
+
 
 class DataError(SumcircuitError):
     """A bad data record or source. Names the file, line and field so the user can fix it."""
@@ -53,3 +59,6 @@ class DataError(SumcircuitError):
             parts.append(f"field '{field}'")
         prefix = ", ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return partial(type(self), file=self.file, line=self.line, field=self.field), (self.reason,)

@@ -54,25 +54,75 @@ class Stage:
     run: Callable[[Path], object]
 
 
+@dataclass(frozen=True)
+class StageOutcome:
+    """What running one stage gave: its key, its wall time and whether it was already done (picklable)."""
+
+    name: str
+    key: str
+    wall_time_s: float
+    skipped: bool
+
+
+def retire(run_dir: Path, name: str, why: str) -> None:
+    """Move a stage folder to ``.stale/`` so that nothing reads it as part of this study."""
+    out = run_dir / name
+    marker = out / "stage.json"
+    key = read_json(marker).get("key") if marker.is_file() else "unfinished"
+    stale = run_dir / ".stale" / f"{name.replace('/', '_')}-{key}"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(stale, ignore_errors=True)
+    out.rename(stale)
+    print(f"[reproduce] stage {name}: {why}; previous result moved to {stale}", flush=True)
+
+
+def execute_stage(run_dir: Path, stage: Stage, upstream: Mapping[str, str]) -> StageOutcome:
+    """Run ``stage`` unless its folder already holds the result for its key (any process may call this).
+
+    Args:
+        run_dir: the study folder.
+        stage: the stage.
+        upstream: the keys of the stages it needs.
+    """
+    key = stage_key(stage.config, upstream)
+    out = run_dir / stage.name
+    marker = out / "stage.json"
+    if marker.is_file():
+        done = read_json(marker)
+        if done.get("key") == key:
+            log.info("stage %s: up to date (key %s), skipped", stage.name, key)
+            return StageOutcome(stage.name, key, float(done.get("wall_time_s", 0.0)), True)
+        retire(run_dir, stage.name, "inputs changed")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[reproduce] stage {stage.name} ...", flush=True)
+    stage.run(out)
+    wall = time.perf_counter() - start
+    atomic_write_json(marker, {"stage": stage.name, "key": key, "config": stage.config, "upstream": dict(upstream),
+                               "wall_time_s": wall})
+    print(f"[reproduce] stage {stage.name} done in {wall:.1f} s", flush=True)
+    return StageOutcome(stage.name, key, wall, False)
+
+
 @dataclass
 class StageRunner:
-    """Runs stages once per key; records keys and wall times (what ``reproduce.json`` holds)."""
+    """Runs stages once per key; records keys and wall times (what ``reproduce.json`` holds).
+
+    Args:
+        run_dir: the study folder.
+        executor: runs a list of stages whose needs are met in order (default: one after
+            another in this process; see :mod:`sumcircuit.study.executors`).
+    """
 
     run_dir: Path
+    executor: Callable[[StageRunner, list[Stage]], None] | None = None
     keys: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     def retire(self, name: str, why: str) -> None:
         """Move a stage folder to ``.stale/`` so that nothing reads it as part of this study."""
-        out = self.run_dir / name
-        marker = out / "stage.json"
-        key = read_json(marker).get("key") if marker.is_file() else "unfinished"
-        stale = self.run_dir / ".stale" / f"{name.replace('/', '_')}-{key}"
-        stale.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(stale, ignore_errors=True)
-        out.rename(stale)
-        print(f"[reproduce] stage {name}: {why}; previous result moved to {stale}", flush=True)
+        retire(self.run_dir, name, why)
 
     def retire_all_but(self, stages: Iterable[Stage], why: str = "not part of this study") -> None:
         """Retire every stage folder that none of ``stages`` writes (e.g. after fewer seeds)."""
@@ -81,35 +131,29 @@ class StageRunner:
             if stale not in wanted:
                 self.retire(stale, why)
 
+    def record(self, outcome: StageOutcome) -> None:
+        """Note a finished (or skipped) stage: later stages read its key."""
+        self.keys[outcome.name], self.timings[outcome.name] = outcome.key, outcome.wall_time_s
+        if outcome.skipped:
+            self.skipped.append(outcome.name)
+
+    def upstream(self, stage: Stage) -> dict[str, str]:
+        """The keys of the stages ``stage`` needs (each must have run)."""
+        missing = [n for n in stage.needs if n not in self.keys]
+        if missing:
+            raise RuntimeError(f"stage {stage.name} needs {missing}, which have not run")
+        return {u: self.keys[u] for u in stage.needs}
+
     def run(self, stage: Stage) -> Path:
-        """Run ``stage`` unless its folder already holds the result for its key; returns the folder."""
-        upstream = {u: self.keys[u] for u in stage.needs}
-        key = stage_key(stage.config, upstream)
-        out = self.run_dir / stage.name
-        marker = out / "stage.json"
-        if marker.is_file():
-            done = read_json(marker)
-            if done.get("key") == key:
-                self.keys[stage.name], self.timings[stage.name] = key, float(done.get("wall_time_s", 0.0))
-                self.skipped.append(stage.name)
-                log.info("stage %s: up to date (key %s), skipped", stage.name, key)
-                return out
-            self.retire(stage.name, "inputs changed")
-        out.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        print(f"[reproduce] stage {stage.name} ...", flush=True)
-        stage.run(out)
-        wall = time.perf_counter() - start
-        atomic_write_json(marker, {"stage": stage.name, "key": key, "config": stage.config, "upstream": upstream,
-                                   "wall_time_s": wall})
-        self.keys[stage.name], self.timings[stage.name] = key, wall
-        print(f"[reproduce] stage {stage.name} done in {wall:.1f} s", flush=True)
-        return out
+        """Run ``stage`` in this process unless it is up to date; returns its folder."""
+        self.record(execute_stage(self.run_dir, stage, self.upstream(stage)))
+        return self.run_dir / stage.name
 
     def run_all(self, stages: Iterable[Stage]) -> None:
-        """Run ``stages`` in the given order (each after the stages it needs)."""
-        for stage in stages:
-            missing = [n for n in stage.needs if n not in self.keys]
-            if missing:
-                raise RuntimeError(f"stage {stage.name} needs {missing}, which have not run")
-            self.run(stage)
+        """Run ``stages`` (each listed after the stages it needs) with this runner's executor."""
+        todo = list(stages)
+        if self.executor is None:
+            for stage in todo:
+                self.run(stage)
+        else:
+            self.executor(self, todo)

@@ -30,6 +30,7 @@ from sumcircuit.provenance import provenance
 from sumcircuit.runtime import Runtime, coerce_runtime
 from sumcircuit.study.arms import ARMS, StudyContext, random_control_sets
 from sumcircuit.study.config import StudyConfig
+from sumcircuit.study.executors import ExecutorConfig, executor_for
 from sumcircuit.study.graph import Stage, StageRunner
 from sumcircuit.study.layout import StudyLayout
 from sumcircuit.study.presets import StudyPreset
@@ -283,7 +284,8 @@ def transfer_layers(source: str | Path, n_layers: int) -> list[int]:
 
 
 @writes_output("reproduce", "out")
-def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume: bool) -> StudyResult:
+def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume: bool,
+                    executor: ExecutorConfig) -> StudyResult:
     from sumcircuit.study.claims import claim_rows
     from sumcircuit.study.report import build_report
 
@@ -299,18 +301,20 @@ def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume:
     check_disjoint_test_data(cfg)
     check_fits_model(cfg, preset, runtime)
     graph = StudyGraph(cfg, preset, seeds, runtime, StudyLayout(run))
-    runner = StageRunner(run)
-    if not resume:
-        runner.retire_all_but([], "restarting the study (resume=False)")
-    core = graph.core()
-    runner.run_all(core)
-    context, controls = graph.context()
-    rest = [*graph.arms(context), *graph.tail()]
-    runner.retire_all_but([*core, *rest])
-    runner.run_all(rest)
+    with executor_for(executor, runtime.device) as run_stages:
+        runner = StageRunner(run, run_stages)
+        if not resume:
+            runner.retire_all_but([], "restarting the study (resume=False)")
+        core = graph.core()
+        runner.run_all(core)
+        context, controls = graph.context()
+        rest = [*graph.arms(context), *graph.tail()]
+        runner.retire_all_but([*core, *rest])
+        runner.run_all(rest)
     manifest = {"study": {**asdict(cfg), "device": runtime.device, "dtype": runtime.dtype, "seeds": list(seeds)},
                 "preset": asdict(preset), "stages": runner.keys, "wall_time_s": runner.timings,
-                "skipped": runner.skipped, "random_controls": controls, "provenance": provenance(seed=seeds[0])}
+                "skipped": runner.skipped, "random_controls": controls, "executor": asdict(executor),
+                "provenance": provenance(seed=seeds[0])}
     atomic_write_json(graph.layout.manifest, manifest)
     report = build_report(run)
     print(f"[reproduce] report: {report}", flush=True)
@@ -318,7 +322,7 @@ def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume:
 
 
 def run_study(cfg: StudyConfig | Mapping[str, Any], out: str | Path, *, runtime: Runtime | None = None,
-              resume: bool = True) -> StudyResult:
+              resume: bool = True, executor: ExecutorConfig | Mapping[str, Any] | None = None) -> StudyResult:
     """Run (or resume) every stage of the study and write the report.
 
     Every arm of the preset is trained once per training seed; the analysis,
@@ -330,6 +334,8 @@ def run_study(cfg: StudyConfig | Mapping[str, Any], out: str | Path, *, runtime:
         runtime: device and dtype of every stage.
         resume: skip stages whose key matches and resume interrupted ones; False moves every
             finished stage to ``.stale/`` and runs them all again.
+        executor: how the stages run: one after another here (default), or as Ray tasks side by
+            side (``{"executor": "ray", "workers": 8}``); the results are the same.
 
     Returns:
         The manifest, the claims table and each stage's result on demand.
@@ -339,4 +345,5 @@ def run_study(cfg: StudyConfig | Mapping[str, Any], out: str | Path, *, runtime:
         >>> cfg = sc.StudyConfig(model="smollm2-135m-instruct", data="../shared/data/cnndm_gpt4", preset="quick")
         >>> sc.run_study(cfg, "runs/demo").to_pandas()  # doctest: +SKIP
     """
-    return _run_study_into(coerce_config(StudyConfig, cfg, "cfg"), out, coerce_runtime(runtime), resume)
+    return _run_study_into(coerce_config(StudyConfig, cfg, "cfg"), out, coerce_runtime(runtime), resume,
+                           coerce_config(ExecutorConfig, executor, "executor"))
