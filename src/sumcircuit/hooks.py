@@ -31,6 +31,7 @@ from sumcircuit.data.records import load_examples
 from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.models import LoadedModel, ModelLike, ensure_loaded
 from sumcircuit.outputs import require_complete, writes_output
+from sumcircuit.placement import execution_device
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
@@ -182,7 +183,7 @@ def _run_one(name: str, loaded: LoadedModel, encoded: Sequence[Encoded], hooks: 
     from sumcircuit.causal.interventions import Interventions, batches, document_losses, site_value
 
     adapter = loaded.adapter
-    device = next(loaded.model.parameters()).device
+    device = execution_device(loaded.model)
     pad = int(loaded.tokenizer.pad_token_id)
     with_labels = all(any(t != IGNORE_INDEX for t in e.labels[1:]) for e in encoded)
     losses = [math.nan] * len(encoded)

@@ -92,6 +92,8 @@ def check_loading_info(info: Mapping[str, Any], spec: str, folder: str) -> None:
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int] | None:
     """The first tensor holding NaN or Inf, with its count of such values (None when all are finite)."""
     for name, tensor in named:
+        if tensor.is_meta:  # offloaded by a device map: checked before it was placed
+            continue
         if tensor.is_floating_point() or tensor.is_complex():
             bad = int((~torch.isfinite(tensor.detach())).sum())
             if bad:

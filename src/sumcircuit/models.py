@@ -257,10 +257,14 @@ class LoadedModel:
         return self._weights_sha256
 
     def provenance(self) -> dict[str, Any]:
-        """What outputs cite about the model: spec, kind, weights hash, dtype."""
-        return {"spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
-                "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
-                "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
+        """What outputs cite about the model: spec, kind, weights hash, dtype (and where a device map put it)."""
+        cited = {"spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
+                 "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
+                 "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
+        placement = getattr(self.model, "hf_device_map", None)
+        if placement:
+            cited["device_map"] = {k: str(v) for k, v in placement.items()}
+        return cited
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -462,7 +466,9 @@ def ensure_loaded(model: ModelLike, *, runtime: Runtime | None = None, dtype: st
 
     Args:
         model: a model spec, a :class:`LoadedModel`, or a result that names its model (a fine-tune).
-        runtime: device, dtype and remote-code policy (default :class:`~sumcircuit.runtime.Runtime`).
+        runtime: device, dtype and remote-code policy (default :class:`~sumcircuit.runtime.Runtime`); with
+            its ``device_map``, a spec is loaded on the CPU, checked, hashed and then placed
+            (:mod:`sumcircuit.placement`). A loaded model stays where it is.
         dtype: overrides ``runtime.dtype``.
         device: overrides ``runtime.device``.
         trust_remote_code: overrides ``runtime.trust_remote_code``.
@@ -474,9 +480,19 @@ def ensure_loaded(model: ModelLike, *, runtime: Runtime | None = None, dtype: st
         check_finite(model.model, f"model '{model.source.spec}'")  # it may have been changed since it was loaded
         return model
     rt = runtime or Runtime()
-    return load_model(model_spec_of(model), dtype=dtype if dtype is not None else rt.dtype,
-                      device=device if device is not None else rt.device,
-                      trust_remote_code=rt.trust_remote_code if trust_remote_code is None else trust_remote_code)
+    loaded = load_model(model_spec_of(model), dtype=dtype if dtype is not None else rt.dtype,
+                        device="cpu" if rt.device_map else device if device is not None else rt.device,
+                        trust_remote_code=rt.trust_remote_code if trust_remote_code is None else trust_remote_code)
+    if rt.device_map:
+        from sumcircuit import distributed as dist
+        from sumcircuit.placement import place
+
+        if dist.world_size() > 1:
+            raise ConfigError("device_map", "one process places each model across devices; run it without "
+                                            "`accelerate launch`")
+        loaded.weights_sha256()  # hashed while every weight is in memory; the hash is what outputs cite
+        loaded.model = place(loaded.model, rt.device_map, rt.max_memory, rt.offload_folder)  # type: ignore[assignment]
+    return loaded
 
 
 def _load_adapter_spec(source: ModelSource, **kwargs: Any) -> LoadedModel:

@@ -48,10 +48,33 @@ class Runtime(Config):
                         cli_type=lambda t: _checked("parse_dtype", t))
     trust_remote_code: bool = option(False, help="allow model code from the hub (off unless asked)", group="runtime")
     progress: bool = option(True, help="progress bars", group="runtime")
+    device_map: str | None = option(None, help="place each model's layers with Accelerate (a pair larger than one "
+                                               "device): auto, balanced, balanced_low_0, sequential, or a JSON file "
+                                               "{module: GPU index, cpu or disk}", group="placement")
+    max_memory: str | None = option(None, help="with --device-map: memory per device for each model, e.g. "
+                                               "'0=20GiB,cpu=8GiB' (what does not fit is offloaded to disk)",
+                                    group="placement")
+    offload_folder: str | None = option(None, help="with --device-map: where weights offloaded to disk go (default: "
+                                                   "a temporary folder, removed afterwards)", group="placement")
 
     def check(self) -> None:
         if not self.device.strip():
             raise ConfigError("device", "expected a device such as cpu or cuda:0, got ''")
+        if self.device_map is None:
+            for name in ("max_memory", "offload_folder"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(name, "applies only with device_map")
+            return
+        from sumcircuit.placement import parse_max_memory, read_device_map
+
+        read_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+
+    def require_whole_models(self, what: str) -> None:
+        """Refuse a device map where a command needs each model whole on one device (training, generation)."""
+        if self.device_map is not None:
+            raise ConfigError("device_map", f"{what} keeps each model whole on --device; a device map applies to "
+                                            "analyze, patch and attribute")
 
     def with_device(self, device: str) -> Runtime:
         """The same runtime on ``device`` (each process of a multi-process run picks its own)."""

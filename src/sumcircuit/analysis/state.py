@@ -258,8 +258,10 @@ def _region_weights(batch: dict[str, Tensor], region: str) -> Tensor:
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device a (possibly wrapped) model's weights are on."""
-    return next(unwrap(model).parameters()).device
+    """Where a (possibly wrapped) model's inputs go: its weights' device, or its device map's first GPU."""
+    from sumcircuit.placement import execution_device
+
+    return execution_device(unwrap(model))
 
 
 @torch.no_grad()

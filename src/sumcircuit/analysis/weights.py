@@ -11,6 +11,7 @@ from sumcircuit.adapters import ArchitectureAdapter
 from sumcircuit.analysis.config import IncompatibleModelsError, KernelMode
 from sumcircuit.capture import unwrap
 from sumcircuit.kernels import squared_norms
+from sumcircuit.placement import onloaded
 
 
 def _effective_params(module: nn.Module) -> dict[str, Tensor]:
@@ -51,9 +52,11 @@ def weight_changes(base: nn.Module, tuned: nn.Module, adapter: ArchitectureAdapt
                    kernel: KernelMode = "auto") -> dict[str, Tensor]:
     """Relative weight change of every layer's attention and MLP module, ``[L]`` each."""
     b, t = unwrap(base), unwrap(tuned)
-    attn = [relative_weight_change(adapter.attention(b, i), adapter.attention(t, i), kernel)
-            for i in range(adapter.n_layers)]
-    mlp = [relative_weight_change(adapter.mlp(b, i), adapter.mlp(t, i), kernel) for i in range(adapter.n_layers)]
+    attn, mlp = [], []
+    for i in range(adapter.n_layers):
+        with onloaded(b, adapter.block(b, i)), onloaded(t, adapter.block(t, i)):  # offloaded by a device map
+            attn.append(relative_weight_change(adapter.attention(b, i), adapter.attention(t, i), kernel))
+            mlp.append(relative_weight_change(adapter.mlp(b, i), adapter.mlp(t, i), kernel))
     return {"attn": torch.tensor(attn, dtype=torch.float64), "mlp": torch.tensor(mlp, dtype=torch.float64)}
 
 

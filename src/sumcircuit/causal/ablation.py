@@ -47,6 +47,7 @@ from sumcircuit.data.config import coerce_data
 from sumcircuit.data.encoding import Encoded
 from sumcircuit.models import LoadedModel, ModelLike
 from sumcircuit.outputs import require_complete, writes_output
+from sumcircuit.placement import execution_device
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
@@ -212,7 +213,7 @@ def ablation_losses(loaded: LoadedModel, encoded: Sequence[Encoded], cfg: Ablati
     model, adapter = loaded.model, loaded.adapter
     targets = ablation_targets(cfg, adapter)
     sets = [targets] + random_sets(targets, adapter, cfg.random_controls, cfg.seed, cfg.control_pool)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     pad = int(loaded.tokenizer.pad_token_id)
     t0 = time.perf_counter()
     means: dict[Site, torch.Tensor] = {}

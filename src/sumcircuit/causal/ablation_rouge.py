@@ -21,6 +21,7 @@ from sumcircuit.causal.interventions import Interventions
 from sumcircuit.data.config import DataConfig
 from sumcircuit.data.records import load_examples
 from sumcircuit.models import LoadedModel
+from sumcircuit.placement import execution_device
 from sumcircuit.sites import Site
 from sumcircuit.stats import mean_ci, resample_counts
 
@@ -45,7 +46,7 @@ def rouge_under_ablation(loaded: LoadedModel, data_cfg: DataConfig, cfg: Ablatio
     refs = [list(e.references) for e in examples]
     gen_cfg = GenerationConfig(max_new_tokens=cfg.rouge_max_new_tokens, batch_size=cfg.batch_size)
     eos = eos_token_ids(loaded)
-    device = next(loaded.model.parameters()).device
+    device = execution_device(loaded.model)
     per_doc: dict[str, list[dict[str, float]]] = {}
     for label, values in (("clean", {}), ("ablated", ablation_values(targets, cfg.mode, means, device))):
         mine: list[tuple[int, list[str]]] = []  # (batch number, texts); batch b runs on rank b % N

@@ -69,6 +69,7 @@ from sumcircuit.config import coerce_config
 from sumcircuit.data.encoding import Encoded
 from sumcircuit.models import LoadedModel, ModelLike
 from sumcircuit.outputs import require_complete, writes_output
+from sumcircuit.placement import execution_device
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
@@ -165,7 +166,7 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
     keys = [(kind, layer) for layer in range(adapter.n_layers) for kind in KINDS_OF[cfg.granularity]]
     models = {"base": base.model, "tuned": tuned.model}
     path_model = copy.deepcopy(base.model) if cfg.method == "ig" and cfg.ig_steps > 1 else None
-    device = next(base.model.parameters()).device
+    device = execution_device(base.model)
     pad = int(base.tokenizer.pad_token_id)
     n = len(encoded)
     losses = {"base": np.zeros(n), "tuned": np.zeros(n)}

@@ -43,6 +43,7 @@ from sumcircuit.config import coerce_config
 from sumcircuit.data.encoding import Encoded
 from sumcircuit.models import LoadedModel, ModelLike
 from sumcircuit.outputs import require_complete, writes_output
+from sumcircuit.placement import execution_device
 from sumcircuit.provenance import provenance
 from sumcircuit.results import Result, typed_rows
 from sumcircuit.runtime import Runtime, coerce_runtime
@@ -156,7 +157,7 @@ def patch_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encode
         sets = [(c.name, [c]) for c in comps]
         if cfg.include_all:
             sets.append((ALL, comps))
-    device = next(base.model.parameters()).device
+    device = execution_device(base.model)
     pad = int(base.tokenizer.pad_token_id)
     activations = sorted({c.activation for c in comps} | set(block_activations(adapter)))
     models = {"base": base.model, "tuned": tuned.model}

@@ -37,7 +37,7 @@ def register(subparsers: Subparsers) -> None:
     add_data(parser)
     add_config(parser, AnalysisConfig)
     add_resume(parser, "--restart", what="analysis files (finished shards included)")
-    add_runtime(parser)
+    add_runtime(parser, placement=True)
     parser.set_defaults(handler=run)
 
 

@@ -38,7 +38,7 @@ def register_method(subparsers: Subparsers, method: CausalMethod) -> None:
         add_adapter(parser)
     add_data(parser)
     add_config(parser, method.config)
-    add_runtime(parser)
+    add_runtime(parser, placement=True)
     add_out(parser)
     parser.set_defaults(handler=_handler(method))
 

@@ -37,9 +37,13 @@ def data_from_args(args: argparse.Namespace) -> DataConfig:
     return config_from_args(DataConfig, args)
 
 
-def add_runtime(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
-    """--device, --dtype, --trust-remote-code, --no-progress (or ``only`` some of them)."""
-    add_config(parser, Runtime, only=only)
+PLACEMENT = ("device_map", "max_memory", "offload_folder")
+
+
+def add_runtime(parser: argparse.ArgumentParser, only: Sequence[str] | None = None, placement: bool = False) -> None:
+    """--device, --dtype, --trust-remote-code, --no-progress (or ``only`` some of them); with ``placement``,
+    --device-map, --max-memory and --offload-folder too."""
+    add_config(parser, Runtime, only=only, skip=() if placement else PLACEMENT)
 
 
 def runtime_from_args(args: argparse.Namespace) -> Runtime:

@@ -211,6 +211,7 @@ def evaluate(model: ModelLike, data: DataConfig | Any, config: EvaluationConfig 
     """
     cfg = coerce_evaluation(config)
     rt = coerce_runtime(runtime)
+    rt.require_whole_models("generation")
     data_cfg = coerce_data(data)
     if out is None:
         return _evaluate(model, data_cfg, cfg, None, rt, resume)

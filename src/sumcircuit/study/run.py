@@ -298,6 +298,7 @@ def _run_study_into(cfg: StudyConfig, out: str | Path, runtime: Runtime, resume:
         if ARMS.get(arm).hyper not in preset.hyper:
             raise ConfigError("arms", f"arm {arm} uses hyper-parameter group {ARMS.get(arm).hyper!r}, which the "
                                       f"preset does not have ({', '.join(preset.hyper)})")
+    runtime.require_whole_models("a study (it fine-tunes and generates)")
     check_disjoint_test_data(cfg)
     check_fits_model(cfg, preset, runtime)
     graph = StudyGraph(cfg, preset, seeds, runtime, StudyLayout(run))

@@ -89,6 +89,7 @@ def finetune(model: ModelLike, data: DataConfig | Any, config: FinetuneConfig | 
     """
     cfg = coerce_config(FinetuneConfig, config)
     rt = coerce_runtime(runtime)
+    rt.require_whole_models("fine-tuning")
     if rt.trust_remote_code:
         raise FinetuneError("finetune does not run remote model code")
     train_cfg = coerce_data(data)
