@@ -47,7 +47,7 @@ def _numbers(result: sc.Result) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
-def test_analyze_attribute_and_patch_with_disk_offload_equal_the_in_memory_run(
+def test_analyze_attribute_patch_ablate_with_disk_offload_equal_the_in_memory_run(
         family: str, tiny_model_dirs: dict[str, Path], tuned_dirs: dict[str, Path], tmp_path: Path) -> None:
     base, tuned = str(tiny_model_dirs[family]), str(tuned_dirs[family])
     offload = sc.Runtime(device_map=str(split_map(tiny_model_dirs[family], tmp_path / "map.json")),
@@ -55,7 +55,9 @@ def test_analyze_attribute_and_patch_with_disk_offload_equal_the_in_memory_run(
     runs = {"analyze": lambda rt: sc.analyze(base, tuned, DATA, runtime=rt),
             "attribute": lambda rt: sc.attribute(base, tuned, DATA, sc.AttributionConfig(granularity="all", seed=1),
                                                  runtime=rt),
-            "patch": lambda rt: sc.patch(base, tuned, DATA, runtime=rt)}
+            "patch": lambda rt: sc.patch(base, tuned, DATA, runtime=rt),
+            "ablate": lambda rt: sc.ablate(tuned, DATA, sc.AblationConfig(layers=(1,), random_controls=2, mode="mean"),
+                                           runtime=rt)}
     for name, run in runs.items():
         in_memory, placed = _numbers(run(None)), _numbers(run(offload))
         assert len(in_memory) > 0 and in_memory.notna().any().any(), name
@@ -108,7 +110,8 @@ def test_cli_analyze_with_a_device_map(tiny_model_dirs: dict[str, Path], tuned_d
         assert not out.exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"transformer.nope": "cpu"}))
-    assert main(["analyze", "--base", base, "--tuned", tuned, *data, "--device-map", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    assert main(["analyze", "--base", base, "--tuned", tuned, *data, "--device-map", str(bad),
+                 "--out", str(tmp_path / "r2")]) == 2
     assert "no module 'transformer.nope' in this model" in capsys.readouterr().err
 
 
