@@ -258,9 +258,10 @@ class LoadedModel:
 
     def provenance(self) -> dict[str, Any]:
         """What outputs cite about the model: spec, kind, weights hash, dtype (and where a device map put it)."""
-        cited: dict[str, Any] = {"spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
-                 "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
-                 "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
+        cited: dict[str, Any] = {
+            "spec": self.source.spec, "kind": self.source.kind, "location": self.source.location,
+            "model_type": self.model.config.model_type, "dtype": str(self.model.dtype),
+            "weights_sha256": self.weights_sha256(), "source_sha256": self.source_sha256}
         placement = getattr(self.model, "hf_device_map", None)
         if placement:
             cited["device_map"] = {k: str(v) for k, v in placement.items()}
