@@ -127,11 +127,33 @@ def summary_loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return total, (shift_labels != IGNORE_INDEX).sum()
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions t whose next token is labelled in some row: the only logits the loss reads."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def lm_loss_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over labelled tokens, their count), the LM head run only at the positions the loss reads.
+
+    The summary is a small part of each sequence; the LM head (vocabulary x
+    hidden) and its cross-entropy at every other position were computed and
+    thrown away. ``logits_to_keep`` (transformers' own argument; any final
+    soft-capping still applies) keeps the positions labelled in any row of
+    the batch. The same terms as :func:`summary_loss_terms` on full logits, up
+    to float summation order.
+    """
+    positions = loss_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=positions).logits
+    targets = batch["labels"][:, positions + 1]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
 def summary_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean CE over summary tokens of ``batch`` (validation and tests)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    total, count = summary_loss_terms(logits, batch["labels"])
+    total, count = lm_loss_terms(model, batch)
     return total / count
 
 
@@ -173,9 +195,7 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
             b = first + rank
             start = starts[b] if b < len(starts) else 0
             batch = device_batch(collate(encoded[start:start + batch_size], pad_token_id), device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-            part_sum, part_count = summary_loss_terms(logits, batch["labels"])
+            part_sum, part_count = lm_loss_terms(model, batch)
             if b < len(starts):
                 table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
     model.train(was_training)

@@ -52,7 +52,7 @@ from sumcircuit.training.batches import (
     device_batch,
     evaluate_loss,
     prepare_splits,
-    summary_loss_terms,
+    lm_loss_terms,
 )
 from sumcircuit.training.checkpoint import export_model, replace_dir, tmp_dir
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
@@ -90,9 +90,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
         sync = i == len(work) - 1
         context = acc.no_sync(run.model) if not sync else _nullcontext()
         with context:
-            logits = run.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                               use_cache=False).logits
-            part, _ = summary_loss_terms(logits, mb["labels"])
+            part, _ = lm_loss_terms(run.model, mb)
             acc.backward(part * weight)
         if weight:
             loss_sum += part.detach().double()

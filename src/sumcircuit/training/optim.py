@@ -26,12 +26,28 @@ def enable_gradient_checkpointing(model: Any) -> None:
     base.disable_input_require_grads()
 
 
-def make_optimizer(model: torch.nn.Module, cfg: ResolvedFinetuneConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, 1-D parameters (biases, norm weights) do not."""
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
+
+
+def can_fuse(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW applies: plain floating-point tensors on a device it has a kernel for."""
+    return bool(params) and all(type(p) is torch.nn.Parameter and p.is_floating_point()
+                                and p.device.type in FUSED_DEVICES for p in params)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: ResolvedFinetuneConfig,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW; matrices decay, 1-D parameters (biases, norm weights) do not.
+
+    ``fused`` (default: wherever :func:`can_fuse`) updates every parameter in
+    one kernel instead of torch's per-tensor loop, which took 16-19% of a full
+    fine-tuning step on the CPU; the update is the same up to float rounding.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    use_fused = can_fuse(params) if fused is None else fused
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=use_fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ResolvedFinetuneConfig,
