@@ -177,6 +177,10 @@ def test_attribute_warns_like_patch_when_there_is_no_gap(tiny_model_dirs: dict[s
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "a" / "attribution.json").read_text())
     assert "not clearly positive" in summary["warning"] and f"warning: {summary['warning']}" in printed
+    # a circuit by cause from it says why nothing can be chosen (it said "no layer rows", which were there)
+    cli_fails(["circuit", "--attribution", str(tmp_path / "a"), "--score", "attribution", "--top-layers", "1",
+               "--out", str(tmp_path / "c.json")], capsys, "every layer's effect is NaN", "base-tuned loss gap is 0.0")
+    assert not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])

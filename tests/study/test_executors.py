@@ -25,8 +25,6 @@ from sumcircuit.study.graph import Stage
 
 from helpers import CNNDM
 
-ray = pytest.importorskip("ray")  # an optional extra; `make test` installs it
-
 TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
 TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
             max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, top_heads=2,
@@ -193,3 +191,11 @@ def test_ray_executor_options_are_checked() -> None:
     select = Stage("s", "select", {}, (), print)
     assert cpu.resources(train) == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert cuda.resources(train) == {"num_cpus": 2.0, "num_gpus": 1.0} and cuda.resources(select)["num_gpus"] == 0
+
+
+def test_without_ray_the_ray_executor_is_a_one_line_error_and_nothing_is_written(
+        monkeypatch: pytest.MonkeyPatch, tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where Ray is not installed
+    with pytest.raises(ConfigError, match=r"executor: 'ray' needs Ray: pip install 'sumcircuit\[ray\]'"):
+        run_study(_study(tiny_model_dirs["llama"]), tmp_path / "run", executor={"executor": "ray"})
+    assert not (tmp_path / "run").exists()

@@ -327,6 +327,11 @@ def _by_attribution(source: str | Path | AttributionResult, cfg: CircuitConfig) 
     layer_scores = np.array([abs(effects.get(f"L{l}.attn", math.nan)) + abs(effects.get(f"L{l}.mlp", math.nan))
                              for l in range(n_layers)])
     if np.all(np.isnan(layer_scores)):
+        if any(f"L{l}.{k}" in effects for l in range(n_layers) for k in ("attn", "mlp")):
+            gap = result.summary.get("gap") or {}
+            raise CircuitError(f"{folder or 'attribution'}: every layer's effect is NaN (the base-tuned loss gap is "
+                               f"{gap.get('mean')}, interval [{gap.get('ci_low')}, {gap.get('ci_high')}]: with no "
+                               "gap there is nothing to recover); nothing can be chosen by cause")
         raise CircuitError(f"{folder or 'attribution'}: no layer rows (run `sumcircuit attribute --granularity "
                            "layer` or all)")
     where = folder or "the attribution"

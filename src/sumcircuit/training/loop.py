@@ -51,8 +51,8 @@ from sumcircuit.training.batches import (
     collate_train,
     device_batch,
     evaluate_loss,
-    prepare_splits,
     lm_loss_terms,
+    prepare_splits,
 )
 from sumcircuit.training.checkpoint import export_model, replace_dir, tmp_dir
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
