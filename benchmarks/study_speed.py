@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -30,7 +31,7 @@ def _kind(stage: str) -> str:
         return "evaluation (generation + ROUGE)"
     if stage.startswith("full_"):
         return "training: full"
-    if stage[-3:-1] == "_s" or "_s" in stage.rsplit("/", 1)[-1]:
+    if re.search(r"_s\d+$", stage):
         return "training: LoRA arms"
     return stage  # analysis, circuits, attribution, causal stages
 

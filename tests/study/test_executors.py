@@ -199,3 +199,15 @@ def test_without_ray_the_ray_executor_is_a_one_line_error_and_nothing_is_written
     with pytest.raises(ConfigError, match=r"executor: 'ray' needs Ray: pip install 'sumcircuit\[ray\]'"):
         run_study(_study(tiny_model_dirs["llama"]), tmp_path / "run", executor={"executor": "ray"})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_can_need_stages_of_this_batch_and_of_an_earlier_one(tmp_path: Path, ray_local: None) -> None:
+    import functools
+
+    runner = StageRunner(tmp_path, RayExecutor(sc.ExecutorConfig(executor="ray"), "cpu"))
+    runner.run_all([Stage("a", "select", {}, (), functools.partial(_write, "a", "x"))])  # an earlier batch
+    runner.run_all([Stage("b", "select", {}, (), functools.partial(_write, "b", "y")),
+                    Stage("c", "select", {}, ("a", "b"), functools.partial(_concat, ("a", "b")))])
+    assert (tmp_path / "c" / "all.txt").read_text() == "xy"
+    with pytest.raises(RuntimeError, match=r"stage d needs \['nope'\]"):
+        runner.run_all([Stage("d", "select", {}, ("nope",), functools.partial(_write, "d", "z"))])
