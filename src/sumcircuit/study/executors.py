@@ -22,12 +22,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sumcircuit.config import NON_NEGATIVE_REAL, POSITIVE, Config, option
 from sumcircuit.errors import ConfigError, SumcircuitError
 from sumcircuit.registry import Registry
-from sumcircuit.study.graph import Stage, StageOutcome, StageRunner, execute_stage
+
+if TYPE_CHECKING:  # the graph reads files (artifacts: torch); `--help` and `import sumcircuit` must not
+    from sumcircuit.study.graph import Stage, StageOutcome, StageRunner
+
+    Executor = Callable[[StageRunner, list[Stage]], None]
+    ExecutorFactory = Callable[["ExecutorConfig", str], AbstractContextManager[Executor | None]]
 
 _GROUP = "scale-out"
 
@@ -59,8 +64,6 @@ class ExecutorConfig(Config):
                               "applies to executor 'ray' only")
 
 
-Executor = Callable[[StageRunner, list[Stage]], None]
-ExecutorFactory = Callable[[ExecutorConfig, str], AbstractContextManager[Executor | None]]
 EXECUTORS: Registry[ExecutorFactory] = Registry("stage executor")
 
 
@@ -104,6 +107,8 @@ def _stage_task(run_dir: str, stage: Stage, threads: int, needs: tuple[str, ...]
         return _Failed(stage.name, None)
     import torch
 
+    from sumcircuit.study.graph import StageOutcome, execute_stage
+
     torch.set_num_threads(threads)
     keys = {n: (u.key if isinstance(u, StageOutcome) else str(u)) for n, u in zip(needs, upstream)}
     try:
@@ -144,6 +149,7 @@ class RayExecutor:
     device: str
 
     def resources(self, stage: Stage) -> dict[str, float]:
+        """What one stage asks Ray for: its CPUs, and a GPU when it loads a model on CUDA."""
         gpus = self.cfg.gpus_per_stage
         if gpus is None:
             gpus = 1.0 if self.device.startswith("cuda") else 0.0
@@ -166,6 +172,8 @@ class RayExecutor:
     @staticmethod
     def _collect(ray: Any, runner: StageRunner, stages: list[Stage], refs: dict[str, Any]) -> None:
         """Record the outcomes (in the stages' order); the first failure cancels the rest and is raised."""
+        from sumcircuit.study.graph import StageOutcome
+
         pending = {ref: name for name, ref in refs.items()}
         outcomes: dict[str, StageOutcome | _Failed] = {}
         try:
