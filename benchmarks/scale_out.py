@@ -38,10 +38,9 @@ def _study_once(mode: str, root: Path, workers: int, steps: int) -> float:
     """One tiny study in a fresh folder, in a fresh process; its wall time."""
     code = f"""
 import sys, json, time, torch
-sys.path.insert(0, {str(REPO / 'tests')!r}); sys.path.insert(0, {str(REPO / 'tests' / 'study')!r})
+sys.path.insert(0, {str(REPO / 'tests')!r})
 from pathlib import Path
-from helpers import save_tiny, train_tiny_tokenizer, CNNDM
-from test_reproduce import TINY
+from helpers import save_tiny, train_tiny_tokenizer, CNNDM, TINY_STUDY as TINY
 from sumcircuit.study import StudyConfig, run_study
 mode, root = {mode!r}, Path({str(root)!r})
 model = root / "model"

@@ -107,6 +107,14 @@ def make_tiny_model(family: str, seed: int = 0, **overrides: object) -> torch.nn
     return model.eval()
 
 
+
+# A whole study in seconds on a tiny model (the study tests and benchmarks/scale_out.py): every stage runs.
+TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
+TINY_STUDY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
+                  max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, top_heads=2,
+                  random_controls=3, random_sets=2, eval_batch_size=3)
+
+
 def save_tiny(family: str, folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
               **overrides: object) -> Path:
     model = make_tiny_model(family, seed, **overrides)

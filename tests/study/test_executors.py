@@ -24,11 +24,7 @@ from sumcircuit.study.executors import RayExecutor, ray_session
 from sumcircuit.study.graph import Stage
 
 from helpers import CNNDM
-
-TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
-TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
-            max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=1, top_heads=2,
-            random_controls=3, random_sets=2, eval_batch_size=3)
+from helpers import TINY_STUDY as TINY
 
 
 def _study(model: Path) -> StudyConfig:

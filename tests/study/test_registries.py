@@ -12,12 +12,9 @@ import sumcircuit as sc
 from sumcircuit.study import ARMS, CLAIMS, ClaimResult, StudyConfig, register_claim, run_study
 from sumcircuit.study.claims import INCONCLUSIVE
 
-from helpers import CNNDM
+from helpers import CNNDM, TINY_STUDY
 
-TINY_HP = dict(lr=1e-3, batch_size=2, grad_accum=1, max_steps=2, eval_every=1, patience=3, val_fraction=0.3)
-TINY = dict(train_docs=6, val_docs=3, eval_docs=3, analysis_docs=3, causal_docs=3, max_tokens=64,
-            max_new_tokens=6, full=TINY_HP, lora=TINY_HP, targeted=TINY_HP, top_layers=2, top_heads=2,
-            random_controls=2, random_sets=0, eval_batch_size=3)
+TINY = {**TINY_STUDY, "top_layers": 2, "random_controls": 2, "random_sets": 0}
 
 
 @pytest.fixture

@@ -160,11 +160,9 @@ class RayExecutor:
         task = ray.remote(max_retries=0)(_stage_task)
         refs: dict[str, Any] = {}
         for stage in stages:
-            missing = [n for n in stage.needs if n not in refs and n not in runner.keys]
-            if missing:
-                raise RuntimeError(f"stage {stage.name} needs {missing}, which are neither submitted nor done")
+            done = runner.upstream(stage, submitted=refs)
             # a stage of this batch is waited on through its task; one of an earlier batch gives its key
-            upstream: Sequence[Any] = [refs[n] if n in refs else runner.keys[n] for n in stage.needs]
+            upstream: Sequence[Any] = [refs[n] if n in refs else done[n] for n in stage.needs]
             refs[stage.name] = task.options(name=stage.name, **self.resources(stage)).remote(
                 str(runner.run_dir), stage, self.cfg.cpus_per_stage, stage.needs, *upstream)
         self._collect(ray, runner, stages, refs)

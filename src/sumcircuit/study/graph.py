@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -137,12 +137,13 @@ class StageRunner:
         if outcome.skipped:
             self.skipped.append(outcome.name)
 
-    def upstream(self, stage: Stage) -> dict[str, str]:
-        """The keys of the stages ``stage`` needs (each must have run)."""
-        missing = [n for n in stage.needs if n not in self.keys]
+    def upstream(self, stage: Stage, submitted: Collection[str] = ()) -> dict[str, str]:
+        """The keys of the stages ``stage`` needs that have run; every other need must be in ``submitted``
+        (stages of the same batch, which an executor waits on itself)."""
+        missing = [n for n in stage.needs if n not in self.keys and n not in submitted]
         if missing:
             raise RuntimeError(f"stage {stage.name} needs {missing}, which have not run")
-        return {u: self.keys[u] for u in stage.needs}
+        return {u: self.keys[u] for u in stage.needs if u not in submitted}
 
     def run(self, stage: Stage) -> Path:
         """Run ``stage`` in this process unless it is up to date; returns its folder."""
