@@ -96,6 +96,13 @@ def test_cli_analyze_with_a_device_map(tiny_model_dirs: dict[str, Path], tuned_d
                  str(tmp_path / "offload"), "--out", str(tmp_path / "placed")]) == 0
     for name in ("heads.csv", "layers.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "placed" / name), pd.read_csv(tmp_path / "mem" / name))
+    for command in ("attribute", "patch"):  # the causal commands share the flags
+        for where, flags in (("mem", []), ("placed", ["--device-map", str(mapping)])):
+            assert main([command, "--base", base, "--tuned", tuned, *data, *flags,
+                         "--out", str(tmp_path / f"{command}-{where}")]) == 0
+        table = "attribution.csv" if command == "attribute" else "patching.csv"
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"{command}-placed" / table),
+                                      pd.read_csv(tmp_path / f"{command}-mem" / table))
     capsys.readouterr()
     refusals = [(["--max-memory", "cpu=1GiB"], "--max-memory: applies only with device_map"),
                 (["--device-map", "everywhere"], "--device-map: everywhere: expected auto, balanced"),
