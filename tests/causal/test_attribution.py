@@ -230,3 +230,35 @@ def test_a_block_whose_linear_estimate_has_the_wrong_sign(tiny_model_dirs: dict[
     for key in wrong:
         assert estimated[key] * exact[key] < 0  # the linear estimate: the other sign
         assert reported[key] == pytest.approx(exact[key], rel=1e-6)  # what attribute reports now
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_confirmed_neurons_are_patched_exactly(family: str, tiny_model_dirs: dict[str, Path]) -> None:
+    """`confirm=K` also patches the K neurons of largest estimate per direction: their rows are exact patching's."""
+    import sumcircuit as sc
+
+    base = load_model(str(tiny_model_dirs[family]))
+    tuned = _tuned(load_model(str(tiny_model_dirs[family])), 0.08)
+    data = sc.DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=64)
+    attr = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="neuron", confirm=3, n_bootstrap=20))
+    plain = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="neuron", n_bootstrap=20))
+    confirmed = attr.summary["confirmed_neurons"]
+    names = set(confirmed["exact_effect"]["denoise"])
+    assert 3 <= len(names) <= 6 and "confirmed" not in attr.summary  # heads were not asked for
+    encoded = encode_examples(base.tokenizer, data)[0]
+    pcfg = pat.PatchConfig(include_all=False, n_bootstrap=20)
+    exact = {(r["direction"], r["component"]): r["effect"] for r in pat.summarize_patching(
+        pat.patch_losses(base, tuned, encoded, pcfg, [sc.Site.parse(n) for n in sorted(names)]), pcfg)["rows"]}
+    for direction in ("denoise", "noise"):
+        estimated = plain.effects(direction, kind="mlp_neuron")
+        top = sorted(estimated, key=lambda n: -abs(estimated[n]))[:3]
+        assert set(top) <= names
+        reported = attr.effects(direction, kind="mlp_neuron")
+        for name in names:
+            assert reported[name] == pytest.approx(exact[(direction, name)], rel=1e-6)
+            assert confirmed["estimated_effect"][direction][name] == pytest.approx(estimated[name], rel=1e-9)
+        others = [n for n in estimated if n not in names][:20]
+        assert all(reported[n] == pytest.approx(estimated[n], rel=1e-9) for n in others)
+        grid = attr.neurons[f"{direction}.effect"]
+        some = sc.Site.parse(sorted(names)[0])
+        assert grid[some.layer, some.index] == pytest.approx(exact[(direction, some.name)], rel=1e-6)

@@ -14,6 +14,8 @@ patched loss ``L_receiver + delta_c`` goes through the same recovery formula
 and bootstrap as ``patching.csv``, and the two files join row by row.
 
 ``method='relp'`` propagates relevance instead of the gradient (:mod:`.relevance`).
+``method='atpstar'`` keeps the linear estimate and adds AtP*'s GradDrop scores
+(:mod:`.graddrop`), which rank the heads ``confirm`` patches exactly.
 ``method='ig'`` integrates the gradient along the straight path between the
 two models' *weights* (``theta(alpha) = receiver + alpha (donor - receiver)``,
 ``alpha = k/K``, ``k = 0..K-1``): the activations then move from the receiver's
@@ -31,7 +33,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -53,6 +55,7 @@ from sumcircuit.causal.interventions import (
     Interventions,
     batches,
     document_losses,
+    grad_through,
     n_batches,
     sum_over_processes,
 )
@@ -102,6 +105,7 @@ class AttributionLosses:
     deltas: dict[str, dict[Activation, np.ndarray]]
     cost: CostCounter
     wall_s: float
+    graddrop: dict[str, dict[Activation, np.ndarray]] = field(default_factory=dict)  # [units] per key (atpstar)
 
 
 def _units(kind: str, adapter: ArchitectureAdapter) -> int:
@@ -119,11 +123,6 @@ def _interpolate_(target: nn.Module, start: nn.Module, end: nn.Module, alpha: fl
     with torch.no_grad():
         for t, a, b in zip(target.parameters(), start.parameters(), end.parameters()):
             t.copy_(torch.lerp(a, b, alpha))
-
-
-def _grad_through(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    """Embedding output that requires grad, so activation gradients exist even with frozen weights."""
-    return output if output.requires_grad else output.detach().requires_grad_()
 
 
 def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, torch.Tensor],
@@ -144,7 +143,7 @@ def _gradients(model: nn.Module, adapter: ArchitectureAdapter, batch: dict[str, 
     def keep(key: Activation, x: torch.Tensor) -> None:
         live[key] = x
 
-    embed = get_submodule(model, adapter.spec.embed_tokens).register_forward_hook(_grad_through)
+    embed = get_submodule(model, adapter.spec.embed_tokens).register_forward_hook(grad_through)
     rules = relevance_rules(model, adapter) if relp else nullcontext()
     try:
         with torch.enable_grad(), rules, Interventions(model, adapter) as iv:
@@ -171,6 +170,8 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
     n = len(encoded)
     losses = {"base": np.zeros(n), "tuned": np.zeros(n)}
     deltas = {d: {k: np.zeros((n, _units(k[0], adapter))) for k in keys} for d in cfg.directions}
+    drop_sums = {d: {k: np.zeros((adapter.n_layers, _units(k[0], adapter))) for k in keys}
+                 for d in cfg.directions} if cfg.method == "atpstar" else {}
     cost = CostCounter()
     t0 = time.perf_counter()
     for idx, batch in tqdm(batches(encoded, cfg.batch_size, pad, device, shard=True), desc="attribution",
@@ -211,11 +212,32 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
                 diff = acts[donor][key] - acts[recv][key]
                 per_doc = _per_unit((diff * grad_sum[key] / steps).double(), _units(key[0], adapter))
                 deltas[direction][key][idx] = per_doc.cpu().numpy()
+            if cfg.method == "atpstar":
+                _add_dropped(drop_sums[direction], models[recv], adapter, batch, acts[donor], acts[recv], cost)
         del acts
+    from sumcircuit.causal.graddrop import graddrop_scores
+
+    scores: dict[str, dict[Activation, np.ndarray]] = {
+        d: graddrop_scores({k: sum_over_processes(v) for k, v in per.items()}, n, adapter.n_layers)
+        for d, per in drop_sums.items()}
     return AttributionLosses([e.doc_id for e in encoded], sum_over_processes(losses["base"]),
                              sum_over_processes(losses["tuned"]),
                              {d: {k: sum_over_processes(v) for k, v in per.items()} for d, per in deltas.items()},
-                             cost.reduced(), time.perf_counter() - t0)
+                             cost.reduced(), time.perf_counter() - t0, scores)
+
+
+def _add_dropped(sums: dict[Activation, np.ndarray], receiver: nn.Module, adapter: ArchitectureAdapter,
+                 batch: dict[str, torch.Tensor], donor_acts: dict[Activation, torch.Tensor],
+                 receiver_acts: dict[Activation, torch.Tensor], cost: CostCounter) -> None:
+    """GradDrop: add this batch's estimates with each layer's backward dropped to ``sums`` ([L, units] per key)."""
+    from sumcircuit.causal.graddrop import dropped_estimates
+
+    diffs = {k: donor_acts[k] - receiver_acts[k] for k in sums}
+    dropped = dropped_estimates(receiver, adapter, batch, diffs, {k: _units(k[0], adapter) for k in sums})
+    for key, value in dropped.items():
+        sums[key] += value.numpy()
+    cost.add(adapter.n_layers)
+    cost.backwards += adapter.n_layers
 
 
 # ---------------------------------------------------------------- tables
@@ -258,6 +280,9 @@ def attribution_rows(result: AttributionLosses, cfg: AttributionConfig,
             with np.errstate(divide="ignore", invalid="ignore"):
                 rec_map = -stacked / gap if direction == "denoise" else stacked / gap
             neuron_maps[f"{direction}.effect"] = rec_map
+            if result.graddrop.get(direction):
+                neuron_maps[f"{direction}.graddrop"] = np.stack([result.graddrop[direction][k]
+                                                                 for k in sorted(neurons, key=lambda k: k[1])])
             neuron_maps[f"{direction}.delta_loss"] = stacked
             neuron_rows_here.sort(key=lambda r: -abs(r["effect"]) if math.isfinite(r["effect"]) else 0.0)
             rows.extend(neuron_rows_here[:neuron_rows])
@@ -283,25 +308,69 @@ def _head_targets(rows: Sequence[PatchRow], result: AttributionLosses, cfg: Attr
         return []
     chosen: dict[str, Site] = {}
     for direction in cfg.directions:
+        score = _ranking(result, direction)
         heads = sorted((r for r in rows if r["direction"] == direction and r["kind"] == "attn_head"
-                        and math.isfinite(float(r["effect"]))), key=lambda r: -abs(float(r["effect"])))
+                        and math.isfinite(float(r["effect"]))), key=lambda r: -score(r))
         for r in heads[:cfg.confirm]:
             chosen[str(r["component"])] = Site(int(r["layer"]), "attn_head", int(r["head"]))
     return [(("attn_heads", site.layer), int(site.index or 0), site) for site in chosen.values()]
 
 
+def _neuron_targets(result: AttributionLosses, cfg: AttributionConfig) -> list[Target]:
+    """The ``confirm`` neurons of largest estimated |effect| (GradDrop score with atpstar) in each direction
+    (their union): the largest neuron rows are then exact, as AtP* verifies its candidates."""
+    if not cfg.confirm:
+        return []
+    chosen: dict[str, Target] = {}
+    for direction, per_key in result.deltas.items():
+        scores = result.graddrop.get(direction)
+        ranked = []
+        for key, delta in per_key.items():
+            if key[0] != "mlp_neurons":
+                continue
+            score = scores[key] if scores else np.abs(delta.mean(axis=0))
+            ranked += [(float(v), key, i) for i, v in enumerate(score) if math.isfinite(float(v))]
+        for _, key, i in sorted(ranked, key=lambda t: -t[0])[:cfg.confirm]:
+            site = Site(key[1], "mlp_neuron", i)
+            chosen[site.name] = (key, i, site)
+    return list(chosen.values())
+
+
+def _ranking(result: AttributionLosses, direction: str) -> Callable[[PatchRow], float]:
+    """How candidates are ranked: GradDrop score where computed (atpstar), else |estimated effect|."""
+    scores = result.graddrop.get(direction)
+    if not scores:
+        return lambda r: abs(float(r["effect"]))
+    return lambda r: float(scores[(_ACTIVATION_OF[r["kind"]], int(r["layer"]))][int(r["head"] or 0)])
+
+
+_ACTIVATION_OF = {"attn_head": "attn_heads", "mlp_neuron": "mlp_neurons", "attn": "attn", "mlp": "mlp"}
+
+
+def graddrop_table(result: AttributionLosses) -> dict[str, dict[str, float]]:
+    """Per direction, every head's and block's GradDrop score, largest first, for attribution.json (the
+    neurons' are in the neuron maps); {} unless method atpstar."""
+    out: dict[str, dict[str, float]] = {}
+    for direction, per_key in result.graddrop.items():
+        named = [(site.name, float(v)) for key, values in per_key.items() if key[0] != "mlp_neurons"
+                 for site, v in zip(_sites_of(key, len(values)), values)]
+        out[direction] = dict(sorted(named, key=lambda kv: -kv[1]))
+    return out
+
+
 def patch_exactly(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: AttributionConfig,
                   result: AttributionLosses, estimate_rows: Sequence[PatchRow], *,
                   progress: bool = True) -> dict[str, Any]:
-    """Exact patching of the blocks and of the top ``confirm`` heads; their exact per-document deltas replace
-    the estimates in ``result`` (one patching pass shares the clean runs).
+    """Exact patching of the blocks and of the top ``confirm`` heads and neurons; their exact per-document
+    deltas replace the estimates in ``result`` (one patching pass shares the clean runs).
 
-    Returns what ``attribution.json`` records under ``blocks`` and ``confirmed``:
-    each site's estimated and exact effect, those whose estimate had the wrong
-    sign, and the cost; {} when nothing is patched.
+    Returns what ``attribution.json`` records under ``blocks``, ``confirmed``
+    (heads) and ``confirmed_neurons``: each site's estimated and exact effect,
+    those whose estimate had the wrong sign, and the cost; {} when nothing is patched.
     """
     blocks, heads = _block_targets(result, cfg), _head_targets(estimate_rows, result, cfg)
-    targets = blocks + heads
+    neurons = _neuron_targets(result, cfg)
+    targets = blocks + heads + neurons
     if not targets:
         return {}
     from sumcircuit.causal.config import PatchConfig
@@ -333,6 +402,8 @@ def patch_exactly(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encod
         out["blocks"] = {"method": "exact", **record(blocks)}
     if heads:
         out["confirmed"] = {"k": cfg.confirm, **record(heads)}
+    if neurons:
+        out["confirmed_neurons"] = {"k": cfg.confirm, **record(neurons)}
     return out
 
 
@@ -452,7 +523,7 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
     result = attribution_losses(base_m, tuned_m, encoded, cfg, progress=rt.progress)
     estimate_rows, neurons = attribution_rows(result, cfg)  # what validation checks: every site as estimated
     exact = patch_exactly(base_m, tuned_m, encoded, cfg, result, estimate_rows, progress=rt.progress)
-    rows = attribution_rows(result, cfg)[0] if exact else estimate_rows
+    rows, neurons = attribution_rows(result, cfg) if exact else (estimate_rows, neurons)  # exact where patched
     adapter = base_m.adapter
     gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci_level)
     summary: dict[str, Any] = {
@@ -482,8 +553,15 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
         "run_key": key,
         "blocks": exact.get("blocks") or {"method": "estimate"},
     }
-    if "confirmed" in exact:
-        summary["confirmed"] = exact["confirmed"]
+    for part in ("confirmed", "confirmed_neurons"):
+        if part in exact:
+            summary[part] = exact[part]
+    if result.graddrop:
+        summary["graddrop"] = {"definition": "AtP* GradDrop: 1/(L-1) sum_l |mean estimate with layer l's attention "
+                                             "and MLP outputs dropped from the backward|, in loss units; ranks the "
+                                             "heads --confirm patches (neurons: <direction>.graddrop in "
+                                             "attribution_neurons.safetensors)",
+                               "scores": graddrop_table(result)}
     if exact:
         summary["cost"]["exact_patching"] = exact["cost"]
     warning = gap_warning(gap)

@@ -14,7 +14,7 @@ Direction = Literal["denoise", "noise"]
 DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 Granularity = Literal["layer", "head", "block"]
 AttributionGranularity = Literal["layer", "head", "neuron", "all"]
-AttributionMethod = Literal["linear", "ig", "relp"]
+AttributionMethod = Literal["linear", "ig", "relp", "atpstar"]
 BlockMethod = Literal["exact", "estimate"]
 AblationMode = Literal["zero", "mean"]
 LayerPart = Literal["attn", "mlp", "both"]
@@ -93,14 +93,17 @@ class AttributionConfig(Config):
     method: AttributionMethod = option("linear", help="linear: first order; ig: gradient averaged along the "
                                                       "weight path; relp: relevance-propagation coefficients "
                                                       "(normalisation scales, attention patterns and MLP gates held "
-                                                      "constant in the backward)")
+                                                      "constant in the backward); atpstar: the linear "
+                                                      "estimate, with AtP*'s GradDrop scores (L extra backwards) "
+                                                      "ranking the heads that --confirm patches exactly")
     ig_steps: int = option(5, help="K for --method ig (K = 1 is the linear estimate)", bound=POSITIVE)
     blocks: BlockMethod = option("exact", help="attention/MLP blocks: exact: patched (2 blocks x directions forwards "
                                                "per layer and batch; a first-order estimate of a whole block can have "
                                                "the wrong sign); estimate: like heads and neurons")
-    confirm: int = option(0, help="exact patching of the K heads of largest estimated |effect| per direction: the "
-                                  "candidates `circuit --score attribution` chooses heads among (it needs K >= 2 x "
-                                  "--top-heads)", bound=NON_NEGATIVE, metavar="K")
+    confirm: int = option(0, help="exact patching of the K heads and the K MLP neurons of largest estimated "
+                                  "|effect| (GradDrop score with atpstar) per direction, their rows then exact: "
+                                  "the candidates `circuit --score attribution` chooses heads among (it needs K >= "
+                                  "2 x --top-heads)", bound=NON_NEGATIVE, metavar="K")
     validate: int = option(0, help="exact patching of the top-K and K random components per direction and kind",
                            bound=NON_NEGATIVE, metavar="K")
     batch_size: int = option(4, help="documents per forward pass", bound=POSITIVE)

@@ -171,6 +171,12 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def grad_through(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook for the embedding: an output that requires grad, so activation gradients exist even with
+    frozen weights."""
+    return output if output.requires_grad else output.detach().requires_grad_()
+
+
 def document_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], *, grad: bool = False) -> torch.Tensor:
     """Per-document mean CE over the label positions, float64 ``[B]`` (on CPU unless ``grad``).
 
