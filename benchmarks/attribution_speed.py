@@ -14,8 +14,10 @@ same cost), at each ``--lengths`` (tokens per document):
                    cache, so a head's cost depends on its depth: layers sampled across depths (not
                    the first ones, which cost the most) give the average (the clean runs are counted
                    once per measured subset, so the scaled figure slightly overstates it)
-  (e) attribute    what ``sumcircuit attribute`` does by default: (b) plus (c), the blocks patched
-                   exactly; compared with (a) + (c) side by side
+  (e) attribute    what ``sumcircuit attribute`` did by default when this was measured: (b) plus (c),
+                   the blocks patched exactly; compared with (a) + (c) side by side. Its default
+                   ``--confirm 5`` now also patches the top 5 heads and 5 neurons per direction
+                   exactly: at most 20 more sites, against (c)'s 60, not included here
 
 Peak RSS is sampled every 2 ms while each method runs (absolute process RSS,
 models included). Usage:

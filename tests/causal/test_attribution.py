@@ -241,7 +241,8 @@ def test_confirmed_neurons_are_patched_exactly(family: str, tiny_model_dirs: dic
     tuned = _tuned(load_model(str(tiny_model_dirs[family])), 0.08)
     data = sc.DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=64)
     attr = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="neuron", confirm=3, n_bootstrap=20))
-    plain = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="neuron", n_bootstrap=20))
+    plain = sc.attribute(base, tuned, data, sc.AttributionConfig(granularity="neuron", confirm=0, n_bootstrap=20))
+    assert "confirmed_neurons" not in plain.summary
     confirmed = attr.summary["confirmed_neurons"]
     names = set(confirmed["exact_effect"]["denoise"])
     assert 3 <= len(names) <= 6 and "confirmed" not in attr.summary  # heads were not asked for

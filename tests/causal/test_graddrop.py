@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,8 @@ def test_each_dropped_layer_equals_a_detached_backward(family: str, tiny_model_d
     np.testing.assert_allclose(scores[key], expected)
 
 
-def test_cli_atpstar_confirms_the_heads_graddrop_ranks_first(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_atpstar_confirms_the_heads_graddrop_ranks_first(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`--method atpstar`: signed effects are the linear estimate's; --confirm patches GradDrop's top heads."""
     base = str(tiny_model_dirs["llama"])
     loaded = load_model(base)
@@ -98,6 +100,8 @@ def test_cli_atpstar_confirms_the_heads_graddrop_ranks_first(tiny_model_dirs: di
     common = ["--base", base, "--tuned", str(tuned_dir), "--data", str(CNNDM), "--split", "val", "--n-docs", "3",
               "--max-tokens", "64", "--n-bootstrap", "20", "--granularity", "all", "--blocks", "estimate"]
     assert main(["attribute", *common, "--method", "atpstar", "--confirm", "3", "--out", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"patched exactly: [3-6] heads, [3-6] neurons", printed), printed
     assert main(["attribute", *common, "--out", str(tmp_path / "l")]) == 0
     star = json.loads((tmp_path / "s" / "attribution.json").read_text())
     linear = sc.load_run(tmp_path / "l")

@@ -596,6 +596,12 @@ def report_lines(result: AttributionResult) -> list[str]:
                      key=lambda r: -abs(float(r["effect"])))[:5]
         lines.append(f"{direction}: largest effects "
                      + ", ".join(f"{r['component']} {float(r['effect']):+.3f}" for r in top))
+    exact = {label: s[part] for label, part in (("blocks", "blocks"), ("heads", "confirmed"),
+                                                ("neurons", "confirmed_neurons")) if "sites" in s.get(part, {})}
+    if exact:
+        wrong = sorted({n for part in exact.values() for names in part["estimate_sign_wrong"].values() for n in names})
+        lines.append("patched exactly: " + ", ".join(f"{p['sites']} {label}" for label, p in exact.items())
+                     + (f"; the estimate had the other sign on {', '.join(wrong)}" if wrong else ""))
     for key, v in s.get("validation", {}).items():
         lines.append(f"validation {key}: pearson {v['pearson']:.3f}, spearman {v['spearman']:.3f}, "
                      f"top-{v['top_k']} overlap {v['top_k_overlap']:.2f} (n={v['n']})")

@@ -100,10 +100,12 @@ class AttributionConfig(Config):
     blocks: BlockMethod = option("exact", help="attention/MLP blocks: exact: patched (2 blocks x directions forwards "
                                                "per layer and batch; a first-order estimate of a whole block can have "
                                                "the wrong sign); estimate: like heads and neurons")
-    confirm: int = option(0, help="exact patching of the K heads and the K MLP neurons of largest estimated "
-                                  "|effect| (GradDrop score with atpstar) per direction, their rows then exact: "
-                                  "the candidates `circuit --score attribution` chooses heads among (it needs K >= "
-                                  "2 x --top-heads)", bound=NON_NEGATIVE, metavar="K")
+    confirm: int = option(5, help="exact patching of the K heads and the K MLP neurons of largest estimated "
+                                  "|effect| (GradDrop score with atpstar) per direction, their rows then exact "
+                                  "(on a real pair K=5 lifts r with exact patching from 0.88/0.86 to 0.96/0.93 "
+                                  "for heads/neurons); the candidates `circuit --score attribution` chooses heads "
+                                  "among (it needs K >= 2 x --top-heads); 0: estimates only", bound=NON_NEGATIVE,
+                          metavar="K")
     validate: int = option(0, help="exact patching of the top-K and K random components per direction and kind",
                            bound=NON_NEGATIVE, metavar="K")
     batch_size: int = option(4, help="documents per forward pass", bound=POSITIVE)

@@ -136,7 +136,8 @@ register_causal_method(CausalMethod(
     "component; --validate K checks the top-K and K random components against exact patching. Writes "
     "attribution.json/.csv/.png and attribution_neurons.safetensors; the CSV has the columns and component names "
     "of patching.csv. Attention/MLP blocks are patched exactly (--blocks estimate keeps the first-order estimate, "
-    "whose sign can be wrong); --confirm K patches the K heads of largest estimate exactly.",
+    "whose sign can be wrong); --confirm K (default 5) patches the K heads and K neurons of largest estimate "
+    "exactly, as AtP* verifies its candidates.",
     "sumcircuit.causal.attribution:report_lines"))
 register_causal_method(CausalMethod(
     "faithfulness", FaithfulnessConfig, "sumcircuit.causal.faithfulness:faithfulness", "pair",
