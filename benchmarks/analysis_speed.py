@@ -249,21 +249,26 @@ def lens_bridges(base, tuned, tokenizer) -> tuple[object, object] | str:  # type
 # ---------------------------------------------------------------- setup
 
 def documents(tokenizer, length: int, n_docs: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """The first ``n_docs`` training articles with at least ``length`` tokens, cut to ``length``.
+    """The first ``n_docs`` training articles with at least ``length`` tokens, cut to ``length`` (if there are not
+    that many, consecutive articles joined).
 
     Without a tokenizer (``--shapes-only``): random ids below smollm2's vocabulary size (both pairs take them).
     """
     if tokenizer is None:
         gen = torch.Generator().manual_seed(length)
         return torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (n_docs, length), generator=gen).tolist()
-    out = []
-    with gzip.open(DATA, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            ids = tokenizer(json.loads(line)["article"], add_special_tokens=False)["input_ids"]
-            if len(ids) >= length:
-                out.append(ids[:length])
-            if len(out) == n_docs:
-                return out
+    for joined in (False, True):  # few articles reach 2048+ tokens: then consecutive articles, concatenated
+        out: list[list[int]] = []
+        buffer: list[int] = []
+        with gzip.open(DATA, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                ids = tokenizer(json.loads(line)["article"], add_special_tokens=False)["input_ids"]
+                buffer = buffer + ids if joined else ids
+                if len(buffer) >= length:
+                    out.append(buffer[:length])
+                    buffer = []
+                if len(out) == n_docs:
+                    return out
     raise SystemExit(f"not enough articles with {length} tokens")
 
 
