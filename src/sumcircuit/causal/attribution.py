@@ -33,7 +33,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -57,6 +57,7 @@ from sumcircuit.causal.interventions import (
     document_losses,
     grad_through,
     n_batches,
+    per_unit,
     sum_over_processes,
 )
 from sumcircuit.causal.patching import (
@@ -110,12 +111,6 @@ class AttributionLosses:
 
 def _units(kind: str, adapter: ArchitectureAdapter) -> int:
     return {"attn_heads": adapter.n_heads, "mlp_neurons": adapter.n_neurons}.get(kind, 1)
-
-
-def _per_unit(diff_times_grad: torch.Tensor, units: int) -> torch.Tensor:
-    """``[B, T, W]`` -> ``[B, units]``: sum over positions and each unit's slice of the width."""
-    b, t, w = diff_times_grad.shape
-    return diff_times_grad.reshape(b, t, units, w // units).sum(dim=(1, 3))
 
 
 def _interpolate_(target: nn.Module, start: nn.Module, end: nn.Module, alpha: float) -> None:
@@ -210,7 +205,7 @@ def attribution_losses(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[
                     grad_sum[key] = grad_sum[key] + g
             for key in keys:
                 diff = acts[donor][key] - acts[recv][key]
-                per_doc = _per_unit((diff * grad_sum[key] / steps).double(), _units(key[0], adapter))
+                per_doc = per_unit((diff * grad_sum[key] / steps).double(), _units(key[0], adapter))
                 deltas[direction][key][idx] = per_doc.cpu().numpy()
             if cfg.method == "atpstar":
                 _add_dropped(drop_sums[direction], models[recv], adapter, batch, acts[donor], acts[recv], cost)
@@ -301,50 +296,25 @@ def _block_targets(result: AttributionLosses, cfg: AttributionConfig) -> list[Ta
     return [(k, 0, Site(k[1], k[0])) for k in keys] if cfg.blocks == "exact" else []  # type: ignore[arg-type]
 
 
-def _head_targets(rows: Sequence[PatchRow], result: AttributionLosses, cfg: AttributionConfig) -> list[Target]:
-    """The ``confirm`` heads of largest estimated |effect| in each direction (their union): the candidates a
-    circuit by cause chooses among, once their exact values are known."""
-    if not cfg.confirm:
-        return []
-    chosen: dict[str, Site] = {}
-    for direction in cfg.directions:
-        score = _ranking(result, direction)
-        heads = sorted((r for r in rows if r["direction"] == direction and r["kind"] == "attn_head"
-                        and math.isfinite(float(r["effect"]))), key=lambda r: -score(r))
-        for r in heads[:cfg.confirm]:
-            chosen[str(r["component"])] = Site(int(r["layer"]), "attn_head", int(r["head"]))
-    return [(("attn_heads", site.layer), int(site.index or 0), site) for site in chosen.values()]
+def _confirm_targets(result: AttributionLosses, cfg: AttributionConfig, kind: str) -> list[Target]:
+    """The ``confirm`` heads (``kind='attn_heads'``) or neurons (``'mlp_neurons'``) of largest estimated
+    |effect| in each direction, their union; ranked by GradDrop score where computed (atpstar).
 
-
-def _neuron_targets(result: AttributionLosses, cfg: AttributionConfig) -> list[Target]:
-    """The ``confirm`` neurons of largest estimated |effect| (GradDrop score with atpstar) in each direction
-    (their union): the largest neuron rows are then exact, as AtP* verifies its candidates."""
-    if not cfg.confirm:
+    Heads: the candidates a circuit by cause chooses among, once their exact values are known. Neurons: the
+    largest neuron rows are then exact, as AtP* verifies its candidates. None without a gap (every effect NaN).
+    """
+    gap = result.base.mean() - result.tuned.mean()
+    if not cfg.confirm or gap == 0 or not math.isfinite(gap):
         return []
     chosen: dict[str, Target] = {}
     for direction, per_key in result.deltas.items():
         scores = result.graddrop.get(direction)
-        ranked = []
-        for key, delta in per_key.items():
-            if key[0] != "mlp_neurons":
-                continue
-            score = scores[key] if scores else np.abs(delta.mean(axis=0))
-            ranked += [(float(v), key, i) for i, v in enumerate(score) if math.isfinite(float(v))]
+        ranked = [(float(v), key, i) for key, delta in per_key.items() if key[0] == kind
+                  for i, v in enumerate(scores[key] if scores else np.abs(delta.mean(axis=0))) if math.isfinite(v)]
         for _, key, i in sorted(ranked, key=lambda t: -t[0])[:cfg.confirm]:
-            site = Site(key[1], "mlp_neuron", i)
+            site = _sites_of(key, per_key[key].shape[1])[i]
             chosen[site.name] = (key, i, site)
     return list(chosen.values())
-
-
-def _ranking(result: AttributionLosses, direction: str) -> Callable[[PatchRow], float]:
-    """How candidates are ranked: GradDrop score where computed (atpstar), else |estimated effect|."""
-    scores = result.graddrop.get(direction)
-    if not scores:
-        return lambda r: abs(float(r["effect"]))
-    return lambda r: float(scores[(_ACTIVATION_OF[r["kind"]], int(r["layer"]))][int(r["head"] or 0)])
-
-
-_ACTIVATION_OF = {"attn_head": "attn_heads", "mlp_neuron": "mlp_neurons", "attn": "attn", "mlp": "mlp"}
 
 
 def graddrop_table(result: AttributionLosses) -> dict[str, dict[str, float]]:
@@ -359,7 +329,7 @@ def graddrop_table(result: AttributionLosses) -> dict[str, dict[str, float]]:
 
 
 def patch_exactly(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encoded], cfg: AttributionConfig,
-                  result: AttributionLosses, estimate_rows: Sequence[PatchRow], *,
+                  result: AttributionLosses, *,
                   progress: bool = True) -> dict[str, Any]:
     """Exact patching of the blocks and of the top ``confirm`` heads and neurons; their exact per-document
     deltas replace the estimates in ``result`` (one patching pass shares the clean runs).
@@ -368,8 +338,8 @@ def patch_exactly(base: LoadedModel, tuned: LoadedModel, encoded: Sequence[Encod
     (heads) and ``confirmed_neurons``: each site's estimated and exact effect,
     those whose estimate had the wrong sign, and the cost; {} when nothing is patched.
     """
-    blocks, heads = _block_targets(result, cfg), _head_targets(estimate_rows, result, cfg)
-    neurons = _neuron_targets(result, cfg)
+    blocks = _block_targets(result, cfg)
+    heads, neurons = _confirm_targets(result, cfg, "attn_heads"), _confirm_targets(result, cfg, "mlp_neurons")
     targets = blocks + heads + neurons
     if not targets:
         return {}
@@ -522,7 +492,7 @@ def attribute(base: ModelLike, tuned: ModelLike, data: Any, config: AttributionC
         return done
     result = attribution_losses(base_m, tuned_m, encoded, cfg, progress=rt.progress)
     estimate_rows, neurons = attribution_rows(result, cfg)  # what validation checks: every site as estimated
-    exact = patch_exactly(base_m, tuned_m, encoded, cfg, result, estimate_rows, progress=rt.progress)
+    exact = patch_exactly(base_m, tuned_m, encoded, cfg, result, progress=rt.progress)
     rows, neurons = attribution_rows(result, cfg) if exact else (estimate_rows, neurons)  # exact where patched
     adapter = base_m.adapter
     gap = mean_ci(result.base - result.tuned, resample_counts(len(encoded), cfg.n_bootstrap, cfg.seed), cfg.ci_level)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from sumcircuit.adapters import ArchitectureAdapter, get_submodule
-from sumcircuit.causal.interventions import Activation, Interventions, document_losses, grad_through
+from sumcircuit.causal.interventions import Activation, Interventions, document_losses, grad_through, per_unit
 
 GATED_KINDS = ("attn", "mlp")  # a layer's residual contributions: dropping both drops the layer from the backward
 
@@ -53,12 +53,6 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return (torch.zeros_like(grad) if ctx.state.layer == ctx.layer else grad), None, None
-
-
-def _per_unit_sum(diff_times_grad: torch.Tensor, units: int) -> torch.Tensor:
-    """``[B, T, W]`` -> ``[units]``: summed over documents, positions and each unit's slice."""
-    b, t, w = diff_times_grad.shape
-    return diff_times_grad.reshape(b, t, units, w // units).sum(dim=(0, 1, 3))
 
 
 def dropped_estimates(model: torch.nn.Module, adapter: ArchitectureAdapter, batch: Mapping[str, torch.Tensor],
@@ -94,7 +88,7 @@ def dropped_estimates(model: torch.nn.Module, adapter: ArchitectureAdapter, batc
                                             allow_unused=True)
                 for key, g in zip(keys, grads):
                     if g is not None:
-                        out[key][layer] = _per_unit_sum((diffs[key] * g).double(), units[key]).cpu()
+                        out[key][layer] = per_unit((diffs[key] * g).double(), units[key]).sum(dim=0).cpu()
     finally:
         embed.remove()
     return out

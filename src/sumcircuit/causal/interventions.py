@@ -171,6 +171,12 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def per_unit(diff_times_grad: torch.Tensor, units: int) -> torch.Tensor:
+    """``[B, T, W]`` -> ``[B, units]``: sum over positions and each unit's (head's, neuron's) slice of the width."""
+    b, t, w = diff_times_grad.shape
+    return diff_times_grad.reshape(b, t, units, w // units).sum(dim=(1, 3))
+
+
 def grad_through(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook for the embedding: an output that requires grad, so activation gradients exist even with
     frozen weights."""
