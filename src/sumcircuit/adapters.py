@@ -59,6 +59,9 @@ class ArchitectureSpec:
     # receives these modules' outputs, not the attention / MLP outputs themselves.
     attention_post_norm: str | None = None
     mlp_post_norm: str | None = None
+    # Config fields holding dropout probabilities that act on the embeddings or inside the blocks: where
+    # they are 0, the layers below the lowest trainable one are deterministic in training mode too.
+    dropout_fields: tuple[str, ...] = ("attention_dropout",)
 
     def site_path(self, kind: str) -> tuple[str, Port]:
         """Where a :class:`~sumcircuit.sites.Site` kind lives in a block: (module path, input or output).
@@ -89,6 +92,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         qkv=FusedQKV("attn.c_attn", weight_layout="conv1d"),
         mlp="mlp", mlp_output="mlp.c_proj", positions="learned",
         final_norm="transformer.ln_f", embed_tokens="transformer.wte", mlp_act="mlp.act",
+        dropout_fields=("embd_pdrop", "attn_pdrop", "resid_pdrop"),
     ),
     ArchitectureSpec(
         family="llama", model_types=("llama", "qwen2", "qwen3", "mistral", "olmo2", "gemma"),

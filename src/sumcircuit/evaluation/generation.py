@@ -9,6 +9,7 @@ that never emit EOS (zero-shot, e.g. ``"\\n\\n"``). A model folder's own
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from sumcircuit.data.encoding import Encoded, collate
 from sumcircuit.evaluation.config import GenerationConfig
+from sumcircuit.evaluation.screened_head import screened_head
 from sumcircuit.models import LoadedModel
 
 
@@ -95,7 +97,8 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
                        prompts: Sequence[Encoded], cfg: GenerationConfig,
                        eos_ids: Sequence[int]) -> list[Generated]:
     """Generate for one batch: left padding (so every row's next token is at the end),
-    attention mask and position ids from the mask (done by ``generate``), KV cache."""
+    attention mask and position ids from the mask (done by ``generate``), KV cache; greedy
+    decoding through the bf16-screened head (the fp32 head's tokens, see ``screened_head``)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
     batch = collate(prompts, pad_id, padding_side="left")
     device = next(model.parameters()).device
@@ -107,7 +110,10 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         repetition_penalty=1.0, length_penalty=1.0, use_cache=True,
         eos_token_id=list(eos_ids) or None, pad_token_id=pad_id)
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, width, cfg.stop)] if cfg.stop else [])
-    with _only_our_generation_config(model):
+    # Greedy decoding needs only the arg-max: the LM head runs in bf16 where that provably picks the
+    # fp32 token (screened_head); beam search reads every logit and keeps the plain head.
+    greedy = cfg.num_beams == 1
+    with _only_our_generation_config(model), screened_head(model) if greedy else contextlib.nullcontext():
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=hf_cfg,  # type: ignore[operator]
                              stopping_criteria=criteria)
     new = out[:, width:].tolist()

@@ -170,10 +170,11 @@ register_study_preset(StudyPreset(
     name="cpu",
     description="the most evidence that fits about 60 minutes on 2 CPU cores with smollm2-135m-instruct: "
                 "3 training seeds, 5 random layer sets, 192-token inputs, 16 evaluation documents with "
-                "summaries of up to 104 tokens, bf16 autocast while fine-tuning, full fine-tune on the first "
-                "seed only; constant learning rates (LoRA 3e-3 for every LoRA method) and early stopping on a "
-                "held-out slice when 2 evaluations (every 5 steps) bring no validation-loss gain over 0.015 "
-                "nats, under a 60-step cap; a small study, not a replication at the paper's scale",
+                "summaries of up to 104 tokens (generated in one batch), bf16 autocast while fine-tuning, "
+                "full fine-tune on the first seed only; constant learning rates (LoRA 3e-3 for every LoRA "
+                "method) and early stopping on a held-out slice when 2 evaluations (every 5 steps) bring no "
+                "validation-loss gain over 0.015 nats, under a 60-step cap; a small study, not a replication "
+                "at the paper's scale",
     train_docs=320, val_docs=16, eval_docs=16, analysis_docs=16, causal_docs=8, max_tokens=192,
     max_new_tokens=104,
     hyper={"full": dict(lr=3e-5, batch_size=2, grad_accum=2, max_steps=60, eval_every=5, save_every=10,
@@ -183,7 +184,7 @@ register_study_preset(StudyPreset(
            "targeted": dict(lr=3e-3, batch_size=2, grad_accum=2, max_steps=60, eval_every=5, save_every=5,
                             patience=2, min_delta=0.015, scheduler="constant", val_fraction=0.05,
                             keep_checkpoints=1)},
-    random_controls=20, eval_batch_size=8, patch_directions=("denoise",), seeds=(1, 2, 3), random_sets=5,
+    random_controls=20, eval_batch_size=16, patch_directions=("denoise",), seeds=(1, 2, 3), random_sets=5,
     mixed_precision="bf16", full_seeds="first"))
 register_study_preset(StudyPreset(
     name="gpu",

@@ -11,6 +11,7 @@ exactly the examples an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from sumcircuit.data.config import DataConfig, Template
 from sumcircuit.data.encoding import IGNORE_INDEX, Encoded, collate, encode_all
 from sumcircuit.data.records import load_examples
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
+from sumcircuit.training.prefix import PrefixCache, recurring
 
 
 def _summary_examples(tokenizer: Any, examples: Sequence[Any], data: DataConfig, source: Any) -> list[Encoded]:
@@ -172,7 +174,8 @@ def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_id: int, batch_size: int,
                   device: torch.device, *, rank: int = 0, world: int = 1,
-                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, int]:
+                  all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  prefix: PrefixCache | None = None) -> tuple[float, int]:
     """Token-weighted mean CE over every summary token of ``encoded``, and the token count.
 
     Under ``world`` processes each computes 1/world of it: batch ``b`` runs on
@@ -182,7 +185,8 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
     process (``x + 0`` is exact), so the loss does not depend on ``world``.
     Every rank runs the same number of forward passes (an idle rank in the
     last round repeats batch 0 and drops it): DDP and FSDP forwards may hold
-    collectives that every rank must join.
+    collectives that every rank must join. ``prefix``: batch ``b``'s frozen prefix is kept the first time
+    and fed back later (the same numbers, without running the frozen layers again).
     """
     if world > 1 and all_sum is None:
         raise ValueError("evaluate_loss under several processes needs all_sum")
@@ -195,7 +199,8 @@ def evaluate_loss(model: torch.nn.Module, encoded: Sequence[Encoded], pad_token_
             b = first + rank
             start = starts[b] if b < len(starts) else 0
             batch = device_batch(collate(encoded[start:start + batch_size], pad_token_id), device)
-            part_sum, part_count = lm_loss_terms(model, batch)
+            with recurring(prefix, b) if prefix is not None else contextlib.nullcontext():
+                part_sum, part_count = lm_loss_terms(model, batch)
             if b < len(starts):
                 table[b, 0], table[b, 1] = part_sum.double().cpu(), float(part_count)
     model.train(was_training)

@@ -109,6 +109,11 @@ class FinetuneConfig(Config):
     seed: int = option(0, help="random seed (data order, LoRA initialization, dropout)", bound=NON_NEGATIVE,
                        group=_OPT)
     gradient_checkpointing: bool = option(False, help="trade compute for memory", group=_OPT)
+    # Layers below the lowest trainable one are frozen: their output is cached for validation batches
+    # (bitwise the same losses) and, where documents repeat over epochs, for training documents.
+    prefix_cache_gb: float = option(2.0, help="memory for the frozen-prefix cache (the residual stream entering "
+                                              "the lowest trainable layer, reused for repeated inputs); 0 = off",
+                                    bound=NON_NEGATIVE_REAL, group=_OPT)
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", help="autocast (for CUDA)", group=_OPT)
     track_every: int | None = option(None, help="every N steps, per-head entropy/KL against the start model on a "
                                                 "probe set -> tracking.csv", bound=POSITIVE, group=_OUT)

@@ -58,6 +58,7 @@ from sumcircuit.training.checkpoint import export_model, replace_dir, tmp_dir
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
 from sumcircuit.training.methods import FINETUNE_METHODS, choose_layers
 from sumcircuit.training.optim import make_optimizer, make_scheduler
+from sumcircuit.training.prefix import document_states, make_prefix_cache
 from sumcircuit.training.resume import fingerprint, save_best, save_checkpoint
 from sumcircuit.training.state import Run, TrainState
 from sumcircuit.training.tracking import TRACKING_COLUMNS, Tracker
@@ -89,7 +90,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
         mb = device_batch(micro_batches[j], acc.device)
         sync = i == len(work) - 1
         context = acc.no_sync(run.model) if not sync else _nullcontext()
-        with context:
+        # Backward stays inside the fed prefix: checkpointed layers recompute their forward there.
+        with context, _fed_prefix(run, mb):
             part, _ = lm_loss_terms(run.model, mb)
             acc.backward(part * weight)
         if weight:
@@ -118,13 +120,21 @@ class _nullcontext:
         return None
 
 
+def _fed_prefix(run: Run, batch: dict[str, torch.Tensor]) -> Any:
+    """The frozen prefix's cached output fed in, when training rows use the cache."""
+    if run.prefix is None or not run.prefix_training:
+        return _nullcontext()
+    return run.prefix.feed(document_states(run.prefix, run.unwrapped, batch))
+
+
 def validate(run: Run) -> dict[str, Any]:
     """Validation loss now; updates the best checkpoint and the early-stopping count."""
     cfg, state = run.cfg, run.state
     acc = run.accelerator
+    started = time.perf_counter()
     val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
                                        int(cfg.batch_size), acc.device, rank=acc.process_index,
-                                       world=acc.num_processes, all_sum=dist.all_reduce_sum)
+                                       world=acc.num_processes, all_sum=dist.all_reduce_sum, prefix=run.prefix)
     if not math.isfinite(val_loss):
         raise FinetuneError(f"step {state.step}: the validation loss is {val_loss}: the model's weights are broken")
     state.last_eval_step = state.step
@@ -138,7 +148,8 @@ def validate(run: Run) -> dict[str, Any]:
         if cfg.patience and state.bad_evals >= cfg.patience:
             state.stopped_early = True
     record = {"type": "val", "step": state.step, "epoch": run.epoch_float(), "val_loss": val_loss,
-              "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss}
+              "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss,
+              "val_time_s": time.perf_counter() - started}
     if run.accelerator.is_main_process:
         append_jsonl(run.out / "train_log.jsonl", record)
     trackers.log(acc, {"val/loss": val_loss}, state.step)
@@ -267,6 +278,10 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
     run = Run(cfg, out, loaded, accelerator, wrapped, optimizer, scheduler, loader, sampler, splits,
               TrainState(), meta, {}, micro_per_epoch, total_steps, eval_every,
               cfg.save_every or eval_every, tracker, [], runtime.progress)
+    # A document repeats when the run covers more than one epoch of micro-batches.
+    run.prefix, run.prefix_training = make_prefix_cache(
+        prepared.model, loaded.adapter.layers(loaded.model), loaded.model.config, loaded.adapter.spec.dropout_fields,
+        cfg.prefix_cache_gb, data_repeat=total_steps * cfg.grad_accum > micro_per_epoch)
     run.fingerprint = fingerprint(loaded.weights_sha256(), cfg, splits, choice, runtime.dtype)
     run.meta.update({"circuit_heads": [h.name for h in choice.heads] if choice.heads else None,
                      "trainable_params": prepared.trainable_params,
@@ -311,6 +326,8 @@ def finish(run: Run, started: float) -> dict[str, Any]:
         "train_tokens_per_s": sum(r["tokens"] for r in train_records) / step_time if step_time else None,
         "wall_time_s": state.wall_time_s, "session_wall_time_s": time.perf_counter() - started,
         "resumed_from_steps": state.resumed_from, "final_dir": str(final),
+        "prefix_cache": ({**run.prefix.summary(), "training_rows": run.prefix_training}
+                         if run.prefix is not None else None),
         "provenance": provenance(models=[run.loaded.provenance()], data=run.splits.train_source,
                                  val_data=run.splits.val_source, seed=cfg.seed, config=asdict(cfg)),
     }

@@ -11,6 +11,7 @@ import torch
 from sumcircuit.models import LoadedModel
 from sumcircuit.training.batches import EpochSampler, Splits
 from sumcircuit.training.config import ResolvedFinetuneConfig
+from sumcircuit.training.prefix import PrefixCache
 from sumcircuit.training.tracking import Tracker
 
 
@@ -59,6 +60,8 @@ class Run:
     tracker: Tracker | None
     tracking_rows: list[dict[str, Any]]
     progress: bool = True
+    prefix: PrefixCache | None = None  # the frozen prefix's cache (validation batches, maybe training rows)
+    prefix_training: bool = False  # training rows use it too (documents repeat, no dropout below)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
