@@ -60,6 +60,27 @@ def plain_head() -> Iterator[None]:
         generation.screened_head = real
 
 
+@contextlib.contextmanager
+def counted_head(counts: list[tuple[int, int]]) -> Iterator[None]:
+    """The screened head, recording (fp32 columns recomputed, calls) of every generation."""
+    from sumcircuit.evaluation import generation
+
+    real = generation.screened_head
+
+    @contextlib.contextmanager
+    def spy(model: torch.nn.Module) -> Iterator[Any]:
+        with real(model) as head:
+            yield head
+        if head is not None:
+            counts.append((head.candidates, head.calls))
+
+    generation.screened_head = spy  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        generation.screened_head = real
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     started = time.perf_counter()
     out = fn()
@@ -111,6 +132,11 @@ def main() -> None:
         med = statistics.median(xs)
         print(f"| {name} | {med * 1e3:.1f} ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}) | {med / floor_s:.2f}x |")
 
+    counts: list[tuple[int, int]] = []
+    with counted_head(counts):
+        generate_summaries(model, tok, prompts[:8], GenerationConfig(max_new_tokens=104), eos)
+    print(f"\nscreened head: {sum(c for c, _ in counts) / sum(n for _, n in counts):.1f} fp32 columns recomputed "
+          f"per call (batch 8, EOS on, all 8 rows together) of {model.get_output_embeddings().weight.shape[0]}")
     print(f"\n### generate_summaries as evaluate runs it: {len(prompts)} documents, up to 104 new tokens, EOS on\n")
     print("| batch | head | wall s | texts equal to plain batch 8 |\n|---|---|---|---|")
     reference: list[str] | None = None
