@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 import sumcircuit as sc
 from sumcircuit.adapters import ArchitectureAdapter, spec_for_config
 from sumcircuit.data import DataConfig, collate, encode_all, load_examples
+from sumcircuit.errors import ModelError
 from sumcircuit.lora import inject_lora
 from sumcircuit.training import FinetuneConfig
 from sumcircuit.training.batches import evaluate_loss, lm_loss_terms
@@ -210,3 +211,17 @@ def test_cli_prefix_cache_gb(tiny_model_dirs: dict[str, Path], tmp_path: Path) -
     assert on["prefix_cache"]["hits"] > 0
     assert on["val_curve"][0] == off["val_curve"][0]  # the same start: validation bitwise the same
     assert on["best_val_loss"] == pytest.approx(off["best_val_loss"], rel=1e-5)
+
+
+def test_layers_that_return_tuples_are_refused_in_one_line(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """feed()'s stand-ins return a tensor: a layer returning a tuple (an older transformers) is refused at the
+    first capture, before anything is fed."""
+    model = _lora_on_last_layer("llama")
+    layers = _spec_layers(model)
+    real = layers[1].forward
+    layers[1].forward = lambda *a, **k: (real(*a, **k),)
+    cache = PrefixCache(layers, 2, 2**30)
+    encoded = _encoded(tiny_tokenizer, n=2)
+    with pytest.raises(ModelError, match="layer 1 returns tuple.*--prefix-cache-gb 0"):
+        evaluate_loss(model, encoded, tiny_tokenizer.pad_token_id, 2, CPU, prefix=cache)
+    assert cache.store == {}

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sumcircuit.errors import ModelError
+
 
 class _Captured(Exception):
     """Stops a forward pass once the prefix's output has been captured."""
@@ -89,13 +91,21 @@ class PrefixCache:
             if stop:
                 raise _Captured
 
-        handle = self.layers[self.start].register_forward_pre_hook(hook, with_kwargs=True)
+        def returns_tensor(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not isinstance(output, torch.Tensor):  # the identity stand-ins of feed() return a tensor
+                raise ModelError(f"the frozen-prefix cache needs decoder layers that return a tensor; layer "
+                                 f"{self.start - 1} returns {type(output).__name__} (this transformers version); "
+                                 "set prefix_cache_gb 0 (--prefix-cache-gb 0)")
+
+        handles = [self.layers[self.start].register_forward_pre_hook(hook, with_kwargs=True),
+                   self.layers[self.start - 1].register_forward_hook(returns_tensor)]
         try:
             yield got
         except _Captured:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     @contextmanager
     def feed(self, hidden: torch.Tensor) -> Iterator[None]:
