@@ -48,37 +48,35 @@ def weight_read_s(model: torch.nn.Module, rounds: int = 5) -> tuple[float, int]:
 
 
 @contextlib.contextmanager
-def plain_head() -> Iterator[None]:
-    """Generation with the plain fp32 head (the screening switched off)."""
+def head_replaced(replacement: Callable[[torch.nn.Module], Any]) -> Iterator[None]:
+    """``generate_summaries`` with ``replacement`` in place of ``screened_head``."""
     from sumcircuit.evaluation import generation
 
     real = generation.screened_head
-    generation.screened_head = lambda model: contextlib.nullcontext()  # type: ignore[assignment]
+    generation.screened_head = replacement  # type: ignore[assignment]
     try:
         yield
     finally:
         generation.screened_head = real
 
 
-@contextlib.contextmanager
-def counted_head(counts: list[tuple[int, int]]) -> Iterator[None]:
-    """The screened head, recording (fp32 columns recomputed, calls) of every generation."""
-    from sumcircuit.evaluation import generation
+def plain_head() -> contextlib.AbstractContextManager[None]:
+    """Generation with the plain fp32 head (the screening switched off)."""
+    return head_replaced(lambda model: contextlib.nullcontext())
 
-    real = generation.screened_head
+
+def counted_head(counts: list[tuple[int, int]]) -> contextlib.AbstractContextManager[None]:
+    """The screened head, recording (fp32 columns recomputed, calls) of every generation."""
+    from sumcircuit.evaluation.screened_head import screened_head
 
     @contextlib.contextmanager
     def spy(model: torch.nn.Module) -> Iterator[Any]:
-        with real(model) as head:
+        with screened_head(model) as head:
             yield head
         if head is not None:
             counts.append((head.candidates, head.calls))
 
-    generation.screened_head = spy  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        generation.screened_head = real
+    return head_replaced(spy)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

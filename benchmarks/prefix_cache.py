@@ -59,18 +59,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers = tuple(int(x) for x in args.layers.split(","))
-    scenarios = {
-        "validation": dict(n_docs=320, max_steps=15, eval_every=5, save_every=5, val_fraction=0.05),
-        "epochs": dict(n_docs=args.docs, epochs=args.epochs, eval_every=4, save_every=4, val_fraction=0.125),
+    scenarios: dict[str, tuple[int, dict[str, Any]]] = {  # training documents, finetune settings
+        "validation": (320, dict(max_steps=15, eval_every=5, save_every=5, val_fraction=0.05)),
+        "epochs": (args.docs, dict(epochs=args.epochs, eval_every=4, save_every=4, val_fraction=0.125)),
     }
     logs: dict[tuple[str, bool], list[list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name, kw in scenarios.items():
+            for name, (n_docs, kw) in scenarios.items():
                 for cached in (False, True):
-                    kw2 = dict(kw)
-                    n_docs = int(kw2.pop("n_docs"))
-                    log = run(layers, n_docs, cached, Path(tmp) / f"{name}-{cached}-{r}", **kw2)
+                    log = run(layers, n_docs, cached, Path(tmp) / f"{name}-{cached}-{r}", **kw)
                     logs.setdefault((name, cached), []).append(log)
                     print(name, "cached" if cached else "plain", r, log[-1], flush=True)
     print(f"\nlayers {layers}, {args.rounds} rounds, {args.threads} threads; medians over rounds\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,14 +81,17 @@ def test_generation_screens_the_head_and_gives_the_plain_heads_tokens(
     used: list[ScreenedHead] = []
     real = generation_module.screened_head
 
-    def spy(model: nn.Module):  # type: ignore[no-untyped-def]
-        context = real(model)
-        return _Recorder(context, used)
+    @contextlib.contextmanager
+    def spy(model: nn.Module) -> Iterator[ScreenedHead | None]:
+        with real(model) as head:
+            if head is not None:
+                used.append(head)
+            yield head
 
     monkeypatch.setattr(generation_module, "screened_head", spy)
     screened = generate_summaries(loaded.model, loaded.tokenizer, prompts, cfg, eos_ids=[])
     assert used and used[0].calls == 12 and loaded.model.get_output_embeddings() is used[0].head  # restored
-    monkeypatch.setattr(generation_module, "screened_head", lambda model: _null())
+    monkeypatch.setattr(generation_module, "screened_head", lambda model: contextlib.nullcontext())
     plain = generate_summaries(loaded.model, loaded.tokenizer, prompts, cfg, eos_ids=[])
     assert screened == plain
     beams = GenerationConfig(max_new_tokens=6, num_beams=2)
@@ -95,24 +100,3 @@ def test_generation_screens_the_head_and_gives_the_plain_heads_tokens(
     generate_summaries(loaded.model, loaded.tokenizer, prompts, beams, eos_ids=[])
     assert not used  # beam search reads every logit: the plain head
 
-
-class _Recorder:
-    def __init__(self, context, used: list[ScreenedHead]) -> None:  # type: ignore[no-untyped-def]
-        self.context, self.used = context, used
-
-    def __enter__(self) -> ScreenedHead | None:
-        head = self.context.__enter__()
-        if head is not None:
-            self.used.append(head)
-        return head
-
-    def __exit__(self, *exc: object) -> None:
-        self.context.__exit__(*exc)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

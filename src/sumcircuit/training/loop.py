@@ -149,7 +149,7 @@ def validate(run: Run) -> dict[str, Any]:
             state.stopped_early = True
     record = {"type": "val", "step": state.step, "epoch": run.epoch_float(), "val_loss": val_loss,
               "val_tokens": n_tokens, "best": improved, "best_val_loss": state.best_val_loss,
-              "val_time_s": time.perf_counter() - started}
+              "val_time_s": time.perf_counter() - started}  # the loss, and the best checkpoint's export if improved
     if run.accelerator.is_main_process:
         append_jsonl(run.out / "train_log.jsonl", record)
     trackers.log(acc, {"val/loss": val_loss}, state.step)

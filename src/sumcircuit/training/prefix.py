@@ -75,6 +75,15 @@ class PrefixCache:
     hits: int = 0
     misses: int = 0
 
+    def lookup(self, key: Hashable) -> torch.Tensor | None:
+        """The kept tensor for ``key`` (counted as a hit), or None (counted as a miss)."""
+        hidden = self.store.get(key)
+        if hidden is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return hidden
+
     def keep(self, key: Hashable, hidden: torch.Tensor) -> None:
         """Store ``hidden`` under ``key`` if the budget allows (else it is simply recomputed next time)."""
         if self.used_bytes + hidden.nbytes <= self.budget_bytes:
@@ -152,13 +161,11 @@ def rows_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[byte
 def recurring(cache: PrefixCache, key: Hashable) -> Iterator[None]:
     """Around the forward of a batch that recurs under ``key`` (validation): the first time its prefix is
     kept, later it is fed back, so whatever the forward computes is bitwise the same."""
-    hidden = cache.store.get(key)
+    hidden = cache.lookup(key)
     if hidden is not None:
-        cache.hits += 1
         with cache.feed(hidden):
             yield
         return
-    cache.misses += 1
     with cache.capture(stop=False) as got:
         yield
     if got:
@@ -172,16 +179,13 @@ def document_states(cache: PrefixCache, model: nn.Module, batch: dict[str, torch
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = []
     for row, key in enumerate(rows_key(ids, mask)):
-        hidden = cache.store.get(key)
+        hidden = cache.lookup(key)
         if hidden is None:
-            cache.misses += 1
             n = int(mask[row].sum())
             with torch.no_grad(), cache.capture(stop=True) as got:
                 model(input_ids=ids[row:row + 1, :n], attention_mask=mask[row:row + 1, :n], use_cache=False)
             hidden = got[0][0]
             cache.keep(key, hidden)
-        else:
-            cache.hits += 1
         rows.append(hidden)
     out = rows[0].new_zeros((len(rows), ids.shape[1], rows[0].shape[-1]))
     for row, hidden in enumerate(rows):
