@@ -96,6 +96,22 @@ def setup(device: str = "cpu") -> None:
                                "launch with `accelerate launch --multi_gpu --num_processes N` or torchrun")
 
 
+def allow_precision(mixed_precision: str) -> None:
+    """Let this process's next ``Accelerator`` use ``mixed_precision``.
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses an
+    Accelerator with another mixed precision ("restart your runtime"), so a
+    notebook that fine-tuned in bf16 could not fine-tune in fp32 next. That
+    state holds nothing a finished run needs; the process group
+    (``PartialState``) is kept. accelerate's own tests reset it the same way.
+    """
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def world_size() -> int:
     """Processes in this run (1 without ``accelerate launch``)."""
     state = _state()

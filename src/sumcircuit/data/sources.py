@@ -9,6 +9,7 @@ row) each came from, so every error can name it. Torch-free.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import itertools
@@ -259,3 +260,33 @@ def source_hash(name: str) -> str | None:
             digest.update(file_sha256(path).encode())
         return digest.hexdigest()
     return file_sha256(name)
+
+
+def content_id(data: str, split: str | None) -> str:
+    """What a data spec reads, by contents (``sha256:...`` of its files), so that two spellings of one path agree.
+
+    A hub id has no local contents and stands for itself; a spec that does not
+    resolve is returned as given (reading it fails later, with its own error).
+    """
+    try:
+        name, _ = resolve_source(data, split)
+    except DataError:
+        return data
+    if name.startswith("hf:"):
+        return name
+    try:
+        if name.startswith(("disk:", "memory:")):  # a folder's stat does not follow its files
+            digest = source_hash(name)
+        else:
+            stat = Path(name).stat()
+            digest = _source_hash_as_of(name, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return data
+    return f"sha256:{digest}"
+
+
+@functools.lru_cache(maxsize=64)
+def _source_hash_as_of(name: str, size: int, mtime_ns: int) -> str | None:
+    """``source_hash``, once per file version: a study names the same files in many stage keys."""
+    return source_hash(name)
+

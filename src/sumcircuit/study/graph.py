@@ -2,7 +2,8 @@
 
 A :class:`Stage` names the stages it reads (``needs``), the config that
 determines its output (``config``) and a body that writes ``RUN/<name>/``.
-Its *key* is the hash of its config and of its needs' keys; when it finishes,
+Its *key* is the hash of its config (data by contents, not by how a path is
+spelled) and of its needs' keys; when it finishes,
 ``stage.json`` records the key. :class:`StageRunner` walks stages in order: a
 stage whose key matches is skipped, a stage whose inputs changed is moved to
 ``RUN/.stale/`` and recomputed, an interrupted stage resumes (fine-tuning,
@@ -29,10 +30,51 @@ log = logging.getLogger(__name__)
 StageKind = Literal["evaluate", "train", "analyze", "select", "causal"]
 
 
+def _plain(config: Mapping[str, Any]) -> Any:
+    """``config`` as JSON gives it back (tuples as lists): how ``stage.json`` records it."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def by_contents(config: Any) -> Any:
+    """``config`` with every data spec (a mapping with ``data`` and ``split``) named by its contents.
+
+    ``../shared/data/cnndm_gpt4`` and its absolute path are one input; a key
+    over the spelling made a rerun with the other spelling retire and
+    recompute every stage.
+    """
+    from sumcircuit.data.sources import content_id
+
+    if isinstance(config, Mapping):
+        out = {k: by_contents(v) for k, v in config.items()}
+        if isinstance(out.get("data"), str) and "split" in out:
+            out["data"] = content_id(out["data"], out["split"])
+        return out
+    if isinstance(config, list | tuple):
+        return [by_contents(v) for v in config]
+    return config
+
+
 def stage_key(config: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """The key of a stage: its config and the keys of the stages it reads."""
-    material = json.dumps({"config": config, "upstream": dict(upstream)}, sort_keys=True, default=str)
+    """The key of a stage: its config (data by contents) and the keys of the stages it reads."""
+    material = json.dumps({"config": by_contents(_plain(config)), "upstream": dict(upstream)}, sort_keys=True,
+                          default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def same_inputs(done: Mapping[str, Any], config: Mapping[str, Any], upstream: Mapping[str, str]) -> bool:
+    """Whether a stage finished before keys named data by contents has these inputs, its data paths spelled
+    in any way.
+
+    Such a ``stage.json`` (no ``inputs``) carries a key over the spelling; the
+    stage stays valid, under that key, when its recorded config names the
+    files this config names and its upstream keys are the same. What those
+    files held then is not recorded, so, as before, a change of contents under
+    the same path goes unseen for it; a stage finished since records
+    ``inputs`` and is judged by its key alone.
+    """
+    recorded = done.get("config")
+    return ("inputs" not in done and isinstance(recorded, Mapping) and done.get("upstream") == dict(upstream)
+            and by_contents(recorded) == by_contents(_plain(config)))
 
 
 @dataclass(frozen=True)
@@ -89,7 +131,8 @@ def execute_stage(run_dir: Path, stage: Stage, upstream: Mapping[str, str]) -> S
     marker = out / "stage.json"
     if marker.is_file():
         done = read_json(marker)
-        if done.get("key") == key:
+        if done.get("key") == key or same_inputs(done, stage.config, upstream):
+            key = str(done["key"])  # what the stages that read it recorded
             log.info("stage %s: up to date (key %s), skipped", stage.name, key)
             return StageOutcome(stage.name, key, float(done.get("wall_time_s", 0.0)), True)
         retire(run_dir, stage.name, "inputs changed")
@@ -98,7 +141,8 @@ def execute_stage(run_dir: Path, stage: Stage, upstream: Mapping[str, str]) -> S
     print(f"[reproduce] stage {stage.name} ...", flush=True)
     stage.run(out)
     wall = time.perf_counter() - start
-    atomic_write_json(marker, {"stage": stage.name, "key": key, "config": stage.config, "upstream": dict(upstream),
+    atomic_write_json(marker, {"stage": stage.name, "key": key, "config": stage.config,
+                               "inputs": by_contents(_plain(stage.config)), "upstream": dict(upstream),
                                "wall_time_s": wall})
     print(f"[reproduce] stage {stage.name} done in {wall:.1f} s", flush=True)
     return StageOutcome(stage.name, key, wall, False)

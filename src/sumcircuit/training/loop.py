@@ -54,6 +54,7 @@ from sumcircuit.training.batches import (
     lm_loss_terms,
     prepare_splits,
 )
+from sumcircuit.training.casting import cast_context, make_weight_casts
 from sumcircuit.training.checkpoint import export_model, replace_dir, tmp_dir
 from sumcircuit.training.config import FinetuneError, ResolvedFinetuneConfig
 from sumcircuit.training.methods import FINETUNE_METHODS, choose_layers
@@ -90,8 +91,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
         mb = device_batch(micro_batches[j], acc.device)
         sync = i == len(work) - 1
         context = acc.no_sync(run.model) if not sync else _nullcontext()
-        # Backward stays inside the fed prefix: checkpointed layers recompute their forward there.
-        with context, _fed_prefix(run, mb):
+        # Backward stays inside the fed prefix and the casts: checkpointed layers recompute their forward there.
+        with context, cast_context(run.casts), _fed_prefix(run, mb):
             part, _ = lm_loss_terms(run.model, mb)
             acc.backward(part * weight)
         if weight:
@@ -132,9 +133,10 @@ def validate(run: Run) -> dict[str, Any]:
     cfg, state = run.cfg, run.state
     acc = run.accelerator
     started = time.perf_counter()
-    val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
-                                       int(cfg.batch_size), acc.device, rank=acc.process_index,
-                                       world=acc.num_processes, all_sum=dist.all_reduce_sum, prefix=run.prefix)
+    with cast_context(run.casts, trainable=True):  # the weights stay fixed for the whole pass: cast once
+        val_loss, n_tokens = evaluate_loss(run.model, run.splits.val, run.loaded.tokenizer.pad_token_id,
+                                           int(cfg.batch_size), acc.device, rank=acc.process_index,
+                                           world=acc.num_processes, all_sum=dist.all_reduce_sum, prefix=run.prefix)
     if not math.isfinite(val_loss):
         raise FinetuneError(f"step {state.step}: the validation loss is {val_loss}: the model's weights are broken")
     state.last_eval_step = state.step
@@ -234,6 +236,7 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
     from accelerate.utils import set_seed
 
     names = trackers.tracker_names(cfg.log_with)
+    dist.allow_precision(cfg.mixed_precision)
     accelerator = Accelerator(cpu=runtime.device == "cpu", mixed_precision=cfg.mixed_precision,
                               log_with=names or None, project_dir=str(out / trackers.TRACKER_DIR) if names else None)
     if cfg.grad_accum % accelerator.num_processes:
@@ -282,6 +285,7 @@ def setup(model: ModelLike, train_cfg: DataConfig, cfg: ResolvedFinetuneConfig, 
     run.prefix, run.prefix_training = make_prefix_cache(
         prepared.model, loaded.adapter.layers(loaded.model), loaded.model.config, loaded.adapter.spec.dropout_fields,
         cfg.prefix_cache_gb, data_repeat=total_steps * cfg.grad_accum > micro_per_epoch)
+    run.casts = make_weight_casts(prepared.model, loaded.adapter.layers(loaded.model), accelerator)
     run.fingerprint = fingerprint(loaded.weights_sha256(), cfg, splits, choice, runtime.dtype)
     run.meta.update({"circuit_heads": [h.name for h in choice.heads] if choice.heads else None,
                      "trainable_params": prepared.trainable_params,
@@ -328,6 +332,7 @@ def finish(run: Run, started: float) -> dict[str, Any]:
         "resumed_from_steps": state.resumed_from, "final_dir": str(final),
         "prefix_cache": ({**run.prefix.summary(), "training_rows": run.prefix_training}
                          if run.prefix is not None else None),
+        "weight_casts": run.casts.summary() if run.casts is not None else None,
         "provenance": provenance(models=[run.loaded.provenance()], data=run.splits.train_source,
                                  val_data=run.splits.val_source, seed=cfg.seed, config=asdict(cfg)),
     }

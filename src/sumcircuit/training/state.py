@@ -10,6 +10,7 @@ import torch
 
 from sumcircuit.models import LoadedModel
 from sumcircuit.training.batches import EpochSampler, Splits
+from sumcircuit.training.casting import WeightCasts
 from sumcircuit.training.config import ResolvedFinetuneConfig
 from sumcircuit.training.prefix import PrefixCache
 from sumcircuit.training.tracking import Tracker
@@ -62,6 +63,7 @@ class Run:
     progress: bool = True
     prefix: PrefixCache | None = None  # the frozen prefix's cache (validation batches, maybe training rows)
     prefix_training: bool = False  # training rows use it too (documents repeat, no dropout below)
+    casts: WeightCasts | None = None  # weights cast once to the autocast dtype (mixed precision only)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
