@@ -25,6 +25,7 @@ RNG states: a resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -90,7 +91,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
         torch.manual_seed((run.cfg.seed * 1_000_003 + run.state.step + 1) * 65_536 + j)
         mb = device_batch(micro_batches[j], acc.device)
         sync = i == len(work) - 1
-        context = acc.no_sync(run.model) if not sync else _nullcontext()
+        context = acc.no_sync(run.model) if not sync else contextlib.nullcontext()
         # Backward stays inside the fed prefix and the casts: checkpointed layers recompute their forward there.
         with context, cast_context(run.casts), _fed_prefix(run, mb):
             part, _ = lm_loss_terms(run.model, mb)
@@ -113,18 +114,10 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]]) -> dict[s
             "summary_tokens": n_summary}
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _fed_prefix(run: Run, batch: dict[str, torch.Tensor]) -> Any:
     """The frozen prefix's cached output fed in, when training rows use the cache."""
     if run.prefix is None or not run.prefix_training:
-        return _nullcontext()
+        return contextlib.nullcontext()
     return run.prefix.feed(document_states(run.prefix, run.unwrapped, batch))
 
 
