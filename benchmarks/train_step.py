@@ -16,12 +16,13 @@ are compared, interleaved in one process (round r runs one step of each):
 Reported: median CPU time per step (``time.process_time``, robust to a
 loaded machine; with one thread it is the compute time) and the ratios.
 
-    python benchmarks/train_step.py [--tokens 512] [--rounds 3] [--threads 1]
+    python benchmarks/train_step.py [--tokens 512] [--rounds 3] [--threads 1] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -49,6 +50,7 @@ def _plain(loaded: Any, method: str) -> tuple[torch.nn.Module, torch.optim.Optim
 
     model = copy.deepcopy(loaded.model).train()
     kind, layers = METHODS[method]
+    torch.manual_seed(0)  # the same LoRA initialisation in every variant, so that their losses compare
     if kind != "full":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -68,8 +70,20 @@ def _ours(loaded: Any, method: str, fused: bool | None) -> tuple[torch.nn.Module
                          lora_dropout=0.0).resolved()
     copy_ = copy.copy(loaded)
     copy_.model = copy.deepcopy(loaded.model)
+    torch.manual_seed(0)
     model = prepare_model(copy_, cfg, list(chosen)).model.train()
     return model, make_optimizer(model, cfg, fused=fused)
+
+
+def _casts(model: torch.nn.Module) -> Any:
+    """The weight casts a bf16 ``finetune`` keeps for ``model`` (the no-grad prefix left to autocast)."""
+    from sumcircuit.adapters import ArchitectureAdapter
+    from sumcircuit.training.casting import WeightCasts
+    from sumcircuit.training.prefix import frozen_prefix
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = ArchitectureAdapter.for_model(base).layers(base)
+    return WeightCasts(model, torch.bfloat16, transient=layers[:frozen_prefix(model, layers)])
 
 
 def main() -> None:
@@ -81,6 +95,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--bf16", action="store_true",
+                        help="every variant under bf16 autocast, as the cpu preset trains; 'after' also keeps "
+                             "its weight casts (sumcircuit.training.casting), 'before' lets autocast cast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m-instruct")
@@ -102,7 +119,8 @@ def main() -> None:
 
     print(f"smollm2-135m-instruct, {args.tokens} tokens x batch 1 (real CNN/DailyMail, summary labelled: "
           f"{sum(int((b['labels'] != -100).sum()) for b in batches) / sum(b['labels'].numel() for b in batches):.0%}"
-          f" of tokens), {args.threads} thread(s), median CPU s per step over {args.rounds} interleaved rounds")
+          f" of tokens), {args.threads} thread(s){', bf16 autocast' if args.bf16 else ''}, median CPU s per step over "
+          f"{args.rounds} interleaved rounds")
     print("| method | plain loop | before | after | before / plain | after / plain | after / before |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods:
@@ -113,11 +131,14 @@ def main() -> None:
             "after": (*_ours(loaded, method, fused=None), after_loss)}
         times: dict[str, list[float]] = {v: [] for v in variants}
         losses: dict[str, list[float]] = {v: [] for v in variants}
+        casts = _casts(variants["after"][0]) if args.bf16 else None
         for r, batch in enumerate(batches):  # round 0 warms up
             for name, (model, opt, loss_of) in variants.items():
                 start = time.process_time()
-                loss = loss_of(model, batch)
-                loss.backward()
+                autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+                with autocast, casts.applied() if casts and name == "after" else contextlib.nullcontext():
+                    loss = loss_of(model, batch)
+                    loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if r:
