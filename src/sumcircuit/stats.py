@@ -10,6 +10,7 @@ paired resample by resample (differences, p-values, ranks).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -149,6 +150,8 @@ def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, counts: np.nd
     if n < 2 or den.size != n:
         raise StatsError("a ratio interval needs at least two documents with a numerator and a denominator each")
     check_level(ci_level)
+    if den.mean() == 0:  # no gap to take a share of (e.g. the same model as base and tuned): undefined, said as NaN
+        return math.nan, math.nan, math.nan
     ratio = float(num.mean() / den.mean())
     se = float(np.sqrt((num - ratio * den).var(ddof=1) / n) / abs(den.mean()))
     if not np.isfinite(ratio) or se <= _TINY_SE * max(1.0, abs(ratio)):

@@ -160,3 +160,16 @@ def test_ratio_interval_covers_a_share_of_the_gap_at_32_documents() -> None:
     assert hits["percentile"] <= hits["studentized"], hits
     with pytest.raises(StatsError):
         ratio_interval(np.ones(1), np.ones(1), resample_counts(1, 10, 0))
+
+
+def test_ratio_interval_without_a_gap_is_nan_without_a_numpy_warning() -> None:
+    """The same model as base and tuned: a share of a zero gap is undefined, and said so as NaN, not 0/0."""
+    import warnings
+
+    from sumcircuit.stats import ratio_interval
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in scalar divide" fails the test
+        result = ratio_interval(np.array([0.0, 0.0, 0.0]), np.zeros(3), resample_counts(3, 50, 0))
+    assert all(np.isnan(x) for x in result)
+
