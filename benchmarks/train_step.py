@@ -76,14 +76,12 @@ def _ours(loaded: Any, method: str, fused: bool | None) -> tuple[torch.nn.Module
 
 
 def _casts(model: torch.nn.Module) -> Any:
-    """The weight casts a bf16 ``finetune`` keeps for ``model`` (the no-grad prefix left to autocast)."""
+    """The weight casts a bf16 ``finetune`` keeps for ``model``."""
     from sumcircuit.adapters import ArchitectureAdapter
-    from sumcircuit.training.casting import WeightCasts
-    from sumcircuit.training.prefix import frozen_prefix
+    from sumcircuit.training.casting import training_casts
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = ArchitectureAdapter.for_model(base).layers(base)
-    return WeightCasts(model, torch.bfloat16, transient=layers[:frozen_prefix(model, layers)])
+    return training_casts(model, ArchitectureAdapter.for_model(base).layers(base), torch.bfloat16)
 
 
 def main() -> None:

@@ -54,14 +54,22 @@ def by_contents(config: Any) -> Any:
     return config
 
 
-def stage_key(config: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """The key of a stage: its config (data by contents) and the keys of the stages it reads."""
-    material = json.dumps({"config": by_contents(_plain(config)), "upstream": dict(upstream)}, sort_keys=True,
-                          default=str)
+def stage_inputs(config: Mapping[str, Any]) -> Any:
+    """What a stage's key is made of besides its upstream keys: its config, data named by contents."""
+    return by_contents(_plain(config))
+
+
+def _key(inputs: Any, upstream: Mapping[str, str]) -> str:
+    material = json.dumps({"config": inputs, "upstream": dict(upstream)}, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def same_inputs(done: Mapping[str, Any], config: Mapping[str, Any], upstream: Mapping[str, str]) -> bool:
+def stage_key(config: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """The key of a stage: its config (data by contents) and the keys of the stages it reads."""
+    return _key(stage_inputs(config), upstream)
+
+
+def same_inputs(done: Mapping[str, Any], inputs: Any, upstream: Mapping[str, str]) -> bool:
     """Whether a stage finished before keys named data by contents has these inputs, its data paths spelled
     in any way.
 
@@ -70,11 +78,11 @@ def same_inputs(done: Mapping[str, Any], config: Mapping[str, Any], upstream: Ma
     files this config names and its upstream keys are the same. What those
     files held then is not recorded, so, as before, a change of contents under
     the same path goes unseen for it; a stage finished since records
-    ``inputs`` and is judged by its key alone.
+    ``inputs`` (:func:`stage_inputs`) and is judged by its key alone.
     """
     recorded = done.get("config")
     return ("inputs" not in done and isinstance(recorded, Mapping) and done.get("upstream") == dict(upstream)
-            and by_contents(recorded) == by_contents(_plain(config)))
+            and by_contents(recorded) == inputs)
 
 
 @dataclass(frozen=True)
@@ -126,12 +134,13 @@ def execute_stage(run_dir: Path, stage: Stage, upstream: Mapping[str, str]) -> S
         stage: the stage.
         upstream: the keys of the stages it needs.
     """
-    key = stage_key(stage.config, upstream)
+    inputs = stage_inputs(stage.config)  # data files hashed (or looked up) once per stage
+    key = _key(inputs, upstream)
     out = run_dir / stage.name
     marker = out / "stage.json"
     if marker.is_file():
         done = read_json(marker)
-        if done.get("key") == key or same_inputs(done, stage.config, upstream):
+        if done.get("key") == key or same_inputs(done, inputs, upstream):
             key = str(done["key"])  # what the stages that read it recorded
             log.info("stage %s: up to date (key %s), skipped", stage.name, key)
             return StageOutcome(stage.name, key, float(done.get("wall_time_s", 0.0)), True)
@@ -142,7 +151,7 @@ def execute_stage(run_dir: Path, stage: Stage, upstream: Mapping[str, str]) -> S
     stage.run(out)
     wall = time.perf_counter() - start
     atomic_write_json(marker, {"stage": stage.name, "key": key, "config": stage.config,
-                               "inputs": by_contents(_plain(stage.config)), "upstream": dict(upstream),
+                               "inputs": inputs, "upstream": dict(upstream),
                                "wall_time_s": wall})
     print(f"[reproduce] stage {stage.name} done in {wall:.1f} s", flush=True)
     return StageOutcome(stage.name, key, wall, False)

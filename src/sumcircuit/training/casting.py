@@ -120,13 +120,16 @@ class WeightCasts:
                 "frozen_mb": round(size / 2**20, 2)}
 
 
-def make_weight_casts(model: nn.Module, layers: nn.ModuleList, accelerator: Any) -> WeightCasts | None:
-    """The run's weight casts, or None without mixed precision (nothing is cast then); ``layers``: the
-    decoder layers, those below the lowest trainable one are the no-grad prefix."""
-    dtype = autocast_dtype(accelerator)
-    if dtype is None:
-        return None
+def training_casts(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> WeightCasts:
+    """The casts a training run keeps; ``layers``: the decoder layers, those below the lowest trainable one
+    are the no-grad prefix (transient)."""
     return WeightCasts(model, dtype, transient=layers[:frozen_prefix(model, layers)])
+
+
+def make_weight_casts(model: nn.Module, layers: nn.ModuleList, accelerator: Any) -> WeightCasts | None:
+    """The run's weight casts (:func:`training_casts`), or None without mixed precision (nothing is cast)."""
+    dtype = autocast_dtype(accelerator)
+    return training_casts(model, layers, dtype) if dtype is not None else None
 
 
 def cast_context(casts: WeightCasts | None, *, trainable: bool = False) -> contextlib.AbstractContextManager[None]:
