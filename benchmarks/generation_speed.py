@@ -1,4 +1,5 @@
-"""Greedy generation against the memory-bandwidth floor: plain fp32 head vs the bf16-screened head, batch 8 vs 16.
+"""Greedy generation against the memory-bandwidth floor: plain fp32 head, the bf16-screened head, and the
+screened head with the body's linear layers on oneDNN-packed weights; batch 8 vs 16.
 
 For a real model (default smollm2-135m-instruct; ``--model`` takes any model
 spec, e.g. a fine-tuned adapter folder) on real CNN/DailyMail validation
@@ -8,14 +9,15 @@ the summary, as the ``cpu`` preset), in one process:
   floor        seconds to read every weight once (a streaming sum over each
                parameter, tied weights once) plus the KV cache of a step
   decode step  (time of N new tokens - time of 1) / (N - 1), EOS off so every
-               row runs, plain and screened heads interleaved over rounds
+               row runs, the three variants interleaved over rounds
   evaluate     ``generate_summaries`` over the documents as ``evaluate`` runs
-               them (EOS on), batch 8 and 16, plain and screened: wall time
+               them (EOS on), batch 8 and 16, each variant: wall time
                and how many texts equal the plain batch-8 texts
 
 Usage:
 
     python benchmarks/generation_speed.py [--model smollm2-135m-instruct] [--docs 16] [--rounds 3] [--threads 2]
+                                          [--step-batch 8 16]
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode-step measurement length")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--step-batch", type=int, nargs="+", default=[8, 16], help="batch sizes of the decode step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,37 +115,41 @@ def main() -> None:
           f"({nbytes / read_s / 1e9:.1f} GB/s); {len(prompts)} prompts of "
           f"{min(len(p.input_ids) for p in prompts)}-{max(len(p.input_ids) for p in prompts)} tokens", flush=True)
 
-    batch = prompts[:8]
-    steps: dict[str, list[float]] = {"plain": [], "screened": []}
-    for _ in range(args.rounds):
-        for name in ("plain", "screened"):
-            with plain_head() if name == "plain" else contextlib.nullcontext():
-                one, _ = timed(lambda: generate_summaries(model, tok, batch, GenerationConfig(max_new_tokens=1), []))
-                many, _ = timed(lambda: generate_summaries(
-                    model, tok, batch, GenerationConfig(max_new_tokens=args.new_tokens), []))
-            steps[name].append((many - one) / (args.new_tokens - 1))
-    width = max(len(p.input_ids) for p in batch) + args.new_tokens // 2
-    floor_s = read_s + len(batch) * width * kv_per_token / (nbytes / read_s)
-    print(f"\n### decode step, batch {len(batch)}, {args.new_tokens} new tokens, {args.rounds} rounds "
-          f"(floor {floor_s * 1e3:.1f} ms: weights + KV cache at the mean length)\n")
-    print("| head | ms per step (median, min-max) | vs floor |\n|---|---|---|")
-    for name, xs in steps.items():
-        med = statistics.median(xs)
-        print(f"| {name} | {med * 1e3:.1f} ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}) | {med / floor_s:.2f}x |")
+    variants = {"plain": False, "screened": False, "screened + packed": True}  # name: packed_weights
+    for size in args.step_batch:
+        batch = prompts[:size]
+        steps: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, packed in variants.items():
+                with plain_head() if name == "plain" else contextlib.nullcontext():
+                    short = GenerationConfig(max_new_tokens=1, packed_weights=packed)
+                    long = GenerationConfig(max_new_tokens=args.new_tokens, packed_weights=packed)
+                    one, _ = timed(lambda: generate_summaries(model, tok, batch, short, []))  # noqa: B023 (run at once)
+                    many, _ = timed(lambda: generate_summaries(model, tok, batch, long, []))  # noqa: B023
+                steps[name].append((many - one) / (args.new_tokens - 1))
+        width = max(len(p.input_ids) for p in batch) + args.new_tokens // 2
+        floor_s = read_s + len(batch) * width * kv_per_token / (nbytes / read_s)
+        print(f"\n### decode step, batch {len(batch)}, {args.new_tokens} new tokens, {args.rounds} rounds "
+              f"(floor {floor_s * 1e3:.1f} ms: weights + KV cache at the mean length)\n")
+        print("| variant | ms per step (median, min-max) | vs floor |\n|---|---|---|")
+        for name, xs in steps.items():
+            med = statistics.median(xs)
+            print(f"| {name} | {med * 1e3:.1f} ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}) | {med / floor_s:.2f}x |",
+                  flush=True)
 
     counts: list[tuple[int, int]] = []
     with counted_head(counts):
-        generate_summaries(model, tok, prompts[:8], GenerationConfig(max_new_tokens=104), eos)
+        generate_summaries(model, tok, prompts[:8], GenerationConfig(max_new_tokens=104, packed_weights=False), eos)
     print(f"\nscreened head: {sum(c for c, _ in counts) / sum(n for _, n in counts):.1f} fp32 columns recomputed "
           f"per call (batch 8, EOS on, all 8 rows together) of {model.get_output_embeddings().weight.shape[0]}")
     print(f"\n### generate_summaries as evaluate runs it: {len(prompts)} documents, up to 104 new tokens, EOS on\n")
-    print("| batch | head | wall s | texts equal to plain batch 8 |\n|---|---|---|---|")
+    print("| batch | variant | wall s | texts equal to plain batch 8 |\n|---|---|---|---|")
     reference: list[str] | None = None
-    gen = GenerationConfig(max_new_tokens=104)
     for size in (8, 16):
-        for name in ("plain", "screened"):
+        for name, packed in variants.items():
+            gen = GenerationConfig(max_new_tokens=104, packed_weights=packed)
             with plain_head() if name == "plain" else contextlib.nullcontext():
-                def run(size: int = size) -> list[str]:
+                def run(size: int = size, gen: GenerationConfig = gen) -> list[str]:
                     out = []
                     for start in range(0, len(prompts), size):
                         out += [g.text for g in generate_summaries(model, tok, prompts[start:start + size], gen, eos)]

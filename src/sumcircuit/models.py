@@ -168,6 +168,19 @@ def resolve_spec(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+def spec_identity(spec: str) -> str:
+    """A model spec spelled one way, for keys: a folder, adapter or GGUF by its resolved path (``./runs/x/final``
+    and its absolute path are one model); a named model or hub id as given; a spec that does not resolve as
+    given (loading it fails later, with its own error)."""
+    if spec in NAMED_MODELS:
+        return spec
+    try:
+        source = resolve_spec(spec)
+    except ModelError:
+        return spec
+    return source.spec if source.kind == "hub" else f"{source.kind}:{source.location}"
+
+
 # ---------------------------------------------------------------- GGUF cache
 
 _CACHE_META = "sumcircuit_source.json"

@@ -49,6 +49,9 @@ class GenerationConfig(Config):
     stop: tuple[str, ...] = option((), help="also stop at this text (repeatable; \\n and \\t are understood), e.g. "
                                             "--stop '\\n\\n' for zero-shot models that never emit EOS",
                                    repeat=True, cli_type=unescape, metavar="TEXT", group="generation")
+    packed_weights: bool = option(True, help="on the CPU, decode fp32 linear layers through oneDNN-packed weights "
+                                             "(a step about 0.8x; sums in another order, so a near-tie can pick "
+                                             "another token)", group="generation")
 
     def check(self) -> None:
         if any(not s for s in self.stop):

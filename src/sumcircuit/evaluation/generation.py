@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from sumcircuit.data.encoding import Encoded, collate
 from sumcircuit.evaluation.config import GenerationConfig
+from sumcircuit.evaluation.packed_weights import packed_linears
 from sumcircuit.evaluation.screened_head import screened_head
 from sumcircuit.models import LoadedModel
 
@@ -98,7 +99,8 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
                        eos_ids: Sequence[int]) -> list[Generated]:
     """Generate for one batch: left padding (so every row's next token is at the end),
     attention mask and position ids from the mask (done by ``generate``), KV cache; greedy
-    decoding through the bf16-screened head (the fp32 head's tokens, see ``screened_head``)."""
+    decoding through the bf16-screened head (the fp32 head's tokens, see ``screened_head``); on the CPU
+    the other linear layers through oneDNN-packed weights unless ``cfg.packed_weights`` is off."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (list(eos_ids) or [0])[0]
     batch = collate(prompts, pad_id, padding_side="left")
     device = next(model.parameters()).device
@@ -112,8 +114,10 @@ def generate_summaries(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     criteria = StoppingCriteriaList([_StopOnText(tokenizer, width, cfg.stop)] if cfg.stop else [])
     # Greedy decoding needs only the arg-max: the LM head runs in bf16 where that provably picks the
     # fp32 token (screened_head); beam search reads every logit and keeps the plain head.
+    # Packing comes first, so that it sees (and skips) the real head rather than the screened one.
     greedy = cfg.num_beams == 1
-    with _only_our_generation_config(model), screened_head(model) if greedy else contextlib.nullcontext():
+    with (_only_our_generation_config(model), packed_linears(model, cfg.packed_weights),
+          screened_head(model) if greedy else contextlib.nullcontext()):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=hf_cfg,  # type: ignore[operator]
                              stopping_criteria=criteria)
     new = out[:, width:].tolist()

@@ -2,8 +2,8 @@
 
 A :class:`Stage` names the stages it reads (``needs``), the config that
 determines its output (``config``) and a body that writes ``RUN/<name>/``.
-Its *key* is the hash of its config (data by contents, not by how a path is
-spelled) and of its needs' keys; when it finishes,
+Its *key* is the hash of its config (data by contents and model folders by
+resolved path, not by how a path is spelled) and of its needs' keys; when it finishes,
 ``stage.json`` records the key. :class:`StageRunner` walks stages in order: a
 stage whose key matches is skipped, a stage whose inputs changed is moved to
 ``RUN/.stale/`` and recomputed, an interrupted stage resumes (fine-tuning,
@@ -36,21 +36,33 @@ def _plain(config: Mapping[str, Any]) -> Any:
 
 
 def by_contents(config: Any) -> Any:
-    """``config`` with every data spec (a mapping with ``data`` and ``split``) named by its contents.
+    """``config`` with every data spec (a mapping with ``data`` and ``split``) named by its contents, and
+    every local ``model`` by its resolved path.
 
     ``../shared/data/cnndm_gpt4`` and its absolute path are one input; a key
     over the spelling made a rerun with the other spelling retire and
-    recompute every stage.
+    recompute every stage. A model folder is named by where it is, not by
+    what it holds: hashing its weights would cost seconds per gigabyte at
+    every run.
     """
+    return _named(config, data=True)
+
+
+def _named(config: Any, *, data: bool) -> Any:
+    """:func:`by_contents`; with ``data`` False, only the models (for inputs recorded with data already by
+    contents)."""
     from sumcircuit.data.sources import content_id
+    from sumcircuit.models import spec_identity
 
     if isinstance(config, Mapping):
-        out = {k: by_contents(v) for k, v in config.items()}
-        if isinstance(out.get("data"), str) and "split" in out:
+        out = {k: _named(v, data=data) for k, v in config.items()}
+        if data and isinstance(out.get("data"), str) and "split" in out:
             out["data"] = content_id(out["data"], out["split"])
+        if isinstance(out.get("model"), str):
+            out["model"] = spec_identity(out["model"])
         return out
     if isinstance(config, list | tuple):
-        return [by_contents(v) for v in config]
+        return [_named(v, data=data) for v in config]
     return config
 
 
@@ -70,19 +82,26 @@ def stage_key(config: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
 
 
 def same_inputs(done: Mapping[str, Any], inputs: Any, upstream: Mapping[str, str]) -> bool:
-    """Whether a stage finished before keys named data by contents has these inputs, its data paths spelled
-    in any way.
+    """Whether a stage finished under an older key scheme has these inputs, its paths spelled in any way.
 
-    Such a ``stage.json`` (no ``inputs``) carries a key over the spelling; the
-    stage stays valid, under that key, when its recorded config names the
-    files this config names and its upstream keys are the same. What those
-    files held then is not recorded, so, as before, a change of contents under
-    the same path goes unseen for it; a stage finished since records
-    ``inputs`` (:func:`stage_inputs`) and is judged by its key alone.
+    Two older schemes stay valid under the key they recorded, when the
+    upstream keys are the same:
+
+    - no ``inputs`` recorded (keys over the spelling of every path): its
+      recorded config names the files and models this config names. What the
+      files held then is not recorded, so, as before, a change of contents
+      under the same path goes unseen for it.
+    - ``inputs`` recorded with a model folder as spelled (data by contents
+      already): those inputs, the model named by its resolved path, are these.
+
+    A stage finished since is judged by its key alone.
     """
+    if done.get("upstream") != dict(upstream):
+        return False
+    if "inputs" in done:
+        return bool(_named(done["inputs"], data=False) == inputs)
     recorded = done.get("config")
-    return ("inputs" not in done and isinstance(recorded, Mapping) and done.get("upstream") == dict(upstream)
-            and by_contents(recorded) == inputs)
+    return isinstance(recorded, Mapping) and by_contents(recorded) == inputs
 
 
 @dataclass(frozen=True)
