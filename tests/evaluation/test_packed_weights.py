@@ -120,3 +120,42 @@ def test_an_unmerged_lora_model_keeps_its_adapters(fam: str, tiny_model_dirs: di
             packed = model(ids).logits
     assert (plain - without).abs().max() > 0.1  # the adapters matter here
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-4)
+
+
+def test_evaluate_packs_once_for_all_its_batches(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing costs about 0.2 s per call for a 135M model: evaluate does it once, not once per batch."""
+    from sumcircuit.data import DataConfig
+    from sumcircuit.evaluation import evaluate
+    from sumcircuit.evaluation import packed_weights as module
+
+    from helpers import CNNDM
+
+    loaded = load_model(str(tiny_model_dirs["llama"]))
+    packed: list[nn.Module] = []
+    real = module._pack
+    monkeypatch.setattr(module, "_pack", lambda m: (packed.append(m), real(m))[1])
+    with torch.inference_mode(), packed_linears(loaded.model) as outer:  # nested: the inner one packs nothing
+        with packed_linears(loaded.model) as inner:
+            assert inner == 0
+        assert all("forward" in vars(m) for m in _linears(loaded.model))  # the inner exit left the outer's
+    packed.clear()
+    evaluate(loaded, DataConfig(str(CNNDM), split="val", n_docs=3, max_tokens=96),
+             GenerationConfig(max_new_tokens=4, batch_size=1), out=tmp_path / "e")
+    assert len(packed) == outer == len(_linears(loaded.model))  # 3 batches, one packing
+    assert all("forward" not in vars(m) for m in loaded.model.modules())
+
+
+def test_hooks_still_run_around_a_packed_layer() -> None:
+    """Ablation and patching hook the modules (pre-hooks on inputs, hooks on outputs): packing keeps them."""
+    layer = nn.Linear(16, 8)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    layer.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    layer.register_forward_hook(lambda m, args, out: out - 1)
+    with torch.inference_mode():
+        plain = layer(x)
+        with packed_linears(layer) as n:
+            packed = layer(x)
+    assert n == 1
+    torch.testing.assert_close(packed, torch.nn.functional.linear(2 * x, layer.weight, layer.bias) - 1)
+    torch.testing.assert_close(packed, plain)

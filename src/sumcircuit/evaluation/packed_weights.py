@@ -49,8 +49,10 @@ def _forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -
 
 
 def _packable(module: nn.Module, head: nn.Module | None) -> bool:
+    """A plain fp32 CPU linear other than the head, not routed already (by an enclosing :func:`packed_linears`)."""
     weight = getattr(module, "weight", None)
-    return (type(module) in _TRANSPOSED and module is not head and isinstance(weight, nn.Parameter)
+    return (type(module) in _TRANSPOSED and module is not head and "forward" not in vars(module)
+            and isinstance(weight, nn.Parameter)
             and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2)
 
 
@@ -72,6 +74,9 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     Only for inference (no autograd through the packed op): with gradients
     enabled, or when this torch lacks the op, nothing is packed and 0 is
     yielded. The modules get their own forward back on exit, also after an error.
+    Nested inside another, it packs nothing again (and yields 0): ``evaluate``
+    packs once for all its batches, ``generate_summaries`` once per call when
+    called alone.
     """
     if not enabled or torch.is_grad_enabled() or not available():
         yield 0

@@ -31,6 +31,7 @@ from sumcircuit.data.records import ExampleSet, load_examples
 from sumcircuit.errors import DataError
 from sumcircuit.evaluation.config import EvaluationConfig, EvaluationError, GenerationConfig, coerce_evaluation
 from sumcircuit.evaluation.generation import eos_token_ids, generate_summaries
+from sumcircuit.evaluation.packed_weights import packed_linears
 from sumcircuit.evaluation.result import PREDICTIONS_FILE, ROUGE_FILE, EvaluationResult, read_predictions
 from sumcircuit.evaluation.rouge import aggregate, rouge_scores
 from sumcircuit.models import LoadedModel, ModelLike, ensure_loaded
@@ -100,7 +101,8 @@ def _generate_missing(loaded: LoadedModel, examples: ExampleSet, encoded: list[E
         logger.info("resuming: %d of %d documents already done", len(encoded) - len(todo), len(encoded))
     bar = tqdm(total=len(encoded), initial=len(encoded) - len(todo), desc="generate", unit="doc",
                disable=not progress or not dist.is_main_process(), dynamic_ncols=True)
-    with bar:
+    # packed once for every batch (generate_summaries alone packs per call); generation needs no gradients
+    with bar, torch.no_grad(), packed_linears(loaded.model, gen_cfg.packed_weights):
         for batches in dist.rounds(len(todo), gen_cfg.batch_size):
             idx = [todo[i] for i in batches[dist.rank()]]
             t0 = time.perf_counter()
