@@ -159,3 +159,13 @@ def test_hooks_still_run_around_a_packed_layer() -> None:
     assert n == 1
     torch.testing.assert_close(packed, torch.nn.functional.linear(2 * x, layer.weight, layer.bias) - 1)
     torch.testing.assert_close(packed, plain)
+
+
+def test_an_input_of_another_dtype_takes_the_plain_product() -> None:
+    """Under a user's bf16 autocast an input may arrive in bf16: no error from oneDNN, the plain product."""
+    layer = nn.Linear(16, 8)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode(), packed_linears(layer) as n:
+        got = layer(x)
+    assert n == 1 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight.bfloat16(), layer.bias.bfloat16()))

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -43,7 +44,10 @@ def available() -> bool:
     return mkldnn and all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
 
 
-def _forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _forward(packed: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The packed product for fp32 CPU inputs; anything else (an input autocast made bf16) takes ``F.linear``."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
     out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     return out
 
@@ -63,7 +67,7 @@ def _pack(module: nn.Module) -> None:
     packed = torch.ops.mkldnn._reorder_linear_weight(dense.contiguous())
     bias_param = getattr(module, "bias", None)
     bias = bias_param.detach() if isinstance(bias_param, torch.Tensor) else None
-    forward: Callable[[torch.Tensor], torch.Tensor] = functools.partial(_forward, packed, bias)
+    forward: Callable[[torch.Tensor], torch.Tensor] = functools.partial(_forward, packed, dense, bias)
     setattr(module, "forward", forward)  # noqa: B010
 
 
