@@ -169,3 +169,31 @@ def test_an_input_of_another_dtype_takes_the_plain_product() -> None:
         got = layer(x)
     assert n == 1 and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight.bfloat16(), layer.bias.bfloat16()))
+
+
+def test_cli_no_packed_weights(tiny_model_dirs: dict[str, Path], tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate --no-packed-weights`` packs nothing and records it; the default packs, with the same texts."""
+    import json
+
+    from sumcircuit.cli import main
+    from sumcircuit.evaluation import packed_weights as module
+
+    from helpers import CNNDM
+
+    packed: list[nn.Module] = []
+    real = module._pack
+    monkeypatch.setattr(module, "_pack", lambda m: (packed.append(m), real(m))[1])
+    common = ["evaluate", "--model", str(tiny_model_dirs["llama"]), "--data", str(CNNDM), "--split", "val",
+              "--n-docs", "2", "--max-tokens", "96", "--max-new-tokens", "4", "--bootstrap", "20"]
+    assert main([*common, "--no-packed-weights", "--out", str(tmp_path / "off")]) == 0
+    assert not packed
+    assert main([*common, "--out", str(tmp_path / "on")]) == 0
+    assert packed
+    saved = {k: json.loads((tmp_path / k / "rouge.json").read_text()) for k in ("off", "on")}
+    assert saved["off"]["generation"]["packed_weights"] is False and saved["on"]["generation"]["packed_weights"] is True
+
+    def texts(k: str) -> list[str]:
+        return [json.loads(x)["prediction"] for x in (tmp_path / k / "predictions.jsonl").read_text().splitlines()]
+
+    assert texts("off") == texts("on")
