@@ -50,8 +50,8 @@ class GenerationConfig(Config):
                                             "--stop '\\n\\n' for zero-shot models that never emit EOS",
                                    repeat=True, cli_type=unescape, metavar="TEXT", group="generation")
     packed_weights: bool = option(True, help="on the CPU, decode fp32 linear layers through oneDNN-packed weights "
-                                             "(a step about 0.8x; sums in another order, so a near-tie can pick "
-                                             "another token)", group="generation")
+                                             "(a decode step 0.5-0.8x; sums in another order, so a near-tie can "
+                                             "pick another token)", group="generation")
 
     def check(self) -> None:
         if any(not s for s in self.stop):

@@ -67,7 +67,8 @@ def _named(config: Any, *, data: bool) -> Any:
 
 
 def stage_inputs(config: Mapping[str, Any]) -> Any:
-    """What a stage's key is made of besides its upstream keys: its config, data named by contents."""
+    """What a stage's key is made of besides its upstream keys: its config, data named by contents and model
+    folders by resolved path (:func:`by_contents`)."""
     return by_contents(_plain(config))
 
 
@@ -77,7 +78,7 @@ def _key(inputs: Any, upstream: Mapping[str, str]) -> str:
 
 
 def stage_key(config: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """The key of a stage: its config (data by contents) and the keys of the stages it reads."""
+    """The key of a stage: its inputs (:func:`stage_inputs`) and the keys of the stages it reads."""
     return _key(stage_inputs(config), upstream)
 
 
